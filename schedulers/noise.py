@@ -1,0 +1,96 @@
+"""The discrete VP noise table of SD-class models, fractional sigma<->t maps, and VP<->VE latents.
+
+diffusers keeps latents VP-scaled (x = a_t x0 + s_t eps, a_t^2 + s_t^2 = 1); ComfyUI/k-diffusion
+keeps them VE-scaled (x = x0 + sigma eps, sigma = s_t / a_t). Everything converting between the two
+lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def alphas_cumprod_from_config(config: Mapping) -> torch.Tensor:
+    """``alphas_cumprod`` (float64) of a diffusers scheduler config (PNDM, DDIM, Euler, DPM, ...).
+
+    Raises ValueError for configs that do not describe a discrete VP model.
+    """
+    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+    n = get("num_train_timesteps", 1000)
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"scheduler config: num_train_timesteps must be an integer >= 2, got {n!r}")
+    if get("prediction_type", "epsilon") == "flow_prediction" or get("use_flow_sigmas", False):
+        raise ValueError("scheduler config describes a flow-matching model; exp-Karras needs a discrete VP "
+                         "(DDPM-style) noise schedule")
+    trained = get("trained_betas", None)
+    if trained is not None:
+        betas = torch.as_tensor(trained, dtype=torch.float64)
+        if betas.shape != (n,):
+            raise ValueError(f"scheduler config: trained_betas has {betas.numel()} entries, expected {n}")
+    else:
+        schedule = get("beta_schedule", "linear")
+        start, end = get("beta_start", 0.0001), get("beta_end", 0.02)
+        if schedule == "linear":
+            betas = torch.linspace(start, end, n, dtype=torch.float64)
+        elif schedule == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+        elif schedule == "squaredcos_cap_v2":
+            def alpha_bar(t):
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                                 dtype=torch.float64)
+        else:
+            raise ValueError(f"scheduler config: beta_schedule {schedule!r} is not one of {_BETA_SCHEDULES}")
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError("scheduler config: betas must lie strictly between 0 and 1")
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if get("rescale_betas_zero_snr", False):
+        raise ValueError("scheduler config: zero-terminal-SNR schedules have sigma_max = inf; "
+                         "exp-Karras needs a finite sigma_max")
+    return alphas_cumprod
+
+
+def sigma_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """VE sigma of every integer training timestep: ``sigma_t = sqrt((1 - abar_t) / abar_t)``."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    if ac.ndim != 1 or ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()):
+        raise ValueError("alphas_cumprod must be a 1-D table of values strictly between 0 and 1")
+    return ((1 - ac) / ac).sqrt()
+
+
+def t_to_sigma(t: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tensor:
+    """Sigma at fractional timestep ``t``: log-sigma interpolated linearly between integer steps."""
+    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(sigmas) - 1)
+    log_sigmas = sigmas.double().log()
+    low = t.floor().long()
+    high = (low + 1).clamp(max=len(sigmas) - 1)
+    w = t - low
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+def sigma_to_t(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional timestep of ``sigma``: the inverse of :func:`t_to_sigma` (clamped to the table)."""
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+    log_sigmas = sigmas.double().log()
+    idx = torch.searchsorted(log_sigmas, log_sigma.clamp(log_sigmas[0], log_sigmas[-1]).contiguous())
+    high = idx.clamp(1, len(sigmas) - 1)
+    low = high - 1
+    w = ((log_sigma - log_sigmas[low]) / (log_sigmas[high] - log_sigmas[low])).clamp(0, 1)
+    return low + w
+
+
+def ve_to_vp(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """k-diffusion latent ``x0 + sigma eps`` to diffusers' VP latent: divide by sqrt(1 + sigma^2)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return x / (1 + sigma**2).sqrt().reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+
+
+def vp_to_ve(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """diffusers' VP latent to k-diffusion's ``x0 + sigma eps``: multiply by sqrt(1 + sigma^2)."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return x * (1 + sigma**2).sqrt().reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))

@@ -1,0 +1,87 @@
+"""Sigma schedules as pure functions: numbers in, a descending 1-D tensor of n sigmas plus 0 out."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .noise import sigma_table, t_to_sigma
+
+
+def _check_steps(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of steps must be an integer >= 1, got {n!r}")
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> None:
+    if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+def _append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(1)])
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: sigma^(1/rho) spaced uniformly."""
+    _check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((hi + ramp * (lo - hi)) ** rho)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """log-sigma spaced uniformly (k-diffusion's get_sigmas_exponential)."""
+    _check_steps(n)
+    _check_range(sigma_min, sigma_max)
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
+
+
+def exp_karras_timesteps(n: int, p: float = 1.0, t_max: float = 999.0) -> torch.Tensor:
+    """Seed 000 §3.1: training timesteps spaced uniformly in exponential time-space.
+
+    ``t_i = t_max (exp(p (1 - u_i)) - 1) / (exp(p) - 1)``, ``u_i = i / (n - 1)``; ``p -> 0`` is uniform in t.
+    """
+    _check_steps(n)
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p < 0:
+        raise ValueError(f"exp-Karras p must be a finite number >= 0, got {p!r}")
+    u = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else torch.zeros(1, dtype=torch.float64)
+    if p < 1e-8:  # the limit p -> 0 of the formula
+        return t_max * (1 - u)
+    return t_max * torch.expm1(p * (1 - u)) / math.expm1(p)
+
+
+def exp_karras_sigmas(num_steps: int, p: float = 1.0, *, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The exponential-Karras schedule (seed 000 §3.1): ``num_steps`` sigmas of the model's own noise
+    table at :func:`exp_karras_timesteps`, then 0."""
+    return exp_karras_sigmas_from_table(num_steps, p, table=sigma_table(alphas_cumprod))
+
+
+def exp_karras_sigmas_from_table(num_steps: int, p: float = 1.0, *, table: torch.Tensor) -> torch.Tensor:
+    """:func:`exp_karras_sigmas` for a model given by its VE sigma table (the sigma of every integer
+    training timestep, ascending), such as ComfyUI's ``model_sampling.sigmas``. Returns a CPU tensor."""
+    # float64 on the CPU: the table may sit on a GPU (or MPS, which has no float64).
+    table = torch.as_tensor(table).detach().to("cpu", torch.float64)
+    if (table.ndim != 1 or table.numel() < 2 or not bool(torch.isfinite(table).all())
+            or not bool((table > 0).all()) or not bool((table[1:] > table[:-1]).all())):
+        raise ValueError("sigma table must be a 1-D tensor of at least 2 finite, positive, strictly increasing "
+                         "values (the sigma of every training timestep)")
+    t = exp_karras_timesteps(num_steps, p, t_max=float(len(table) - 1))
+    return _append_zero(t_to_sigma(t, table))
+
+
+def uniform_t_sigmas(num_steps: int, *, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Timesteps uniform from t_max to 0 (ComfyUI's ``normal``): exp-Karras at p = 0."""
+    return exp_karras_sigmas(num_steps, 0.0, alphas_cumprod=alphas_cumprod)
+
+
+def sigmas_for_denoise(schedule, steps: int, denoise: float = 1.0) -> torch.Tensor:
+    """Partial denoising the way ComfyUI does it: a schedule of ``steps / denoise`` steps, keeping the
+    last ``steps`` (plus the final 0). ``schedule`` maps a step count to sigmas."""
+    _check_steps(steps)
+    if not (0.0 < denoise <= 1.0):
+        raise ValueError(f"denoise must be in (0, 1], got {denoise!r}")
+    total = steps if denoise >= 1.0 else int(steps / denoise)
+    return schedule(total)[-(steps + 1):]

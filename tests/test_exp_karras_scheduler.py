@@ -1,0 +1,179 @@
+"""ExpKarrasScheduler against independent DPM-Solver++ 2M implementations, and inside real pipelines."""
+
+import math
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)
+
+from direct_distill.schedulers import ExpKarrasScheduler, exp_karras_sigmas, sigma_table, ve_to_vp
+
+# The scheduler configs the big checkpoints ship (values as in their scheduler_config.json).
+SHIPPED_CONFIGS = {
+    "sd15_pndm": (PNDMScheduler, dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True,
+                                      steps_offset=1, trained_betas=None)),
+    "sd21_ddim_v": (DDIMScheduler, dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, num_train_timesteps=1000, prediction_type="v_prediction",
+                                        set_alpha_to_one=False, steps_offset=1, trained_betas=None)),
+    "sdxl_euler": (EulerDiscreteScheduler, dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                interpolation_type="linear", num_train_timesteps=1000,
+                                                prediction_type="epsilon", steps_offset=1,
+                                                timestep_spacing="leading", trained_betas=None,
+                                                use_karras_sigmas=False)),
+    "dpm_karras": (DPMSolverMultistepScheduler, dict(beta_start=0.00085, beta_end=0.012,
+                                                     beta_schedule="scaled_linear", use_karras_sigmas=True,
+                                                     algorithm_type="dpmsolver++", solver_order=2)),
+}
+
+
+def toy_eps_model(x, t):
+    """A smooth, non-linear stand-in for a UNet's epsilon prediction (depends on x only)."""
+    return torch.tanh(0.7 * x) + 0.1 * x.roll(1, dims=-1)
+
+
+def run_diffusers(scheduler, x):
+    for t in scheduler.timesteps:
+        x = scheduler.step(toy_eps_model(x, t), t, x).prev_sample
+    return x
+
+
+def run_k_diffusion_dpmpp_2m(sigmas, x_ve):
+    """DPM-Solver++(2M) in k-diffusion's form (Lu et al. 2022), on VE latents, written out here."""
+    sigmas = sigmas.double()
+    x, old_denoised = x_ve.double(), None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = x - s * toy_eps_model(ve_to_vp(x, s).float(), None).double()
+        if s_next == 0:
+            x = denoised
+            break
+        t, t_next = -s.log(), -s_next.log()
+        h = t_next - t
+        if old_denoised is None:
+            d = denoised
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (s_next / s) * x - torch.expm1(-h) * d
+        old_denoised = denoised
+    return x.float()
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
+def test_from_shipped_configs(name, tmp_path):
+    cls, cfg = SHIPPED_CONFIGS[name]
+    sched = ExpKarrasScheduler.from_config(cls(**cfg).config)
+    assert sched.config.exp_karras_p == 1.0 and sched.config.algorithm_type == "dpmsolver++"
+    assert sched.config.prediction_type == cfg.get("prediction_type", "epsilon")
+    sched.set_timesteps(20)
+    torch.testing.assert_close(sched.sigmas, exp_karras_sigmas(20, 1.0, alphas_cumprod=sched.alphas_cumprod).float())
+    sched.save_pretrained(tmp_path)
+    again = ExpKarrasScheduler.from_pretrained(tmp_path)
+    again.set_timesteps(20)
+    assert dict(again.config) == dict(sched.config)
+    assert not again.config.get("use_karras_sigmas", False)
+    torch.testing.assert_close(again.sigmas, sched.sigmas)
+
+
+def test_p_is_kept_and_changes_sigmas(tmp_path):
+    sched = ExpKarrasScheduler(exp_karras_p=2.0)
+    sched.save_pretrained(tmp_path)
+    loaded = ExpKarrasScheduler.from_pretrained(tmp_path)
+    assert loaded.config.exp_karras_p == 2.0
+    loaded.set_timesteps(10)
+    base = ExpKarrasScheduler()
+    base.set_timesteps(10)
+    assert not torch.allclose(loaded.sigmas, base.sigmas)
+
+
+def test_matches_diffusers_dpmsolver_on_karras_sigmas():
+    """Peer check: same sigmas, same toy model -> the same sample as DPMSolverMultistepScheduler."""
+    for steps in (4, 10, 25):
+        ref = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                          use_karras_sigmas=True)
+        ref.set_timesteps(steps)
+        ours = ExpKarrasScheduler()
+        ours.set_timesteps(sigmas=ref.sigmas)
+        torch.testing.assert_close(ours.sigmas, ref.sigmas)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
+        torch.testing.assert_close(run_diffusers(ours, x.clone()), run_diffusers(ref, x.clone()),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps, p", [(5, 1.0), (12, 1.0), (20, 0.5), (20, 2.0)])
+def test_matches_k_diffusion_dpmpp_2m_on_exp_karras(steps, p):
+    sched = ExpKarrasScheduler(exp_karras_p=p)
+    sched.set_timesteps(steps)
+    x_ve = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sched.sigmas[0]
+    ours = run_diffusers(sched, ve_to_vp(x_ve, sched.sigmas[0]))
+    ref = run_k_diffusion_dpmpp_2m(sched.sigmas, x_ve)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_timesteps_are_the_fractional_times_of_the_sigmas():
+    sched = ExpKarrasScheduler()
+    sched.set_timesteps(20)
+    u = torch.arange(20, dtype=torch.float64) / 19
+    expect = 999 * torch.expm1(1 - u) / math.expm1(1)
+    torch.testing.assert_close(sched.timesteps.double(), expect, atol=2e-4, rtol=0)
+    assert sched.timesteps.dtype == torch.float32 and sched.timesteps[-1] == 0
+
+
+def test_explicit_timesteps_and_errors():
+    sched = ExpKarrasScheduler()
+    sched.set_timesteps(timesteps=[999, 500.5, 100])
+    table = sigma_table(sched.alphas_cumprod)
+    assert sched.sigmas[0] == pytest.approx(table[999].item()) and sched.sigmas[-1] == 0
+    with pytest.raises(ValueError, match="exactly one"):
+        sched.set_timesteps()
+    with pytest.raises(ValueError, match="strictly decrease"):
+        sched.set_timesteps(sigmas=[1.0, 2.0])
+    with pytest.raises(ValueError, match="steps"):
+        sched.set_timesteps(0)
+
+
+@pytest.mark.parametrize("p", [-1.0, float("nan"), float("inf")])
+def test_bad_p_is_refused(p):
+    with pytest.raises(ValueError, match="exp_karras_p"):
+        ExpKarrasScheduler(exp_karras_p=p)
+
+
+def test_unusable_config_is_refused():
+    with pytest.raises(ValueError, match="beta_schedule"):
+        ExpKarrasScheduler(beta_schedule="cubic")
+    with pytest.raises(ValueError, match="prediction_type"):
+        ExpKarrasScheduler(prediction_type="flow_prediction")
+
+
+def test_runs_in_stable_diffusion_pipeline(tiny_sd_pipeline):
+    pipe = tiny_sd_pipeline
+    pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config)
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda m, args, kw: seen.append(float(args[1].flatten()[0])),
+                                        with_kwargs=True)
+    out = pipe("sneaker", num_inference_steps=6, guidance_scale=3.0, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+    torch.testing.assert_close(torch.tensor(seen), pipe.scheduler.timesteps.cpu(), atol=1e-4, rtol=0)
+    image = pipe("bag", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)  # 16x16 latents, a VAE that upsamples twice
+
+
+def test_runs_in_stable_diffusion_xl_pipeline(tiny_sdxl_pipeline):
+    pipe = tiny_sdxl_pipeline
+    pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config)
+    out = pipe("coat", num_inference_steps=5, output_type="latent", height=32, width=32,
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+
+
+def test_same_sigmas_through_euler_pipeline(tiny_sd_pipeline):
+    """Pipelines whose scheduler takes ``sigmas=`` can run the exp-Karras schedule too."""
+    pipe = tiny_sd_pipeline
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sig = exp_karras_sigmas(8, 1.0, alphas_cumprod=pipe.scheduler.alphas_cumprod)
+    out = pipe("dress", sigmas=sig.tolist(), output_type="latent",  # Euler takes the final 0 too
+               generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(pipe.scheduler.sigmas, sig.float())
+    assert torch.isfinite(out).all()

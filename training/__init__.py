@@ -1,0 +1,1 @@
+"""Distillation: trajectory capture, losses, one training loop, one module per method."""
