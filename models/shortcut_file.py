@@ -1,0 +1,115 @@
+"""The shortcut file: both NAFNet stages in one safetensors file, with what is needed to use them.
+
+Tensors are the state dict of a TwoStageShortcut (``stage1.*``, ``stage2.*``). Metadata (JSON
+strings): format name and version, both architecture configs, the t-band the shortcut was trained
+for (training timesteps), the teacher, the latent channels, and free-form ``extra``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .io import FileFormatError, atomic_save_file, json_metadata, read_safetensors
+from .nafnet import TimeEmbedNAFNet, TwoStageShortcut
+
+FORMAT_NAME = "direct_distill.shortcut"
+FORMAT_VERSION = 1
+METADATA_KEYS = ("format", "format_version", "stage1_config", "stage2_config", "t_band", "teacher",
+                 "latent_channels", "extra")
+
+
+def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: tuple[float, float], teacher: str,
+                  latent_channels: int, extra: dict | None = None) -> Path:
+    """Write ``model`` and its metadata to one safetensors file, atomically.
+
+    Args:
+        path: destination ``.safetensors`` file.
+        model: the trained shortcut (stage 2 may be absent).
+        t_band: (t_lo, t_hi), the training timesteps the shortcut may take over at.
+        teacher: the teacher it was distilled from (a hub id or path).
+        latent_channels: channels of the teacher's latents; must match the model.
+        extra: any further JSON-serialisable facts (training steps, schedule, ...).
+    """
+    lo, hi = (float(v) for v in t_band)
+    if not 0 <= lo <= hi <= 1000:
+        raise ValueError(f"t_band must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1000, got {tuple(t_band)}")
+    if latent_channels != model.stage1.config["in_channels"]:
+        raise ValueError(f"latent_channels={latent_channels} but stage 1 takes {model.stage1.config['in_channels']}")
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "stage1_config": model.stage1.config,
+        "stage2_config": model.stage2.config if model.stage2 is not None else None,
+        "t_band": [lo, hi],
+        "teacher": teacher,
+        "latent_channels": latent_channels,
+        "extra": extra or {},
+    }
+    # Every entry JSON-encoded here (atomic_save_file would leave plain strings raw): uniform to read.
+    return atomic_save_file(model.state_dict(), path, {k: json.dumps(v) for k, v in metadata.items()})
+
+
+def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:
+    """Read a file written by ``save_shortcut``; any mismatch raises one FileFormatError naming it.
+
+    The returned shortcut carries ``t_band``, ``teacher``, ``latent_channels`` and ``metadata``
+    (every metadata entry, decoded), and is in eval mode with the dtype stored in the file.
+    """
+    tensors, raw = read_safetensors(path)
+    fmt = raw.get("format")
+    if fmt != json.dumps(FORMAT_NAME):
+        # Other writers store a plain string here (safetensors itself writes "pt").
+        found = "no 'format' metadata entry" if fmt is None else "format " + repr(fmt.strip('"'))
+        hint = " (it looks like a LoRA)" if any("lora" in k.lower() for k in tensors) else ""
+        raise FileFormatError(f"{path}: not a Direct Distill shortcut file: {found}{hint}")
+    meta = {k: json_metadata(raw, k, path) for k in METADATA_KEYS}  # raises on a missing or corrupt entry
+    if meta["format_version"] != FORMAT_VERSION:
+        raise FileFormatError(f"{path}: shortcut format version {meta['format_version']!r}; "
+                              f"this code reads version {FORMAT_VERSION}")
+    with torch.device("meta"):
+        stage1 = _build(meta["stage1_config"], "stage1_config", path)
+        stage2 = _build(meta["stage2_config"], "stage2_config", path) if meta["stage2_config"] is not None else None
+        try:
+            model = TwoStageShortcut(stage1, stage2)
+        except ValueError as err:
+            raise FileFormatError(f"{path}: {err}") from None
+    band = meta["t_band"]
+    if not (isinstance(band, list) and len(band) == 2 and all(isinstance(v, (int, float)) for v in band)):
+        raise FileFormatError(f"{path}: metadata 't_band' must be [t_lo, t_hi], got {band!r}")
+    if meta["latent_channels"] != stage1.config["in_channels"]:
+        raise FileFormatError(f"{path}: metadata says {meta['latent_channels']} latent channels "
+                              f"but stage 1 takes {stage1.config['in_channels']}")
+    _check_tensors(model.state_dict(), tensors, path)
+    # clone: fresh, aligned storage (views into the read buffer can take slower, differently-rounding kernels)
+    model.load_state_dict({k: v.clone() for k, v in tensors.items()}, assign=True)
+    model.eval()
+    model.t_band = (float(band[0]), float(band[1]))
+    model.teacher = meta["teacher"]
+    model.latent_channels = meta["latent_channels"]
+    model.metadata = meta
+    return model
+
+
+def _build(config, key: str, path) -> TimeEmbedNAFNet:
+    if not isinstance(config, dict):
+        raise FileFormatError(f"{path}: metadata '{key}' is not an architecture config: {config!r}")
+    try:
+        return TimeEmbedNAFNet(**config)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise FileFormatError(f"{path}: metadata '{key}' is not a valid TimeEmbedNAFNet config ({err})") from None
+
+
+def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], path) -> None:
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    wrong = [f"{k} {tuple(found[k].shape)} != {tuple(v.shape)}"
+             for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    problems = ([f"missing {len(missing)} tensors (e.g. {missing[0]})"] if missing else []) + \
+               ([f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})"] if unexpected else []) + \
+               ([f"{len(wrong)} tensors of the wrong shape (e.g. {wrong[0]})"] if wrong else [])
+    if problems:
+        raise FileFormatError(f"{path}: tensors do not match the stored architecture config: {'; '.join(problems)}")
