@@ -99,8 +99,14 @@ class Evaluator:
         self.model.load_state_dict(tensors)
         self.model.eval().requires_grad_(False)
         self.test_accuracy = float(meta.get("test_accuracy", "nan"))
-        test_x, self.test_labels = load_fashion_mnist("test")
-        self.test_features = self.features(test_x)
+        self._test_features = None
+
+    @property
+    def test_features(self) -> torch.Tensor:
+        """Features of the 10,000 real test images (needs the dataset; accuracy alone does not)."""
+        if self._test_features is None:
+            self._test_features = self.features(load_fashion_mnist("test")[0])
+        return self._test_features
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:

@@ -1,0 +1,19 @@
+"""An SD1.5-size UNet2DConditionModel with random weights (nothing downloaded), for cost figures."""
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def sd15_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+
+
+def sd15_inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, 64, 64, generator=g), torch.tensor([500.0] * batch),
+            torch.randn(batch, 77, 768, generator=g))

@@ -1,0 +1,303 @@
+"""Side-by-side measurement on the lab teacher: every configuration samples the same seeded noise and
+labels, and is scored by the lab evaluator (FD to the real test set, class accuracy, seconds/image).
+
+Results are merged into ``lab/results.json`` (one entry per configuration and seed set), and
+``lab/REPORT.md`` plus its plots are written from that file, so later row groups (shortcut, students)
+add to the report without re-running earlier ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..schedulers import exp_karras_sigmas, exponential_sigmas, karras_sigmas, sigma_table, uniform_t_sigmas
+from .data import CLASS_NAMES
+
+LAB = Path(__file__).resolve().parent
+RESULTS = LAB / "results.json"
+REPORT = LAB / "REPORT.md"
+PLOTS = LAB / "plots"
+NFES = (4, 8, 12, 20, 50)
+P_VALUES = (0.5, 1.0, 2.0)
+SEED_BASE = 1000
+
+
+def schedule_fns(alphas_cumprod) -> dict[str, Callable[[int], torch.Tensor]]:
+    """The schedules compared in the report, each a function of the step count."""
+    table = sigma_table(alphas_cumprod)
+    lo, hi = float(table[0]), float(table[-1])
+    fns = {
+        "karras": lambda n: karras_sigmas(n, lo, hi),
+        "exponential": lambda n: exponential_sigmas(n, lo, hi),
+        "normal": lambda n: uniform_t_sigmas(n, alphas_cumprod=alphas_cumprod),
+    }
+    for p in P_VALUES:
+        fns[f"exp_karras p={p:g}"] = lambda n, p=p: exp_karras_sigmas(n, p, alphas_cumprod=alphas_cumprod)
+    return fns
+
+
+class Bench:
+    def __init__(self, samples: int, results_path: Path = RESULTS):
+        from .evaluator import Evaluator
+        from .sampling import load_teacher
+
+        self.n = samples
+        self.pipe = load_teacher()
+        self.evaluator = Evaluator()
+        self.path = results_path
+        self.results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        self.grids: dict[str, torch.Tensor] = {}
+
+    def record(self, group: str, name: str, nfe: int, seed_set: int, samples, extra: dict | None = None):
+        entry = dict(group=group, name=name, nfe=nfe, seed_set=seed_set, n=len(samples.images),
+                     fd=self.evaluator.fd(samples.images),
+                     accuracy=self.evaluator.accuracy(samples.images, samples.labels),
+                     seconds_per_image=samples.seconds_per_image, **(extra or {}))
+        self.results[f"{group}|{name}|{nfe}|{seed_set}"] = entry
+        self.path.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+        print(f"{group:10s} {name:22s} NFE {nfe:3d} seeds {seed_set}: FD {entry['fd']:.3f} "
+              f"acc {entry['accuracy']:.3f} {entry['seconds_per_image'] * 1e3:.1f} ms/img")
+        if seed_set == 0:
+            save_grid(samples.images, samples.labels, PLOTS / f"grid_{slug(group, name, nfe)}.png")
+        return entry
+
+    def floors(self, repeats: int):
+        from .sampling import decode
+
+        for s in range(repeats):
+            fd = self.evaluator.real_floor(self.n, seed=s)
+            self.results[f"floor|real train vs test|0|{s}"] = dict(group="floor", name="real train vs test",
+                                                                    nfe=0, seed_set=s, n=self.n, fd=fd)
+        from .data import load_fashion_mnist
+
+        x, y = load_fashion_mnist("train")
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:self.n]
+        with torch.no_grad():
+            vae = self.pipe.vae
+            lat = torch.cat([vae.encode(x[idx][i:i + 500]).latent_dist.mean for i in range(0, self.n, 500)])
+        rec = decode(self.pipe, lat * vae.config.scaling_factor)
+        self.results["floor|VAE reconstruction|0|0"] = dict(
+            group="floor", name="VAE reconstruction", nfe=0, seed_set=0, n=self.n, fd=self.evaluator.fd(rec),
+            accuracy=self.evaluator.accuracy(rec, y[idx]))
+        self.path.write_text(json.dumps(self.results, indent=1, sort_keys=True))
+
+    def teacher(self, name: str, sigmas: torch.Tensor, guidance: float, seed_set: int, group: str = "schedule"):
+        from .sampling import sample_teacher
+
+        samples = sample_teacher(self.pipe, sigmas, guidance, self.n, SEED_BASE + seed_set,
+                                 desc=f"{name} NFE {len(sigmas) - 1}")
+        return self.record(group, name, len(sigmas) - 1, seed_set, samples, {"guidance": guidance})
+
+
+def slug(*parts) -> str:
+    return "_".join(str(p) for p in parts).replace(" ", "").replace("=", "").replace("|", "_")
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 8):
+    """Rows are classes, columns the first samples of each class."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for c in range(len(CLASS_NAMES)):
+        picked = images[labels == c][:per_class]
+        rows.append(torch.cat(list(picked[:, 0]), dim=1))
+    grid = ((torch.cat(rows, dim=0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.kron(grid, np.ones((2, 2), dtype=np.uint8))).save(path)
+
+
+def run_cfg_sweep(bench: Bench, guidances=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0)) -> float:
+    """The teacher's best CFG at 50 steps of DPM++ 2M Karras (lowest FD)."""
+    fns = schedule_fns(bench.pipe.scheduler.alphas_cumprod)
+    best = None
+    for g in guidances:
+        e = bench.teacher(f"karras cfg={g:g}", fns["karras"](50), g, 0, group="cfg")
+        if best is None or e["fd"] < best[1]:
+            best = (g, e["fd"])
+    bench.results["meta|best_guidance"] = {"group": "meta", "guidance": best[0]}
+    bench.path.write_text(json.dumps(bench.results, indent=1, sort_keys=True))
+    return best[0]
+
+
+def run_schedules(bench: Bench, guidance: float, repeats: int, repeat_nfes=(8, 12, 20)):
+    fns = schedule_fns(bench.pipe.scheduler.alphas_cumprod)
+    for name, fn in fns.items():
+        for nfe in NFES:
+            for s in range(repeats if nfe in repeat_nfes else 1):
+                bench.teacher(name, fn(nfe), guidance, s)
+
+
+# --- the report ------------------------------------------------------------------------------
+
+def _stats(results: dict, group: str, name: str, nfe: int) -> dict | None:
+    runs = [r for r in results.values() if r.get("group") == group and r.get("name") == name and r.get("nfe") == nfe]
+    if not runs:
+        return None
+    fds = [r["fd"] for r in runs]
+    accs = [r["accuracy"] for r in runs if "accuracy" in r]
+    return dict(fd=statistics.mean(fds), fd_sd=statistics.stdev(fds) if len(fds) > 1 else None, runs=len(runs),
+                fd0=next((r["fd"] for r in runs if r["seed_set"] == 0), fds[0]),
+                acc=statistics.mean(accs) if accs else None,
+                spi=statistics.mean(r["seconds_per_image"] for r in runs if "seconds_per_image" in r)
+                if any("seconds_per_image" in r for r in runs) else None)
+
+
+def _fmt_fd(st: dict | None) -> str:
+    if st is None:
+        return "–"
+    if st["fd_sd"] is not None:
+        return f"{st['fd']:.2f} ± {st['fd_sd']:.2f} (n={st['runs']})"
+    return f"{st['fd']:.2f}"
+
+
+def plot_fd_vs_nfe(results: dict, names: list[str], path: Path, group: str = "schedule"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        pts = [(n, _stats(results, group, name, n)) for n in NFES]
+        pts = [(n, st["fd"]) for n, st in pts if st]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(NFES, [str(n) for n in NFES])
+    ax.set_xlabel("NFE (DPM-Solver++ 2M steps)")
+    ax.set_ylabel("FD (classifier features) ↓")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, path: Path = REPORT) -> str:
+    names = ["karras", "exponential", "normal"] + [f"exp_karras p={p:g}" for p in P_VALUES]
+    guidance = results.get("meta|best_guidance", {}).get("guidance")
+    n = next((r["n"] for r in results.values() if "n" in r), None)
+    lines = ["# Lab report", "",
+             "Generated by `python -m direct_distill benchmark` from `lab/results.json`; do not edit by hand.",
+             "", f"Teacher: `lab/assets/teacher` (class-conditional latent diffusion on Fashion-MNIST). "
+             f"Every row samples the same {n} seeded initial latents and balanced labels "
+             f"(100 per class); FD is the Fréchet distance to the 10,000 real test images in the lab "
+             "classifier's 128-d feature space, accuracy is the classifier's agreement with the prompt. "
+             "Where a cell shows ± it is the standard deviation over independent seed sets.", ""]
+    floors = [r for r in results.values() if r.get("group") == "floor"]
+    if floors:
+        real = [r["fd"] for r in floors if r["name"] == "real train vs test"]
+        vae = next((r for r in floors if r["name"] == "VAE reconstruction"), None)
+        lines += ["## Floors", "", "| reference | FD | accuracy |", "|---|---|---|"]
+        if real:
+            sd = f" ± {statistics.stdev(real):.2f}" if len(real) > 1 else ""
+            lines.append(f"| {n} real training images | {statistics.mean(real):.2f}{sd} | – |")
+        if vae:
+            lines.append(f"| the same images through the VAE (encode, decode) | {vae['fd']:.2f} | {vae['accuracy']:.3f} |")
+        lines.append("")
+    cfg_rows = sorted((r for r in results.values() if r.get("group") == "cfg"), key=lambda r: r["guidance"])
+    if cfg_rows:
+        lines += ["## Teacher quality and guidance (DPM++ 2M Karras, 50 steps)", "",
+                  "| guidance | FD | accuracy |", "|---|---|---|"]
+        lines += [f"| {r['guidance']:g} | {r['fd']:.2f} | {r['accuracy']:.3f} |" for r in cfg_rows]
+        lines += ["", f"Best guidance (lowest FD): **{guidance:g}**, used for every row below.", ""]
+    if any(r.get("group") == "schedule" for r in results.values()):
+        lines += ["## Schedules (DPM++ 2M)", "", "FD (lower is better):", "",
+                  "| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |", "|---|" + "---|" * len(NFES)]
+        for name in names:
+            lines.append(f"| {name} | " + " | ".join(_fmt_fd(_stats(results, "schedule", name, k)) for k in NFES) + " |")
+        lines += ["", "Class accuracy:", "", "| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |",
+                  "|---|" + "---|" * len(NFES)]
+        for name in names:
+            cells = [_stats(results, "schedule", name, k) for k in NFES]
+            lines.append(f"| {name} | " + " | ".join(f"{c['acc']:.3f}" if c else "–" for c in cells) + " |")
+        lines += ["", "Seconds per image (CPU, batch 500, CFG doubles the batch):", "",
+                  "| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |", "|---|" + "---|" * len(NFES)]
+        for name in names[:1]:
+            cells = [_stats(results, "schedule", name, k) for k in NFES]
+            lines.append(f"| any schedule | " + " | ".join(f"{c['spi'] * 1e3:.1f} ms" if c else "–" for c in cells) + " |")
+        lines += ["", "![FD vs NFE](plots/fd_vs_nfe.png)", ""]
+        plot_fd_vs_nfe(results, names, PLOTS / "fd_vs_nfe.png")
+        lines += schedule_verdict(results)
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def paired_difference(results: dict, a: str, b: str, nfe: int) -> tuple[float, float | None, int]:
+    """Mean and sd of FD(a) - FD(b) over seed sets both ran (same seeds: a paired comparison)."""
+    def by_seed(name):
+        return {r["seed_set"]: r["fd"] for r in results.values()
+                if r.get("group") == "schedule" and r.get("name") == name and r.get("nfe") == nfe}
+    fa, fb = by_seed(a), by_seed(b)
+    diffs = [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
+    if not diffs:
+        return float("nan"), None, 0
+    return statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else None), len(diffs)
+
+
+def schedule_verdict(results: dict) -> list[str]:
+    lines = ["### Does exp_karras beat karras?", "",
+             "Paired over the same seed sets: FD(exp_karras p=1) − FD(karras); negative means exp_karras is better.", "",
+             "| NFE | difference | seed sets | verdict |", "|---|---|---|---|"]
+    for nfe in NFES:
+        mean, sd, k = paired_difference(results, "exp_karras p=1", "karras", nfe)
+        if k == 0:
+            continue
+        if sd is not None and abs(mean) > 2 * sd / k ** 0.5:
+            verdict = "exp_karras better" if mean < 0 else "karras better"
+        elif sd is None:
+            verdict = "exp_karras better (one seed set)" if mean < 0 else "karras better (one seed set)"
+        else:
+            verdict = "no significant difference"
+        sd_txt = f" ± {sd:.2f}" if sd is not None else ""
+        lines.append(f"| {nfe} | {mean:+.2f}{sd_txt} | {k} | {verdict} |")
+    best = {}
+    for nfe in NFES:
+        cands = [(st["fd"], f"p={p:g}") for p in P_VALUES
+                 if (st := _stats(results, "schedule", f"exp_karras p={p:g}", nfe))]
+        if cands:
+            best[nfe] = min(cands)[1]
+    if best:
+        lines += ["", "Best exp_karras p per NFE: " + ", ".join(f"NFE {k}: {v}" for k, v in best.items()) + "."]
+    return lines + [""]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m direct_distill benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", default="floors,cfg,schedules",
+                        help="comma-separated row groups to (re)run: floors, cfg, schedules")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3, help="seed sets for the spread at NFE 8, 12, 20")
+    parser.add_argument("--guidance", type=float, default=None, help="skip the sweep and use this CFG")
+    parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        print(write_report(json.loads(RESULTS.read_text())))
+        return
+    torch.manual_seed(0)
+    bench = Bench(args.samples)
+    groups = set(args.groups.split(","))
+    if "floors" in groups:
+        bench.floors(args.repeats)
+    guidance = args.guidance or bench.results.get("meta|best_guidance", {}).get("guidance")
+    if "cfg" in groups:
+        guidance = run_cfg_sweep(bench)
+    if "schedules" in groups:
+        run_schedules(bench, guidance or 2.0, args.repeats)
+    write_report(bench.results)
+    print(f"report written to {REPORT}")
+
+
+if __name__ == "__main__":
+    main()

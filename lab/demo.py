@@ -1,0 +1,61 @@
+"""The main job on the embedded lab teacher: sample every class with the schedules (and, once
+trained and committed, the shortcut and the students) and write a labelled comparison sheet."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..schedulers import exp_karras_sigmas, karras_sigmas, sigma_table
+from . import CLASSIFIER_PATH
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m direct_distill demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("direct_distill_demo"))
+    parser.add_argument("--steps", type=int, default=8, help="DPM++ 2M steps for the schedule comparison")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG (default: the teacher's best, from the lab)")
+    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.per_class < 1:
+        parser.error("--steps and --per-class must be >= 1")
+
+    from .benchmark import RESULTS, save_grid
+    from .sampling import sample_teacher, load_teacher
+
+    guidance = args.guidance
+    if guidance is None:
+        import json
+
+        guidance = json.loads(RESULTS.read_text()).get("meta|best_guidance", {}).get("guidance", 2.0) \
+            if RESULTS.is_file() else 2.0
+    torch.set_grad_enabled(False)
+    pipe = load_teacher()
+    ac = pipe.scheduler.alphas_cumprod
+    table = sigma_table(ac)
+    runs = {
+        f"karras_{args.steps}": karras_sigmas(args.steps, float(table[0]), float(table[-1])),
+        f"exp_karras_{args.steps}": exp_karras_sigmas(args.steps, 1.0, alphas_cumprod=ac),
+        "exp_karras_20": exp_karras_sigmas(20, 1.0, alphas_cumprod=ac),
+    }
+    evaluator = None
+    if CLASSIFIER_PATH.is_file():
+        from .evaluator import Evaluator
+
+        evaluator = Evaluator()
+    args.out.mkdir(parents=True, exist_ok=True)
+    n = 10 * args.per_class
+    for name, sigmas in runs.items():
+        s = sample_teacher(pipe, sigmas, guidance, n, args.seed, desc=name)
+        path = args.out / f"{name}.png"
+        save_grid(s.images, s.labels, path, per_class=args.per_class)
+        acc = f", class accuracy {evaluator.accuracy(s.images, s.labels):.2f}" if evaluator else ""
+        print(f"{name:16s} {len(sigmas) - 1:3d} UNet steps, {s.seconds_per_image * 1e3:6.1f} ms/image{acc} -> {path}")
+    print(f"rows are the classes t-shirt ... ankle boot; guidance {guidance:g}")
+
+
+if __name__ == "__main__":
+    main()

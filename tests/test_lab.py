@@ -1,0 +1,88 @@
+"""The lab: data, tokenizer, evaluator, and the committed teacher's real quality."""
+
+import pytest
+import torch
+
+from direct_distill.lab import CLASSIFIER_PATH, TEACHER_DIR
+from direct_distill.lab.data import CLASS_NAMES, DATA_DIR, DatasetMissingError, load_fashion_mnist
+from direct_distill.lab.evaluator import Evaluator, frechet_distance
+
+needs_data = pytest.mark.skipif(not (DATA_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                                reason=f"Fashion-MNIST not installed at {DATA_DIR} (apt-get install dataset-fashion-mnist)")
+
+
+def test_missing_dataset_names_the_package(tmp_path):
+    with pytest.raises(DatasetMissingError, match="dataset-fashion-mnist"):
+        load_fashion_mnist("train", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("validation", data_dir=tmp_path)
+
+
+@needs_data
+def test_dataset_shapes_and_range():
+    x, y = load_fashion_mnist("test")
+    assert x.shape == (10000, 1, 32, 32) and y.shape == (10000,)
+    assert x.min() == -1 and x.max() == 1 and set(y.tolist()) == set(range(10))
+    assert bool((x[:, :, :2] == -1).all()), "the 2-pixel padding is background"
+
+
+def test_tokenizer_understands_the_class_prompts(tmp_path):
+    from direct_distill.lab.teacher import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    for name in CLASS_NAMES:
+        ids = tok(name).input_ids
+        assert ids == tok(name.upper()).input_ids, "prompts are case-insensitive"
+        assert tok.unk_token_id not in ids
+        assert len(ids) <= 4, f"{name!r} should be one or two word tokens, got {tok.convert_ids_to_tokens(ids)}"
+    assert tok("").input_ids == [tok.bos_token_id, tok.eos_token_id]
+
+
+def test_frechet_distance_of_known_gaussians():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g)
+    b = torch.randn(20000, 4, generator=g) * 2 + 1
+    # |mu|^2 + tr(I + 4I - 2 * 2I) = 4 + 4
+    assert frechet_distance(a, b) == pytest.approx(8.0, rel=0.05)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluator_refuses_a_wrong_file(tmp_path):
+    from direct_distill.models.io import FileFormatError, atomic_save_file
+
+    bad = atomic_save_file({"x": torch.zeros(1)}, tmp_path / "not_a_classifier.safetensors")
+    with pytest.raises(FileFormatError, match="not_a_classifier"):
+        Evaluator(bad)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return Evaluator(CLASSIFIER_PATH)
+
+
+@needs_data
+def test_classifier_is_accurate_on_real_test_images(evaluator):
+    x, y = load_fashion_mnist("test")
+    assert evaluator.accuracy(x, y) >= 0.90
+    assert evaluator.test_accuracy >= 0.90
+
+
+def test_committed_teacher_samples_the_prompted_classes(evaluator):
+    """The teacher loads through the stock diffusers API and its samples are of the asked-for class."""
+    from diffusers import StableDiffusionPipeline
+
+    from direct_distill.schedulers import ExpKarrasScheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(TEACHER_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config)
+    prompts = [name for name in CLASS_NAMES for _ in range(8)]
+    out = pipe(prompts, num_inference_steps=12, guidance_scale=2.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    images = torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1
+    assert images.shape == (80, 1, 32, 32)
+    labels = torch.arange(10).repeat_interleave(8)
+    accuracy = evaluator.accuracy(images, labels)
+    assert accuracy >= 0.7, f"class accuracy {accuracy:.2f} (chance is 0.10)"
+    single = pipe("Sneaker", num_inference_steps=8, generator=torch.Generator().manual_seed(1)).images[0]
+    assert single.size == (32, 32)
