@@ -1,0 +1,55 @@
+"""A tiny SD1.5-shaped ComfyUI model (random weights from a config, nothing downloaded), small enough
+to run ComfyUI's samplers on a CPU in well under a second."""
+
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models_base
+
+CONTEXT_DIM = 32
+
+# comfy's openaimodel.UNetModel keyword arguments: two levels (32, 64 channels), attention on the first.
+# transformer_depth lists the input blocks, transformer_depth_output the output blocks (consumed from the
+# end, i.e. lowest resolution first). Channels stay multiples of 32: comfy's GroupNorm uses 32 groups.
+TINY_UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+    transformer_depth=[1, 0], transformer_depth_output=[1, 1, 0, 0], transformer_depth_middle=1,
+    context_dim=CONTEXT_DIM, num_heads=4, num_head_channels=-1, use_linear_in_transformer=False,
+    use_spatial_transformer=True, legacy=False, adm_in_channels=None, use_checkpoint=False,
+    use_temporal_attention=False, use_temporal_resblock=False, dtype=torch.float32,
+)
+
+
+class TinySD15(comfy.supported_models_base.BASE):
+    """SD1.5's noise schedule (empty sampling_settings: betas 0.00085..0.012, 1000 steps) and latent format."""
+    unet_config = {}
+    # BASE.__init__ copies these over the unet config; its defaults would change the head layout.
+    unet_extra_config = {"num_heads": TINY_UNET_CONFIG["num_heads"], "num_head_channels": -1}
+    sampling_settings = {}
+    latent_format = comfy.latent_formats.SD15
+    supported_inference_dtypes = [torch.float32]
+    memory_usage_factor = 1.0
+
+
+def tiny_sd15_model(seed: int = 0, model_type=comfy.model_base.ModelType.EPS) -> comfy.model_patcher.ModelPatcher:
+    """A MODEL (ModelPatcher) as a checkpoint loader would return it, with small random weights."""
+    model_config = TinySD15(dict(TINY_UNET_CONFIG))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(model_config, model_type=model_type, device=None)
+    # comfy's layers skip weight initialisation (checkpoints overwrite them), so fill them here.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.diffusion_model.parameters():
+            parameter.normal_(0.0, 0.02, generator=generator)
+    offload = comfy.model_management.unet_offload_device()
+    return comfy.model_patcher.ModelPatcher(model.to(offload), load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=offload)
+
+
+def tiny_conditioning(seed: int = 0, tokens: int = 7):
+    """CONDITIONING for the tiny model: one random text embedding."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, CONTEXT_DIM, generator=generator), {}]]
