@@ -84,6 +84,15 @@ def sigma_to_t(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tenso
     return low + w
 
 
+def sigma_to_model_timestep(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tensor:
+    """The integer timestep a discrete model is called with at ``sigma``: the nearest entry of the table
+    in log-sigma (ComfyUI's ModelSamplingDiscrete.timestep). Both front doors feed the UNet this, so a
+    diffusers run and a ComfyUI run of the same sigmas make identical model calls."""
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+    log_sigmas = sigmas.double().log()
+    return (log_sigma.reshape(-1, 1) - log_sigmas).abs().argmin(dim=1).reshape(log_sigma.shape)
+
+
 def ve_to_vp(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """k-diffusion latent ``x0 + sigma eps`` to diffusers' VP latent: divide by sqrt(1 + sigma^2)."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)

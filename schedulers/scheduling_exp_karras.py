@@ -9,8 +9,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from .noise import alphas_cumprod_from_config, sigma_table, sigma_to_t
-from .sigmas import exp_karras_sigmas
+from .noise import alphas_cumprod_from_config, sigma_table, sigma_to_model_timestep, t_to_sigma
+from .sigmas import exp_karras_sigmas_from_table
 
 # Sigma-shaping flags of other schedulers' configs: meaningless here, and dropped so a swapped-in
 # config never claims, say, use_karras_sigmas=True for an exp-Karras run.
@@ -22,8 +22,9 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
     """DPM-Solver++ multistep sampling on the exponential-Karras schedule of Li & Zhang (2025).
 
     The solver is diffusers' :class:`DPMSolverMultistepScheduler`, unchanged; only the sigmas differ.
-    Timesteps are fractional (``t = sigma^-1(sigma_i)``, log-sigma interpolation), so the UNet sees the
-    exact noise level the solver assumes, as in ComfyUI.
+    The sigmas are exact (log-sigma interpolated in the model's float64 noise table); the UNet is called
+    at the nearest integer timestep of each sigma, exactly as ComfyUI calls it, so both front doors make
+    identical model calls for the same sigmas.
 
     Swap it into any SD/SDXL pipeline::
 
@@ -71,10 +72,11 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         if prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"ExpKarrasScheduler: prediction_type {prediction_type!r} is not a discrete VP "
                              "parameterisation (epsilon, sample or v_prediction)")
-        # Validates the noise table and gives one clear error for unusable configs.
-        alphas_cumprod_from_config(dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+        # Validates the noise table (one clear error for unusable configs) and keeps it in float64,
+        # as ComfyUI does: diffusers' float32 table costs ~1e-5 relative at the smallest sigma.
+        self._sigma_table = sigma_table(alphas_cumprod_from_config(dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
                                         beta_end=beta_end, beta_schedule=beta_schedule,
-                                        trained_betas=trained_betas, prediction_type=prediction_type))
+                                        trained_betas=trained_betas, prediction_type=prediction_type)))
         super().__init__(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=beta_schedule, trained_betas=trained_betas, solver_order=solver_order,
@@ -115,13 +117,10 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         if given != 1:
             raise ValueError("ExpKarrasScheduler.set_timesteps: pass exactly one of num_inference_steps, "
                              "timesteps or sigmas")
-        table = sigma_table(self.alphas_cumprod)
+        table = self._sigma_table
         if num_inference_steps is not None:
-            full = exp_karras_sigmas(num_inference_steps, self.config.exp_karras_p,
-                                     alphas_cumprod=self.alphas_cumprod)
+            full = exp_karras_sigmas_from_table(num_inference_steps, self.config.exp_karras_p, table=table)
         else:
-            from .noise import t_to_sigma
-
             values = torch.as_tensor(sigmas if sigmas is not None else timesteps, dtype=torch.float64).flatten()
             if values.numel() == 0 or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
                 raise ValueError("ExpKarrasScheduler.set_timesteps: sigmas/timesteps must be finite and >= 0")
@@ -135,7 +134,7 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         if self.config.final_sigmas_type == "sigma_min":
             full = torch.cat([full[:-1], table[:1]])
         self.sigmas = full.float()
-        self.timesteps = sigma_to_t(full[:-1], table).float().to(device)
+        self.timesteps = sigma_to_model_timestep(full[:-1], table).to(device)
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0

@@ -8,7 +8,9 @@ import torch
 from direct_distill.schedulers import (alphas_cumprod_from_config, exp_karras_sigmas, exp_karras_timesteps,
                                        exponential_sigmas, karras_sigmas, sigma_table, sigma_to_t,
                                        sigmas_for_denoise, t_to_sigma, uniform_t_sigmas, ve_to_vp, vp_to_ve)
-from conftest import SD_SCHEDULER_CONFIG
+
+SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                           beta_schedule="scaled_linear", prediction_type="epsilon")
 
 SD_AC = alphas_cumprod_from_config(SD_SCHEDULER_CONFIG)
 SD_TABLE = sigma_table(SD_AC)

@@ -1,0 +1,142 @@
+"""StudentScheduler: diffusers' DPM-Solver++ on a distilled student's fixed timesteps and sigmas, per NFE."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from diffusers.configuration_utils import register_to_config
+
+from .noise import alphas_cumprod_from_config, sigma_table, t_to_sigma
+
+
+class StudentScheduler(DPMSolverMultistepScheduler):
+    """Samples a distilled student at exactly the timesteps and sigmas it was trained for.
+
+    A student supports a few step counts (NFEs), each with its own schedule; ``set_timesteps(n)`` takes
+    the table's entry for ``n`` and refuses any other ``n``. The step is diffusers'
+    :class:`DPMSolverMultistepScheduler`, unchanged: ``solver_order=1`` is DDIM (Euler in ComfyUI's
+    terms), ``solver_order=2`` is DPM++ 2M. ``direct_distill.pipelines.load_student`` builds it from a
+    student file; by hand::
+
+        pipe.scheduler = StudentScheduler.from_config(pipe.scheduler.config, nfe_schedules=table, default_nfe=4)
+
+    Args:
+        nfe_schedules (`dict`): ``{"n": {"timesteps": [n floats], "sigmas": [n + 1 floats ending in 0]}}``,
+            in sampling order; each sigma must be the model's noise level at its timestep.
+        default_nfe (`int`): the entry used when no step count is asked for.
+        pipeline_default_steps (`int`, *optional*): the ``num_inference_steps`` a pipeline passes when its
+            caller gives none (50 for the SD and SDXL pipelines). It is read as "unspecified", i.e.
+            ``default_nfe``, unless it is itself a supported NFE.
+        Other arguments are those of `DPMSolverMultistepScheduler` (the noise table, prediction type and
+        solver); the sigma-shaping flags (`use_karras_sigmas`, ...) are not taken, the schedule being fixed.
+    """
+
+    _compatibles = [
+        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+        "UniPCMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DEISMultistepScheduler",
+        "ExpKarrasScheduler",
+    ]
+
+    @register_to_config
+    def __init__(
+        self,
+        nfe_schedules: dict | None = None,
+        default_nfe: int | None = None,
+        pipeline_default_steps: int | None = None,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        solver_order: int = 1,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+    ):
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"StudentScheduler: prediction_type {prediction_type!r} is not a discrete VP "
+                             "parameterisation (epsilon, sample or v_prediction)")
+        if solver_order not in (1, 2):
+            raise ValueError(f"StudentScheduler: solver_order must be 1 (DDIM/Euler) or 2 (DPM++ 2M), got {solver_order!r}")
+        table = sigma_table(alphas_cumprod_from_config(dict(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type)))
+        self._schedules = _checked_schedules(nfe_schedules, table)
+        if default_nfe not in self._schedules:
+            raise ValueError(f"StudentScheduler: default_nfe {default_nfe!r} is not among the supported NFEs "
+                             f"{sorted(self._schedules)}")
+        super().__init__(
+            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+            beta_schedule=beta_schedule, trained_betas=trained_betas, solver_order=solver_order,
+            prediction_type=prediction_type, thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+            algorithm_type=algorithm_type, solver_type=solver_type, lower_order_final=lower_order_final,
+            final_sigmas_type="zero")
+
+    @property
+    def supported_nfes(self) -> list[int]:
+        """The step counts this student was trained for."""
+        return sorted(self._schedules)
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        mu: float | None = None,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
+    ):
+        """Sets the student's own timesteps and sigmas for ``num_inference_steps`` UNet evaluations.
+
+        Args:
+            num_inference_steps (`int`, *optional*): one of ``supported_nfes``; ``None`` (or the
+                pipeline's own default, see ``pipeline_default_steps``) means ``default_nfe``.
+            device (`str` or `torch.device`, *optional*): where the timesteps live.
+            mu, timesteps, sigmas: not taken (the schedule is the student's); accepted for signature
+                compatibility and refused if given.
+        """
+        if timesteps is not None or sigmas is not None:
+            raise ValueError("StudentScheduler samples at the student's own timesteps; pass num_inference_steps "
+                             f"among {self.supported_nfes}, not timesteps or sigmas")
+        n = num_inference_steps
+        if n is None or (n == self.config.pipeline_default_steps and n not in self._schedules):
+            n = self.config.default_nfe
+        if n not in self._schedules:
+            raise ValueError(f"this student samples with num_inference_steps in {self.supported_nfes} "
+                             f"(default {self.config.default_nfe}), got {num_inference_steps}")
+        t, s = self._schedules[n]
+        self.sigmas = s.float()
+        self.timesteps = t.float().to(device)
+        self.num_inference_steps = n
+        self.model_outputs = [None] * self.config.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+
+def _checked_schedules(schedules, table: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{nfe: (timesteps, sigmas)} from the config's table, each sigma checked against the noise table."""
+    if not isinstance(schedules, dict) or not schedules:
+        raise ValueError("StudentScheduler: nfe_schedules must be a non-empty {nfe: {'timesteps', 'sigmas'}} table")
+    out = {}
+    for key, entry in schedules.items():
+        n = int(key)
+        t = torch.as_tensor(entry["timesteps"], dtype=torch.float64)
+        s = torch.as_tensor(entry["sigmas"], dtype=torch.float64)
+        if t.shape != (n,) or s.shape != (n + 1,) or s[-1] != 0:
+            raise ValueError(f"StudentScheduler: nfe_schedules[{key}] needs {n} timesteps and {n + 1} sigmas ending "
+                             f"in 0, got {t.numel()} and {s.numel()}")
+        # ComfyUI derives the UNet's timestep from sigma; the student is the same in both only if they agree.
+        expected = t_to_sigma(t, table)
+        if not torch.allclose(s[:-1], expected, rtol=1e-4, atol=0):
+            raise ValueError(f"StudentScheduler: nfe_schedules[{key}] sigmas {s[:-1].tolist()} are not the noise "
+                             f"levels of its timesteps under this noise schedule ({expected.tolist()}): "
+                             "a student for another model?")
+        out[n] = (t, s)
+    return out
