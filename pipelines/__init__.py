@@ -1,0 +1,5 @@
+"""diffusers glue: the shortcut as a ``callback_on_step_end``."""
+
+from .shortcut import ShortcutCallback
+
+__all__ = ["ShortcutCallback"]

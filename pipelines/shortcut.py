@@ -1,0 +1,86 @@
+"""The shortcut as a diffusers ``callback_on_step_end``: after K teacher steps, jump to the final latent."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..models.nafnet import TwoStageShortcut
+from ..models.shortcut_file import load_shortcut
+
+
+def next_unet_input(pipe, steps_done: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VP latent and timestep that UNet call ``steps_done + 1`` would get, seen from a step-end callback.
+
+    ``scale_model_input`` is what the pipeline itself applies before each UNet call: the identity for
+    schedulers that keep VP latents (DPM-Solver, DDIM, PNDM, ExpKarrasScheduler) and the division by
+    ``sqrt(1 + sigma^2)`` for those that keep VE latents (Euler, Heun, LMS), so the result is VP
+    either way. The timestep is fractional under ExpKarrasScheduler.
+    """
+    t = pipe.scheduler.timesteps[_timestep_index(pipe.scheduler, steps_done)]
+    return pipe.scheduler.scale_model_input(latents, t), t
+
+
+def _timestep_index(scheduler, steps_done: int, ahead: int = 0) -> int:
+    """Index in ``scheduler.timesteps`` of the UNet call ``ahead`` calls after the next one."""
+    # step_index also counts the steps an img2img run skipped; schedulers without it start at 0.
+    index = (scheduler.step_index if getattr(scheduler, "step_index", None) is not None else steps_done) + ahead
+    if index >= len(scheduler.timesteps):
+        raise ValueError(f"a {len(scheduler.timesteps)}-step run has no step left after step {steps_done + ahead} "
+                         "to hand off at; hand off earlier (handoff_step < num_inference_steps) or run more steps")
+    return index
+
+
+class ShortcutCallback:
+    """Replace the last teacher steps by the NAFNet shortcut (seed 000, §3.4).
+
+    After ``handoff_step`` UNet calls the callback feeds the latent the next call would get (VP-scaled)
+    and that call's timestep to the shortcut, returns its clean latent as ``latents`` and stops the
+    denoising loop (``pipe._interrupt``); the pipeline then decodes that latent as usual::
+
+        cb = ShortcutCallback("shortcut.safetensors", handoff_step=12)
+        image = pipe(prompt, num_inference_steps=20, callback_on_step_end=cb).images[0]
+
+    Args:
+        shortcut: a ``TwoStageShortcut`` or the path of a shortcut file (read with ``load_shortcut``).
+        handoff_step: K >= 1, the number of teacher UNet calls before the hand-off.
+        force: hand off even when the timestep lies outside the band the shortcut was trained for
+            (otherwise a ValueError is raised at the first step, before any more UNet calls).
+
+    The shortcut is moved to the latents' device on first use and runs in its own dtype (float32
+    as saved, unless you cast it); its output is cast back to the pipeline's latent dtype.
+    """
+
+    tensor_inputs = ["latents"]
+
+    def __init__(self, shortcut: TwoStageShortcut | str | os.PathLike, handoff_step: int, force: bool = False):
+        if isinstance(shortcut, (str, os.PathLike)):
+            shortcut = load_shortcut(shortcut)
+        if not isinstance(handoff_step, int) or handoff_step < 1:
+            raise ValueError(f"handoff_step must be an integer >= 1 (teacher steps before the hand-off), "
+                             f"got {handoff_step!r}")
+        self.shortcut = shortcut.eval()
+        self.handoff_step = handoff_step
+        self.force = force
+
+    @torch.no_grad()
+    def __call__(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        steps_done = step_index + 1
+        if steps_done > self.handoff_step:
+            return callback_kwargs
+        latents = callback_kwargs["latents"]
+        # The hand-off timestep is known from the first step on, so a bad band fails before any wasted step.
+        ahead = self.handoff_step - steps_done
+        handoff_t = pipe.scheduler.timesteps[_timestep_index(pipe.scheduler, steps_done, ahead)]
+        self.shortcut.check_handoff(float(handoff_t), self.force)
+        if ahead:
+            return callback_kwargs
+        x_t, t = next_unet_input(pipe, steps_done, latents)
+        param = next(self.shortcut.parameters())
+        if param.device != latents.device:
+            self.shortcut.to(latents.device)
+        x0 = self.shortcut(x_t.to(param.dtype), t.to(latents.device, torch.float32))
+        callback_kwargs["latents"] = x0.to(latents.dtype)
+        pipe._interrupt = True
+        return callback_kwargs

@@ -1,0 +1,233 @@
+"""The shortcut end to end on tiny pipelines: trajectory capture, both training stages, the file,
+and ShortcutCallback (exactly K UNet calls, then the VAE decodes the shortcut's latent)."""
+
+import contextlib
+import json
+import os
+
+import pytest
+import torch
+
+from direct_distill.models import load_shortcut, save_shortcut
+from direct_distill.models.nafnet import PRESETS, TwoStageShortcut
+from direct_distill.pipelines import ShortcutCallback
+from direct_distill.schedulers import ExpKarrasScheduler
+from direct_distill.training.shortcut import ShortcutConfig, handoff_band, train_shortcut
+from direct_distill.training.trajectories import capture_trajectories, load_trajectories
+
+PROMPTS = ["t-shirt", "bag", "ankle boot"]
+STEPS, CAPTURE = 8, (4, 5, 6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pipe(tiny_sd_pipeline):
+    tiny_sd_pipeline.scheduler = ExpKarrasScheduler.from_config(tiny_sd_pipeline.scheduler.config)
+    return tiny_sd_pipeline
+
+
+@pytest.fixture
+def shortcut():
+    """Lab presets with non-zero branch scales, so that the shortcut is far from the identity."""
+    torch.manual_seed(0)
+    model = TwoStageShortcut.from_configs(PRESETS["lab_stage1"], PRESETS["lab_stage2"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.normal_(0, 0.5)
+    model.t_band = (0.0, 1000.0)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def unet_calls(pipe):
+    """Record (sample, timestep) of every UNet call."""
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda _, args: calls.append((args[0].clone(), args[1])))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def run(pipe, prompt, seed, **kw):
+    return pipe(prompt, num_inference_steps=STEPS, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+def capture(pipe, folder, n=3, **kw):
+    kw = {**dict(num_inference_steps=STEPS, capture_steps=CAPTURE, guidance_scale=2.0, seed=10, shard_size=2,
+                 batch_size=2, teacher="tiny-sd"), **kw}
+    return capture_trajectories(pipe, folder, PROMPTS, n, **kw)
+
+
+# --- trajectories ----------------------------------------------------------------------------
+
+def test_capture_keeps_the_next_unet_input_after_each_capture_step_and_the_final_latent(pipe, tmp_path):
+    data = load_trajectories(capture(pipe, tmp_path))
+    assert data.latents.shape == (3, 3, 4, 16, 16) and data.final.shape == (3, 4, 16, 16)
+    assert data.prompts == PROMPTS and data.seeds.tolist() == [10, 11, 12]
+    assert isinstance(pipe.scheduler, ExpKarrasScheduler)
+
+    with unet_calls(pipe) as calls:  # trajectory 1 alone: prompt "bag", seed 11
+        final = run(pipe, "bag", 11, output_type="latent")
+    for j, k in enumerate(CAPTURE):
+        sample, t = calls[k]  # UNet call k + 1; CFG doubles the batch
+        torch.testing.assert_close(data.latents[1, j], sample[0], rtol=1e-4, atol=1e-4)
+        assert data.timesteps[j] == float(t)
+    torch.testing.assert_close(data.final[1], final[0], rtol=1e-4, atol=1e-4)
+
+
+def test_capture_resumes_by_skipping_written_shards_and_refuses_other_settings(pipe, tmp_path):
+    folder = capture(pipe, tmp_path)
+    first = folder / "shard-00000.safetensors"
+    second = folder / "shard-00001.safetensors"
+    before, stamp = load_trajectories(folder), os.stat(first).st_mtime_ns
+    second.unlink()
+    with pytest.raises(Exception, match="shard missing"):
+        load_trajectories(folder)
+    capture(pipe, folder)
+    assert os.stat(first).st_mtime_ns == stamp
+    after = load_trajectories(folder)
+    torch.testing.assert_close(after.latents, before.latents, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        capture(pipe, folder, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="capture_steps"):
+        capture(pipe, tmp_path / "other", capture_steps=(4, STEPS))
+
+
+# --- training --------------------------------------------------------------------------------
+
+def test_both_stages_train_and_the_file_round_trips(pipe, tmp_path):
+    data = load_trajectories(capture(pipe, tmp_path / "trajectories"))
+    config = ShortcutConfig(stage1_steps=4, stage2_steps=3, batch_size=4, holdout=0.34, checkpoint_every=2)
+    out = tmp_path / "shortcut.safetensors"
+    result = train_shortcut(data, out, config=config, work_dir=tmp_path / "work")
+
+    assert result.t_band == handoff_band(data.timesteps, config.band_margin)
+    lo, hi = float(data.timesteps.min()), float(data.timesteps.max())
+    assert result.t_band[0] < lo and result.t_band[1] > hi
+    assert set(result.heldout_psnr) == {"input", "stage1", "stage1+2"}
+    assert all(len(scores) == 1 + len(CAPTURE) for scores in result.heldout_psnr.values())
+
+    loaded = load_shortcut(out)
+    assert loaded.t_band == pytest.approx(result.t_band) and loaded.teacher == "tiny-sd"
+    assert loaded.latent_channels == 4 and loaded.stage2 is not None
+    extra = loaded.metadata["extra"]
+    assert extra["captured_timesteps"] == data.timesteps.tolist() and extra["capture_steps"] == list(CAPTURE)
+    x, t = data.latents[:2, 0], data.timesteps[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), result.shortcut(x, t))
+        assert not torch.equal(loaded(x, t), x)
+
+    # Re-running with the same work folder resumes both (finished) stages: the same file again.
+    again = train_shortcut(data, tmp_path / "again.safetensors", config=config, work_dir=tmp_path / "work")
+    for key, value in result.shortcut.state_dict().items():
+        assert torch.equal(value, again.shortcut.state_dict()[key]), key
+
+
+def test_stage1_only_writes_a_file_without_stage2(pipe, tmp_path):
+    data = load_trajectories(capture(pipe, tmp_path / "trajectories", n=2))
+    config = ShortcutConfig(stage2_preset=None, stage1_steps=2, batch_size=2, holdout=0.5)
+    train_shortcut(data, tmp_path / "s1.safetensors", config=config)
+    assert load_shortcut(tmp_path / "s1.safetensors").stage2 is None
+
+
+# --- the callback ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_callback_makes_exactly_k_unet_calls_and_returns_the_shortcut_of_the_next_unet_input(pipe, shortcut, k):
+    with unet_calls(pipe) as full:
+        run(pipe, ["bag", "coat"], 1, output_type="latent")
+    with unet_calls(pipe) as cut:
+        latents = run(pipe, ["bag", "coat"], 1, output_type="latent",
+                      callback_on_step_end=ShortcutCallback(shortcut, handoff_step=k))
+    assert len(cut) == k
+    sample, t = full[k]
+    with torch.no_grad():
+        expected = shortcut(sample[:2], t)
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_vae_decodes_the_shortcuts_latent(pipe, shortcut):
+    latents = run(pipe, "dress", 2, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 4))
+    decoded = []
+    handle = pipe.vae.post_quant_conv.register_forward_pre_hook(lambda _, args: decoded.append(args[0].clone()))
+    try:
+        image = run(pipe, "dress", 2, output_type="pt", callback_on_step_end=ShortcutCallback(shortcut, 4))
+    finally:
+        handle.remove()
+    assert image.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(decoded[0] * pipe.vae.config.scaling_factor, latents, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_band_handoff_raises_before_more_steps_unless_forced(pipe, shortcut):
+    pipe.scheduler.set_timesteps(STEPS)
+    handoff_t = float(pipe.scheduler.timesteps[4])
+    shortcut.t_band = (handoff_t + 1, handoff_t + 50)
+    with unet_calls(pipe) as calls, pytest.raises(ValueError, match="outside the band"):
+        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 4))
+    assert len(calls) == 1
+    with unet_calls(pipe) as calls:
+        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 4, force=True))
+    assert len(calls) == 4
+    shortcut.t_band = (handoff_t - 1, handoff_t + 1)
+    run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 4))
+
+
+def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe, shortcut, tmp_path):
+    path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny", latent_channels=4)
+    callback = ShortcutCallback(str(path), handoff_step=2)
+    assert callback.shortcut.teacher == "tiny"
+    assert run(pipe, "bag", 0, output_type="latent", callback_on_step_end=callback).shape == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match="no step left"):
+        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, STEPS))
+    with pytest.raises(ValueError, match="handoff_step"):
+        ShortcutCallback(shortcut, 0)
+
+
+def test_callback_on_sdxl_with_a_ve_scheduler_feeds_the_vp_unet_input(tiny_sdxl_pipeline, shortcut):
+    pipe, k = tiny_sdxl_pipeline, 3  # EulerDiscreteScheduler keeps VE latents: the callback must rescale them
+    kw = dict(num_inference_steps=6, guidance_scale=2.0, output_type="latent")
+    with unet_calls(pipe) as full:
+        pipe("bag", generator=torch.Generator().manual_seed(0), **kw)
+    with unet_calls(pipe) as cut:
+        latents = pipe("bag", generator=torch.Generator().manual_seed(0), **kw,
+                       callback_on_step_end=ShortcutCallback(shortcut, k)).images
+    assert len(cut) == k
+    sample, t = full[k]
+    with torch.no_grad():
+        expected = shortcut(sample[:1], t)
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+    image = pipe("bag", generator=torch.Generator().manual_seed(0), **{**kw, "output_type": "pt"},
+                 callback_on_step_end=ShortcutCallback(shortcut, k)).images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_capture_metadata_is_plain_json(pipe, tmp_path):
+    folder = capture(pipe, tmp_path, n=1)
+    index = json.loads((folder / "index.json").read_text(), parse_constant=pytest.fail)  # no NaN/Infinity
+    assert index["capture_steps"] == list(CAPTURE) and index["scheduler"] == "ExpKarrasScheduler"
+
+
+def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, tmp_path, capsys):
+    from direct_distill.__main__ import main
+
+    tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("bag\n\ncoat\n")
+    out = tmp_path / "shortcut.safetensors"
+    assert main(["distill", "shortcut", "--teacher", str(tmp_path / "teacher"), "--out", str(out),
+                 "--prompts", str(tmp_path / "prompts.txt"), "--trajectories", "2", "--steps", "5",
+                 "--capture-steps", "2", "3", "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2",
+                 "--holdout", "0.5"]) == 0
+    loaded = load_shortcut(out)
+    assert loaded.teacher == str(tmp_path / "teacher") and loaded.metadata["extra"]["guidance_scale"] == 7.5
+    assert (tmp_path / "shortcut.work" / "trajectories" / "index.json").is_file()
+    assert "held-out PSNR after stage 1+2" in capsys.readouterr().out

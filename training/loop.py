@@ -1,0 +1,178 @@
+"""The one training loop: a method supplies its modules, ``batch(step)`` and ``loss(step, batch)``;
+this drives them with accelerate, a cosine LR, grad clipping, progress, TensorBoard and exact resume.
+
+Exact resume rests on one rule: before each step the loop seeds torch, ``random`` and numpy from
+``(seed, step, process)``, so a method that draws its batch and noise from the global RNGs makes
+every step a pure function of the weights, the optimizer state and the step number, and those
+three are what the checkpoint stores. A run stopped after step k and resumed ends bit-identical to
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_training_state, save_training_state
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class Method(Protocol):
+    """What a distillation method hands the loop.
+
+    ``modules``: the modules whose state is checkpointed; their parameters with
+    ``requires_grad`` are the ones trained (a LoRA method passes a module holding just its adapters).
+    ``batch(step)``: the inputs of one step, drawn from the global RNGs (the loop seeds them).
+    ``loss(step, batch)``: a scalar to minimise; it may also draw from the global RNGs.
+    """
+
+    modules: dict[str, torch.nn.Module]
+
+    def batch(self, step: int) -> Any: ...
+
+    def loss(self, step: int, batch: Any) -> torch.Tensor: ...
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of one run (AdamW; weight_decay 0 is Adam)."""
+
+    steps: int
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0          # the cosine ends at lr * final_lr_fraction
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0       # None: no clipping
+    seed: int = 0
+    run_dir: str | Path | None = None        # checkpoints (and TensorBoard logs) go here
+    checkpoint_every: int = 500              # steps; a checkpoint is also written at the end
+    resume: bool = True                      # continue from run_dir's checkpoint if there is one
+    tensorboard: bool = False
+    log_every: int = 10
+    desc: str = "training"
+
+
+@dataclass
+class TrainResult:
+    step: int                 # steps done in total (== config.steps)
+    loss: float | None        # loss of the last step run here (None when nothing was left to run)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int = 0, final_fraction: float = 0.0) -> float:
+    """Learning rate of update ``step`` (0-based): linear warmup, then cosine annealing to the floor."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = peak * final_fraction
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_step(seed: int, step: int, process: int = 0) -> None:
+    """Seed torch (every device), ``random`` and numpy from (seed, step, process)."""
+    words = np.random.SeedSequence([seed, step, process]).generate_state(2)
+    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
+    random.seed(int(words[0]) << 32 | int(words[1]))
+    np.random.seed(words)
+
+
+def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
+    """Run ``method`` from its checkpoint (if any) to ``config.steps`` steps.
+
+    Modules are moved to the accelerator's device. Under ``accelerate launch`` each process draws
+    its own batches (the process index is part of the step seed) and gradients are averaged over
+    processes before clipping, so no module needs wrapping; resume is then exact for the same
+    number of processes.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import send_to_device
+
+    accelerator = accelerator or Accelerator()
+    modules = {name: m.to(accelerator.device) for name, m in method.modules.items()}
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{config.desc}: the method has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+
+    run_dir = Path(config.run_dir) if config.run_dir is not None else None
+    checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    start = 0
+    if checkpoint is not None and config.resume and checkpoint.is_file():
+        start, extra = load_training_state(checkpoint, modules, {"optimizer": optimizer})
+        if extra.get("seed") != config.seed:
+            raise ValueError(f"{checkpoint}: written by a run with seed {extra.get('seed')}, this run has seed "
+                             f"{config.seed}; resume with the same seed or use another run folder")
+    optimizer = accelerator.prepare(optimizer)
+    writer = _tensorboard(run_dir, accelerator) if config.tensorboard else None
+
+    def save(step: int) -> None:
+        if checkpoint is not None and accelerator.is_main_process:
+            save_training_state(checkpoint, modules, {"optimizer": optimizer.optimizer}, step,
+                                extra={"seed": config.seed, "steps": config.steps})
+        accelerator.wait_for_everyone()
+
+    for m in modules.values():
+        m.train()
+    bar = tqdm(total=config.steps, initial=start, desc=config.desc,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    loss_value = None
+    for step in range(start, config.steps):
+        seed_step(config.seed, step, accelerator.process_index)
+        batch = send_to_device(method.batch(step), accelerator.device)
+        with accelerator.autocast():
+            loss = method.loss(step, batch)
+        accelerator.backward(loss)
+        if accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        grad_norm = (accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                     if config.max_grad_norm is not None else None)
+        lr = cosine_lr(step, config.steps, config.lr, config.warmup_steps, config.final_lr_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = loss.detach().float().item()
+        bar.update()
+        bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}")
+        if writer is not None and (step + 1) % config.log_every == 0:
+            writer.add_scalar("loss", loss_value, step + 1)
+            writer.add_scalar("lr", lr, step + 1)
+            if grad_norm is not None:
+                writer.add_scalar("grad_norm", float(grad_norm), step + 1)
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save(step + 1)
+    bar.close()
+    if start < config.steps:
+        save(config.steps)
+    if writer is not None:
+        writer.close()
+    for m in modules.values():
+        m.eval()
+    return TrainResult(step=config.steps, loss=loss_value)
+
+
+def _tensorboard(run_dir: Path | None, accelerator):
+    """A SummaryWriter under ``run_dir/tensorboard`` on the main process, or None (with a warning)."""
+    if not accelerator.is_main_process:
+        return None
+    if run_dir is None:
+        warnings.warn("TensorBoard logging needs a run folder; not logging", stacklevel=3)
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("tensorboard is not installed (pip install tensorboard); not logging", stacklevel=3)
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
