@@ -7,7 +7,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from .noise import alphas_cumprod_from_config, sigma_table, t_to_sigma
+from .noise import alphas_cumprod_from_config, sigma_table, sigma_to_model_timestep
 
 
 class StudentScheduler(DPMSolverMultistepScheduler):
@@ -22,8 +22,9 @@ class StudentScheduler(DPMSolverMultistepScheduler):
         pipe.scheduler = StudentScheduler.from_config(pipe.scheduler.config, nfe_schedules=table, default_nfe=4)
 
     Args:
-        nfe_schedules (`dict`): ``{"n": {"timesteps": [n floats], "sigmas": [n + 1 floats ending in 0]}}``,
-            in sampling order; each sigma must be the model's noise level at its timestep.
+        nfe_schedules (`dict`): ``{"n": {"timesteps": [n integers], "sigmas": [n + 1 floats ending in 0]}}``,
+            in sampling order; each timestep must be the one the UNet is called with at its sigma (the
+            nearest entry of the noise table, ComfyUI's rule), so both front doors make the same calls.
         default_nfe (`int`): the entry used when no step count is asked for.
         pipeline_default_steps (`int`, *optional*): the ``num_inference_steps`` a pipeline passes when its
             caller gives none (50 for the SD and SDXL pipelines). It is read as "unspecified", i.e.
@@ -63,7 +64,8 @@ class StudentScheduler(DPMSolverMultistepScheduler):
             raise ValueError(f"StudentScheduler: prediction_type {prediction_type!r} is not a discrete VP "
                              "parameterisation (epsilon, sample or v_prediction)")
         if solver_order not in (1, 2):
-            raise ValueError(f"StudentScheduler: solver_order must be 1 (DDIM/Euler) or 2 (DPM++ 2M), got {solver_order!r}")
+            raise ValueError(f"StudentScheduler: solver_order must be 1 (DDIM/Euler) or 2 (DPM++ 2M), "
+                             f"got {solver_order!r}")
         table = sigma_table(alphas_cumprod_from_config(dict(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type)))
@@ -112,7 +114,7 @@ class StudentScheduler(DPMSolverMultistepScheduler):
                              f"(default {self.config.default_nfe}), got {num_inference_steps}")
         t, s = self._schedules[n]
         self.sigmas = s.float()
-        self.timesteps = t.float().to(device)
+        self.timesteps = t.to(device)
         self.num_inference_steps = n
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
@@ -132,11 +134,13 @@ def _checked_schedules(schedules, table: torch.Tensor) -> dict[int, tuple[torch.
         if t.shape != (n,) or s.shape != (n + 1,) or s[-1] != 0:
             raise ValueError(f"StudentScheduler: nfe_schedules[{key}] needs {n} timesteps and {n + 1} sigmas ending "
                              f"in 0, got {t.numel()} and {s.numel()}")
-        # ComfyUI derives the UNet's timestep from sigma; the student is the same in both only if they agree.
-        expected = t_to_sigma(t, table)
-        if not torch.allclose(s[:-1], expected, rtol=1e-4, atol=0):
-            raise ValueError(f"StudentScheduler: nfe_schedules[{key}] sigmas {s[:-1].tolist()} are not the noise "
-                             f"levels of its timesteps under this noise schedule ({expected.tolist()}): "
+        # ComfyUI calls the UNet at the table entry nearest each sigma; the student is the same in both
+        # front doors only if its timesteps are exactly those.
+        expected = sigma_to_model_timestep(s[:-1], table)
+        if not torch.equal(t, expected.double()):
+            raise ValueError(f"StudentScheduler: nfe_schedules[{key}] timesteps {t.tolist()} are not the model "
+                             f"timesteps of its sigmas under this noise schedule ({expected.tolist()}): "
                              "a student for another model?")
+        t = expected
         out[n] = (t, s)
     return out

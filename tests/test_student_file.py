@@ -1,0 +1,372 @@
+"""The student file (save_student/read_student) and load_student, on tiny SD and SDXL pipelines."""
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+from direct_distill.models.io import FileFormatError, atomic_save_file, read_safetensors
+from direct_distill.models.nafnet import TimeEmbedNAFNet, TwoStageShortcut
+from direct_distill.models.shortcut_file import save_shortcut
+from direct_distill.models.student_file import (StudentInfo, kohya_name, read_student, save_student,
+                                                unet_architecture, unet_fingerprint)
+from direct_distill.pipelines import load_student
+from direct_distill.schedulers import alphas_cumprod_from_config, sigma_table, t_to_sigma
+from direct_distill.schedulers.scheduling_student import StudentScheduler
+
+RANK, ALPHA = 4, 8.0  # alpha != rank on purpose: the alpha / rank scale must survive both loaders
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+STUDENT_TIMESTEPS = {1: [999], 2: [999, 499], 4: [999, 749, 499, 249]}
+SD_NOISE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+SD_TABLE = sigma_table(alphas_cumprod_from_config(SD_NOISE))
+
+
+def nfe_schedules(timesteps=STUDENT_TIMESTEPS, table=SD_TABLE):
+    return {n: {"timesteps": t, "sigmas": t_to_sigma(torch.tensor(t), table).tolist() + [0.0]}
+            for n, t in timesteps.items()}
+
+
+def student_info(unet, **changes) -> StudentInfo:
+    fields = dict(method="progressive", teacher="tests/tiny-sd", teacher_unet_fingerprint=unet_fingerprint(unet),
+                  teacher_unet_config=unet_architecture(unet), prediction_type="epsilon",
+                  nfe_schedules=nfe_schedules(), default_nfe=4, comfy_sampler="ddim", guidance=1.5,
+                  extra={"steps": 10})
+    return StudentInfo(**{**fields, **changes})
+
+
+def add_lora(unet, targets=TARGETS, seed=1, alpha=ALPHA):
+    """The peft LoRA a distillation method would train: random A and (non-zero) B."""
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=targets, init_lora_weights=False))
+    return unet
+
+
+def unet_inputs(context_dim=32, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999.0, 321.5]),
+            torch.randn(2, 7, context_dim, generator=g))
+
+
+def lora_wrapped(unet):
+    return {name for name, module in unet.named_modules() if getattr(module, "lora_A", None)}
+
+
+@torch.no_grad()
+def unet_out(unet, inputs, **kwargs):
+    return unet(*inputs, **kwargs).sample
+
+
+class UNetCalls:
+    """Counts the UNet's forward calls and records their batch sizes and timesteps."""
+
+    def __init__(self, unet):
+        self.calls = []
+        unet.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        sample, t = args[:2] if len(args) >= 2 else (args[0], kwargs["timestep"])
+        self.calls.append((sample.shape[0], float(torch.as_tensor(t).flatten()[0])))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(a peft-wrapped UNet, the student file saved from it, the info as saved), shared: read-only tests."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    info = student_info(unet)
+    trained = add_lora(unet)
+    path = save_student(tmp_path_factory.mktemp("saved") / "student.safetensors", get_peft_model_state_dict(trained),
+                        rank=RANK, alpha=ALPHA, metadata=info)
+    return trained, path, info
+
+
+@pytest.fixture
+def student(tiny_sd_pipeline, tmp_path):
+    """(pipeline without the LoRA, the peft-wrapped UNet it was saved from, file, info as saved)."""
+    trained = add_lora(copy.deepcopy(tiny_sd_pipeline.unet))
+    info = student_info(tiny_sd_pipeline.unet)
+    path = save_student(tmp_path / "student.safetensors", get_peft_model_state_dict(trained), rank=RANK, alpha=ALPHA,
+                        metadata=info)
+    return tiny_sd_pipeline, trained, path, info
+
+
+# --- the file is read the same by diffusers as by peft -------------------------------------------------
+
+
+def test_load_lora_weights_reproduces_the_peft_unet(student):
+    pipe, trained, path, _ = student
+    inputs = unet_inputs()
+    base = unet_out(pipe.unet, inputs)
+    pipe.load_lora_weights(str(path))
+    loaded = unet_out(pipe.unet, inputs)
+    assert (loaded - base).abs().max() > 1e-2  # the LoRA does something ...
+    torch.testing.assert_close(loaded, unet_out(trained, inputs), atol=1e-5, rtol=0)  # ... and exactly that
+
+
+def test_every_linear_and_conv_of_an_sd_unet_survives_the_key_form(tiny_sd_pipeline, tmp_path):
+    # Module names with underscores (to_out_0, proj_in, ff_net_0_proj, time_emb_proj, conv_shortcut, ...).
+    pipe = tiny_sd_pipeline
+    modules = [n for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    trained = add_lora(copy.deepcopy(pipe.unet), targets=modules)
+    path = save_student(tmp_path / "all.safetensors", get_peft_model_state_dict(trained), rank=RANK, alpha=ALPHA,
+                        metadata=student_info(pipe.unet))
+    pipe.load_lora_weights(str(path))
+    assert lora_wrapped(pipe.unet) == set(modules)
+    inputs = unet_inputs()
+    torch.testing.assert_close(unet_out(pipe.unet, inputs), unet_out(trained, inputs), atol=1e-5, rtol=0)
+
+
+def test_every_linear_and_conv_of_an_sdxl_unet_survives_the_key_form(tiny_sdxl_pipeline, tmp_path):
+    # SDXL's add_embedding.linear_1/2 need their LDM names (label_emb_0_0/2) for diffusers to find them.
+    pipe = tiny_sdxl_pipeline
+    modules = [n for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert "add_embedding.linear_1" in modules and kohya_name("add_embedding.linear_1") == "lora_unet_label_emb_0_0"
+    trained = add_lora(copy.deepcopy(pipe.unet), targets=modules)
+    path = save_student(tmp_path / "xl.safetensors", get_peft_model_state_dict(trained), rank=RANK, alpha=ALPHA,
+                        metadata=student_info(pipe.unet, comfy_sampler="dpmpp_2m"))
+    load_student(pipe, path)
+    assert lora_wrapped(pipe.unet) == set(modules)
+    inputs = unet_inputs(context_dim=64)
+    cond = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}}
+    torch.testing.assert_close(unet_out(pipe.unet, inputs, **cond), unet_out(trained, inputs, **cond),
+                               atol=1e-5, rtol=0)
+    calls = UNetCalls(pipe.unet)
+    pipe("a shirt", num_inference_steps=2, output_type="latent")
+    assert [t for _, t in calls.calls] == [999, 499] and pipe.scheduler.config.solver_order == 2
+
+
+def test_file_holds_kohya_keys_and_an_alpha_for_every_module(saved):
+    _, path, _ = saved
+    tensors, metadata = read_safetensors(path)
+    assert all(k.startswith("lora_unet_") for k in tensors)  # diffusers' kohya path needs every key so
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    assert tensors[f"{name}.lora_down.weight"].shape == (RANK, 32)
+    assert tensors[f"{name}.lora_up.weight"].shape == (32, RANK)
+    alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
+    assert len(alphas) == len(tensors) // 3 and all(a.ndim == 0 and a.item() == ALPHA for a in alphas)
+    assert {k: json.loads(v) for k, v in metadata.items()}["format"] == "direct_distill.student"
+
+
+# --- load_student ---------------------------------------------------------------------------------------
+
+
+def test_load_student_applies_the_lora_and_the_schedule(student):
+    pipe, trained, path, saved = student
+    info = load_student(pipe, path)
+    assert info == dataclasses.replace(saved, rank=RANK, alpha=ALPHA, target_modules=info.target_modules)
+    inputs = unet_inputs()
+    torch.testing.assert_close(unet_out(pipe.unet, inputs), unet_out(trained, inputs), atol=1e-5, rtol=0)
+
+    assert isinstance(pipe.scheduler, StudentScheduler) and pipe.scheduler.config.solver_order == 1  # ddim
+    pipe.scheduler.set_timesteps(info.default_nfe)
+    assert pipe.scheduler.timesteps.tolist() == info.nfe_schedules[info.default_nfe]["timesteps"]
+    torch.testing.assert_close(pipe.scheduler.sigmas.double(),
+                               torch.tensor(info.nfe_schedules[info.default_nfe]["sigmas"], dtype=torch.float64))
+
+    calls = UNetCalls(pipe.unet)
+    pipe("a shirt", output_type="latent")  # the pipeline's defaults: 50 steps asked, guidance 7.5 (CFG on)
+    assert calls.calls == [(2, t) for t in info.nfe_schedules[info.default_nfe]["timesteps"]]
+    calls.calls.clear()
+    pipe("a shirt", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    assert calls.calls == [(1, 999.0), (1, 499.0)]
+    with pytest.raises(ValueError, match=r"num_inference_steps in \[1, 2, 4\] \(default 4\), got 3"):
+        pipe("a shirt", num_inference_steps=3, output_type="latent")
+
+
+def test_student_scheduler_saves_and_reloads_its_table(student, tmp_path):
+    pipe, _, path, info = student
+    load_student(pipe, path)
+    pipe.scheduler.save_pretrained(tmp_path / "scheduler")
+    again = StudentScheduler.from_pretrained(tmp_path / "scheduler")
+    assert again.supported_nfes == [1, 2, 4] and again.config.default_nfe == 4
+    again.set_timesteps(2)
+    assert again.timesteps.tolist() == [999.0, 499.0]
+
+
+def test_load_student_scale_is_the_lora_strength(student):
+    pipe, trained, path, _ = student
+    # Strength 0.5 at alpha 8 is the same update as strength 1 at alpha 4.
+    reference = add_lora(copy.deepcopy(pipe.unet), alpha=ALPHA / 2)
+    set_peft_model_state_dict(reference, get_peft_model_state_dict(trained))
+    load_student(pipe, path, scale=0.5)
+    inputs = unet_inputs()
+    torch.testing.assert_close(unet_out(pipe.unet, inputs), unet_out(reference, inputs), atol=1e-5, rtol=0)
+
+
+def test_student_ddim_schedule_is_diffusers_ddim():
+    # The "ddim" student sampler (DPM-Solver++ of order 1) at t = 999, 749, 499, 249 is DDIMScheduler's
+    # 4-step "trailing" run ending at alpha = 1.
+    ddim = DDIMScheduler(**SD_NOISE, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+                         clip_sample=False)
+    ddim.set_timesteps(4)
+    student = StudentScheduler.from_config(SD_NOISE, nfe_schedules={str(k): v for k, v in nfe_schedules().items()},
+                                           default_nfe=4)
+    student.set_timesteps(4)
+    assert ddim.timesteps.tolist() == student.timesteps.tolist()
+    x0 = x1 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for t in ddim.timesteps:
+        x0 = ddim.step(torch.tanh(x0) * 0.5, t, x0).prev_sample
+    for t in student.timesteps:
+        x1 = student.step(torch.tanh(x1) * 0.5, t, x1).prev_sample
+    torch.testing.assert_close(x0, x1, atol=1e-5, rtol=1e-5)
+
+
+def test_student_scheduler_refuses_sigmas_of_another_noise_schedule():
+    other = sigma_table(DDIMScheduler(beta_schedule="linear").alphas_cumprod)
+    with pytest.raises(ValueError, match="are not the model timesteps of its sigmas"):
+        StudentScheduler(nfe_schedules={str(k): v for k, v in nfe_schedules(table=other).items()}, default_nfe=4)
+
+
+def pipeline_state(pipe):
+    return (pipe.scheduler, copy.deepcopy(dict(pipe.scheduler.config)), getattr(pipe.unet, "peft_config", None),
+            {k: v.clone() for k, v in pipe.unet.state_dict().items()})
+
+
+def assert_unchanged(pipe, before):
+    scheduler, config, peft_config, state = before
+    assert pipe.scheduler is scheduler and dict(pipe.scheduler.config) == config
+    assert getattr(pipe.unet, "peft_config", None) == peft_config
+    after = pipe.unet.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(attention_head_dim=4), "config attention_head_dim: student [8, 8], pipeline [4, 4]"),  # same shapes
+    (dict(block_out_channels=(32, 96)), "LoRA modules do not fit, e.g. mid_block.attentions.0"),
+])
+def test_student_for_another_unet_is_refused_before_anything_changes(student, change, named):
+    pipe, _, path, _ = student
+    pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, **change})
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match="student.safetensors: this student was made for another UNet") as err:
+        load_student(pipe, path)
+    assert named in str(err.value)
+    assert_unchanged(pipe, before)
+
+
+def test_other_adapters_keep_the_fingerprint_and_a_taken_name_is_refused(student, tmp_path):
+    pipe, trained, path, info = student
+    fingerprint = unet_fingerprint(pipe.unet)
+    load_student(pipe, path, adapter_name="first")
+    assert unet_fingerprint(pipe.unet) == fingerprint == info.teacher_unet_fingerprint
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match="already has an adapter named 'first'"):
+        load_student(pipe, path, adapter_name="first")
+    assert_unchanged(pipe, before)
+
+
+# --- malformed files ------------------------------------------------------------------------------------
+
+
+def rewrite(path, tensors=None, **metadata_changes):
+    """A copy of a student file with some tensors or (raw string) metadata entries changed (None: removed)."""
+    old_tensors, metadata = read_safetensors(path)
+    for k, v in metadata_changes.items():
+        if v is None:
+            metadata.pop(k)
+        else:
+            metadata[k] = v
+    out = path.with_name("bad.safetensors")
+    atomic_save_file(old_tensors if tensors is None else tensors(old_tensors), out, metadata)
+    return out
+
+
+def bad_schedule(path):
+    return rewrite(path, nfe_schedules=json.dumps({"4": {"timesteps": [999, 499, 749, 249],
+                                                         "sigmas": [14.6, 4, 1, 0.5, 0]}}))
+
+
+def shortcut_file(path):
+    tiny = dict(width=8, enc_blocks=(1,), middle_blocks=1, dec_blocks=(1,), in_channels=4, out_channels=4)
+    out = path.with_name("shortcut.safetensors")
+    save_shortcut(out, TwoStageShortcut(TimeEmbedNAFNet(**tiny)), t_band=(30, 160), teacher="t", latent_channels=4)
+    return out
+
+
+def not_safetensors(path):
+    out = path.with_name("student.ckpt")
+    out.write_bytes(b"PK\x03\x04 a pickle zip, not safetensors")
+    return out
+
+
+@pytest.mark.parametrize("make_bad, message", [
+    (not_safetensors, "student.ckpt: not a readable safetensors file"),
+    (lambda p: p.with_name("missing.safetensors"), "missing.safetensors: no such file"),
+    (shortcut_file, "shortcut.safetensors: not a Direct Distill student file: format 'direct_distill.shortcut'"),
+    (lambda p: rewrite(p, format=None), "bad.safetensors: not a Direct Distill student file: no 'format'"),
+    (lambda p: rewrite(p, nfe_schedules="{'4': [999"), "bad.safetensors: metadata entry 'nfe_schedules' is not valid"),
+    (lambda p: rewrite(p, nfe_schedules=None), "bad.safetensors: metadata has no 'nfe_schedules' entry"),
+    (lambda p: rewrite(p, nfe_schedules="{}"), "bad.safetensors: metadata 'nfe_schedules' is empty"),
+    (bad_schedule, r"bad.safetensors: invalid student metadata: nfe_schedules\[4\]: timesteps must be"),
+    (lambda p: rewrite(p, format_version="2"), "bad.safetensors: student format version 2"),
+    (lambda p: rewrite(p, tensors=lambda t: dict(list(t.items())[1:])), "bad.safetensors: tensors do not match"),
+    (lambda p: rewrite(p, tensors=lambda t: {k: v * 2 if k.endswith(".alpha") else v for k, v in t.items()}),
+     "bad.safetensors: .*alpha is 16.0, but the metadata says alpha 8.0"),
+])
+def test_malformed_files_raise_one_error_naming_the_file(saved, make_bad, message):
+    with pytest.raises(FileFormatError, match=message):
+        read_student(make_bad(saved[1]))
+
+
+@pytest.mark.parametrize("make_bad", [not_safetensors, shortcut_file, bad_schedule])
+def test_load_student_refuses_malformed_files_before_anything_changes(student, make_bad):
+    pipe, _, path, _ = student
+    before = pipeline_state(pipe)
+    with pytest.raises(FileFormatError, match=f"{make_bad(path)}: "):
+        load_student(pipe, make_bad(path))
+    assert_unchanged(pipe, before)
+
+
+# --- metadata -------------------------------------------------------------------------------------------
+
+
+def test_metadata_and_tensors_round_trip(saved):
+    trained, path, saved = saved
+    lora, info = read_student(path)
+    assert info == dataclasses.replace(saved, rank=RANK, alpha=ALPHA,
+                                       target_modules=sorted({k.split(".lora_")[0] for k in lora}))
+    assert info.nfe_schedules[4]["timesteps"] == STUDENT_TIMESTEPS[4] and info.diffusers_scheduler == "DDIMScheduler"
+    assert info.extra == {"steps": 10} and info.guidance == 1.5 and info.solver_order == 1
+    expected = get_peft_model_state_dict(trained)
+    assert lora.keys() == expected.keys() and all(torch.equal(lora[k], v) for k, v in expected.items())
+    _, raw = read_safetensors(path)
+    assert all(isinstance(json.loads(v), object) for v in raw.values())
+    assert json.loads(raw["nfe_schedules"])["2"]["timesteps"] == [999.0, 499.0]
+
+
+def test_diffusers_key_form_and_unet_prefix_are_accepted(saved, tmp_path):
+    trained, path, info = saved
+    peft_state = get_peft_model_state_dict(trained)
+    diffusers_state = {"unet." + k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v
+                       for k, v in peft_state.items()}
+    other = save_student(tmp_path / "d.safetensors", diffusers_state, rank=RANK, alpha=ALPHA, metadata=info)
+    assert read_safetensors(other)[0].keys() == read_safetensors(path)[0].keys()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=8), "rank 4"),
+    (dict(alpha=0), "alpha must be"),
+    (dict(state={"text_encoder.x.lora_A.weight": torch.zeros(4, 4)}), "not a UNet LoRA weight"),
+    (dict(state={"a.lora_A.weight": torch.zeros(4, 4)}), "not both halves for a"),
+    (dict(info=dict(default_nfe=3)), r"default_nfe 3 is not among .* \[1, 2, 4\]"),
+    (dict(info=dict(comfy_sampler="lms")), "comfy_sampler must be one of"),
+    (dict(info=dict(comfy_sampler="euler", diffusers_scheduler="DDIMScheduler")), "not the diffusers counterpart"),
+    (dict(info=dict(prediction_type="flow")), "prediction_type must be"),
+    (dict(info=dict(nfe_schedules={2: {"timesteps": [999.0], "sigmas": [1.0, 0.0]}})), "needs 2 timesteps"),
+    (dict(info=dict(nfe_schedules={1: {"timesteps": [998.5], "sigmas": [14.0, 0.0]}}, default_nfe=1)),
+     "whole numbers"),
+])
+def test_save_student_refuses_inconsistent_input(saved, tmp_path, kwargs, message):
+    trained, _, _ = saved
+    with pytest.raises(ValueError, match=message):
+        info = student_info(trained, **kwargs.get("info", {}))
+        save_student(tmp_path / "x.safetensors", kwargs.get("state", get_peft_model_state_dict(trained)),
+                     rank=kwargs.get("rank", RANK), alpha=kwargs.get("alpha", ALPHA), metadata=info)
+    assert not (tmp_path / "x.safetensors").exists()
