@@ -5,9 +5,9 @@ Each node module lists its classes in ``NODES``; a module that changes ComfyUI's
 executes this package anew each time it loads the folder.
 """
 
-from . import schedulers
+from . import schedulers, shortcut
 
-_MODULES = (schedulers,)
+_MODULES = (schedulers, shortcut)
 
 for _module in _MODULES:
     if hasattr(_module, "register"):

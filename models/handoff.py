@@ -1,0 +1,86 @@
+"""The shortcut hand-off, once for both front doors: a teacher latent at noise level sigma -> clean latent x0.
+
+The shortcut takes diffusers' VP-scaled latent and the teacher's integer training timestep (the one the
+UNet itself would be called with at that sigma). ComfyUI holds VE latents ``x0 + sigma eps``; both hold
+latents already multiplied by the VAE scaling factor. The result needs no conversion back: at sigma = 0
+the VE and VP latents coincide.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..schedulers.noise import sigma_to_model_timestep, ve_to_vp
+from .nafnet import TwoStageShortcut
+
+
+def handoff_timestep(sigma: torch.Tensor | float, sigma_table: torch.Tensor) -> int:
+    """The integer training timestep of ``sigma``: the nearest entry of the model's noise table.
+
+    Computed on the CPU in float64 (the table has a thousand entries; some devices lack float64).
+    """
+    sigma = torch.as_tensor(sigma).detach().cpu().reshape(())
+    if not float(sigma) > 0:
+        raise ValueError(f"cannot hand off at sigma={float(sigma):g}: the shortcut takes over from a noisy "
+                         "latent (sigma > 0), i.e. before the last step of the run")
+    return int(sigma_to_model_timestep(sigma, torch.as_tensor(sigma_table).detach().cpu()))
+
+
+def check_handoff_at_sigma(shortcut: TwoStageShortcut, sigma: torch.Tensor | float, sigma_table: torch.Tensor,
+                           force: bool = False) -> int:
+    """Refuse (ValueError) a hand-off at ``sigma`` outside the shortcut's trained band unless ``force``;
+    returns the hand-off timestep. Lets a sampler fail before it spends any steps."""
+    t = handoff_timestep(sigma, sigma_table)
+    shortcut.check_handoff(t, force)
+    return t
+
+
+def handoff_steps_in_band(shortcut: TwoStageShortcut, sigmas: torch.Tensor, sigma_table: torch.Tensor) -> list[int]:
+    """The hand-off steps K (1 .. len(sigmas) - 2) of a run on ``sigmas`` that lie in the shortcut's band."""
+    lo, hi = shortcut.t_band or (float("-inf"), float("inf"))
+    return [k for k in range(1, len(sigmas) - 1) if lo <= handoff_timestep(sigmas[k], sigma_table) <= hi]
+
+
+def shortcut_from_vp(shortcut: TwoStageShortcut, x_vp: torch.Tensor, t: torch.Tensor | float,
+                     force: bool = False) -> torch.Tensor:
+    """The shortcut's clean latent from diffusers' VP latent ``x_vp`` at training timestep ``t``.
+
+    Args:
+        shortcut: a TwoStageShortcut (its ``t_band``, when set, is enforced).
+        x_vp: (B, C, H, W) latent, VP-scaled and multiplied by the VAE scaling factor.
+        t: the teacher's timestep at this latent (a number or a one-element tensor).
+        force: hand off even outside the band the shortcut was trained for.
+
+    The shortcut is moved to ``x_vp``'s device (in place) and runs in its own dtype; x0 comes back in
+    ``x_vp``'s dtype.
+    """
+    t = float(torch.as_tensor(t).reshape(()))
+    shortcut.check_handoff(t, force)
+    return _run(shortcut, x_vp, t)
+
+
+def shortcut_from_ve(shortcut: TwoStageShortcut, x_ve: torch.Tensor, sigma: torch.Tensor | float,
+                     sigma_table: torch.Tensor, force: bool = False) -> torch.Tensor:
+    """The shortcut's clean latent from a k-diffusion (ComfyUI) latent ``x_ve = x0 + sigma eps``.
+
+    Args:
+        shortcut: a TwoStageShortcut (its ``t_band``, when set, is enforced).
+        x_ve: (B, C, H, W) latent, VE-scaled and multiplied by the VAE scaling factor.
+        sigma: the exact noise level of ``x_ve``; it sets the VP scaling.
+        sigma_table: the model's VE sigma per integer training timestep (ComfyUI's
+            ``model_sampling.sigmas``); the shortcut runs at the timestep nearest ``sigma``, as the UNet does.
+        force: hand off even outside the band the shortcut was trained for.
+    """
+    t = check_handoff_at_sigma(shortcut, sigma, sigma_table, force)
+    return _run(shortcut, ve_to_vp(x_ve, torch.as_tensor(sigma).detach().reshape(())), t)
+
+
+@torch.no_grad()
+def _run(shortcut: TwoStageShortcut, x_vp: torch.Tensor, t: float) -> torch.Tensor:
+    if x_vp.ndim != 4 or x_vp.shape[1] != shortcut.latent_channels:
+        raise ValueError(f"the shortcut takes (B, {shortcut.latent_channels}, H, W) latents "
+                         f"(teacher: {shortcut.teacher}); got shape {tuple(x_vp.shape)}")
+    weight = next(shortcut.parameters())
+    if weight.device != x_vp.device:
+        shortcut.to(x_vp.device)
+    return shortcut(x_vp.to(weight.dtype), torch.tensor([t], device=x_vp.device)).to(x_vp.dtype)

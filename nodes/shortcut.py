@@ -1,0 +1,177 @@
+"""The NAFNet shortcut in ComfyUI: a loader, a KSampler that hands off after K steps, and a SAMPLER for
+SamplerCustomAdvanced. The hand-off maths is models/handoff.py; here is only the wiring."""
+
+import os
+
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import latent_preview
+from comfy_api.latest import io
+
+from ..models.handoff import check_handoff_at_sigma, handoff_steps_in_band, shortcut_from_ve
+from ..models.shortcut_file import load_shortcut
+
+FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
+Shortcut = io.Custom("DD_SHORTCUT")
+
+
+def register():
+    """Adds ComfyUI/models/shortcuts to folder_paths (once; paths a user added in extra_model_paths stay)."""
+    folder_paths.add_model_folder_path(FOLDER_NAME, os.path.join(folder_paths.models_dir, "shortcuts"))
+    extensions = folder_paths.folder_names_and_paths[FOLDER_NAME][1]
+    if ".safetensors" in extensions:
+        return
+    if isinstance(extensions, set):
+        extensions.add(".safetensors")
+    else:
+        extensions.append(".safetensors")
+
+
+def shortcut_sampler(base, shortcut, handoff_step: int, force: bool = False) -> comfy.samplers.KSAMPLER:
+    """A KSAMPLER that runs ``base`` over the first ``handoff_step`` steps of its sigmas, then the shortcut.
+
+    Inside a KSAMPLER function x is the k-diffusion latent (VE, ``x0 + sigma eps``) after the latent
+    format's process_in, i.e. VAE latent times scaling factor, exactly what diffusers' latents hold
+    before VP scaling; the shortcut's x0 is returned for the remaining steps (the sampler's
+    inverse_noise_scaling and process_out then apply as usual).
+    """
+    if not isinstance(base, comfy.samplers.KSAMPLER):
+        raise TypeError(f"Shortcut Sampler wraps a k-diffusion sampler (KSAMPLER, e.g. from KSamplerSelect); "
+                        f"got {type(base).__name__}")
+
+    def sample_with_shortcut(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        steps = len(sigmas) - 1
+        if not 1 <= handoff_step < steps:
+            raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
+                             f"{steps} sampling steps")
+        model_sampling = model.inner_model.inner_model.model_sampling  # KSamplerX0Inpaint -> guider -> BaseModel
+        if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
+                and isinstance(model_sampling, comfy.model_sampling.EPS)):
+            raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
+                             f"model samples with {type(model_sampling).__name__}")
+        try:  # before any step, so a hand-off outside the trained band costs nothing
+            check_handoff_at_sigma(shortcut, sigmas[handoff_step], model_sampling.sigmas, force)
+        except ValueError as err:
+            fits = handoff_steps_in_band(shortcut, sigmas, model_sampling.sigmas)
+            hint = (f"with these {steps} steps, handoff_step {fits[0]} to {fits[-1]} lies in the band" if fits
+                    else f"no step of these {steps} steps lies in the band: change steps or scheduler")
+            raise ValueError(f"{err} ({hint})") from None
+        x = base.sampler_function(model, x, sigmas[:handoff_step + 1], extra_args=extra_args, callback=callback,
+                                  disable=disable, **options)
+        x0 = shortcut_from_ve(shortcut, x, sigmas[handoff_step], model_sampling.sigmas, force=force)
+        if callback is not None:  # the shortcut stands for all remaining steps: finish the progress bar on x0
+            callback({"x": x0, "i": steps - 1, "sigma": sigmas[-2], "sigma_hat": sigmas[-2], "denoised": x0})
+        return x0
+
+    return comfy.samplers.KSAMPLER(sample_with_shortcut, extra_options=base.extra_options,
+                                   inpaint_options=base.inpaint_options)
+
+
+def _handoff_inputs():
+    return [
+        io.Int.Input("handoff_step", default=7, min=1, max=10000,
+                     tooltip="K: steps run with the model before the shortcut jumps to the final latent; less than "
+                             "the steps run. 7 of 12 exp_karras steps (7+1) hands off at t=255, the noise level of "
+                             "step 12 of the 20-step runs a shortcut is trained on by default."),
+        io.Boolean.Input("force", default=False,
+                         tooltip="Hand off even where the timestep lies outside the band the shortcut was trained "
+                                 "for (its output there is unreliable)."),
+    ]
+
+
+class LoadShortcut(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DirectDistillLoadShortcut",
+            display_name="Load Shortcut (NAFNet)",
+            category="loaders",
+            description="Loads a Direct Distill shortcut (two-stage TimeEmbedNAFNet, one .safetensors file from "
+                        "models/shortcuts) that replaces a teacher's last sampling steps.",
+            inputs=[
+                io.Combo.Input("shortcut_name", options=folder_paths.get_filename_list(FOLDER_NAME),
+                               tooltip="The shortcut file, from ComfyUI/models/shortcuts."),
+            ],
+            outputs=[Shortcut.Output(tooltip="The shortcut, with the teacher and timestep band it was trained for.")],
+        )
+
+    @classmethod
+    def execute(cls, shortcut_name) -> io.NodeOutput:
+        # A malformed or foreign file raises FileFormatError naming the file.
+        return io.NodeOutput(load_shortcut(folder_paths.get_full_path_or_raise(FOLDER_NAME, shortcut_name)))
+
+
+class ShortcutKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DirectDistillShortcutKSampler",
+            display_name="Shortcut KSampler",
+            category="sampling",
+            description="KSampler that runs the first handoff_step steps with the model, then lets the NAFNet "
+                        "shortcut jump straight to the final latent (Li & Zhang 2025: 7+1 steps).",
+            inputs=[
+                io.Model.Input("model", tooltip="The teacher model the shortcut was distilled from."),
+                Shortcut.Input("shortcut", tooltip="From Load Shortcut (NAFNet)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=12, min=1, max=10000,
+                             tooltip="Steps of the full schedule; the shortcut replaces those after handoff_step."),
+                *_handoff_inputs(),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale of the model steps."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m",
+                               tooltip="The sampler of the model steps (the paper: DPM++ 2M)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="exp_karras",
+                               tooltip="The schedule; exp_karras is the one the paper's shortcut was trained on."),
+                io.Conditioning.Input("positive", tooltip="What to include in the image."),
+                io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
+                io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="As in KSampler: the last 'steps' sigmas of a longer schedule."),
+            ],
+            outputs=[io.Latent.Output(tooltip="The shortcut's final latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, shortcut, seed, steps, handoff_step, force, cfg, sampler_name, scheduler, positive,
+                negative, latent_image, denoise) -> io.NodeOutput:
+        # The sigmas the stock KSampler would run (denoise, and the samplers that drop the penultimate sigma).
+        sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, denoise).sigmas
+        latent = latent_image.copy()
+        latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
+        sampler = shortcut_sampler(comfy.samplers.sampler_object(sampler_name), shortcut, handoff_step, force)
+        latent["samples"] = comfy.sample.sample_custom(
+            model, noise, cfg, sampler, sigmas, positive, negative, latent["samples"],
+            noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(model, len(sigmas) - 1),
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        return io.NodeOutput(latent)
+
+
+class ShortcutSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DirectDistillShortcutSampler",
+            display_name="Shortcut Sampler",
+            category="sampling/custom_sampling/samplers",
+            description="Wraps a SAMPLER: it runs the first handoff_step steps of the given sigmas, then the NAFNet "
+                        "shortcut jumps to the final latent. Use with SamplerCustomAdvanced.",
+            inputs=[
+                io.Sampler.Input("sampler", tooltip="The sampler of the model steps, e.g. KSamplerSelect dpmpp_2m."),
+                Shortcut.Input("shortcut", tooltip="From Load Shortcut (NAFNet)."),
+                *_handoff_inputs(),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, sampler, shortcut, handoff_step, force) -> io.NodeOutput:
+        return io.NodeOutput(shortcut_sampler(sampler, shortcut, handoff_step, force))
+
+
+NODES = [LoadShortcut, ShortcutKSampler, ShortcutSampler]
