@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..models.handoff import shortcut_from_vp
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut
 
@@ -16,7 +17,7 @@ def next_unet_input(pipe, steps_done: int, latents: torch.Tensor) -> tuple[torch
     ``scale_model_input`` is what the pipeline itself applies before each UNet call: the identity for
     schedulers that keep VP latents (DPM-Solver, DDIM, PNDM, ExpKarrasScheduler) and the division by
     ``sqrt(1 + sigma^2)`` for those that keep VE latents (Euler, Heun, LMS), so the result is VP
-    either way. The timestep is fractional under ExpKarrasScheduler.
+    either way. The timestep is the integer one the UNet would be called with.
     """
     t = pipe.scheduler.timesteps[_timestep_index(pipe.scheduler, steps_done)]
     return pipe.scheduler.scale_model_input(latents, t), t
@@ -48,8 +49,7 @@ class ShortcutCallback:
         force: hand off even when the timestep lies outside the band the shortcut was trained for
             (otherwise a ValueError is raised at the first step, before any more UNet calls).
 
-    The shortcut is moved to the latents' device on first use and runs in its own dtype (float32
-    as saved, unless you cast it); its output is cast back to the pipeline's latent dtype.
+    The hand-off itself is ``models.handoff.shortcut_from_vp``, the same code ComfyUI's nodes run.
     """
 
     tensor_inputs = ["latents"]
@@ -77,10 +77,6 @@ class ShortcutCallback:
         if ahead:
             return callback_kwargs
         x_t, t = next_unet_input(pipe, steps_done, latents)
-        param = next(self.shortcut.parameters())
-        if param.device != latents.device:
-            self.shortcut.to(latents.device)
-        x0 = self.shortcut(x_t.to(param.dtype), t.to(latents.device, torch.float32))
-        callback_kwargs["latents"] = x0.to(latents.dtype)
+        callback_kwargs["latents"] = shortcut_from_vp(self.shortcut, x_t, t, self.force)
         pipe._interrupt = True
         return callback_kwargs
