@@ -126,6 +126,31 @@ def run_cfg_sweep(bench: Bench, guidances=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0)) -> flo
     return best[0]
 
 
+# "K+1": K teacher steps of an N-step exp-Karras (p=1) run, then the shortcut. N puts step K inside the
+# band the lab shortcut was trained on (steps 10-12 of 20, t ~ 259-352).
+SHORTCUT_RUNS = {"7+1": (12, 7), "10+1": (20, 10), "12+1": (20, 12)}
+SHORTCUT_TEACHER_NFES = (8, 11, 13, 20)
+
+
+def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
+    from ..models.shortcut_file import load_shortcut
+    from ..pipelines import ShortcutCallback
+    from . import SHORTCUT_PATH
+    from .sampling import sample_teacher
+
+    shortcut = load_shortcut(SHORTCUT_PATH)
+    ac = bench.pipe.scheduler.alphas_cumprod
+    for s in range(repeats):
+        for nfe in SHORTCUT_TEACHER_NFES:
+            if f"schedule|exp_karras p=1|{nfe}|{s}" not in bench.results:
+                bench.teacher("exp_karras p=1", exp_karras_sigmas(nfe, 1.0, alphas_cumprod=ac), guidance, s)
+        for name, (steps, k) in SHORTCUT_RUNS.items():
+            samples = sample_teacher(bench.pipe, exp_karras_sigmas(steps, 1.0, alphas_cumprod=ac), guidance, bench.n,
+                                     SEED_BASE + s, callback=ShortcutCallback(shortcut, handoff_step=k),
+                                     desc=f"shortcut {name}")
+            bench.record("shortcut", name, k + 1, s, samples, {"guidance": guidance, "teacher_steps": steps})
+
+
 def run_schedules(bench: Bench, guidance: float, repeats: int, repeat_nfes=(8, 12, 20)):
     fns = schedule_fns(bench.pipe.scheduler.alphas_cumprod)
     for name, fn in fns.items():
@@ -228,9 +253,53 @@ def write_report(results: dict, path: Path = REPORT) -> str:
         lines += ["", "![FD vs NFE](plots/fd_vs_nfe.png)", ""]
         plot_fd_vs_nfe(results, names, PLOTS / "fd_vs_nfe.png")
         lines += schedule_verdict(results)
+    lines += shortcut_section(results)
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def shortcut_section(results: dict) -> list[str]:
+    rows = [(name, _stats(results, "shortcut", name, k + 1)) for name, (_, k) in SHORTCUT_RUNS.items()]
+    if not any(st for _, st in rows):
+        return []
+    from ..models.io import read_safetensors
+    from . import SHORTCUT_PATH
+
+    lines = ["## The NAFNet shortcut (K teacher steps + 1 shortcut call)", ""]
+    if SHORTCUT_PATH.is_file():
+        meta = read_safetensors(SHORTCUT_PATH)[1]
+        extra = json.loads(meta.get("extra", "{}"))
+        psnr = extra.get("heldout_psnr", {})
+        if psnr:
+            lines += ["Held-out PSNR against the 20-step teacher's final latent (latent space, peak = the range "
+                      "of the held-out targets):", "", "| input to the shortcut | " +
+                      " | ".join(k for k in psnr) + " |", "|---|" + "---|" * len(psnr)]
+            keys = sorted({t for v in psnr.values() for t in v})
+            for key in keys:
+                lines.append(f"| {key} | " + " | ".join(f"{v.get(key, float('nan')):.2f} dB" for v in psnr.values()) + " |")
+            lines.append("")
+    lines += ["| run | NFE | FD | accuracy | teacher exp_karras at the same NFE: FD | accuracy |",
+              "|---|---|---|---|---|---|"]
+    for name, st in rows:
+        if not st:
+            continue
+        nfe = SHORTCUT_RUNS[name][1] + 1
+        ref = _stats(results, "schedule", "exp_karras p=1", nfe)
+        lines.append(f"| {name} | {nfe} | {_fmt_fd(st)} | {st['acc']:.3f} | {_fmt_fd(ref)} | "
+                     f"{ref['acc']:.3f} |" if ref else f"| {name} | {nfe} | {_fmt_fd(st)} | {st['acc']:.3f} | – | – |")
+    ref20 = _stats(results, "schedule", "exp_karras p=1", 20)
+    if ref20:
+        lines.append(f"| teacher, 20 steps | 20 | {_fmt_fd(ref20)} | {ref20['acc']:.3f} | | |")
+        twelve = _stats(results, "shortcut", "12+1", 13)
+        if twelve:
+            lines += ["", f"12+1 FD is {100 * (twelve['fd'] / ref20['fd'] - 1):+.1f} % against the teacher's "
+                      "20-step FD (goal: within 5 %)."]
+        seven, eight = _stats(results, "shortcut", "7+1", 8), _stats(results, "schedule", "exp_karras p=1", 8)
+        if seven and eight:
+            lines.append(f"7+1 FD {seven['fd']:.2f} against the teacher's 8-step {eight['fd']:.2f} "
+                         f"({'better' if seven['fd'] < eight['fd'] else 'worse'}; goal: better).")
+    return lines + [""]
 
 
 def paired_difference(results: dict, a: str, b: str, nfe: int) -> tuple[float, float | None, int]:
@@ -276,7 +345,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default="floors,cfg,schedules",
-                        help="comma-separated row groups to (re)run: floors, cfg, schedules")
+                        help="comma-separated row groups to (re)run: floors, cfg, schedules, shortcut")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="seed sets for the spread at NFE 8, 12, 20")
     parser.add_argument("--guidance", type=float, default=None, help="skip the sweep and use this CFG")
@@ -295,6 +364,8 @@ def main(argv=None):
         guidance = run_cfg_sweep(bench)
     if "schedules" in groups:
         run_schedules(bench, guidance or 2.0, args.repeats)
+    if "shortcut" in groups:
+        run_shortcut_rows(bench, guidance or 2.0, args.repeats)
     write_report(bench.results)
     print(f"report written to {REPORT}")
 

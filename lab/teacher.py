@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models.io import atomic_save_file, read_safetensors
 from ..training.checkpoint import load_training_state, save_training_state
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
@@ -179,7 +180,13 @@ def train_unet(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: i
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     images, labels = load_fashion_mnist("train")
-    lat_mean, lat_std = encode_dataset(vae, images)
+    cache = work / "latents.safetensors"
+    if cache.is_file():
+        cached, _ = read_safetensors(cache)
+        lat_mean, lat_std = cached["mean"], cached["std"]
+    else:
+        lat_mean, lat_std = encode_dataset(vae, images)
+        atomic_save_file({"mean": lat_mean, "std": lat_std}, cache)
     tokenizer = build_tokenizer(work / "tokenizer")
     prompts = list(CLASS_NAMES) + [""]
     ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
