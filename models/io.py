@@ -29,6 +29,9 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a saved model is an ordinary file
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     except BaseException:
