@@ -5,9 +5,9 @@ Each node module lists its classes in ``NODES``; a module that changes ComfyUI's
 executes this package anew each time it loads the folder.
 """
 
-from . import schedulers, shortcut
+from . import schedulers, shortcut, student
 
-_MODULES = (schedulers, shortcut)
+_MODULES = (schedulers, shortcut, student)
 
 for _module in _MODULES:
     if hasattr(_module, "register"):

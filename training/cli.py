@@ -113,10 +113,188 @@ def run_shortcut(args) -> int:
     return 0
 
 
+def _lora_arguments(p, lora) -> None:
+    p.add_argument("--rank", type=int, default=lora.rank, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=lora.alpha, help="LoRA alpha (the update is alpha/rank B A)")
+    p.add_argument("--target-modules", nargs="+", default=list(lora.target_modules),
+                   help="UNet modules that get the LoRA (peft name matching)")
+
+
+def _common_arguments(p, method: str, d) -> None:
+    from ..lab import STUDENTS_DIR, TEACHER_DIR
+
+    p.add_argument("--teacher", type=Path, default=TEACHER_DIR,
+                   help="diffusers folder or SD1.x single file (default: the lab teacher)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"student file (default for the lab teacher: {STUDENTS_DIR / (method + '.safetensors')})")
+    p.add_argument("--work", type=Path, default=None,
+                   help=f"checkpoints (default: lab/work/{method} for the lab teacher, else <out>.work)")
+    p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: the lab's class names)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the CFG recorded as recommended (default: 2.0 for the lab teacher, else 7.5); "
+                        "distillation itself runs at guidance 1")
+    p.add_argument("--p-uncond", type=float, default=d.p_uncond,
+                   help="fraction of empty prompts during distillation (keeps CFG usable)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch (per process)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    _lora_arguments(p, d.lora)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="teacher dtype (the LoRA stays float32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--tensorboard", action="store_true", help="log to <work>/.../tensorboard")
+
+
+def _setup(args, method: str):
+    """(lab?, out, work, guidance, prompts or None) from the shared arguments."""
+    from ..lab import STUDENTS_DIR, TEACHER_DIR
+    from ..lab.data import CLASS_NAMES
+    from .trajectories import read_prompts
+
+    lab = args.teacher.resolve() == TEACHER_DIR.resolve()
+    out = args.out or (STUDENTS_DIR / f"{method}.safetensors" if lab else None)
+    if out is None:
+        raise SystemExit("--out is required for a teacher other than the lab's")
+    work = args.work or (Path(__file__).resolve().parents[1] / "lab" / "work" / method if lab
+                         else out.with_suffix(".work"))
+    guidance = args.guidance if args.guidance is not None else (2.0 if lab else 7.5)
+    prompts = read_prompts(args.prompts) if args.prompts else (list(CLASS_NAMES) if lab else None)
+    return lab, out, work, guidance, prompts
+
+
+def _lora_spec(args):
+    from .lora import LoraSpec
+
+    return LoraSpec(rank=args.rank, alpha=args.alpha, target_modules=tuple(args.target_modules))
+
+
+def progressive_parser(sub) -> None:
+    from .progressive import ProgressiveConfig
+
+    d = ProgressiveConfig()
+    p = sub.add_parser("progressive", help="progressive distillation into a LoRA student (seed 003)",
+                       description="Rounds of two teacher DDIM steps -> one student step, N -> N/2, from "
+                                   "--teacher-steps down to --student-steps. Writes the final student to --out "
+                                   "and each earlier round's beside it (<out>_nfe<N>). Re-running resumes.")
+    _common_arguments(p, "progressive", d)
+    p.add_argument("--latents", type=Path, default=None,
+                   help="data: a safetensors file with 'latents' (N, C, H, W), VAE latents times the scaling "
+                        "factor, and optionally their posterior 'std'; --prompts then holds one prompt per latent "
+                        "or one for all (default for the lab teacher: Fashion-MNIST encoded by its VAE)")
+    p.add_argument("--teacher-steps", type=int, default=d.teacher_steps, help="DDIM steps of the first teacher")
+    p.add_argument("--student-steps", type=int, default=d.student_steps, help="steps of the final student")
+    p.add_argument("--steps-per-round", type=int, default=d.steps_per_round)
+    p.add_argument("--weighting", choices=["truncated_snr", "snr+1"], default=d.weighting,
+                   help="loss weight on the x-space error: max(SNR, 1), or SNR + 1 (the v-space MSE)")
+    p.add_argument("--no-save-rounds", action="store_true", help="write the final student only")
+    p.set_defaults(run=run_progressive)
+
+
+def lab_latent_data(pipe, work: Path, device):
+    """Fashion-MNIST (train) encoded by the teacher's VAE, cached in ``work``, with class-name prompts."""
+    from ..lab.data import CLASS_NAMES, load_fashion_mnist
+    from ..lab.teacher import encode_dataset
+    from ..models.io import atomic_save_file, read_safetensors
+    from .progressive import LatentData
+
+    cache = work / "data_latents.safetensors"
+    checksum = str(float(sum(p.double().sum() for p in pipe.vae.parameters())))
+    tensors, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
+    if meta.get("vae_checksum") != checksum:
+        images, labels = load_fashion_mnist("train")
+        vae = pipe.vae.to(device).float()
+        mean, std = encode_dataset(vae, images.to(device))
+        tensors = {"latents": mean.cpu(), "std": std.cpu(), "labels": labels}
+        atomic_save_file(tensors, cache, {"vae_checksum": checksum})
+    return LatentData(tensors["latents"], [CLASS_NAMES[i] for i in tensors["labels"].tolist()],
+                      latent_std=tensors["std"])
+
+
+def run_progressive(args) -> int:
+    from accelerate import Accelerator
+
+    from ..models.io import read_safetensors
+    from .progressive import LatentData, ProgressiveConfig, train_progressive
+
+    lab, out, work, guidance, prompts = _setup(args, "progressive")
+    accelerator = Accelerator()
+    pipe = load_teacher(args.teacher, DTYPES[args.dtype])
+    if args.latents is not None:
+        tensors, _ = read_safetensors(args.latents)
+        if "latents" not in tensors:
+            raise SystemExit(f"{args.latents}: no 'latents' tensor")
+        data = LatentData(tensors["latents"], prompts, latent_std=tensors.get("std"))
+    elif lab:
+        with accelerator.main_process_first():
+            data = lab_latent_data(pipe, work, accelerator.device)
+    else:
+        raise SystemExit("progressive distillation trains on data: pass --latents (a safetensors file with a "
+                         "'latents' tensor of VAE latents times the scaling factor)")
+    config = ProgressiveConfig(
+        teacher_steps=args.teacher_steps, student_steps=args.student_steps, steps_per_round=args.steps_per_round,
+        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, lora=_lora_spec(args),
+        weighting=args.weighting, p_uncond=args.p_uncond, guidance=guidance, save_rounds=not args.no_save_rounds,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
+    result = train_progressive(pipe, data, out, config=config, work_dir=work, accelerator=accelerator,
+                               teacher="lab/assets/teacher" if lab else str(args.teacher))
+    if accelerator.is_main_process:
+        for n, path in sorted(result.round_paths.items(), reverse=True):
+            print(f"{n}-step student written to {path}")
+    return 0
+
+
+def sfd_parser(sub) -> None:
+    from .sfd import SFDConfig
+
+    d = SFDConfig()
+    p = sub.add_parser("sfd", help="SFD: one LoRA student for several NFEs along its own trajectory (seed 004)",
+                       description="The student takes first-order steps at its few timesteps from its own latent; "
+                                   "the target is a multi-step DPM-Solver++ teacher between them. Re-running "
+                                   "resumes.")
+    _common_arguments(p, "sfd", d)
+    p.add_argument("--nfe", type=int, nargs="+", default=list(d.nfes), help="the step counts the student serves")
+    p.add_argument("--default-nfe", type=int, default=d.default_nfe)
+    p.add_argument("--schedule-p", type=float, default=d.schedule_p,
+                   help="0: trailing timesteps uniform in t (999, 749, 499, 249); > 0: exp-Karras-like spacing")
+    p.add_argument("--teacher-substeps", type=int, default=d.teacher_substeps,
+                   help="DPM-Solver++(2M) teacher steps per student step")
+    p.add_argument("--teacher-from", choices=["teacher", "student"], default=d.teacher_from,
+                   help="the teacher continues its own trajectory (Algorithm 2) or restarts from the student's")
+    p.add_argument("--distance", choices=["l1", "l2"], default=d.distance)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--latent-size", type=int, default=None, help="latent height = width (default: the UNet's)")
+    p.set_defaults(run=run_sfd)
+
+
+def run_sfd(args) -> int:
+    from accelerate import Accelerator
+
+    from .sfd import SFDConfig, train_sfd
+
+    lab, out, work, guidance, prompts = _setup(args, "sfd")
+    if prompts is None:
+        raise SystemExit("--prompts is required for a teacher other than the lab's")
+    config = SFDConfig(
+        nfes=tuple(args.nfe), default_nfe=args.default_nfe, schedule_p=args.schedule_p,
+        teacher_substeps=args.teacher_substeps, teacher_from=args.teacher_from, distance=args.distance,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        lora=_lora_spec(args), p_uncond=args.p_uncond, guidance=guidance, latent_size=args.latent_size,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
+    accelerator = Accelerator()
+    pipe = load_teacher(args.teacher, DTYPES[args.dtype])
+    result = train_sfd(pipe, prompts, out, config=config, work_dir=work, accelerator=accelerator,
+                       teacher="lab/assets/teacher" if lab else str(args.teacher))
+    if accelerator.is_main_process:
+        print(f"SFD student (NFE {', '.join(map(str, sorted(set(args.nfe))))}) written to {result.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m direct_distill distill", description=__doc__)
     sub = parser.add_subparsers(dest="method", required=True, metavar="method")
     shortcut_parser(sub)
+    progressive_parser(sub)
+    sfd_parser(sub)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -1,0 +1,221 @@
+"""Progressive distillation with LoRA students on a tiny SD pipeline: the x~ target against diffusers' DDIM, the
+rounds and their files (applied by load_student, whose schedule drives sampling), and exact resume across rounds."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from direct_distill.models.io import read_safetensors
+from direct_distill.models.student_file import read_student
+from direct_distill.pipelines import load_student
+from direct_distill.training.lora import STUDENT, LoraSpec, LoraStudent, copy_adapter, trailing_timesteps
+from direct_distill.training.progressive import (TEACHER, LatentData, ProgressiveConfig, ProgressiveRound,
+                                                 ddim_x0_target, train_progressive)
+
+PROMPTS = ["t-shirt", "trouser", "bag"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 16, 16, generator=g), [PROMPTS[i % 3] for i in range(n)]
+
+
+def config(**kw):
+    return ProgressiveConfig(**{**dict(teacher_steps=4, student_steps=1, steps_per_round=3, batch_size=2, lr=1e-2,
+                                       warmup_steps=0, lora=LoraSpec(rank=2, alpha=4.0), checkpoint_every=2), **kw})
+
+
+def ddim(steps):
+    """diffusers' DDIM on the trailing grid, ending at alpha = 1: the sampler a progressive student is trained for."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", timestep_spacing="trailing", set_alpha_to_one=True,
+                              steps_offset=0, clip_sample=False)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def randomise(adapters, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("adapter", [None, TEACHER])
+def test_target_makes_one_student_ddim_step_land_where_two_teacher_ddim_steps_land(tiny_sd_pipeline, adapter):
+    pipe = tiny_sd_pipeline
+    student = LoraStudent(pipe, LoraSpec(rank=2, alpha=4.0), frozen_adapters=[TEACHER])
+    randomise(student.adapters, 1)
+    if adapter == TEACHER:  # a later round: the teacher is the previous student, a frozen copy
+        copy_adapter(pipe.unet, STUDENT, TEACHER)
+    randomise(student.adapters, 2)  # the student differs from its teacher: it must not enter the target
+    method = ProgressiveRound(student, LatentData(*data()), 2, config(), adapter)
+    g = torch.Generator().manual_seed(5)
+    z, cond = torch.randn(2, 4, 16, 16, generator=g), student.embed(["t-shirt", "bag"])
+    k = torch.tensor([0, 1])  # student steps 999 -> 499 and 499 -> clean
+    x_tilde = method.target(z, k, cond)
+
+    teacher_ddim, student_ddim = ddim(4), ddim(2)
+    assert teacher_ddim.timesteps.tolist() == [999, 749, 499, 249] and student_ddim.timesteps.tolist() == [999, 499]
+    if adapter == TEACHER:
+        pipe.unet.set_adapter(TEACHER)
+    else:
+        pipe.unet.disable_adapters()
+    for b in range(2):
+        zb, cb = z[b:b + 1], cond[b:b + 1]
+        x = zb
+        with torch.no_grad():  # two teacher steps by diffusers' DDIM
+            for t in teacher_ddim.timesteps[2 * b: 2 * b + 2]:
+                x = teacher_ddim.step(pipe.unet(x, t, cb).sample, t, x).prev_sample
+        # one student DDIM step whose x0 prediction is x~ (given to DDIM as the epsilon it implies)
+        t = student_ddim.timesteps[b]
+        a, s = student_ddim.alphas_cumprod[t].sqrt(), (1 - student_ddim.alphas_cumprod[t]).sqrt()
+        eps = (zb - a * x_tilde[b:b + 1]) / s
+        landed = student_ddim.step(eps, t, zb).prev_sample
+        torch.testing.assert_close(landed, x, atol=2e-4, rtol=1e-4)  # float32, x0 amplified 1/a_999 ~ 15x
+        assert (x - zb).abs().max() > 0.1  # the teacher moved
+
+
+def test_ddim_x0_target_inverts_a_ddim_step():
+    g = torch.Generator().manual_seed(0)
+    z, x0, eps = (torch.randn(3, 4, generator=g) for _ in range(3))
+    a, a2 = 0.3, 0.8
+    s, s2 = (1 - a**2) ** 0.5, (1 - a2**2) ** 0.5
+    z_next = a2 * x0 + s2 * (z - a * x0) / s
+    torch.testing.assert_close(ddim_x0_target(z, z_next, a, s, a2, s2), x0)
+    torch.testing.assert_close(ddim_x0_target(z, x0, a, s, 1.0, 0.0), x0)  # to the clean end: x~ is z'' itself
+
+
+def test_rounds_halve_the_steps_and_refuse_other_ratios():
+    assert config(teacher_steps=32, student_steps=1).rounds() == [16, 8, 4, 2, 1]
+    assert config(teacher_steps=8, student_steps=4).rounds() == [4]
+    for teacher_steps, student_steps in [(12, 1), (4, 4), (2, 4), (8, 0)]:
+        with pytest.raises(ValueError, match="power of 2"):
+            config(teacher_steps=teacher_steps, student_steps=student_steps).rounds()
+
+
+def test_students_of_every_round_load_and_sample_their_schedule(tiny_sd_pipeline, tmp_path, accelerator):
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    out = tmp_path / "progressive.safetensors"
+    result = train_progressive(tiny_sd_pipeline, *data()[:1], out, prompts=data()[1], config=config(),
+                               teacher="tests/tiny-sd", accelerator=accelerator)
+    assert result.path == out and set(result.round_paths) == {2, 1}
+    assert result.round_paths[2] == tmp_path / "progressive_nfe2.safetensors"
+    assert all(loss is not None and loss > 0 for loss in result.losses.values())
+    for n, timesteps in [(2, [999, 499]), (1, [999])]:
+        lora, info = read_student(result.round_paths[n])
+        assert info.method == "progressive" and info.nfe_schedules[n]["timesteps"] == timesteps
+        assert list(info.nfe_schedules) == [n] and info.default_nfe == n
+        assert (info.comfy_sampler, info.prediction_type, info.rank, info.alpha) == ("ddim", "epsilon", 2, 4.0)
+        assert info.extra["round"] == f"{2 * n}->{n}" and info.extra["distilled_at_guidance"] == 1.0
+        assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # trained away from zero
+
+    # The 2-step student in a fresh pipeline: its LoRA, its timesteps, and exactly its training-time DDIM updates.
+    pipe = copy.deepcopy(bare)
+    info = load_student(pipe, result.round_paths[2])
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+    g = torch.Generator().manual_seed(3)
+    noise, cond = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g)
+    latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+    assert calls == [999, 499]
+    reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0))
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(reference.unet, read_student(result.round_paths[2])[0], adapter_name=STUDENT)
+    with torch.no_grad():
+        x = noise
+        for t, t_next in zip(trailing_timesteps(2), trailing_timesteps(2)[1:] + [-1]):
+            x = reference.ddim_step(x, t, t_next, cond)
+    torch.testing.assert_close(latent, x, atol=1e-4, rtol=1e-4)
+    assert info.guidance == 1.0
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_in_the_second_round_and_resumed_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator,
+                                                                      monkeypatch):
+    pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
+    latents, prompts = data()
+    straight = train_progressive(pipes[0], latents, tmp_path / "straight.safetensors", prompts=prompts,
+                                 config=config(), work_dir=tmp_path / "straight", accelerator=accelerator)
+
+    loss = ProgressiveRound.loss
+
+    def dies_in_round_2_step_2(self, step, batch):
+        if self.n == 1 and step == 2:
+            raise Interrupted
+        return loss(self, step, batch)
+
+    monkeypatch.setattr(ProgressiveRound, "loss", dies_in_round_2_step_2)
+    with pytest.raises(Interrupted):
+        train_progressive(pipes[1], latents, tmp_path / "resumed.safetensors", prompts=prompts, config=config(),
+                          work_dir=tmp_path / "resumed", accelerator=accelerator)
+    monkeypatch.setattr(ProgressiveRound, "loss", loss)
+    torch.manual_seed(123)  # the caller's RNG must not matter
+    resumed = train_progressive(pipes[2], latents, tmp_path / "resumed.safetensors", prompts=prompts,
+                                config=config(), work_dir=tmp_path / "resumed", accelerator=accelerator)
+    assert resumed.losses[2] is None  # round 1 was finished: nothing left to run
+    for n in (2, 1):
+        a, b = read_safetensors(straight.round_paths[n])[0], read_safetensors(resumed.round_paths[n])[0]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), n
+
+
+def test_cli_distills_a_teacher_folder_on_given_latents(tiny_sd_pipeline, tmp_path, capsys):
+    from direct_distill.__main__ import main
+    from direct_distill.models.io import atomic_save_file
+
+    tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
+    atomic_save_file({"latents": data(4)[0]}, tmp_path / "latents.safetensors")
+    (tmp_path / "prompts.txt").write_text("a bag\n")
+    out = tmp_path / "student.safetensors"
+    args = ["distill", "progressive", "--teacher", str(tmp_path / "teacher"), "--out", str(out),
+            "--teacher-steps", "4", "--student-steps", "2", "--steps-per-round", "1", "--batch-size", "1",
+            "--rank", "2", "--prompts", str(tmp_path / "prompts.txt")]
+    with pytest.raises(SystemExit, match="pass --latents"):
+        main(args)
+    assert main(args + ["--latents", str(tmp_path / "latents.safetensors")]) == 0
+    _, info = read_student(out)
+    assert info.nfe_schedules[2]["timesteps"] == [999, 499] and info.guidance == 7.5
+    assert not (tmp_path / "student_nfe2.safetensors").exists()  # one round: its file is the final one
+    assert f"2-step student written to {out}" in capsys.readouterr().out
+
+
+def test_lab_data_is_the_dataset_encoded_by_the_teachers_vae_and_cached(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import direct_distill.lab.data as lab_data
+    from direct_distill.lab.teacher import build_vae
+    from direct_distill.training.cli import lab_latent_data
+
+    images, labels = torch.rand(6, 1, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 3, 8, 9])
+    monkeypatch.setattr(lab_data, "load_fashion_mnist", lambda split: (images, labels))
+    torch.manual_seed(0)
+    pipe = SimpleNamespace(vae=build_vae().eval())
+    data = lab_latent_data(pipe, tmp_path, "cpu")
+    with torch.no_grad():
+        post = pipe.vae.encode(images).latent_dist
+    torch.testing.assert_close(data.latents, post.mean * pipe.vae.config.scaling_factor)
+    torch.testing.assert_close(data.latent_std, post.std * pipe.vae.config.scaling_factor)
+    assert data.prompts[-2:] == ["bag", "ankle boot"]
+    monkeypatch.setattr(lab_data, "load_fashion_mnist", pytest.fail)  # cached: the dataset is not read again
+    assert torch.equal(lab_latent_data(pipe, tmp_path, "cpu").latents, data.latents)

@@ -1,0 +1,162 @@
+"""SFD with a LoRA student on a tiny SD pipeline: the teacher's DPM-Solver segments, the loss wiring, one file for
+several NFEs whose schedules drive load_student's sampling with exactly the training-time update, and exact resume."""
+
+import copy
+
+import pytest
+import torch
+from peft import set_peft_model_state_dict
+
+from direct_distill.models.io import read_safetensors
+from direct_distill.models.student_file import read_student
+from direct_distill.pipelines import load_student
+from direct_distill.training.lora import CLEAN, STUDENT, LoraSpec, LoraStudent
+from direct_distill.training.sfd import SFD, SFDConfig, train_sfd
+
+PROMPTS = ["t-shirt", "trouser", "bag"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def config(**kw):
+    return SFDConfig(**{**dict(nfes=(2, 3), default_nfe=3, teacher_substeps=2, steps=4, batch_size=2, lr=1e-2,
+                               warmup_steps=0, lora=LoraSpec(rank=2, alpha=4.0), checkpoint_every=2), **kw})
+
+
+def inputs(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+
+
+@pytest.mark.parametrize("t_from, t_to", [(999, 666), (332, CLEAN)])
+def test_teacher_segment_is_dpm_solver_on_the_bare_unet(tiny_sd_pipeline, t_from, t_to):
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
+    with torch.no_grad():
+        for p in student.adapters.parameters():  # a student far from the teacher: it must not enter the target
+            p.normal_()
+    noise, cond = inputs()
+    # One substep is one DDIM step of the bare UNet; two are DDIM through the midpoint (both first order: the
+    # first step has no history, the last is first order by design).
+    one = SFD(student, PROMPTS, config(teacher_substeps=1)).teacher_segment(noise, t_from, t_to, cond)
+    two = SFD(student, PROMPTS, config(teacher_substeps=2)).teacher_segment(noise, t_from, t_to, cond)
+    mid = round((t_from + t_to) / 2)
+    with torch.no_grad():
+        torch.testing.assert_close(one, student.ddim_step(noise, t_from, t_to, cond, None), atol=1e-4, rtol=1e-4)
+        via_mid = student.ddim_step(student.ddim_step(noise, t_from, mid, cond, None), mid, t_to, cond, None)
+        torch.testing.assert_close(two, via_mid, atol=1e-4, rtol=1e-4)
+    # Three substeps take one second-order (DPM-Solver++ 2M) step: not the DDIM chain.
+    three = SFD(student, PROMPTS, config(teacher_substeps=3)).teacher_segment(noise, t_from, t_to, cond)
+    assert (three - two).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("teacher_from", ["teacher", "student"])
+def test_an_untrained_student_has_zero_loss_against_a_one_substep_teacher(tiny_sd_pipeline, teacher_from):
+    # B = 0: the student is the teacher, and one DDIM substep is the student's own update: the loss is 0 (up to
+    # float32: diffusers' solver reads its sigmas in float32).
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
+    method = SFD(student, PROMPTS, config(teacher_substeps=1, teacher_from=teacher_from))
+    torch.manual_seed(0)
+    batch = method.batch(0)
+    assert batch["noise"].shape == (2, 4, 16, 16) and batch["nfe"] in (2, 3)
+    assert method.loss(0, batch).item() < 1e-4
+    method.config.teacher_substeps = 2
+    assert method.loss(0, batch).item() > 1e-2
+
+
+def test_one_student_file_for_several_nfes_samples_as_it_was_trained(tiny_sd_pipeline, tmp_path, accelerator):
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    out = tmp_path / "sfd.safetensors"
+    result = train_sfd(tiny_sd_pipeline, PROMPTS, out, config=config(), teacher="tests/tiny-sd",
+                       accelerator=accelerator)
+    assert result.path == out and result.loss > 0
+    lora, info = read_student(out)
+    assert info.method == "sfd" and info.teacher == "tests/tiny-sd"
+    assert {n: s["timesteps"] for n, s in info.nfe_schedules.items()} == {2: [999, 499], 3: [999, 666, 332]}
+    assert (info.default_nfe, info.comfy_sampler, info.prediction_type, info.guidance) == (3, "euler", "epsilon", 1.0)
+    assert info.extra["teacher_solver"] == "dpmpp_2m" and info.extra["distance"] == "l1"
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
+
+    reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0))
+    set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
+    pipe = copy.deepcopy(bare)
+    load_student(pipe, out)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+    noise, cond = inputs()
+    for n in (2, 3):
+        calls.clear()
+        latent = pipe(prompt_embeds=cond, latents=noise.clone(), num_inference_steps=n, guidance_scale=1.0,
+                      output_type="latent").images
+        assert calls == info.nfe_schedules[n]["timesteps"]
+        x, ts = noise, info.nfe_schedules[n]["timesteps"] + [CLEAN]
+        with torch.no_grad():  # the student's training-time trajectory
+            for t, t_next in zip(ts, ts[1:]):
+                x = reference.ddim_step(x, t, t_next, cond)
+        torch.testing.assert_close(latent, x, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    pipe(prompt_embeds=cond[:1], latents=noise[:1].clone(), guidance_scale=1.0, output_type="latent")
+    assert calls == [999, 666, 332]  # the default NFE
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
+    pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
+    train_sfd(pipes[0], PROMPTS, tmp_path / "straight.safetensors", config=config(), work_dir=tmp_path / "straight",
+              accelerator=accelerator)
+    loss = SFD.loss
+
+    def dies_at_step_3(self, step, batch):
+        if step == 3:
+            raise Interrupted
+        return loss(self, step, batch)
+
+    monkeypatch.setattr(SFD, "loss", dies_at_step_3)
+    with pytest.raises(Interrupted):
+        train_sfd(pipes[1], PROMPTS, tmp_path / "resumed.safetensors", config=config(),
+                  work_dir=tmp_path / "resumed", accelerator=accelerator)
+    monkeypatch.setattr(SFD, "loss", loss)
+    torch.manual_seed(99)
+    train_sfd(pipes[2], PROMPTS, tmp_path / "resumed.safetensors", config=config(), work_dir=tmp_path / "resumed",
+              accelerator=accelerator)
+    a, b = (read_safetensors(tmp_path / f"{name}.safetensors")[0] for name in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_settings_are_checked(tiny_sd_pipeline):
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
+    for changes, message in [(dict(default_nfe=4), "default_nfe 4 must be one of"),
+                             (dict(distance="huber"), "distance"), (dict(teacher_from="data"), "teacher_from"),
+                             (dict(teacher_substeps=0), "substeps")]:
+        with pytest.raises(ValueError, match=message):
+            SFD(student, PROMPTS, config(**changes))
+
+
+def test_cli_distills_a_teacher_folder(tiny_sd_pipeline, tmp_path, capsys):
+    from direct_distill.__main__ import main
+
+    tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("bag\ncoat\n")
+    out = tmp_path / "sfd.safetensors"
+    assert main(["distill", "sfd", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--nfe", "1", "2", "--default-nfe", "2", "--steps", "1",
+                 "--batch-size", "1", "--rank", "2", "--teacher-substeps", "2"]) == 0
+    _, info = read_student(out)
+    assert sorted(info.nfe_schedules) == [1, 2] and info.guidance == 7.5 and info.rank == 2
+    assert info.teacher == str(tmp_path / "teacher") and (tmp_path / "sfd.work" / "checkpoint.safetensors").is_file()
+    assert "SFD student (NFE 1, 2) written to" in capsys.readouterr().out

@@ -1,0 +1,319 @@
+"""LoRA students on a teacher pipeline's UNet: the peft adapters, teacher and student calls in x0/eps form,
+the students' timestep grids, and the one writer of student files (``models.student_file.save_student``).
+
+Every LoRA method (progressive, sfd, gdd, disback) builds a :class:`LoraStudent` on the teacher pipeline,
+hands ``student.adapters`` to the training loop (only the adapter weights are trained and checkpointed)
+and ends with ``student.write(...)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.student_file import StudentInfo, save_student, unet_architecture, unet_fingerprint
+from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
+
+# The attention projections and the feed-forward of every transformer block (SD1.x/2.x/XL module names).
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+STUDENT = "student"
+CLEAN = -1  # the timestep index of the clean end of a trajectory (alpha = 1, sigma = 0)
+
+
+@dataclass
+class LoraSpec:
+    """Shape of a LoRA: ``W + (alpha / rank) B A`` on each target module (names matched as peft does)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+
+def add_lora(unet, spec: LoraSpec, adapter_name: str = STUDENT) -> LoraAdapters:
+    """Add a LoRA adapter to a diffusers UNet and freeze everything else; returns its weights as a module.
+
+    The adapter starts as peft initialises it (B = 0), so the adapted UNet is the bare UNet until trained.
+    Adapter weights are kept in float32 whatever the UNet's dtype (peft casts inputs to them).
+    """
+    from peft import LoraConfig
+
+    if isinstance(spec.rank, bool) or not isinstance(spec.rank, int) or spec.rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {spec.rank!r}")
+    if not spec.alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {spec.alpha!r}")
+    unet.requires_grad_(False)
+    try:
+        with warnings.catch_warnings():  # peft warns whenever a second adapter is added: here that is the plan
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha,
+                                        target_modules=list(spec.target_modules)), adapter_name=adapter_name)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"LoRA target modules {list(spec.target_modules)} do not fit this UNet: {err}") from None
+    adapters = LoraAdapters(unet, adapter_name).float()
+    adapters.requires_grad_(True)
+    return adapters
+
+
+class LoraAdapters(torch.nn.Module):
+    """The lora_A / lora_B layers of one adapter of a UNet, gathered as a module of their own.
+
+    They are the very layers inside the UNet (shared, not copied): what the training loop trains, moves and
+    checkpoints, while the UNet's own weights stay out of the checkpoint.
+    """
+
+    def __init__(self, unet, adapter_name: str):
+        super().__init__()
+        self.adapter_name = adapter_name
+        self.layers = torch.nn.ModuleDict()
+        for name, module in _tuner_layers(unet):
+            if adapter_name in getattr(module, "lora_A", {}):
+                self.layers[name.replace(".", "-")] = torch.nn.ModuleDict(
+                    {"A": module.lora_A[adapter_name], "B": module.lora_B[adapter_name]})
+        if not self.layers:
+            raise ValueError(f"the UNet has no LoRA adapter named {adapter_name!r}")
+
+
+@contextmanager
+def active_adapter(unet, name: str | None, layers: Sequence[torch.nn.Module] | None = None):
+    """Run ``unet`` with only adapter ``name`` applied (``None``: the bare teacher UNet); restores the active
+    adapters, their enabled state and every ``requires_grad`` flag afterwards (peft's switches change them).
+    ``layers``: the UNet's peft layers, if the caller keeps them (finding them walks the whole UNet)."""
+    layers = [module for _, module in _tuner_layers(unet)] if layers is None else layers
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    saved = [(m, list(m.active_adapters), m.disable_adapters) for m in layers]
+    try:
+        for m in layers:
+            if name is None:
+                m.enable_adapters(False)
+            else:
+                m.enable_adapters(True)
+                m.set_adapter([name])
+        yield unet
+    finally:
+        for m, names, disabled in saved:
+            m.set_adapter(names)
+            m.enable_adapters(not disabled)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def copy_adapter(unet, source: str, target: str) -> None:
+    """Copy the weights of adapter ``source`` into adapter ``target`` (same rank and target modules)."""
+    copied = 0
+    for _, module in _tuner_layers(unet):
+        if source in getattr(module, "lora_A", {}):
+            for half in (module.lora_A, module.lora_B):
+                half[target].weight.copy_(half[source].weight)
+            copied += 1
+    if not copied:
+        raise ValueError(f"the UNet has no LoRA adapter named {source!r}")
+
+
+def lora_state_dict(unet, adapter_name: str = STUDENT) -> dict[str, torch.Tensor]:
+    """One adapter's weights, peft-style (``<module>.lora_A.weight`` / ``.lora_B.weight``), float32 on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+# --- the students' timestep grids ------------------------------------------------------------------------
+
+
+def trailing_timesteps(n: int, p: float = 0.0, num_train_timesteps: int = 1000) -> list[int]:
+    """The ``n`` integer timesteps a student samples at, noisiest first; its last step lands on the clean latent.
+
+    ``t_i = round(T (exp(p (1 - i/n)) - 1) / (exp(p) - 1)) - 1`` for ``i = 0 .. n-1``, ``T = num_train_timesteps``:
+    at ``p = 0`` (the limit) this is DDIM's "trailing" grid ``T (n - i) / n - 1`` (4 steps: 999, 749, 499, 249),
+    the grid on which ``n`` steps halve exactly into ``n / 2`` (progressive distillation); ``p > 0`` spaces the
+    steps like the exp-Karras schedule (bigger steps at high noise). Point ``i = n`` is the clean end (-1).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of student steps must be an integer >= 1, got {n!r}")
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and p >= 0):
+        raise ValueError(f"p must be a finite number >= 0, got {p!r}")
+    u = torch.arange(n, dtype=torch.float64) / n
+    frac = (1 - u) if p < 1e-8 else torch.expm1(p * (1 - u)) / math.expm1(p)
+    t = [int(v) - 1 for v in torch.round(num_train_timesteps * frac).tolist()]
+    if any(a <= b for a, b in zip(t, t[1:] + [CLEAN])):
+        raise ValueError(f"{n} steps at p={p} do not give distinct integer timesteps ({t}): use fewer steps or "
+                         "a smaller p")
+    return t
+
+
+def student_schedules(nfe_timesteps: dict[int, Sequence[int]], alphas_cumprod: torch.Tensor) -> dict:
+    """``{n: {"timesteps": [...], "sigmas": [... , 0]}}`` for a student file: each sigma is the noise table's
+    entry of its timestep, so both front doors call the UNet at exactly these timesteps."""
+    table = sigma_table(alphas_cumprod)
+    out = {}
+    for n, timesteps in sorted(nfe_timesteps.items()):
+        t = [int(v) for v in timesteps]
+        if len(t) != n or min(t) < 0 or max(t) >= len(table):
+            raise ValueError(f"NFE {n}: need {n} timesteps in [0, {len(table) - 1}], got {t}")
+        out[int(n)] = {"timesteps": t, "sigmas": table[torch.tensor(t)].tolist() + [0.0]}
+    return out
+
+
+def write_student(path: str | os.PathLike, unet, *, adapter_name: str = STUDENT, scheduler_config,
+                  method: str, teacher: str, nfe_timesteps: dict[int, Sequence[int]], default_nfe: int,
+                  comfy_sampler: str, guidance: float, prediction_type: str | None = None,
+                  extra: dict | None = None) -> Path:
+    """Write adapter ``adapter_name`` of ``unet`` as a student file: the one LoRA writer of every method.
+
+    Args:
+        path: the ``.safetensors`` file (written atomically).
+        unet: the teacher UNet carrying the adapter.
+        scheduler_config: the teacher's scheduler config (its noise table gives each timestep's sigma).
+        method, teacher: recorded as they are.
+        nfe_timesteps: ``{n: [n integer timesteps, noisiest first]}`` the student was trained to sample at.
+        default_nfe: the NFE used when none is asked for.
+        comfy_sampler: the sampler whose update the student was trained for ("ddim"/"euler": first order).
+        guidance: recommended classifier-free guidance.
+        prediction_type: what the adapted UNet predicts (default: the scheduler config's, the teacher's).
+        extra: further JSON-serialisable facts (training settings, losses, ...).
+    """
+    config = unet.peft_config[adapter_name]
+    info = StudentInfo(
+        method=method, teacher=teacher, teacher_unet_fingerprint=unet_fingerprint(unet),
+        teacher_unet_config=unet_architecture(unet),
+        prediction_type=prediction_type or _get(scheduler_config, "prediction_type", "epsilon"),
+        nfe_schedules=student_schedules(nfe_timesteps, alphas_cumprod_from_config(scheduler_config)),
+        default_nfe=default_nfe, comfy_sampler=comfy_sampler, guidance=guidance, extra=extra or {})
+    return save_student(path, lora_state_dict(unet, adapter_name), rank=config.r, alpha=float(config.lora_alpha),
+                        metadata=info)
+
+
+# --- the student on its teacher ----------------------------------------------------------------------------
+
+
+class LoraStudent:
+    """A teacher pipeline's UNet carrying the trainable adapter ``"student"`` (and any frozen ones).
+
+    ``adapters`` is what a method hands the loop as its module. ``denoise(z, t, cond, adapter)`` runs the UNet
+    with one adapter (or none: the teacher) at integer timesteps and returns ``(x0, eps)`` in the VP
+    parameterisation ``z = a_t x0 + s_t eps``, whatever the UNet predicts. ``t = -1`` is the clean end.
+
+    Args:
+        pipe: an SD1.x/2.x-style diffusers pipeline (UNet conditioned on text embeddings only, discrete VP
+            noise schedule, ``encode_prompt``).
+        spec: the student LoRA's shape.
+        frozen_adapters: names of further adapters of the same shape, frozen (e.g. a previous round's teacher).
+    """
+
+    def __init__(self, pipe, spec: LoraSpec, frozen_adapters: Iterable[str] = ()):
+        unet = pipe.unet
+        if unet.config.get("addition_embed_type") or unet.config.get("class_embed_type"):
+            raise ValueError("LoRA distillation supports UNets conditioned on text embeddings alone (SD1.x/2.x); "
+                             f"this one also takes {unet.config.get('addition_embed_type') or 'class labels'}")
+        if getattr(unet, "peft_config", None):
+            raise ValueError(f"the teacher UNet already carries adapters {sorted(unet.peft_config)}; distil from "
+                             "a bare teacher")
+        self.pipe, self.unet, self.spec = pipe, unet, spec
+        self.scheduler_config = dict(pipe.scheduler.config)
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"teacher prediction type {self.prediction_type!r} is not a discrete VP parameterisation")
+        alphas_cumprod = alphas_cumprod_from_config(self.scheduler_config)
+        # index t + 1: entry 0 is the clean end (abar = 1), entries 1.. the training timesteps 0..T-1
+        self._abar = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod]).float()
+        self.num_train_timesteps = len(alphas_cumprod)
+        for name in frozen_adapters:
+            add_lora(unet, spec, name).requires_grad_(False)
+        self.adapters = add_lora(unet, spec, STUDENT)
+        self.unet.set_adapter(STUDENT)
+        self.unet.eval()
+        self._layers = [module for _, module in _tuner_layers(unet)]
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device) -> LoraStudent:
+        """Move the UNet (adapters included) and the text encoder; the VAE is not used here."""
+        self.unet.to(device)
+        self.adapters.float()
+        if self.pipe.text_encoder is not None:
+            self.pipe.text_encoder.to(device)
+        self._embeddings.clear()
+        return self
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a_t, s_t)`` of integer timesteps ``t`` (``-1``: 1 and 0), shaped to broadcast over latents."""
+        abar = self._abar.to(self.device)[torch.as_tensor(t, device=self.device).long() + 1].reshape(-1, 1, 1, 1)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    @torch.no_grad()
+    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings of ``prompts`` (float32, on the UNet's device), each distinct prompt encoded once."""
+        missing = sorted(set(prompts) - self._embeddings.keys())
+        if missing:
+            if len(self._embeddings) + len(missing) > 4096:  # captioned data: keep the cache bounded
+                self._embeddings.clear()
+            embeds = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
+            self._embeddings.update(zip(missing, embeds.float()))
+        return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
+
+    def denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
+                adapter: str | None = STUDENT) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, eps)`` from one UNet call at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone."""
+        t = torch.as_tensor(t, device=z.device).long().expand(z.shape[0])
+        a, s = self.alpha_sigma(t)
+        return split_prediction(self.unet_output(z, t, cond, adapter), z.float(), a, s, self.prediction_type)
+
+    def unet_output(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
+                    adapter: str | None = STUDENT) -> torch.Tensor:
+        """The UNet's own output (float32) at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone."""
+        t = torch.as_tensor(t, device=z.device).long().expand(z.shape[0])
+        if int(t.min()) < 0:
+            raise ValueError("the UNet is not called at the clean end (t = -1)")
+        with active_adapter(self.unet, adapter, self._layers):
+            return self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype)).sample.float()
+
+    def ddim_step(self, z: torch.Tensor, t, t_next, cond: torch.Tensor, adapter: str | None = STUDENT):
+        """One deterministic DDIM step from ``t`` to ``t_next`` (``-1``: to the clean latent): the update of the
+        first-order samplers (diffusers' DDIM / DPM-Solver++ order 1, ComfyUI's euler and ddim)."""
+        x0, eps = self.denoise(z, t, cond, adapter)
+        a, s = self.alpha_sigma(t_next)
+        return a * x0 + s * eps
+
+    def write(self, path: str | os.PathLike, **info) -> Path:
+        """``write_student`` of the student adapter with the teacher's scheduler config."""
+        return write_student(path, self.unet, adapter_name=STUDENT, scheduler_config=self.scheduler_config, **info)
+
+
+def drop_prompts(prompts: Sequence[str], p_uncond: float) -> list[str]:
+    """Each prompt replaced by the empty prompt with probability ``p_uncond`` (global RNG): distilling at
+    guidance 1 on both branches keeps classifier-free guidance usable with the student."""
+    drop = (torch.rand(len(prompts)) < p_uncond).tolist()
+    return ["" if d else p for p, d in zip(prompts, drop)]
+
+
+def split_prediction(out: torch.Tensor, z: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
+                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0, eps)`` of a UNet output in the VP parameterisation ``z = a x0 + s eps`` (``a^2 + s^2 = 1``)."""
+    if prediction_type == "epsilon":
+        return (z - s * out) / a, out
+    if prediction_type == "v_prediction":  # v = a eps - s x0
+        return a * z - s * out, s * z + a * out
+    if prediction_type == "sample":
+        return out, (z - a * out) / s
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def _tuner_layers(unet):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, m) for name, m in unet.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _get(config, key, default):
+    return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
