@@ -31,7 +31,10 @@ MAX_TOKENS = 16
 # --- building blocks -------------------------------------------------------------------------
 
 def build_tokenizer(folder: str | Path):
-    """A CLIP BPE tokenizer over characters, with whole-word merges for the ten class names."""
+    """A CLIP BPE tokenizer over characters, with merge rules toward the ten class names' words.
+
+    BPE applies merges by rank across words, so most class words become one token and a few stay
+    split (e.g. "sandal": "an" from "ankle" ranks first); any text tokenizes, nothing is unknown."""
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
