@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..schedulers import exp_karras_sigmas, karras_sigmas, sigma_table
-from . import CLASSIFIER_PATH
+from . import CLASSIFIER_PATH, SHORTCUT_PATH
 
 
 def main(argv=None):
@@ -41,6 +41,13 @@ def main(argv=None):
         f"exp_karras_{args.steps}": exp_karras_sigmas(args.steps, 1.0, alphas_cumprod=ac),
         "exp_karras_20": exp_karras_sigmas(20, 1.0, alphas_cumprod=ac),
     }
+    callbacks = {}
+    if SHORTCUT_PATH.is_file():
+        from ..pipelines import ShortcutCallback
+
+        # Seed 000's "7+1": seven teacher steps of a 12-step exp-Karras run, then the NAFNet shortcut.
+        runs["shortcut_7+1"] = exp_karras_sigmas(12, 1.0, alphas_cumprod=ac)
+        callbacks["shortcut_7+1"] = ShortcutCallback(SHORTCUT_PATH, handoff_step=7)
     evaluator = None
     if CLASSIFIER_PATH.is_file():
         from .evaluator import Evaluator
@@ -49,11 +56,12 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     n = 10 * args.per_class
     for name, sigmas in runs.items():
-        s = sample_teacher(pipe, sigmas, guidance, n, args.seed, desc=name)
+        s = sample_teacher(pipe, sigmas, guidance, n, args.seed, callback=callbacks.get(name), desc=name)
         path = args.out / f"{name}.png"
         save_grid(s.images, s.labels, path, per_class=args.per_class)
         acc = f", class accuracy {evaluator.accuracy(s.images, s.labels):.2f}" if evaluator else ""
-        print(f"{name:16s} {len(sigmas) - 1:3d} UNet steps, {s.seconds_per_image * 1e3:6.1f} ms/image{acc} -> {path}")
+        steps = callbacks[name].handoff_step if name in callbacks else len(sigmas) - 1
+        print(f"{name:16s} {steps:3d} UNet steps, {s.seconds_per_image * 1e3:6.1f} ms/image{acc} -> {path}")
     print(f"rows are the classes t-shirt ... ankle boot; guidance {guidance:g}")
 
 
