@@ -251,7 +251,7 @@ def write_report(results: dict, path: Path = REPORT) -> str:
             cells = [_stats(results, "schedule", name, k) for k in NFES]
             lines.append(f"| any schedule | " + " | ".join(f"{c['spi'] * 1e3:.1f} ms" if c else "–" for c in cells) + " |")
         lines += ["", "![FD vs NFE](plots/fd_vs_nfe.png)", ""]
-        plot_fd_vs_nfe(results, names, PLOTS / "fd_vs_nfe.png")
+        plot_fd_vs_nfe(results, names, path.parent / "plots" / "fd_vs_nfe.png")
         lines += schedule_verdict(results)
     lines += shortcut_section(results)
     text = "\n".join(lines) + "\n"
