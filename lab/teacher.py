@@ -277,7 +277,7 @@ def main(argv=None):
     if args.stage == "vae":
         train_vae(args.steps or 2000, args.vae_batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
     elif args.stage == "unet":
-        train_unet(args.steps or 6000, args.batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
+        train_unet(args.steps or 4500, args.batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
     else:
         export_teacher(args.work, args.out)
 
