@@ -8,6 +8,22 @@ SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_en
                            set_alpha_to_one=False, prediction_type="epsilon")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Toy models run fastest on one thread, and a two-core machine stays responsive."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
 @pytest.fixture(scope="session")
 def sd_scheduler_config():
     from diffusers import PNDMScheduler

@@ -12,14 +12,6 @@ from direct_distill.schedulers import alphas_cumprod_from_config, exp_karras_sig
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def table():
     return sigma_table(alphas_cumprod_from_config(SD))

@@ -11,15 +11,6 @@ from direct_distill.models import (FileFormatError, TimeEmbedNAFNet, TwoStageSho
 from direct_distill.models.nafnet import PRESETS, count_macs, main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: extra threads only fight over the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Unit-gain random weights and branch scales, so that every block and the time embedding matter.
 

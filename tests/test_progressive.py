@@ -17,21 +17,6 @@ from direct_distill.training.progressive import (TEACHER, LatentData, Progressiv
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
 def data(n=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 4, 16, 16, generator=g), [PROMPTS[i % 3] for i in range(n)]

@@ -16,21 +16,6 @@ from direct_distill.training.sfd import SFD, SFDConfig, train_sfd
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
 def config(**kw):
     return SFDConfig(**{**dict(nfes=(2, 3), default_nfe=3, teacher_substeps=2, steps=4, batch_size=2, lr=1e-2,
                                warmup_steps=0, lora=LoraSpec(rank=2, alpha=4.0), checkpoint_every=2), **kw})

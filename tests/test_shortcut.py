@@ -19,14 +19,6 @@ PROMPTS = ["t-shirt", "bag", "ankle boot"]
 STEPS, CAPTURE = 8, (4, 5, 6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pipe(tiny_sd_pipeline):
     tiny_sd_pipeline.scheduler = ExpKarrasScheduler.from_config(tiny_sd_pipeline.scheduler.config)

@@ -7,21 +7,6 @@ from direct_distill.training.checkpoint import load_training_state
 from direct_distill.training.loop import CHECKPOINT_NAME, TrainConfig, cosine_lr, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
 class Interrupted(Exception):
     pass
 
