@@ -3,34 +3,22 @@
 Target: under 0.5 %. Run: python benchmarks/scheduler_overhead.py
 """
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15_unet import sd15_inputs, sd15_unet  # noqa: E402
+from sd15_unet import median_seconds, sd15_inputs, sd15_unet  # noqa: E402
 
 from direct_distill.schedulers import ExpKarrasScheduler  # noqa: E402
-
-
-def time_it(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
     torch.set_grad_enabled(False)
     unet = sd15_unet()
     x, t, cond = sd15_inputs()
-    unet_s = time_it(lambda: unet(x, t, encoder_hidden_states=cond), repeats=3)
+    unet_s = median_seconds(lambda: unet(x, t, encoder_hidden_states=cond), repeats=3)
 
     sched = ExpKarrasScheduler()
     eps = torch.randn_like(x)
@@ -41,7 +29,7 @@ def main():
         for step_t in sched.timesteps:
             sample = sched.step(eps, step_t, sample).prev_sample
 
-    run_s = time_it(full_run, repeats=20)
+    run_s = median_seconds(full_run, repeats=20)
     step_s = run_s / 20
     print(f"SD1.5-size UNet call (4x64x64, batch 1, {torch.get_num_threads()} threads): {unet_s * 1e3:.1f} ms")
     print(f"ExpKarrasScheduler: set_timesteps(20) + 20 steps: {run_s * 1e3:.2f} ms -> {step_s * 1e3:.3f} ms/step")

@@ -5,27 +5,15 @@ matrix products are not counted, which flatters neither side much: the shortcut 
 Run: python benchmarks/shortcut_cost.py
 """
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd15_unet import sd15_inputs, sd15_unet  # noqa: E402
+from sd15_unet import median_seconds, sd15_inputs, sd15_unet  # noqa: E402
 
 from direct_distill.models.nafnet import PRESETS, TwoStageShortcut, count_macs  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
