@@ -289,12 +289,242 @@ def run_sfd(args) -> int:
     return 0
 
 
+def _one_step_arguments(p, method: str, d, lora) -> None:
+    """The arguments of the one-step methods (gdd, disback): a 1-step student samples at guidance 1."""
+    from ..lab import STUDENTS_DIR, TEACHER_DIR
+
+    p.add_argument("--teacher", type=Path, default=TEACHER_DIR,
+                   help="diffusers folder or SD1.x single file (default: the lab teacher)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"student file (default for the lab teacher: {STUDENTS_DIR / (method + '.safetensors')})")
+    p.add_argument("--work", type=Path, default=None,
+                   help=f"checkpoints (default: lab/work/{method} for the lab teacher, else <out>.work)")
+    p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: the lab's class names)")
+    p.add_argument("--p-uncond", type=float, default=d.p_uncond, help="fraction of empty prompts during training")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch (per process)")
+    p.add_argument("--lr", type=float, default=d.lr, help="generator learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    _lora_arguments(p, lora)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="teacher dtype (the LoRA stays float32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--tensorboard", action="store_true", help="log to <work>/.../tensorboard")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="steps between FD / accuracy evaluations of the student (lab teacher only; default 500 "
+                        "there, 0 turns them off)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation (balanced over classes)")
+    p.set_defaults(guidance=1.0)  # what _setup reads: a one-step student samples at guidance 1
+
+
+def _one_step_evaluation(args, lab: bool, pipe):
+    """(eval_every, evaluate hook): the lab's FD and accuracy, which only the lab teacher has."""
+    every = args.eval_every if args.eval_every is not None else (500 if lab else 0)
+    if every and not lab:
+        raise SystemExit("--eval-every needs the lab's evaluator: it is for the lab teacher only")
+    return every, (lab_evaluation(pipe, args.eval_samples) if every else None)
+
+
+def lab_evaluation(pipe, samples: int = 1000):
+    """An evaluate hook for the one-step methods: FD (lab classifier features, against the test set) and class
+    accuracy of ``samples`` student samples, balanced over the ten classes, decoded by the teacher's VAE."""
+    from ..lab.data import CLASS_NAMES
+    from ..lab.evaluator import Evaluator
+    from ..lab.sampling import decode
+
+    evaluator = Evaluator()
+    labels = torch.arange(samples) % len(CLASS_NAMES)
+    prompts = [CLASS_NAMES[i] for i in labels.tolist()]
+
+    def evaluate(step: int, generate) -> dict[str, float]:
+        latents = generate(prompts)
+        images = decode(pipe, latents.to(pipe.vae.device, pipe.vae.dtype)).float().cpu()
+        return {"fd": evaluator.fd(images), "accuracy": evaluator.accuracy(images, labels)}
+
+    return evaluate
+
+
+def folder_latent_data(pipe, folder: Path, work: Path, device):
+    """A folder of captioned images (``read_image_folder``) encoded by the teacher's VAE at the UNet's size, cached
+    in ``work`` (re-encoded when the VAE or the folder's files change), as posterior-sampled training latents."""
+    import hashlib
+    import json
+
+    from ..lab.teacher import encode_dataset
+    from ..models.io import atomic_save_file, read_safetensors
+    from .gdd import load_images, read_image_folder
+    from .progressive import LatentData
+
+    paths, prompts = read_image_folder(folder)
+    vae = pipe.vae.to(device).float()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    listing = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    checksum = str(float(sum(p.detach().double().sum() for p in vae.parameters())))
+    key = hashlib.sha256(json.dumps([checksum, size, listing, prompts]).encode()).hexdigest()
+    cache = work / "folder_latents.safetensors"
+    tensors, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
+    if meta.get("data_key") != key:
+        means, stds = [], []
+        for i in range(0, len(paths), 64):
+            mean, std = encode_dataset(vae, load_images(paths[i:i + 64], vae.config.in_channels, size).to(device))
+            means.append(mean.cpu())
+            stds.append(std.cpu())
+        tensors = {"latents": torch.cat(means), "std": torch.cat(stds)}
+        atomic_save_file(tensors, cache, {"data_key": key})
+    return LatentData(tensors["latents"], prompts, latent_std=tensors["std"])
+
+
+def gdd_parser(sub) -> None:
+    from .gdd import GAN_LOSSES, VARIANTS, GDDConfig
+    from .lora import LoraSpec
+
+    d = GDDConfig()
+    p = sub.add_parser("gdd", help="GDD / GDD-I: a one-step student trained by a GAN loss on real data (seed 001)",
+                       description="A one-step generator (teacher + LoRA at t = T - 1) trained by a GAN loss alone "
+                                   "against real data latents; the discriminator is the frozen teacher UNet's "
+                                   "features plus small conv heads. GDD-I (the default) keeps every convolution "
+                                   "frozen and without LoRA; GDD puts the LoRA on convolutions too. Without "
+                                   "--target-modules the LoRA goes where the variant says. Re-running resumes.")
+    _one_step_arguments(p, "gdd", d, LoraSpec(d.lora_rank, d.lora_alpha, d.target_modules))
+    p.add_argument("--variant", choices=list(VARIANTS), default=d.variant)
+    p.add_argument("--data", type=Path, default=None,
+                   help="a folder of images, each captioned by a .txt of the same name (image.png + image.txt), "
+                        "encoded by the teacher's VAE (default for the lab teacher: Fashion-MNIST)")
+    p.add_argument("--latents", type=Path, default=None,
+                   help="instead of --data: a safetensors file with 'latents' (N, C, H, W), VAE latents times the "
+                        "scaling factor, and optionally their posterior 'std'; --prompts holds one prompt per latent "
+                        "or one for all")
+    p.add_argument("--disc-lr", type=float, default=d.disc_lr, help="discriminator heads' learning rate")
+    p.add_argument("--gan-loss", choices=list(GAN_LOSSES), default=d.gan_loss)
+    p.add_argument("--r1-gamma", type=float, default=d.r1_gamma, help="R1 weight on real latents (0: none)")
+    p.add_argument("--r1-every", type=int, default=d.r1_every, help="lazy R1: applied every this many steps")
+    p.add_argument("--disc-timesteps", type=int, nargs=2, default=list(d.disc_timesteps), metavar=("LO", "HI"),
+                   help="the discriminator reads samples noised to a timestep uniform in [LO, HI]")
+    p.add_argument("--disc-hidden", type=int, default=d.disc_hidden, help="channels of each discriminator head")
+    p.set_defaults(run=run_gdd)
+
+
+def run_gdd(args) -> int:
+    from accelerate import Accelerator
+
+    from ..models.io import read_safetensors
+    from .gdd import GDDConfig, read_image_folder, train_gdd
+    from .progressive import LatentData
+
+    lab, out, work, _, prompts = _setup(args, "gdd")
+    if args.data is not None and args.latents is not None:
+        raise SystemExit("pass --data or --latents, not both")
+    if args.data is not None:
+        try:
+            read_image_folder(args.data)  # a missing or empty folder fails before the teacher is loaded
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(str(err)) from None
+    elif args.latents is None and not lab:
+        raise SystemExit("GDD trains on real data: pass --data FOLDER (images with same-name .txt captions) or "
+                         "--latents FILE (a safetensors file with a 'latents' tensor)")
+    accelerator = Accelerator()
+    pipe = load_teacher(args.teacher, DTYPES[args.dtype])
+    if args.data is not None:
+        with accelerator.main_process_first():
+            data = folder_latent_data(pipe, args.data, work, accelerator.device)
+    elif args.latents is not None:
+        tensors, _ = read_safetensors(args.latents)
+        if "latents" not in tensors:
+            raise SystemExit(f"{args.latents}: no 'latents' tensor")
+        data = LatentData(tensors["latents"], prompts, latent_std=tensors.get("std"))
+    else:
+        with accelerator.main_process_first():
+            data = lab_latent_data(pipe, work, accelerator.device)
+    eval_every, evaluate = _one_step_evaluation(args, lab, pipe)
+    config = GDDConfig(
+        variant=args.variant, steps=args.steps, batch_size=args.batch_size, lr=args.lr, disc_lr=args.disc_lr,
+        warmup_steps=args.warmup_steps, lora_rank=args.rank, lora_alpha=args.alpha,
+        target_modules=tuple(args.target_modules), gan_loss=args.gan_loss, r1_gamma=args.r1_gamma,
+        r1_every=args.r1_every,
+        disc_timesteps=tuple(args.disc_timesteps), disc_hidden=args.disc_hidden, p_uncond=args.p_uncond,
+        eval_every=eval_every, seed=args.seed, checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
+    try:
+        config.lora_spec(pipe.unet)  # e.g. GDD-I refuses convolutions as targets
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    result = train_gdd(pipe, data, out, config=config, work_dir=work, accelerator=accelerator, evaluate=evaluate,
+                       teacher="lab/assets/teacher" if lab else str(args.teacher))
+    if accelerator.is_main_process:
+        print(f"{args.variant.upper()} one-step student written to {result.path}")
+    return 0
+
+
+def disback_parser(sub) -> None:
+    from .disback import DisBackConfig
+
+    d = DisBackConfig()
+    p = sub.add_parser("disback", help="DisBack: one-step score distillation along a recorded degradation path "
+                                       "(seed 002)",
+                       description="Stage one tunes a copy of the teacher toward the initial one-step generator's "
+                                   "samples and records --path-checkpoints nodes; stage two trains the generator by "
+                                   "score distillation (a LoRA fake score) against those nodes, last first, "
+                                   "--steps-per-node each, then against the teacher. Re-running resumes.")
+    _one_step_arguments(p, "disback", d, d.lora)
+    p.add_argument("--degradation-steps", type=int, default=d.degradation_steps, help="length of stage one")
+    p.add_argument("--path-checkpoints", type=int, default=d.path_checkpoints,
+                   help="nodes recorded along the degradation path (evenly spaced)")
+    p.add_argument("--steps-per-node", type=int, default=d.steps_per_node,
+                   help="stage-two steps against each node; the rest of --steps distils the teacher")
+    p.add_argument("--fake-lr", type=float, default=d.fake_lr, help="fake score's learning rate")
+    p.add_argument("--degradation-lr", type=float, default=d.degradation_lr)
+    p.add_argument("--fake-updates", type=int, default=d.fake_updates,
+                   help="fake-score updates per generator update")
+    p.add_argument("--real-guidance", type=float, default=None,
+                   help="CFG of the real score (default: 2.0 for the lab teacher, else 7.5); the student then "
+                        "samples at guidance 1")
+    p.add_argument("--score-timesteps", type=int, nargs=2, default=list(d.score_timesteps), metavar=("LO", "HI"),
+                   help="the generator's loss noises its samples to a timestep uniform in [LO, HI]")
+    p.add_argument("--latent-size", type=int, default=None, help="latent height = width (default: the UNet's)")
+    p.set_defaults(run=run_disback)
+
+
+def run_disback(args) -> int:
+    from accelerate import Accelerator
+
+    from .disback import DisBackConfig, train_disback
+    from .lora import LoraSpec
+
+    lab, out, work, _, prompts = _setup(args, "disback")
+    if prompts is None:
+        raise SystemExit("--prompts is required for a teacher other than the lab's")
+    config = DisBackConfig(
+        degradation_steps=args.degradation_steps, path_checkpoints=args.path_checkpoints,
+        steps_per_node=args.steps_per_node, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        fake_lr=args.fake_lr, degradation_lr=args.degradation_lr, fake_updates=args.fake_updates,
+        warmup_steps=args.warmup_steps, lora=LoraSpec(rank=args.rank, alpha=args.alpha,
+                                                      target_modules=tuple(args.target_modules)),
+        score_timesteps=tuple(args.score_timesteps),
+        real_guidance=args.real_guidance if args.real_guidance is not None else (2.0 if lab else 7.5),
+        p_uncond=args.p_uncond, latent_size=args.latent_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
+    try:
+        config.schedule()
+        config.node_steps()
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    accelerator = Accelerator()
+    pipe = load_teacher(args.teacher, DTYPES[args.dtype])
+    config.eval_every, evaluate = _one_step_evaluation(args, lab, pipe)
+    result = train_disback(pipe, prompts, out, config=config, work_dir=work, accelerator=accelerator,
+                           evaluate=evaluate, teacher="lab/assets/teacher" if lab else str(args.teacher))
+    if accelerator.is_main_process:
+        print(f"DisBack one-step student written to {result.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m direct_distill distill", description=__doc__)
     sub = parser.add_subparsers(dest="method", required=True, metavar="method")
     shortcut_parser(sub)
     progressive_parser(sub)
     sfd_parser(sub)
+    gdd_parser(sub)
+    disback_parser(sub)
     args = parser.parse_args(argv)
     return args.run(args)
 

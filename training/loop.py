@@ -6,6 +6,11 @@ Exact resume rests on one rule: before each step the loop seeds torch, ``random`
 every step a pure function of the weights, the optimizer state and the step number, and those
 three are what the checkpoint stores. A run stopped after step k and resumed ends bit-identical to
 an uninterrupted one.
+
+Two-player methods (a GAN's generator and discriminator, a score-distillation generator and its fake
+score) declare ``players``: one optimizer each, over the modules it names. Their ``loss`` then yields
+``(player, loss)`` pairs, and the loop updates that player before drawing the next pair, so a later
+loss sees the earlier players' new weights (alternating updates, as GANs are trained).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,13 +39,30 @@ class Method(Protocol):
     ``requires_grad`` are the ones trained (a LoRA method passes a module holding just its adapters).
     ``batch(step)``: the inputs of one step, drawn from the global RNGs (the loop seeds them).
     ``loss(step, batch)``: a scalar to minimise; it may also draw from the global RNGs.
+
+    Optional:
+    ``players``: ``{name: Player}``, one optimizer per player; ``loss`` then returns ``(name, loss)`` pairs
+    (an iterable, best a generator, or a mapping), each applied to its player's parameters alone before the
+    next pair is drawn. A player may be left out of a step (e.g. a generator updated every k-th step).
+    ``after_step(step)``: called once the updates of step ``step`` are done; the scalars it returns, if
+    any, are logged (TensorBoard and the console), e.g. an evaluation every N steps.
     """
 
     modules: dict[str, torch.nn.Module]
 
     def batch(self, step: int) -> Any: ...
 
-    def loss(self, step: int, batch: Any) -> torch.Tensor: ...
+    def loss(self, step: int, batch: Any) -> torch.Tensor | Iterable[tuple[str, torch.Tensor]]: ...
+
+
+@dataclass
+class Player:
+    """One optimizer of a multi-player method: the trainable parameters of ``modules`` (names in
+    ``method.modules``), with its own peak LR and Adam betas (None: the TrainConfig's)."""
+
+    modules: tuple[str, ...]
+    lr: float | None = None
+    betas: tuple[float, float] | None = None
 
 
 @dataclass
@@ -65,7 +88,9 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     step: int                 # steps done in total (== config.steps)
-    loss: float | None        # loss of the last step run here (None when nothing was left to run)
+    loss: float | None        # loss of the last step run here (None when nothing was left to run);
+                              # with players: the last loss applied
+    losses: dict[str, float] = field(default_factory=dict)  # with players: each one's last loss
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 0, final_fraction: float = 0.0) -> float:
@@ -98,59 +123,95 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
 
     accelerator = accelerator or Accelerator()
     modules = {name: m.to(accelerator.device) for name, m in method.modules.items()}
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{config.desc}: the method has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    players = getattr(method, "players", None)
+    groups = _player_params(players, modules, config) if players else \
+        {"optimizer": ([p for m in modules.values() for p in m.parameters() if p.requires_grad], config.lr,
+                       config.betas)}
+    for name, (params, _, _) in groups.items():
+        if not params:
+            raise ValueError(f"{config.desc}: " + (f"player {name!r} has no trainable parameters" if players
+                                                   else "the method has no trainable parameters"))
+    optimizers = {name: torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=config.weight_decay)
+                  for name, (params, lr, betas) in groups.items()}
+    after_step = getattr(method, "after_step", None)
 
     run_dir = Path(config.run_dir) if config.run_dir is not None else None
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     start = 0
     if checkpoint is not None and config.resume and checkpoint.is_file():
-        start, extra = load_training_state(checkpoint, modules, {"optimizer": optimizer})
+        start, extra = load_training_state(checkpoint, modules, optimizers)
         if extra.get("seed") != config.seed:
             raise ValueError(f"{checkpoint}: written by a run with seed {extra.get('seed')}, this run has seed "
                              f"{config.seed}; resume with the same seed or use another run folder")
-    optimizer = accelerator.prepare(optimizer)
+    optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
     writer = _tensorboard(run_dir, accelerator) if config.tensorboard else None
 
     def save(step: int) -> None:
         if checkpoint is not None and accelerator.is_main_process:
-            save_training_state(checkpoint, modules, {"optimizer": optimizer.optimizer}, step,
+            save_training_state(checkpoint, modules, {n: opt.optimizer for n, opt in optimizers.items()}, step,
                                 extra={"seed": config.seed, "steps": config.steps})
         accelerator.wait_for_everyone()
 
-    for m in modules.values():
-        m.train()
-    bar = tqdm(total=config.steps, initial=start, desc=config.desc,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    loss_value = None
-    for step in range(start, config.steps):
-        seed_step(config.seed, step, accelerator.process_index)
-        batch = send_to_device(method.batch(step), accelerator.device)
-        with accelerator.autocast():
-            loss = method.loss(step, batch)
-        accelerator.backward(loss)
+    def update(name: str, loss: torch.Tensor, step: int) -> tuple[float, float | None]:
+        """Backpropagate ``loss`` into player ``name``'s parameters alone and step its optimizer."""
+        params, peak, _ = groups[name]
+        if players:  # this player's parameters alone: the others' losses are not theirs to follow
+            accelerator.backward(loss, inputs=params)
+        else:
+            accelerator.backward(loss)
         if accelerator.num_processes > 1:
             for p in params:
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
         grad_norm = (accelerator.clip_grad_norm_(params, config.max_grad_norm)
                      if config.max_grad_norm is not None else None)
-        lr = cosine_lr(step, config.steps, config.lr, config.warmup_steps, config.final_lr_fraction)
-        for group in optimizer.param_groups:
+        lr = cosine_lr(step, config.steps, peak, config.warmup_steps, config.final_lr_fraction)
+        for group in optimizers[name].param_groups:
             group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+        return lr, grad_norm
 
-        loss_value = loss.detach().float().item()
-        bar.update()
-        bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}")
-        if writer is not None and (step + 1) % config.log_every == 0:
-            writer.add_scalar("loss", loss_value, step + 1)
-            writer.add_scalar("lr", lr, step + 1)
+    for m in modules.values():
+        m.train()
+    bar = tqdm(total=config.steps, initial=start, desc=config.desc,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    loss_value, losses = None, {}
+    for step in range(start, config.steps):
+        seed_step(config.seed, step, accelerator.process_index)
+        batch = send_to_device(method.batch(step), accelerator.device)
+        if players:
+            scalars = {}
+            for name, loss in _autocast_pairs(method.loss(step, batch), accelerator):
+                if name not in groups:
+                    raise ValueError(f"{config.desc}: the method returned a loss for {name!r}, not one of its "
+                                     f"players {sorted(groups)}")
+                lr, grad_norm = update(name, loss, step)
+                loss_value = losses[name] = loss.detach().float().item()
+                scalars.update({f"loss/{name}": loss_value, f"lr/{name}": lr})
+                if grad_norm is not None:
+                    scalars[f"grad_norm/{name}"] = float(grad_norm)
+            postfix = {name: f"{value:.4g}" for name, value in losses.items()}
+        else:
+            with accelerator.autocast():
+                loss = method.loss(step, batch)
+            lr, grad_norm = update("optimizer", loss, step)
+            loss_value = loss.detach().float().item()
+            scalars = {"loss": loss_value, "lr": lr}
             if grad_norm is not None:
-                writer.add_scalar("grad_norm", float(grad_norm), step + 1)
+                scalars["grad_norm"] = float(grad_norm)
+            postfix = {"loss": f"{loss_value:.4g}", "lr": f"{lr:.2e}"}
+        bar.update()
+        bar.set_postfix(postfix)
+        if writer is not None and (step + 1) % config.log_every == 0:
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, step + 1)
+        reported = after_step(step) if after_step is not None else None
+        if reported:
+            bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in reported.items()))
+            if writer is not None:
+                for key, value in reported.items():
+                    writer.add_scalar(key, value, step + 1)
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save(step + 1)
     bar.close()
@@ -160,7 +221,39 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
         writer.close()
     for m in modules.values():
         m.eval()
-    return TrainResult(step=config.steps, loss=loss_value)
+    return TrainResult(step=config.steps, loss=loss_value, losses=losses)
+
+
+def _player_params(players: dict[str, Player], modules: dict[str, torch.nn.Module], config: TrainConfig) -> dict:
+    """``{player: (trainable parameters, peak lr, betas)}``; every module named exists and has one player."""
+    owner: dict[str, str] = {}
+    groups = {}
+    for name, player in players.items():
+        for module in player.modules:
+            if module not in modules:
+                raise ValueError(f"{config.desc}: player {name!r} trains module {module!r}, which the method does "
+                                 f"not have (modules: {sorted(modules)})")
+            if module in owner:
+                raise ValueError(f"{config.desc}: module {module!r} is trained by both {owner[module]!r} and "
+                                 f"{name!r}")
+            owner[module] = name
+        params = [p for module in player.modules for p in modules[module].parameters() if p.requires_grad]
+        groups[name] = (params, player.lr if player.lr is not None else config.lr,
+                        player.betas if player.betas is not None else config.betas)
+    return groups
+
+
+def _autocast_pairs(pairs: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
+                    accelerator) -> Iterator[tuple[str, torch.Tensor]]:
+    """The ``(player, loss)`` pairs of a multi-player step, each computed under autocast (a generator's
+    losses are computed as they are drawn, after the previous player's update)."""
+    iterator = iter(pairs.items() if isinstance(pairs, Mapping) else pairs)
+    while True:
+        with accelerator.autocast():
+            pair = next(iterator, None)
+        if pair is None:
+            return
+        yield pair
 
 
 def _tensorboard(run_dir: Path | None, accelerator):

@@ -1,0 +1,188 @@
+"""DisBack on a tiny SD pipeline: the degradation path's checkpoints, stage two's reverse visit of them ending on the
+teacher, the real score's guidance, the one-step file sampled by load_student with one UNet call at t = 999, and exact
+resume across both stages."""
+
+import copy
+
+import pytest
+import torch
+from peft import set_peft_model_state_dict
+
+from direct_distill.models.io import read_safetensors
+from direct_distill.models.student_file import read_student
+from direct_distill.pipelines import load_student
+from direct_distill.training.disback import (DEGRADE, FAKE, DisBackConfig, DistributionBacktracking,
+                                             DegradationRecording, train_disback)
+from direct_distill.training.gdd import one_step_sample
+from direct_distill.training.lora import STUDENT, LoraAdapters, LoraSpec, LoraStudent
+
+PROMPTS = ["t-shirt", "trouser", "bag"]
+
+
+def config(**kw):
+    return DisBackConfig(**{**dict(degradation_steps=4, path_checkpoints=2, steps_per_node=2, steps=5, batch_size=2,
+                                   lr=1e-2, fake_lr=1e-2, degradation_lr=1e-2, real_guidance=2.0,
+                                   lora=LoraSpec(rank=2, alpha=4.0), checkpoint_every=2), **kw})
+
+
+def test_path_is_recorded_then_visited_last_node_first_and_the_student_is_one_call_at_999(
+        tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    used = []  # (node, real adapter, its weights) of every generator update
+    real_x0 = DistributionBacktracking.real_x0
+
+    def spy(self, z, t, cond, adapter):
+        weights = None if adapter is None else {k: v.clone() for k, v in self.degrade.state_dict().items()}
+        used.append((self.visited[-1], adapter, weights))
+        return real_x0(self, z, t, cond, adapter)
+
+    monkeypatch.setattr(DistributionBacktracking, "real_x0", spy)
+    out = tmp_path / "disback.safetensors"
+    result = train_disback(tiny_sd_pipeline, PROMPTS, out, config=config(), work_dir=tmp_path / "work",
+                           teacher="tests/tiny-sd", accelerator=accelerator)
+
+    # Stage one: K = 2 checkpoints of the degrade adapter, after steps 2 and 4, each moved off the teacher.
+    assert config().node_steps() == [2, 4]
+    assert result.node_files == [tmp_path / "work/degradation/path/node_1.safetensors",
+                                 tmp_path / "work/degradation/path/node_2.safetensors"]
+    nodes = {k: read_safetensors(f)[0] for k, f in enumerate(result.node_files, start=1)}
+    for k in (1, 2):
+        assert any(v.abs().max() > 0 for key, v in nodes[k].items() if key.endswith("B.weight")), k
+    assert any(not torch.equal(nodes[1][key], nodes[2][key]) for key in nodes[1])
+
+    # Stage two: node 2, node 1 (2 steps each), then the teacher for the rest; the real score is exactly that node.
+    assert result.schedule == [(2, 2), (1, 2), (0, 1)] and result.visited == [2, 2, 1, 1, 0]
+    assert [u[0] for u in used] == result.visited
+    for node, adapter, weights in used:
+        if node == 0:
+            assert adapter is None
+        else:
+            assert adapter == DEGRADE and all(torch.equal(weights[k], nodes[node][k]) for k in nodes[node])
+    assert set(result.losses) == {"degrade", "fake", "generator"}
+
+    lora, info = read_student(out)
+    assert info.method == "disback" and info.default_nfe == 1 and info.nfe_schedules[1]["timesteps"] == [999]
+    assert (info.comfy_sampler, info.guidance, info.extra["real_guidance"]) == ("euler", 1.0, 2.0)
+    assert info.extra["schedule"] == [{"node": 2, "steps": 2}, {"node": 1, "steps": 2}, {"node": 0, "steps": 1}]
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
+
+    # In a fresh pipeline: one UNet call at t = 999, landing exactly on the training-time generator's sample.
+    pipe = copy.deepcopy(bare)
+    load_student(pipe, out)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+    g = torch.Generator().manual_seed(3)
+    noise, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+    assert calls == [999]
+    reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0))
+    set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
+    with torch.no_grad():
+        torch.testing.assert_close(latent, one_step_sample(reference, noise, cond), atol=1e-4, rtol=1e-4)
+
+
+def test_stage_one_degrades_toward_the_initial_generator_and_the_fake_score_starts_at_the_last_node(
+        tiny_sd_pipeline):
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0), frozen_adapters=[DEGRADE, FAKE])
+    recording = DegradationRecording(student, PROMPTS, (4, 16, 16), config(), None)
+    torch.manual_seed(0)
+    batch = recording.batch(0)
+    # The denoising loss of the degrade adapter on the initial generator's samples (the teacher's own x0 at 999),
+    # which is the diffusion loss with target epsilon.
+    with torch.no_grad():
+        x0 = student.denoise(batch["noise"], 999, batch["cond"], None)[0]
+        a, s = student.alpha_sigma(batch["t"])
+        eps = student.unet_output(a * x0 + s * batch["eps"], batch["t"], batch["cond"], None)
+        expected = torch.nn.functional.mse_loss(eps, batch["eps"])
+        torch.testing.assert_close(recording.loss(0, batch), expected)
+    assert list(recording.modules) == ["degrade"] and all(p.requires_grad for p in recording.degrade.parameters())
+
+    path = {k: {key: torch.full_like(v, float(k)) for key, v in recording.degrade.state_dict().items()}
+            for k in (1, 2)}
+    method = DistributionBacktracking(student, PROMPTS, (4, 16, 16), config(), path)
+    assert all(torch.equal(v, path[2][k]) for k, v in method.fake.state_dict().items())
+    assert set(method.players) == {"fake", "generator"}
+    assert not any(p.requires_grad for p in method.degrade.parameters())
+    assert method.real_adapter(1) == DEGRADE
+    assert all(torch.equal(v, path[1][k]) for k, v in LoraAdapters(student.unet, DEGRADE).state_dict().items())
+    assert method.real_adapter(0) is None
+
+
+def test_real_score_applies_classifier_free_guidance(tiny_sd_pipeline):
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0), frozen_adapters=[DEGRADE, FAKE])
+    path = {k: LoraAdapters(student.unet, DEGRADE).state_dict() for k in (1, 2)}
+    method = DistributionBacktracking(student, PROMPTS, (4, 16, 16), config(real_guidance=3.0), path)
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([300, 700])
+    cond = student.embed(["bag", "coat"])
+    with torch.no_grad():
+        x_c = student.denoise(z, t, cond, None)[0]
+        x_u = student.denoise(z, t, student.embed(["", ""]), None)[0]
+        torch.testing.assert_close(method.real_x0(z, t, cond, None), x_u + 3.0 * (x_c - x_u), atol=1e-4, rtol=1e-4)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="the teacher must be the last target"):
+        config(steps=4).schedule()
+    with pytest.raises(ValueError, match="path_checkpoints"):
+        config(path_checkpoints=5).node_steps()
+    assert config(degradation_steps=10, path_checkpoints=3).node_steps() == [3, 7, 10]
+    assert [config().node_at(s) for s in range(7)] == [2, 2, 1, 1, 0, 0, 0]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_in_each_stage_and_resumed_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator,
+                                                                  monkeypatch):
+    pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(4)]
+    train_disback(pipes[0], PROMPTS, tmp_path / "straight.safetensors", config=config(),
+                  work_dir=tmp_path / "straight", accelerator=accelerator)
+    stage1, stage2 = DegradationRecording.loss, DistributionBacktracking.loss
+
+    def dies_at_step_3(loss):
+        def wrapped(self, step, batch):
+            if step == 3:
+                raise Interrupted
+            return loss(self, step, batch)
+        return wrapped
+
+    runs = [(DegradationRecording, stage1), (DistributionBacktracking, stage2)]
+    for pipe, (cls, loss) in zip(pipes[1:], runs):  # dies in stage one (after node 1), then in stage two
+        monkeypatch.setattr(cls, "loss", dies_at_step_3(loss))
+        with pytest.raises(Interrupted):
+            train_disback(pipe, PROMPTS, tmp_path / "resumed.safetensors", config=config(),
+                          work_dir=tmp_path / "resumed", accelerator=accelerator)
+        monkeypatch.setattr(cls, "loss", loss)
+    torch.manual_seed(99)  # the caller's RNG must not matter
+    result = train_disback(pipes[3], PROMPTS, tmp_path / "resumed.safetensors", config=config(),
+                           work_dir=tmp_path / "resumed", accelerator=accelerator)
+    assert result.visited == [1, 1, 0]  # stage two resumed at its step-2 checkpoint
+    for a, b in [(tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"),
+                 *[(tmp_path / f"straight/degradation/path/node_{k}.safetensors",
+                    tmp_path / f"resumed/degradation/path/node_{k}.safetensors") for k in (1, 2)]]:
+        ta, tb = read_safetensors(a)[0], read_safetensors(b)[0]
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), a.name
+
+
+def test_cli_distills_a_teacher_folder(tiny_sd_pipeline, tmp_path, capsys):
+    from direct_distill.__main__ import main
+
+    tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("bag\ncoat\n")
+    out = tmp_path / "disback.safetensors"
+    args = ["distill", "disback", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--rank", "2",
+            "--batch-size", "1", "--degradation-steps", "2", "--path-checkpoints", "2", "--steps-per-node", "1"]
+    with pytest.raises(SystemExit, match="--prompts is required"):
+        main(args + ["--steps", "3"])
+    args += ["--prompts", str(tmp_path / "prompts.txt")]
+    with pytest.raises(SystemExit, match="the teacher must be the last target"):
+        main(args + ["--steps", "2"])
+    with pytest.raises(SystemExit, match="lab teacher only"):
+        main(args + ["--steps", "3", "--eval-every", "1"])
+    assert main(args + ["--steps", "3"]) == 0
+    _, info = read_student(out)
+    assert info.extra["real_guidance"] == 7.5 and info.guidance == 1.0 and info.nfe_schedules[1]["timesteps"] == [999]
+    assert (tmp_path / "disback.work" / "degradation" / "path" / "node_2.safetensors").is_file()
+    assert f"DisBack one-step student written to {out}" in capsys.readouterr().out

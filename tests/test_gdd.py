@@ -1,0 +1,202 @@
+"""GDD / GDD-I on a tiny SD pipeline: the one-step file sampled by load_student with one UNet call at t = 999, GDD-I's
+frozen convolutions, the teacher-feature discriminator and its R1 term, the evaluate hook, the data folder's errors,
+and exact resume of the two-player loop."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from peft import set_peft_model_state_dict
+
+from direct_distill.models.io import read_safetensors
+from direct_distill.models.student_file import read_student
+from direct_distill.pipelines import load_student
+from direct_distill.training.gdd import (GDD, GDDConfig, TeacherFeatures, gdd_lora_spec, load_images, one_step_sample,
+                                         read_image_folder, train_gdd)
+from direct_distill.training.lora import STUDENT, LoraSpec, LoraStudent
+from direct_distill.training.progressive import LatentData
+
+PROMPTS = ["t-shirt", "trouser", "bag"]
+
+
+def data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 16, 16, generator=g), [PROMPTS[i % 3] for i in range(n)]
+
+
+def config(**kw):
+    return GDDConfig(**{**dict(steps=3, batch_size=2, lr=1e-2, disc_lr=1e-2, r1_every=2, checkpoint_every=2,
+                               lora_rank=2, lora_alpha=4.0), **kw})
+
+
+def convs(unet):
+    return {name: m for name, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_gdd_i_student_is_one_unet_call_at_999_in_a_fresh_pipeline(tiny_sd_pipeline, tmp_path, accelerator):
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    before = {name: m.weight.detach().clone() for name, m in convs(tiny_sd_pipeline.unet).items()}
+    out = tmp_path / "gdd.safetensors"
+    result = train_gdd(tiny_sd_pipeline, *data()[:1], out, prompts=data()[1], config=config(),
+                       teacher="tests/tiny-sd", accelerator=accelerator)
+    assert result.path == out and set(result.losses) == {"generator", "discriminator"}
+
+    # GDD-I: no convolution carries a LoRA, and every one keeps the teacher's weights; every linear layer has one.
+    unet = tiny_sd_pipeline.unet
+    for name, conv in convs(unet).items():
+        assert not hasattr(conv, "lora_A") and torch.equal(conv.weight, before[name]), name
+    lora, info = read_student(out)
+    conv_names = set(convs(bare.unet))
+    linear_names = {name for name, m in bare.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(info.target_modules) == linear_names and not conv_names & set(info.target_modules)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # trained away from zero
+
+    assert info.method == "gdd" and info.extra["variant"] == "gdd-i" and info.default_nfe == 1
+    assert info.nfe_schedules[1]["timesteps"] == [999] and info.nfe_schedules[1]["sigmas"][1] == 0.0
+    assert info.nfe_schedules[1]["sigmas"][0] == pytest.approx(((1 - 0.0047) / 0.0047) ** 0.5, rel=0.01)  # sigma_max
+    assert (info.comfy_sampler, info.guidance, info.prediction_type) == ("euler", 1.0, "epsilon")
+
+    # In a fresh pipeline: one UNet call at t = 999, landing exactly on the training-time generator's sample.
+    pipe = copy.deepcopy(bare)
+    load_student(pipe, out)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+    g = torch.Generator().manual_seed(3)
+    noise, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+    assert calls == [999]
+    reference = LoraStudent(copy.deepcopy(bare), config().lora_spec(bare.unet))
+    set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
+    with torch.no_grad():
+        torch.testing.assert_close(latent, one_step_sample(reference, noise, cond), atol=1e-4, rtol=1e-4)
+
+
+def test_plain_gdd_puts_the_lora_on_convolutions_too_and_gdd_i_refuses_them(tiny_sd_pipeline):
+    unet = tiny_sd_pipeline.unet
+    assert set(convs(unet)) <= set(config(variant="gdd").lora_spec(unet).target_modules)
+    assert set(config().lora_spec(unet).target_modules).isdisjoint(convs(unet))
+    assert config(target_modules=("to_q",)).lora_spec(unet).target_modules == ("to_q",)
+    with pytest.raises(ValueError, match="GDD-I keeps the convolutions frozen"):
+        config(target_modules=("to_q", "conv1")).lora_spec(unet)
+    with pytest.raises(ValueError, match="variant"):
+        gdd_lora_spec(unet, "gdd-ii", LoraSpec(target_modules=()))
+
+
+def test_discriminator_reads_the_bare_teacher_and_stops_after_the_mid_block(tiny_sd_pipeline):
+    student = LoraStudent(tiny_sd_pipeline, config(variant="gdd").lora_spec(tiny_sd_pipeline.unet))
+    features = TeacherFeatures(student)
+    g = torch.Generator().manual_seed(0)
+    z, cond, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g), torch.tensor([5, 400])
+    up_calls = []
+    for block in tiny_sd_pipeline.unet.up_blocks:
+        block.register_forward_hook(lambda *a: up_calls.append(1))
+    with torch.no_grad():
+        bare = features(z, t, cond)
+        for p in student.adapters.parameters():  # the generator's LoRA must not reach the discriminator
+            p.normal_()
+        assert [f.shape[1:] for f in bare] == [(32, 8, 8), (64, 8, 8), (64, 8, 8)]  # down blocks, mid block
+        assert all(torch.equal(a, b) for a, b in zip(bare, features(z, t, cond)))
+    assert not up_calls
+
+
+def test_r1_penalises_the_discriminators_gradient_on_real_latents(tiny_sd_pipeline):
+    student = LoraStudent(tiny_sd_pipeline, config().lora_spec(tiny_sd_pipeline.unet))
+    method = GDD(student, LatentData(*data()), (4, 16, 16), config(r1_every=4))
+    torch.manual_seed(0)
+    batch = method.batch(0)
+
+    def disc_loss(step, gamma):
+        method.config.r1_gamma = gamma
+        torch.manual_seed(1)  # the same discriminator noise each time
+        losses = dict(method.loss(step, batch))  # drawn without updates: the weights stay as they are
+        return losses["discriminator"].item()
+
+    base = disc_loss(0, 0.0)
+    assert disc_loss(0, 1.0) > base + 1e-6
+    assert disc_loss(0, 2.0) - base == pytest.approx(2 * (disc_loss(0, 1.0) - base), rel=1e-3)  # linear in gamma
+    assert disc_loss(1, 1.0) == pytest.approx(base)  # lazy: only every r1_every steps
+
+
+def test_evaluate_hook_gets_the_current_generator_every_n_steps(tiny_sd_pipeline, tmp_path, accelerator):
+    seen = []
+
+    def evaluate(step, generate):
+        a, b = generate(["bag", "coat", "bag"]), generate(["bag", "coat", "bag"])
+        assert a.shape == (3, 4, 16, 16) and torch.equal(a, b)  # seeded noise: the same samples each time
+        assert not torch.allclose(a, generate(["bag", "coat", "bag"], seed=1))
+        seen.append(step)
+        return {"fd": float(step)}
+
+    result = train_gdd(tiny_sd_pipeline, *data()[:1], tmp_path / "s.safetensors", prompts=data()[1],
+                       config=config(steps=4, eval_every=2), evaluate=evaluate, accelerator=accelerator)
+    assert seen == [2, 4] and result.evaluations == [(2, {"fd": 2.0}), (4, {"fd": 4.0})]
+    assert read_student(tmp_path / "s.safetensors")[1].extra["evaluations"] == [[2, {"fd": 2.0}], [4, {"fd": 4.0}]]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
+    pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
+    latents, prompts = data()
+    train_gdd(pipes[0], latents, tmp_path / "straight.safetensors", prompts=prompts, config=config(steps=4),
+              work_dir=tmp_path / "straight", accelerator=accelerator)
+    loss = GDD.loss
+
+    def dies_in_step_3(self, step, batch):
+        for name, value in loss(self, step, batch):
+            if step == 3 and name == "discriminator":  # after the generator's update of that step
+                raise Interrupted
+            yield name, value
+
+    monkeypatch.setattr(GDD, "loss", dies_in_step_3)
+    with pytest.raises(Interrupted):
+        train_gdd(pipes[1], latents, tmp_path / "resumed.safetensors", prompts=prompts, config=config(steps=4),
+                  work_dir=tmp_path / "resumed", accelerator=accelerator)
+    monkeypatch.setattr(GDD, "loss", loss)
+    torch.manual_seed(99)  # the caller's RNG must not matter
+    train_gdd(pipes[2], latents, tmp_path / "resumed.safetensors", prompts=prompts, config=config(steps=4),
+              work_dir=tmp_path / "resumed", accelerator=accelerator)
+    a, b = (read_safetensors(tmp_path / f"{name}.safetensors")[0] for name in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_or_empty_data_folder_is_a_clear_error(tiny_sd_pipeline, tmp_path, capsys):
+    from direct_distill.__main__ import main
+
+    with pytest.raises(FileNotFoundError, match="no such data folder.*image.png \\+ image.txt"):
+        read_image_folder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="holds no images"):
+        read_image_folder(tmp_path / "empty")
+
+    tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
+    args = ["distill", "gdd", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "gdd.safetensors"),
+            "--steps", "1", "--batch-size", "1", "--rank", "2"]
+    for folder, message in [("nowhere", "no such data folder"), ("empty", "holds no images")]:
+        with pytest.raises(SystemExit, match=message):
+            main(args + ["--data", str(tmp_path / folder)])
+    with pytest.raises(SystemExit, match="GDD trains on real data"):
+        main(args)
+
+    # A folder of captioned images (one uncaptioned, one in a subfolder) trains end to end.
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "more").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, size in [("a.png", (40, 32)), ("b.jpg", (32, 32)), ("more/c.png", (32, 48))]:
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(images / name)
+    (images / "a.txt").write_text("a bag\n")
+    (images / "more" / "c.txt").write_text("a coat")
+    paths, captions = read_image_folder(images)
+    assert [p.name for p in paths] == ["a.png", "b.jpg", "c.png"] and captions == ["a bag", "", "a coat"]
+    pixels = load_images(paths, 3, 32)
+    assert pixels.shape == (3, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+    assert main(args + ["--data", str(images)]) == 0
+    assert read_student(tmp_path / "gdd.safetensors")[1].nfe_schedules[1]["timesteps"] == [999]
+    assert (tmp_path / "gdd.work" / "folder_latents.safetensors").is_file()
+    assert "GDD-I one-step student written to" in capsys.readouterr().out
