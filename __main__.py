@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": ("direct_distill.lab.benchmark", "measure schedules, shortcut and students; write lab/REPORT.md"),
         "teacher": ("direct_distill.lab.teacher", "train the lab teacher (vae | unet | export)"),
         "classifier": ("direct_distill.lab.evaluator", "train the lab's evaluation classifier"),
-        "distill": ("direct_distill.training.cli", "distil a teacher: shortcut, progressive, sfd"),
+        "distill": ("direct_distill.training.cli", "distil a teacher: shortcut, progressive, sfd, gdd, disback"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: python -m direct_distill <command> [options]\n\ncommands:")
