@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
-from .gdd import Evaluate, one_step_sample, sample_function, write_one_step_student
+from .gdd import Evaluate, PeriodicEvaluation, one_step_sample, sample_function, write_one_step_student
 from .lora import LoraAdapters, LoraSpec, LoraStudent, drop_prompts, split_prediction
 from .loop import Player, TrainConfig, train
 
@@ -159,7 +159,7 @@ class DegradationRecording(_PromptBatches):
                                  {"format": "direct_distill.disback_node", "node": k, "step": step + 1})
 
 
-class DistributionBacktracking(_PromptBatches):
+class DistributionBacktracking(PeriodicEvaluation, _PromptBatches):
     """Stage two: the fake score and the generator, against the path's nodes in reverse order, then the teacher."""
 
     def __init__(self, student: LoraStudent, prompts: Sequence[str], latent_shape, config: DisBackConfig,
@@ -239,17 +239,6 @@ class DistributionBacktracking(_PromptBatches):
             weight = (x.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
             grad = torch.nan_to_num((x0_fake - x0_real) / weight)
         yield "generator", 0.5 * F.mse_loss(x, (x - grad).detach())
-
-    def after_step(self, step: int) -> dict[str, float] | None:
-        every = self.config.eval_every
-        if self.evaluate is None or not every or (step + 1) % every:
-            return None
-        scalars = self.evaluate(step + 1, self.generate)
-        if scalars:
-            scalars = {k: float(v) for k, v in scalars.items()}
-            self.evaluations.append((step + 1, scalars))
-        return scalars
-
 
 def node_file(node_dir: Path, k: int) -> Path:
     return node_dir / f"node_{k}.safetensors"

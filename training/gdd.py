@@ -221,7 +221,22 @@ def discriminator_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor
 # --- the method --------------------------------------------------------------------------------------------
 
 
-class GDD:
+class PeriodicEvaluation:
+    """The loop's ``after_step`` for one-step methods: every ``config.eval_every`` steps, hand the
+    ``evaluate`` hook (the lab's FD, say) a sampler of the current generator and log what it returns."""
+
+    def after_step(self, step: int) -> dict[str, float] | None:
+        every = self.config.eval_every
+        if self.evaluate is None or not every or (step + 1) % every:
+            return None
+        scalars = self.evaluate(step + 1, self.generate)
+        if scalars:
+            scalars = {k: float(v) for k, v in scalars.items()}
+            self.evaluations.append((step + 1, scalars))
+        return scalars
+
+
+class GDD(PeriodicEvaluation):
     """The GDD method for the training loop: two players, the generator's LoRA and the discriminator heads."""
 
     def __init__(self, student: LoraStudent, data: Callable, latent_shape: Sequence[int], config: GDDConfig,
@@ -280,17 +295,6 @@ class GDD:
                 r1 = grad.square().sum(dim=(1, 2, 3)).mean()
                 loss = loss + self.config.r1_every * self.config.r1_gamma / 2 * r1
         yield "discriminator", loss
-
-    def after_step(self, step: int) -> dict[str, float] | None:
-        every = self.config.eval_every
-        if self.evaluate is None or not every or (step + 1) % every:
-            return None
-        scalars = self.evaluate(step + 1, self.generate)
-        if scalars:
-            scalars = {k: float(v) for k, v in scalars.items()}
-            self.evaluations.append((step + 1, scalars))
-        return scalars
-
 
 @contextlib.contextmanager
 def _double_backward_attention():
