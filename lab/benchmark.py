@@ -164,6 +164,33 @@ def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
             bench.record("shortcut", name, k + 1, s, samples, {"guidance": guidance, "teacher_steps": steps})
 
 
+STUDENT_NFES = (1, 2, 4, 8)
+STUDENT_TEACHER_NFES = (1, 2, 4, 8, 20, 50)
+
+
+def run_student_rows(bench: Bench, repeats: int):
+    """Every committed student at each of its NFEs in STUDENT_NFES, at its recommended guidance."""
+    from ..pipelines import load_student
+    from . import STUDENTS_DIR
+    from .sampling import load_teacher, sample_teacher
+
+    guidance = bench.results.get("meta|best_guidance", {}).get("guidance", 2.0)
+    ac = bench.pipe.scheduler.alphas_cumprod
+    for s in range(repeats):
+        for nfe in STUDENT_TEACHER_NFES:
+            if f"schedule|exp_karras p=1|{nfe}|{s}" not in bench.results:
+                bench.teacher("exp_karras p=1", exp_karras_sigmas(nfe, 1.0, alphas_cumprod=ac), guidance, s)
+    for path in sorted(STUDENTS_DIR.glob("*.safetensors")):
+        pipe = load_teacher()
+        info = load_student(pipe, path)
+        for s in range(repeats):
+            for nfe in sorted(set(info.nfe_schedules) & set(STUDENT_NFES)):
+                samples = sample_teacher(pipe, None, info.guidance, bench.n, SEED_BASE + s, steps=nfe,
+                                         desc=f"{path.stem} NFE {nfe}")
+                bench.record("student", path.stem, nfe, s, samples,
+                             {"guidance": info.guidance, "method": info.method})
+
+
 def run_schedules(bench: Bench, guidance: float, repeats: int, repeat_nfes=(8, 12, 20),
                   repeat_names=("karras", "exp_karras p=1")):
     """Every schedule at every NFE on seed set 0; the key comparison on further seed sets for the spread."""
@@ -277,6 +304,7 @@ def write_report(results: dict, path: Path = REPORT) -> str:
         plot_fd_vs_nfe(results, names, path.parent / "plots" / "fd_vs_nfe.png")
         lines += schedule_verdict(results)
     lines += shortcut_section(results)
+    lines += student_section(results)
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -325,6 +353,33 @@ def shortcut_section(results: dict) -> list[str]:
     return lines + [""]
 
 
+def student_section(results: dict) -> list[str]:
+    names = sorted({r["name"] for r in results.values() if r.get("group") == "student"})
+    if not names:
+        return []
+    cols = sorted(set(STUDENT_NFES) | {20, 50})
+    lines = ["## LoRA students (FD / class accuracy)", "",
+             "| model | " + " | ".join(f"NFE {k}" for k in cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def cell(st):
+        return f"{_fmt_fd(st)} / {st['acc']:.3f}" if st else "–"
+
+    for name in names:
+        lines.append(f"| student `{name}` | " + " | ".join(cell(_stats(results, "student", name, k)) for k in cols) + " |")
+    lines.append("| teacher, exp_karras DPM++ 2M | " +
+                 " | ".join(cell(_stats(results, "schedule", "exp_karras p=1", k)) for k in cols) + " |")
+    ref20 = _stats(results, "schedule", "exp_karras p=1", 20)
+    if ref20:
+        lines.append("")
+        for name in names:
+            for k in STUDENT_NFES:
+                st = _stats(results, "student", name, k)
+                if st:
+                    lines.append(f"- `{name}` at NFE {k}: FD {100 * (st['fd'] / ref20['fd'] - 1):+.0f} % against the "
+                                 "teacher's 20-NFE FD.")
+    return lines + [""]
+
+
 def paired_difference(results: dict, a: str, b: str, nfe: int) -> tuple[float, float | None, int]:
     """Mean and sd of FD(a) - FD(b) over seed sets both ran (same seeds: a paired comparison)."""
     def by_seed(name):
@@ -368,7 +423,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default="floors,cfg,schedules",
-                        help="comma-separated row groups to (re)run: floors, cfg, schedules, shortcut")
+                        help="comma-separated row groups to (re)run: floors, cfg, schedules, shortcut, students")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="seed sets for the spread at NFE 8, 12, 20")
     parser.add_argument("--guidance", type=float, default=None, help="skip the sweep and use this CFG")
@@ -389,6 +444,8 @@ def main(argv=None):
         run_schedules(bench, guidance or 2.0, args.repeats)
     if "shortcut" in groups:
         run_shortcut_rows(bench, guidance or 2.0, args.repeats)
+    if "students" in groups:
+        run_student_rows(bench, args.repeats)
     write_report(bench.results)
     print(f"report written to {REPORT}")
 

@@ -50,16 +50,18 @@ def decode(pipe, latents: torch.Tensor, batch: int = 500) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_teacher(pipe, sigmas: torch.Tensor, guidance: float, n: int, seed: int, batch: int = 500,
-                   callback=None, desc: str = "sampling") -> Samples:
-    """DPM-Solver++(2M) over ``sigmas`` (VE, ending in 0) for ``n`` balanced prompts, starting from the
-    seeded noise. ``callback`` is passed to the pipeline as ``callback_on_step_end``."""
+def sample_teacher(pipe, sigmas: torch.Tensor | None, guidance: float, n: int, seed: int, batch: int = 500,
+                   callback=None, desc: str = "sampling", steps: int | None = None) -> Samples:
+    """``pipe``'s scheduler over ``sigmas`` (VE, ending in 0; DPM-Solver++ 2M for the lab teacher), or over
+    its own schedule for ``steps`` (a student's), for ``n`` balanced prompts from the seeded noise.
+    ``callback`` is passed to the pipeline as ``callback_on_step_end``."""
+    schedule = {"sigmas": sigmas.tolist()} if sigmas is not None else {"num_inference_steps": steps}
     noise, labels = seeded_noise_and_labels(n, seed)
     latents = []
     start = time.perf_counter()
     for i in tqdm(range(0, n, batch), desc=desc, leave=False):
         prompts = [CLASS_NAMES[int(c)] for c in labels[i:i + batch]]
-        out = pipe(prompts, sigmas=sigmas.tolist(), guidance_scale=guidance, output_type="latent",
+        out = pipe(prompts, **schedule, guidance_scale=guidance, output_type="latent",
                    latents=noise[i:i + batch], callback_on_step_end=callback)
         latents.append(out.images)
     latents = torch.cat(latents)
