@@ -218,11 +218,12 @@ def _stats(results: dict, group: str, name: str, nfe: int) -> dict | None:
 
 
 def _fmt_fd(st: dict | None) -> str:
+    """Seed set 0's FD (comparable across every row), then the mean ± sd where more seed sets ran."""
     if st is None:
         return "–"
     if st["fd_sd"] is not None:
-        return f"{st['fd']:.2f} ± {st['fd_sd']:.2f} (n={st['runs']})"
-    return f"{st['fd']:.2f}"
+        return f"{st['fd0']:.3f} ({st['runs']} sets: {st['fd']:.3f} ± {st['fd_sd']:.3f})"
+    return f"{st['fd0']:.3f}"
 
 
 def plot_fd_vs_nfe(results: dict, names: list[str], path: Path, group: str = "schedule"):
@@ -234,14 +235,15 @@ def plot_fd_vs_nfe(results: dict, names: list[str], path: Path, group: str = "sc
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
         pts = [(n, _stats(results, group, name, n)) for n in NFES]
-        pts = [(n, st["fd"]) for n, st in pts if st]
+        pts = [(n, st["fd0"]) for n, st in pts if st]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(NFES, [str(n) for n in NFES])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("NFE (DPM-Solver++ 2M steps)")
-    ax.set_ylabel("FD (classifier features) ↓")
+    ax.set_ylabel("FD (classifier features, seed set 0) ↓")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -260,7 +262,8 @@ def write_report(results: dict, path: Path = REPORT) -> str:
              f"Every row samples the same {n} seeded initial latents and balanced labels "
              f"(100 per class); FD is the Fréchet distance to the 10,000 real test images in the lab "
              "classifier's 128-d feature space, accuracy is the classifier's agreement with the prompt. "
-             "Where a cell shows ± it is the standard deviation over independent seed sets.", ""]
+             "FD cells give seed set 0 (the same noise for every row); where more seed sets ran, their mean "
+             "± standard deviation follows in brackets.", ""]
     floors = [r for r in results.values() if r.get("group") == "floor"]
     if floors:
         real = [r["fd"] for r in floors if r["name"] == "real train vs test"]
@@ -324,7 +327,7 @@ def shortcut_section(results: dict) -> list[str]:
         psnr = extra.get("heldout_psnr", {})
         if psnr:
             lines += ["Held-out PSNR against the 20-step teacher's final latent (latent space, peak = the range "
-                      "of the held-out targets):", "", "| input to the shortcut | " +
+                      "of the held-out targets; `input` is x_t itself):", "", "| held-out pairs | " +
                       " | ".join(k for k in psnr) + " |", "|---|" + "---|" * len(psnr)]
             keys = sorted({t for v in psnr.values() for t in v})
             for key in keys:
@@ -406,8 +409,8 @@ def schedule_verdict(results: dict) -> list[str]:
             verdict = "exp_karras better (one seed set)" if mean < 0 else "karras better (one seed set)"
         else:
             verdict = "no significant difference"
-        sd_txt = f" ± {sd:.2f}" if sd is not None else ""
-        lines.append(f"| {nfe} | {mean:+.2f}{sd_txt} | {k} | {verdict} |")
+        sd_txt = f" ± {sd:.3f}" if sd is not None else ""
+        lines.append(f"| {nfe} | {mean:+.3f}{sd_txt} | {k} | {verdict} |")
     best = {}
     for nfe in NFES:
         cands = [(st["fd"], f"p={p:g}") for p in P_VALUES
