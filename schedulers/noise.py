@@ -55,6 +55,17 @@ def alphas_cumprod_from_config(config: Mapping) -> torch.Tensor:
     return alphas_cumprod
 
 
+def vp_sigma_table(owner: str, *, prediction_type: str = "epsilon", **config) -> torch.Tensor:
+    """The float64 VE sigma table of a discrete VP model described by diffusers scheduler arguments,
+    refusing (ValueError naming ``owner``) a prediction type that is not a VP parameterisation.
+
+    float64 as ComfyUI builds it: diffusers' float32 table is ~1e-5 off at the smallest sigma."""
+    if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(f"{owner}: prediction_type {prediction_type!r} is not a discrete VP "
+                         "parameterisation (epsilon, sample or v_prediction)")
+    return sigma_table(alphas_cumprod_from_config(dict(config, prediction_type=prediction_type)))
+
+
 def sigma_table(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """VE sigma of every integer training timestep: ``sigma_t = sqrt((1 - abar_t) / abar_t)``."""
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)

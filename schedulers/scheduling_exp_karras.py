@@ -9,7 +9,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from .noise import alphas_cumprod_from_config, sigma_table, sigma_to_model_timestep, t_to_sigma
+from .noise import sigma_to_model_timestep, t_to_sigma, vp_sigma_table
 from .sigmas import exp_karras_sigmas_from_table
 
 # Sigma-shaping flags of other schedulers' configs: meaningless here, and dropped so a swapped-in
@@ -69,14 +69,9 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         if (isinstance(exp_karras_p, bool) or not isinstance(exp_karras_p, (int, float))
                 or not math.isfinite(exp_karras_p) or exp_karras_p < 0):
             raise ValueError(f"ExpKarrasScheduler: exp_karras_p must be a finite number >= 0, got {exp_karras_p!r}")
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"ExpKarrasScheduler: prediction_type {prediction_type!r} is not a discrete VP "
-                             "parameterisation (epsilon, sample or v_prediction)")
-        # Validates the noise table (one clear error for unusable configs) and keeps it in float64,
-        # as ComfyUI does: diffusers' float32 table costs ~1e-5 relative at the smallest sigma.
-        self._sigma_table = sigma_table(alphas_cumprod_from_config(dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
-                                        beta_end=beta_end, beta_schedule=beta_schedule,
-                                        trained_betas=trained_betas, prediction_type=prediction_type)))
+        self._sigma_table = vp_sigma_table(
+            "ExpKarrasScheduler", prediction_type=prediction_type, num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas)
         super().__init__(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=beta_schedule, trained_betas=trained_betas, solver_order=solver_order,

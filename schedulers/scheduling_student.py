@@ -7,7 +7,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
 
-from .noise import alphas_cumprod_from_config, sigma_table, sigma_to_model_timestep
+from .noise import sigma_to_model_timestep, vp_sigma_table
 
 
 class StudentScheduler(DPMSolverMultistepScheduler):
@@ -60,15 +60,12 @@ class StudentScheduler(DPMSolverMultistepScheduler):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
     ):
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"StudentScheduler: prediction_type {prediction_type!r} is not a discrete VP "
-                             "parameterisation (epsilon, sample or v_prediction)")
         if solver_order not in (1, 2):
             raise ValueError(f"StudentScheduler: solver_order must be 1 (DDIM/Euler) or 2 (DPM++ 2M), "
                              f"got {solver_order!r}")
-        table = sigma_table(alphas_cumprod_from_config(dict(
-            num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas, prediction_type=prediction_type)))
+        table = vp_sigma_table(
+            "StudentScheduler", prediction_type=prediction_type, num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas)
         self._schedules = _checked_schedules(nfe_schedules, table)
         if default_nfe not in self._schedules:
             raise ValueError(f"StudentScheduler: default_nfe {default_nfe!r} is not among the supported NFEs "
