@@ -94,3 +94,32 @@ def tiny_sdxl_pipeline(tiny_tokenizer):
         tokenizer_2=tiny_tokenizer, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def check_one_step_student():
+    """Asserts that a one-step student file, loaded into a copy of ``bare`` with ``load_student``, makes
+    one UNet call at t = 999 and lands on the training-time generator's sample (LoRA ``lora``, ``spec``)."""
+    import copy
+
+    from peft import set_peft_model_state_dict
+
+    from direct_distill.pipelines import load_student
+    from direct_distill.training.gdd import one_step_sample
+    from direct_distill.training.lora import STUDENT, LoraStudent
+
+    def check(bare, path, lora, spec):
+        pipe = copy.deepcopy(bare)
+        load_student(pipe, path)
+        calls = []
+        pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+        g = torch.Generator().manual_seed(3)
+        noise, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+        latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+        assert calls == [999]
+        reference = LoraStudent(copy.deepcopy(bare), spec)
+        set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
+        with torch.no_grad():
+            torch.testing.assert_close(latent, one_step_sample(reference, noise, cond), atol=1e-4, rtol=1e-4)
+
+    return check

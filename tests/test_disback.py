@@ -6,15 +6,12 @@ import copy
 
 import pytest
 import torch
-from peft import set_peft_model_state_dict
 
 from direct_distill.models.io import read_safetensors
 from direct_distill.models.student_file import read_student
-from direct_distill.pipelines import load_student
 from direct_distill.training.disback import (DEGRADE, FAKE, DisBackConfig, DistributionBacktracking,
                                              DegradationRecording, train_disback)
-from direct_distill.training.gdd import one_step_sample
-from direct_distill.training.lora import STUDENT, LoraAdapters, LoraSpec, LoraStudent
+from direct_distill.training.lora import LoraAdapters, LoraSpec, LoraStudent
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
@@ -26,7 +23,7 @@ def config(**kw):
 
 
 def test_path_is_recorded_then_visited_last_node_first_and_the_student_is_one_call_at_999(
-        tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
+        tiny_sd_pipeline, tmp_path, accelerator, monkeypatch, check_one_step_student):
     bare = copy.deepcopy(tiny_sd_pipeline)
     used = []  # (node, real adapter, its weights) of every generator update
     real_x0 = DistributionBacktracking.real_x0
@@ -67,18 +64,7 @@ def test_path_is_recorded_then_visited_last_node_first_and_the_student_is_one_ca
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
 
     # In a fresh pipeline: one UNet call at t = 999, landing exactly on the training-time generator's sample.
-    pipe = copy.deepcopy(bare)
-    load_student(pipe, out)
-    calls = []
-    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
-    g = torch.Generator().manual_seed(3)
-    noise, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
-    latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
-    assert calls == [999]
-    reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0))
-    set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
-    with torch.no_grad():
-        torch.testing.assert_close(latent, one_step_sample(reference, noise, cond), atol=1e-4, rtol=1e-4)
+    check_one_step_student(bare, out, lora, LoraSpec(rank=2, alpha=4.0))
 
 
 def test_stage_one_degrades_toward_the_initial_generator_and_the_fake_score_starts_at_the_last_node(

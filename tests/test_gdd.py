@@ -7,14 +7,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from peft import set_peft_model_state_dict
 
 from direct_distill.models.io import read_safetensors
 from direct_distill.models.student_file import read_student
-from direct_distill.pipelines import load_student
-from direct_distill.training.gdd import (GDD, GDDConfig, TeacherFeatures, gdd_lora_spec, load_images, one_step_sample,
+from direct_distill.training.gdd import (GDD, GDDConfig, TeacherFeatures, gdd_lora_spec, load_images,
                                          read_image_folder, train_gdd)
-from direct_distill.training.lora import STUDENT, LoraSpec, LoraStudent
+from direct_distill.training.lora import LoraSpec, LoraStudent
 from direct_distill.training.progressive import LatentData
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
@@ -34,7 +32,8 @@ def convs(unet):
     return {name: m for name, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
 
-def test_gdd_i_student_is_one_unet_call_at_999_in_a_fresh_pipeline(tiny_sd_pipeline, tmp_path, accelerator):
+def test_gdd_i_student_is_one_unet_call_at_999_in_a_fresh_pipeline(tiny_sd_pipeline, tmp_path, accelerator,
+                                                                   check_one_step_student):
     bare = copy.deepcopy(tiny_sd_pipeline)
     before = {name: m.weight.detach().clone() for name, m in convs(tiny_sd_pipeline.unet).items()}
     out = tmp_path / "gdd.safetensors"
@@ -58,18 +57,7 @@ def test_gdd_i_student_is_one_unet_call_at_999_in_a_fresh_pipeline(tiny_sd_pipel
     assert (info.comfy_sampler, info.guidance, info.prediction_type) == ("euler", 1.0, "epsilon")
 
     # In a fresh pipeline: one UNet call at t = 999, landing exactly on the training-time generator's sample.
-    pipe = copy.deepcopy(bare)
-    load_student(pipe, out)
-    calls = []
-    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
-    g = torch.Generator().manual_seed(3)
-    noise, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
-    latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
-    assert calls == [999]
-    reference = LoraStudent(copy.deepcopy(bare), config().lora_spec(bare.unet))
-    set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
-    with torch.no_grad():
-        torch.testing.assert_close(latent, one_step_sample(reference, noise, cond), atol=1e-4, rtol=1e-4)
+    check_one_step_student(bare, out, lora, config().lora_spec(bare.unet))
 
 
 def test_plain_gdd_puts_the_lora_on_convolutions_too_and_gdd_i_refuses_them(tiny_sd_pipeline):
