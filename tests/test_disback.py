@@ -107,11 +107,36 @@ def test_real_score_applies_classifier_free_guidance(tiny_sd_pipeline):
         torch.testing.assert_close(method.real_x0(z, t, cond, None), x_u + 3.0 * (x_c - x_u), atol=1e-4, rtol=1e-4)
 
 
+def test_without_backtracking_there_is_no_stage_one_and_the_teacher_is_the_only_target(
+        tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
+    started = []
+    init = DistributionBacktracking.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        started.append({k: v.clone() for k, v in self.fake.state_dict().items()})
+
+    monkeypatch.setattr(DistributionBacktracking, "__init__", spy)
+    out = tmp_path / "plain.safetensors"
+    result = train_disback(tiny_sd_pipeline, PROMPTS, out, config=config(path_checkpoints=0),
+                           work_dir=tmp_path / "work", accelerator=accelerator)
+    assert result.node_files == [] and not (tmp_path / "work/degradation").exists()
+    assert result.schedule == [(0, 5)] and result.visited == [0] * 5
+    assert set(result.losses) == {"fake", "generator"}
+    # The fake score started as the teacher: every LoRA B of its adapter was zero.
+    bs = [v for k, v in started[0].items() if k.endswith("B.weight")]
+    assert bs and all(v.abs().max() == 0 for v in bs)
+    assert read_student(out)[1].extra["backtracking"] is False
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="the teacher must be the last target"):
         config(steps=4).schedule()
     with pytest.raises(ValueError, match="path_checkpoints"):
         config(path_checkpoints=5).node_steps()
+    with pytest.raises(ValueError, match="path_checkpoints"):
+        config(path_checkpoints=-1).node_steps()
+    assert config(path_checkpoints=0).node_steps() == [] and config(path_checkpoints=0).schedule() == [(0, 5)]
     assert config(degradation_steps=10, path_checkpoints=3).node_steps() == [3, 7, 10]
     assert [config().node_at(s) for s in range(7)] == [2, 2, 1, 1, 0, 0, 0]
 

@@ -467,7 +467,8 @@ def disback_parser(sub) -> None:
     _one_step_arguments(p, "disback", d, d.lora)
     p.add_argument("--degradation-steps", type=int, default=d.degradation_steps, help="length of stage one")
     p.add_argument("--path-checkpoints", type=int, default=d.path_checkpoints,
-                   help="nodes recorded along the degradation path (evenly spaced)")
+                   help="nodes recorded along the degradation path (evenly spaced); 0 turns backtracking off "
+                        "(no stage one: the fake score starts as the teacher, the baseline the paper compares to)")
     p.add_argument("--steps-per-node", type=int, default=d.steps_per_node,
                    help="stage-two steps against each node; the rest of --steps distils the teacher")
     p.add_argument("--fake-lr", type=float, default=d.fake_lr, help="fake score's learning rate")

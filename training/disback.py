@@ -44,7 +44,10 @@ TEACHER_NODE = 0
 @dataclass
 class DisBackConfig:
     """Stage one records ``path_checkpoints`` nodes in ``degradation_steps``; stage two runs ``steps`` updates,
-    ``steps_per_node`` against each node (last first) and the rest against the teacher."""
+    ``steps_per_node`` against each node (last first) and the rest against the teacher.
+
+    ``path_checkpoints=0`` turns backtracking off: no stage one, the fake score starts as the teacher and the
+    teacher is the target from the first step (plain score distillation, the paper's baseline)."""
 
     degradation_steps: int = 400
     path_checkpoints: int = 4
@@ -70,8 +73,9 @@ class DisBackConfig:
     def node_steps(self) -> list[int]:
         """The stage-one steps after which nodes 1..K are recorded (K evenly spaced, the last at the end)."""
         K, L = self.path_checkpoints, self.degradation_steps
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1 or not isinstance(L, int) or L < K:
-            raise ValueError(f"need 1 <= path_checkpoints ({K}) <= degradation_steps ({L})")
+        if isinstance(K, bool) or not isinstance(K, int) or K < 0 or (K > 0 and (not isinstance(L, int) or L < K)):
+            raise ValueError(f"need path_checkpoints ({K}) = 0 (no backtracking) or 1 <= path_checkpoints <= "
+                             f"degradation_steps ({L})")
         return [round(k * L / K) for k in range(1, K + 1)]
 
     def schedule(self) -> list[tuple[int, int]]:
@@ -178,8 +182,10 @@ class DistributionBacktracking(PeriodicEvaluation, _PromptBatches):
         self.path, self.evaluate = path, evaluate
         self.degrade = LoraAdapters(student.unet, DEGRADE).requires_grad_(False)
         self.fake = LoraAdapters(student.unet, FAKE)
-        with torch.no_grad():
-            self.fake.load_state_dict(path[config.path_checkpoints])  # a score model of the initial generator
+        if config.path_checkpoints:
+            with torch.no_grad():
+                self.fake.load_state_dict(path[config.path_checkpoints])  # a score model of the initial generator
+        # else the fake score starts as the teacher (the adapter's B = 0): no backtracking
         self.fake.requires_grad_(True)
         self.modules = {"generator": student.adapters, "fake": self.fake}
         self.players = {"fake": Player(("fake",), lr=config.fake_lr),
@@ -276,12 +282,15 @@ def train_disback(pipe, prompts: Sequence[str], out: str | os.PathLike, *, confi
     common = dict(warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
                   checkpoint_every=config.checkpoint_every, tensorboard=config.tensorboard)
 
-    recording = DegradationRecording(student, prompts, latent_shape, config, node_dir)
-    stage1 = train(recording, TrainConfig(
-        steps=config.degradation_steps, lr=config.degradation_lr, seed=config.seed,
-        run_dir=work / "degradation" if work is not None else None, desc="disback: degradation", **common),
-        accelerator)
-    path = dict(recording.nodes)
+    path: dict[int, dict[str, torch.Tensor]] = {}
+    stage1 = None
+    if config.path_checkpoints:
+        recording = DegradationRecording(student, prompts, latent_shape, config, node_dir)
+        stage1 = train(recording, TrainConfig(
+            steps=config.degradation_steps, lr=config.degradation_lr, seed=config.seed,
+            run_dir=work / "degradation" if work is not None else None, desc="disback: degradation", **common),
+            accelerator)
+        path = dict(recording.nodes)
     for k in range(1, config.path_checkpoints + 1):
         if k not in path:  # recorded by an earlier run of this work folder
             file = node_file(node_dir, k) if node_dir is not None else None
@@ -293,15 +302,17 @@ def train_disback(pipe, prompts: Sequence[str], out: str | os.PathLike, *, confi
     backtracking = DistributionBacktracking(student, prompts, latent_shape, config, path, evaluate)
     stage2 = train(backtracking, TrainConfig(
         steps=config.steps, lr=config.lr, seed=config.seed + 1,
-        run_dir=work / "backtracking" if work is not None else None, desc="disback: backtracking", **common),
+        run_dir=work / "backtracking" if work is not None else None, desc="disback: backtracking" if config.path_checkpoints else "disback: no backtracking", **common),
         accelerator)
-    losses = {**({"degrade": stage1.loss} if stage1.loss is not None else {}), **stage2.losses}
+    losses = {**({"degrade": stage1.loss} if stage1 is not None and stage1.loss is not None else {}),
+              **stage2.losses}
     out = Path(out)
     if accelerator.is_main_process:
         write_one_step_student(student, out, method="disback",
                                teacher=teacher or str(getattr(pipe, "name_or_path", "") or "unknown"), extra={
                                    "schedule": [{"node": k, "steps": n} for k, n in schedule],
-                                   "node_steps": config.node_steps(), "real_guidance": config.real_guidance,
+                                   "node_steps": config.node_steps(), "backtracking": config.path_checkpoints > 0,
+                                   "real_guidance": config.real_guidance,
                                    "final_losses": losses, "evaluations": backtracking.evaluations,
                                    "training": asdict(config)})
     accelerator.wait_for_everyone()
