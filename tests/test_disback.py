@@ -60,6 +60,7 @@ def test_path_is_recorded_then_visited_last_node_first_and_the_student_is_one_ca
     lora, info = read_student(out)
     assert info.method == "disback" and info.default_nfe == 1 and info.nfe_schedules[1]["timesteps"] == [999]
     assert (info.comfy_sampler, info.guidance, info.extra["real_guidance"]) == ("euler", 1.0, 2.0)
+    assert info.extra["train_seconds"] > 0 and info.extra["backtracking"] is True
     assert info.extra["schedule"] == [{"node": 2, "steps": 2}, {"node": 1, "steps": 2}, {"node": 0, "steps": 1}]
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
 

@@ -52,6 +52,7 @@ def test_gdd_i_student_is_one_unet_call_at_999_in_a_fresh_pipeline(tiny_sd_pipel
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # trained away from zero
 
     assert info.method == "gdd" and info.extra["variant"] == "gdd-i" and info.default_nfe == 1
+    assert info.extra["train_seconds"] > 0
     assert info.nfe_schedules[1]["timesteps"] == [999] and info.nfe_schedules[1]["sigmas"][1] == 0.0
     assert info.nfe_schedules[1]["sigmas"][0] == pytest.approx(((1 - 0.0047) / 0.0047) ** 0.5, rel=0.01)  # sigma_max
     assert (info.comfy_sampler, info.guidance, info.prediction_type) == ("euler", 1.0, "epsilon")

@@ -104,13 +104,16 @@ def test_students_of_every_round_load_and_sample_their_schedule(tiny_sd_pipeline
     assert result.path == out and set(result.round_paths) == {2, 1}
     assert result.round_paths[2] == tmp_path / "progressive_nfe2.safetensors"
     assert all(loss is not None and loss > 0 for loss in result.losses.values())
+    seconds = {}
     for n, timesteps in [(2, [999, 499]), (1, [999])]:
         lora, info = read_student(result.round_paths[n])
+        seconds[n] = info.extra["train_seconds"]
         assert info.method == "progressive" and info.nfe_schedules[n]["timesteps"] == timesteps
         assert list(info.nfe_schedules) == [n] and info.default_nfe == n
         assert (info.comfy_sampler, info.prediction_type, info.rank, info.alpha) == ("ddim", "epsilon", 2, 4.0)
         assert info.extra["round"] == f"{2 * n}->{n}" and info.extra["distilled_at_guidance"] == 1.0
         assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)  # trained away from zero
+    assert 0 < seconds[2] < seconds[1]  # the 1-step student's cost includes the round that made its teacher
 
     # The 2-step student in a fresh pipeline: its LoRA, its timesteps, and exactly its training-time DDIM updates.
     pipe = copy.deepcopy(bare)

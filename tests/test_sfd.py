@@ -72,6 +72,7 @@ def test_one_student_file_for_several_nfes_samples_as_it_was_trained(tiny_sd_pip
     assert {n: s["timesteps"] for n, s in info.nfe_schedules.items()} == {2: [999, 499], 3: [999, 666, 332]}
     assert (info.default_nfe, info.comfy_sampler, info.prediction_type, info.guidance) == (3, "euler", "epsilon", 1.0)
     assert info.extra["teacher_solver"] == "dpmpp_2m" and info.extra["distance"] == "l1"
+    assert info.extra["train_seconds"] > 0 and info.extra["device"] == "cpu"
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
 
     reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..models.io import atomic_save_file, read_safetensors
 from .gdd import Evaluate, PeriodicEvaluation, one_step_sample, sample_function, write_one_step_student
 from .lora import LoraAdapters, LoraSpec, LoraStudent, drop_prompts, split_prediction
-from .loop import Player, TrainConfig, train
+from .loop import Player, TrainConfig, add_seconds, cost_record, train
 
 DEGRADE = "degrade"
 FAKE = "fake"
@@ -314,7 +314,9 @@ def train_disback(pipe, prompts: Sequence[str], out: str | os.PathLike, *, confi
                                    "node_steps": config.node_steps(), "backtracking": config.path_checkpoints > 0,
                                    "real_guidance": config.real_guidance,
                                    "final_losses": losses, "evaluations": backtracking.evaluations,
-                                   "training": asdict(config)})
+                                   "training": asdict(config),
+                                   **cost_record(add_seconds(stage1.seconds if stage1 is not None else 0.0,
+                                                             stage2.seconds), accelerator)})
     accelerator.wait_for_everyone()
     return DisBackResult(path=out, node_files=[node_file(node_dir, k) for k in sorted(path)] if node_dir else [],
                          schedule=schedule, visited=backtracking.visited, losses=losses,

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import STUDENT, LoraSpec, LoraStudent, drop_prompts
-from .loop import Player, TrainConfig, train
+from .loop import Player, TrainConfig, cost_record, train
 from .progressive import LatentData
 
 VARIANTS = ("gdd-i", "gdd")
@@ -398,6 +398,6 @@ def train_gdd(pipe, data: torch.Tensor | Callable, out: str | os.PathLike, *,
                                    "variant": config.variant, "gan_loss": config.gan_loss,
                                    "discriminator": "teacher UNet down/mid features + conv heads",
                                    "final_losses": result.losses, "evaluations": method.evaluations,
-                                   "training": training})
+                                   "training": training, **cost_record(result.seconds, accelerator)})
     accelerator.wait_for_everyone()
     return GDDResult(path=out, losses=result.losses, evaluations=method.evaluations)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,22 @@ class TrainResult:
     loss: float | None        # loss of the last step run here (None when nothing was left to run);
                               # with players: the last loss applied
     losses: dict[str, float] = field(default_factory=dict)  # with players: each one's last loss
+    seconds: float | None = None  # wall-clock of all config.steps, summed over resumed runs (None: a checkpoint
+                                  # from before the loop kept time)
+
+
+def cost_record(seconds: float | None, accelerator) -> dict:
+    """What a student or shortcut file records about its training's cost: wall-clock seconds in the training
+    loop (summed over stages and resumed runs; None if unknown), and where they were spent."""
+    device = accelerator.device
+    return {"train_seconds": None if seconds is None else round(seconds, 1), "device": str(device),
+            "processes": accelerator.num_processes,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+
+
+def add_seconds(*parts: float | None) -> float | None:
+    """The sum of the stages' seconds; None if any stage's is unknown."""
+    return None if any(p is None for p in parts) else sum(parts)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 0, final_fraction: float = 0.0) -> float:
@@ -137,19 +154,25 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
 
     run_dir = Path(config.run_dir) if config.run_dir is not None else None
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
-    start = 0
+    start, seconds_before = 0, 0.0
     if checkpoint is not None and config.resume and checkpoint.is_file():
         start, extra = load_training_state(checkpoint, modules, optimizers)
+        seconds_before = extra.get("seconds")
         if extra.get("seed") != config.seed:
             raise ValueError(f"{checkpoint}: written by a run with seed {extra.get('seed')}, this run has seed "
                              f"{config.seed}; resume with the same seed or use another run folder")
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
     writer = _tensorboard(run_dir, accelerator) if config.tensorboard else None
 
+    began = time.perf_counter()
+
+    def elapsed() -> float | None:
+        return None if seconds_before is None else seconds_before + time.perf_counter() - began
+
     def save(step: int) -> None:
         if checkpoint is not None and accelerator.is_main_process:
             save_training_state(checkpoint, modules, {n: opt.optimizer for n, opt in optimizers.items()}, step,
-                                extra={"seed": config.seed, "steps": config.steps})
+                                extra={"seed": config.seed, "steps": config.steps, "seconds": elapsed()})
         accelerator.wait_for_everyone()
 
     def update(name: str, loss: torch.Tensor, step: int) -> tuple[float, float | None]:
@@ -217,11 +240,12 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
     bar.close()
     if start < config.steps:
         save(config.steps)
+    seconds = elapsed()
     if writer is not None:
         writer.close()
     for m in modules.values():
         m.eval()
-    return TrainResult(step=config.steps, loss=loss_value, losses=losses)
+    return TrainResult(step=config.steps, loss=loss_value, losses=losses, seconds=seconds)
 
 
 def _player_params(players: dict[str, Player], modules: dict[str, torch.nn.Module], config: TrainConfig) -> dict:

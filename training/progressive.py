@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .lora import CLEAN, STUDENT, LoraSpec, LoraStudent, copy_adapter, drop_prompts, trailing_timesteps
-from .loop import TrainConfig, train
+from .loop import TrainConfig, add_seconds, cost_record, train
 
 TEACHER = "teacher"
 WEIGHTINGS = ("truncated_snr", "snr+1")
@@ -199,6 +199,7 @@ def train_progressive(pipe, data: torch.Tensor | Callable, out: str | os.PathLik
     out = Path(out)
     name = teacher or str(getattr(pipe, "name_or_path", "") or "unknown")
     paths, losses = {}, {}
+    seconds: float | None = 0.0  # the rounds so far: a round's student cost every round before it too
     for r, n in enumerate(rounds):
         teacher_adapter = TEACHER if r else None  # round 0: the bare UNet
         if r:
@@ -210,6 +211,7 @@ def train_progressive(pipe, data: torch.Tensor | Callable, out: str | os.PathLik
             checkpoint_every=config.checkpoint_every, tensorboard=config.tensorboard,
             desc=f"progressive {2 * n}->{n}"), accelerator)
         losses[n] = result.loss
+        seconds = add_seconds(seconds, result.seconds)
         if n == rounds[-1] or config.save_rounds:
             paths[n] = round_path(out, n, rounds[-1])
             if accelerator.is_main_process:
@@ -218,6 +220,7 @@ def train_progressive(pipe, data: torch.Tensor | Callable, out: str | os.PathLik
                               default_nfe=n, comfy_sampler="ddim", guidance=config.guidance, extra={
                                   "round": f"{2 * n}->{n}", "rounds": [f"{2 * m}->{m}" for m in rounds],
                                   "teacher_sampler": "ddim", "distilled_at_guidance": 1.0,
-                                  "final_loss": result.loss, "training": asdict(config)})
+                                  "final_loss": result.loss, "training": asdict(config),
+                                  **cost_record(seconds, accelerator)})
             accelerator.wait_for_everyone()
     return ProgressiveResult(path=paths[rounds[-1]], round_paths=paths, losses=losses)

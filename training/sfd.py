@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .lora import CLEAN, STUDENT, LoraSpec, LoraStudent, drop_prompts, trailing_timesteps
-from .loop import TrainConfig, train
+from .loop import TrainConfig, cost_record, train
 
 DISTANCES = ("l1", "l2")
 TEACHER_FROM = ("teacher", "student")
@@ -174,6 +174,6 @@ def train_sfd(pipe, prompts: Sequence[str], out: str | os.PathLike, *, config: S
                           "teacher_solver": "dpmpp_2m", "teacher_substeps": config.teacher_substeps,
                           "teacher_from": config.teacher_from, "distance": config.distance,
                           "distilled_at_guidance": 1.0, "nfe_conditioning": False, "final_loss": result.loss,
-                          "training": asdict(config)})
+                          "training": asdict(config), **cost_record(result.seconds, accelerator)})
     accelerator.wait_for_everyone()
     return SFDResult(path=out, loss=result.loss)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..models.nafnet import PRESETS, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
-from .loop import TrainConfig, train
+from .loop import TrainConfig, add_seconds, cost_record, train
 from .trajectories import Trajectories, load_trajectories
 
 
@@ -196,14 +196,14 @@ def train_shortcut(trajectories: Trajectories | str | os.PathLike, out: str | os
     if evaluate:
         psnr["input"] = heldout_psnr(None, held_pairs, accelerator.device)
         _report("nothing (x_t itself, the baseline)", psnr["input"], accelerator)
-    run(DenoiseStage(shortcut.stage1, train_pairs, config.batch_size, round(config.stage1_steps * config.l1_fraction)),
-        "stage1", config.stage1_steps)
+    seconds = run(DenoiseStage(shortcut.stage1, train_pairs, config.batch_size,
+                               round(config.stage1_steps * config.l1_fraction)), "stage1", config.stage1_steps).seconds
     if evaluate:
         psnr["stage1"] = heldout_psnr(shortcut.stage1, held_pairs, accelerator.device)
         _report("stage 1", psnr["stage1"], accelerator)
     if shortcut.stage2 is not None:
-        run(DeblurStage(shortcut.stage1, shortcut.stage2, train_pairs, config.batch_size), "stage2",
-            config.stage2_steps)
+        seconds = add_seconds(seconds, run(DeblurStage(shortcut.stage1, shortcut.stage2, train_pairs,
+                                                       config.batch_size), "stage2", config.stage2_steps).seconds)
         if evaluate:
             psnr["stage1+2"] = heldout_psnr(shortcut, held_pairs, accelerator.device)
             _report("stage 1+2", psnr["stage1+2"], accelerator)
@@ -218,6 +218,7 @@ def train_shortcut(trajectories: Trajectories | str | os.PathLike, out: str | os
         "guidance_scale": capture.get("guidance_scale"), "num_trajectories": len(data.final),
         "heldout_trajectories": len(held_ids), "heldout_psnr": psnr,
         "psnr_peak": "max - min of the held-out target latents", "training": asdict(config),
+        **cost_record(seconds, accelerator),  # the training loop only: capturing trajectories is not counted
     }
     out = Path(out)
     shortcut = shortcut.float().cpu().eval()
