@@ -183,12 +183,38 @@ def run_student_rows(bench: Bench, repeats: int):
     for path in sorted(STUDENTS_DIR.glob("*.safetensors")):
         pipe = load_teacher()
         info = load_student(pipe, path)
+        name = student_row_name(path)
+        extra = info.extra
+        bench.save({f"student_meta|{path.stem}": dict(
+            group="student_meta", name=name, file=path.name, method=info.method, nfes=sorted(info.nfe_schedules),
+            train_seconds=extra.get("train_seconds"), threads=extra.get("threads"), device=extra.get("device"),
+            evaluations=extra.get("evaluations", []), backtracking=extra.get("backtracking"),
+            training=extra.get("training", {}))})
         for s in range(repeats):
             for nfe in sorted(set(info.nfe_schedules) & set(STUDENT_NFES)):
                 samples = sample_teacher(pipe, None, info.guidance, bench.n, SEED_BASE + s, steps=nfe,
                                          desc=f"{path.stem} NFE {nfe}")
-                bench.record("student", path.stem, nfe, s, samples,
-                             {"guidance": info.guidance, "method": info.method})
+                bench.record("student", name, nfe, s, samples,
+                             {"guidance": info.guidance, "method": info.method, "file": path.name})
+
+
+def student_row_name(path: Path) -> str:
+    """The report row of a student file: a progressive run's rounds (``progressive_nfe8``, ...) share one row."""
+    import re
+
+    return re.sub(r"_nfe\d+$", "", path.stem)
+
+
+def run_costs(bench: Bench):
+    """The teacher's training cost on this machine (its two stages timed on short runs of the training code),
+    the reference every distillation's recorded seconds are compared with."""
+    from .teacher import measure_training_cost
+
+    cost = measure_training_cost()
+    bench.save({"cost|teacher": {"group": "cost", **cost}})
+    print(f"teacher training: VAE {cost['vae_seconds_per_step']:.3f} s/step x {cost['vae_steps']}, UNet "
+          f"{cost['unet_seconds_per_step']:.3f} s/step x {cost['unet_steps']} = {cost['seconds'] / 60:.1f} min "
+          f"on {cost['threads']} thread(s)")
 
 
 def run_schedules(bench: Bench, guidance: float, repeats: int, repeat_nfes=(8, 12, 20),
@@ -307,7 +333,7 @@ def write_report(results: dict, path: Path = REPORT) -> str:
         plot_fd_vs_nfe(results, names, path.parent / "plots" / "fd_vs_nfe.png")
         lines += schedule_verdict(results)
     lines += shortcut_section(results)
-    lines += student_section(results)
+    lines += student_section(results, path.parent / "plots")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -356,7 +382,7 @@ def shortcut_section(results: dict) -> list[str]:
     return lines + [""]
 
 
-def student_section(results: dict) -> list[str]:
+def student_section(results: dict, plots: Path = PLOTS) -> list[str]:
     names = sorted({r["name"] for r in results.values() if r.get("group") == "student"})
     if not names:
         return []
@@ -380,7 +406,73 @@ def student_section(results: dict) -> list[str]:
                 if st:
                     lines.append(f"- `{name}` at NFE {k}: FD {100 * (st['fd'] / ref20['fd'] - 1):+.0f} % against the "
                                  "teacher's 20-NFE FD.")
+    return lines + [""] + cost_section(results) + curve_section(results, plots)
+
+
+def cost_section(results: dict) -> list[str]:
+    """Each student file's recorded training seconds next to the teacher's training cost."""
+    metas = sorted((r for r in results.values() if r.get("group") == "student_meta"), key=lambda r: r["file"])
+    teacher = results.get("cost|teacher")
+    if not metas:
+        return []
+    lines = ["## What distillation costs", "",
+             "Seconds in the training loop, recorded in each student file (CPU, one thread unless noted). "
+             + (f"The teacher's training, timed on this machine with the same code: VAE "
+                f"{teacher['vae_seconds_per_step']:.3f} s/step x {teacher['vae_steps']} + UNet "
+                f"{teacher['unet_seconds_per_step']:.3f} s/step x {teacher['unet_steps']} (batch "
+                f"{teacher['unet_batch']}) = **{teacher['seconds'] / 60:.1f} min** on {teacher['threads']} thread(s)."
+                if teacher else "The teacher's cost is not measured yet (`--groups costs`)."), "",
+             "| student file | NFE | training | share of the teacher's training |", "|---|---|---|---|"]
+    for r in metas:
+        sec = r.get("train_seconds")
+        share = f"{100 * sec / teacher['seconds']:.0f} %" if sec is not None and teacher else "–"
+        threads = f" ({r['threads']} threads)" if r.get("threads") not in (None, 1) else ""
+        lines.append(f"| `{r['file']}` | {', '.join(map(str, r['nfes']))} | "
+                     f"{f'{sec / 60:.1f} min' if sec is not None else 'not recorded'}{threads} | {share} |")
     return lines + [""]
+
+
+def curve_section(results: dict, plots: Path = PLOTS) -> list[str]:
+    """FD along training of the students that were evaluated as they trained, and the steps each needs to reach
+    the best FD the slowest of them reached."""
+    runs = {r["name"]: r["evaluations"] for r in results.values()
+            if r.get("group") == "student_meta" and r.get("evaluations")}
+    if not runs:
+        return []
+    plot_curves(runs, plots / "one_step_curves.png")
+    target = max(min(e[1]["fd"] for e in evals) for evals in runs.values())
+    lines = ["## One-step students along training", "",
+             "FD of 1,000 samples of the student every few hundred steps (its own seeds, guidance 1). DisBack's "
+             "steps are those of stage two; with backtracking, stage one (the degradation path) adds "
+             "`degradation_steps` teacher-sized fine-tuning steps before them.", "",
+             "![FD along training](plots/one_step_curves.png)", "",
+             f"Steps to reach FD {target:.2f} (the best the slowest run reached):", "",
+             "| run | steps | first FD | best FD (at step) |", "|---|---|---|---|"]
+    for name, evals in sorted(runs.items()):
+        reached = next((step for step, sc in evals if sc["fd"] <= target), None)
+        best = min(evals, key=lambda e: e[1]["fd"])
+        lines.append(f"| `{name}` | {reached if reached is not None else 'not reached'} | {evals[0][1]['fd']:.2f} "
+                     f"(step {evals[0][0]}) | {best[1]['fd']:.2f} ({best[0]}) |")
+    return lines + [""]
+
+
+def plot_curves(runs: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, evals in sorted(runs.items()):
+        ax.plot([e[0] for e in evals], [e[1]["fd"] for e in evals], marker="o", label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FD (1,000 samples) ↓")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def paired_difference(results: dict, a: str, b: str, nfe: int) -> tuple[float, float | None, int]:
@@ -426,7 +518,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default="floors,cfg,schedules",
-                        help="comma-separated row groups to (re)run: floors, cfg, schedules, shortcut, students")
+                        help="comma-separated row groups to (re)run: floors, cfg, schedules, shortcut, students, costs")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3, help="seed sets for the spread at NFE 8, 12, 20")
     parser.add_argument("--guidance", type=float, default=None, help="skip the sweep and use this CFG")
@@ -449,6 +541,8 @@ def main(argv=None):
         run_shortcut_rows(bench, guidance or 2.0, args.repeats)
     if "students" in groups:
         run_student_rows(bench, args.repeats)
+    if "costs" in groups:
+        run_costs(bench)
     write_report(bench.results)
     print(f"report written to {REPORT}")
 

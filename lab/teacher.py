@@ -13,6 +13,7 @@ import json
 import math
 import string
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,25 @@ from .data import CLASS_NAMES, load_fashion_mnist
 
 WORK_DIR = Path(__file__).resolve().parent / "work"
 MAX_TOKENS = 16
+VAE_STEPS, VAE_BATCH = 2000, 64      # what the committed teacher was trained with (the CLI's defaults)
+UNET_STEPS, UNET_BATCH = 4500, 128
+
+
+class StepTimer:
+    """Mean wall-clock of the training steps after the first (which pays for allocation and warm-up)."""
+
+    def __init__(self):
+        self.last, self.total, self.count = None, 0.0, 0
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.total, self.count = self.total + now - self.last, self.count + 1
+        self.last = now
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        return self.total / self.count if self.count else None
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -128,7 +148,9 @@ def _resume(ckpt: Path, modules, optimizers) -> int:
 
 # --- stage: vae ------------------------------------------------------------------------------
 
-def train_vae(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: int, seed: int = 0):
+def train_vae(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: int, seed: int = 0) -> float | None:
+    """Train the VAE to ``steps`` (resuming from ``work``), save it to ``work/vae``; returns the mean seconds per
+    step of this run (None if it ran fewer than two)."""
     torch.manual_seed(seed)
     images, _ = load_fashion_mnist("train")
     vae = build_vae()
@@ -136,7 +158,9 @@ def train_vae(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: in
     ckpt = work / "vae_state.safetensors"
     step = _resume(ckpt, {"vae": vae}, {"vae": opt})
     bar = tqdm(total=steps, initial=step, desc="vae")
+    timer = StepTimer()
     while step < steps:
+        timer.tick()
         x = images[torch.randint(0, len(images), (batch_size,))]
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, 200)
@@ -160,6 +184,7 @@ def train_vae(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: in
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(work / "vae")
     print(f"vae saved to {work / 'vae'} (scaling_factor={scale:.4f})")
+    return timer.seconds_per_step
 
 
 # --- stage: unet -----------------------------------------------------------------------------
@@ -177,7 +202,9 @@ def encode_dataset(vae, images: torch.Tensor, batch: int = 1000) -> tuple[torch.
 
 
 def train_unet(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: int,
-               p_uncond: float = 0.1, ema_decay: float = 0.999, seed: int = 0):
+               p_uncond: float = 0.1, ema_decay: float = 0.999, seed: int = 0) -> float | None:
+    """Train the UNet and text encoder to ``steps`` (resuming from ``work``, which holds the VAE); returns the
+    mean seconds per step of this run (None if it ran fewer than two)."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     torch.manual_seed(seed)
@@ -210,7 +237,9 @@ def train_unet(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: i
     step = _resume(ckpt, modules, {"unet": opt})
     print(f"unet parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M")
     bar = tqdm(total=steps, initial=step, desc="unet")
+    timer = StepTimer()
     while step < steps:
+        timer.tick()
         idx = torch.randint(0, len(lat_mean), (batch_size,))
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])
         cls = labels[idx].clone()
@@ -239,6 +268,27 @@ def train_unet(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: i
         if step % ckpt_every == 0 or step == steps:
             save_training_state(ckpt, modules, {"unet": opt}, step)
     bar.close()
+    return timer.seconds_per_step
+
+
+def measure_training_cost(steps: int = 20, encode_images: int = 2560) -> dict:
+    """What training the teacher costs on this machine: the two stages' seconds per step, timed on short runs of
+    the very training code in a scratch folder, times the steps the committed teacher was trained for.
+
+    The UNet run reads latents of the first ``encode_images`` training images (a step's cost does not depend on
+    how many there are to draw from)."""
+    from diffusers import AutoencoderKL
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        vae_spp = train_vae(steps, VAE_BATCH, 1e-3, work, ckpt_every=10 ** 9)
+        images, _ = load_fashion_mnist("train")
+        mean, std = encode_dataset(AutoencoderKL.from_pretrained(work / "vae").eval(), images[:encode_images])
+        atomic_save_file({"mean": mean, "std": std}, work / "latents.safetensors")
+        unet_spp = train_unet(steps, UNET_BATCH, 1e-3, work, ckpt_every=10 ** 9)
+    return {"vae_seconds_per_step": vae_spp, "vae_steps": VAE_STEPS, "vae_batch": VAE_BATCH,
+            "unet_seconds_per_step": unet_spp, "unet_steps": UNET_STEPS, "unet_batch": UNET_BATCH,
+            "seconds": vae_spp * VAE_STEPS + unet_spp * UNET_STEPS, "threads": torch.get_num_threads()}
 
 
 # --- stage: export ---------------------------------------------------------------------------
@@ -266,8 +316,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["vae", "unet", "export"])
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--vae-batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=UNET_BATCH)
+    parser.add_argument("--vae-batch-size", type=int, default=VAE_BATCH)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and intermediate files")
     parser.add_argument("--out", type=Path, default=TEACHER_DIR)
@@ -275,9 +325,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.stage == "vae":
-        train_vae(args.steps or 2000, args.vae_batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
+        train_vae(args.steps or VAE_STEPS, args.vae_batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
     elif args.stage == "unet":
-        train_unet(args.steps or 4500, args.batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
+        train_unet(args.steps or UNET_STEPS, args.batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
     else:
         export_teacher(args.work, args.out)
 
