@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..schedulers import exp_karras_sigmas, karras_sigmas, sigma_table
-from . import CLASSIFIER_PATH, SHORTCUT_PATH
+from . import CLASSIFIER_PATH, SHORTCUT_PATH, STUDENTS_DIR
 
 
 def main(argv=None):
@@ -62,7 +62,20 @@ def main(argv=None):
         acc = f", class accuracy {evaluator.accuracy(s.images, s.labels):.2f}" if evaluator else ""
         steps = callbacks[name].handoff_step if name in callbacks else len(sigmas) - 1
         print(f"{name:16s} {steps:3d} UNet steps, {s.seconds_per_image * 1e3:6.1f} ms/image{acc} -> {path}")
-    print(f"rows are the classes t-shirt ... ankle boot; guidance {guidance:g}")
+    # Every committed student at its default NFE and recommended guidance, through the public loader.
+    from ..pipelines import load_student
+
+    for path in sorted(STUDENTS_DIR.glob("*.safetensors")):
+        student_pipe = load_teacher()
+        info = load_student(student_pipe, path)
+        name = f"{path.stem}_{info.default_nfe}nfe"
+        s = sample_teacher(student_pipe, None, info.guidance, n, args.seed, steps=info.default_nfe, desc=name)
+        out = args.out / f"{name}.png"
+        save_grid(s.images, s.labels, out, per_class=args.per_class)
+        acc = f", class accuracy {evaluator.accuracy(s.images, s.labels):.2f}" if evaluator else ""
+        print(f"{name:16s} {info.default_nfe:3d} UNet steps, {s.seconds_per_image * 1e3:6.1f} ms/image{acc} -> {out} "
+              f"({info.method} student, guidance {info.guidance:g})")
+    print(f"rows are the classes t-shirt ... ankle boot; guidance {guidance:g} for the teacher")
 
 
 if __name__ == "__main__":

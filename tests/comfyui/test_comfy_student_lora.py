@@ -33,9 +33,10 @@ def diffusers_twin_of_tiny_sd15() -> UNet2DConditionModel:
         norm_num_groups=32).eval()
 
 
-def comfy_model_from(unet: UNet2DConditionModel) -> comfy.model_patcher.ModelPatcher:
-    """A ComfyUI MODEL holding the diffusers UNet's weights, as a checkpoint loader would return it."""
-    model_config = TinySD15(dict(TINY_UNET_CONFIG))
+def comfy_model_from(unet: UNet2DConditionModel, model_config=None) -> comfy.model_patcher.ModelPatcher:
+    """A ComfyUI MODEL holding the diffusers UNet's weights, as a checkpoint loader would return it (the tiny
+    SD1.5 architecture unless ``model_config`` names another)."""
+    model_config = model_config or TinySD15(dict(TINY_UNET_CONFIG))
     model_config.set_inference_dtype(torch.float32, None)
     model = comfy.model_base.BaseModel(model_config, device=None)
     to_comfy = comfy.utils.unet_to_diffusers(model_config.unet_config)  # diffusers key -> comfy key
