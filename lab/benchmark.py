@@ -107,7 +107,9 @@ class Bench:
 
 
 def slug(*parts) -> str:
-    return "_".join(str(p) for p in parts).replace(" ", "").replace("=", "").replace("|", "_")
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.+-]", "", "_".join(str(p) for p in parts).replace("|", "_"))
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 8):
