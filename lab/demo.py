@@ -23,7 +23,7 @@ def main(argv=None):
     if args.steps < 1 or args.per_class < 1:
         parser.error("--steps and --per-class must be >= 1")
 
-    from .benchmark import RESULTS, save_grid
+    from .benchmark import RESULTS, save_grid, student_row_name
     from .sampling import sample_teacher, load_teacher
 
     guidance = args.guidance
@@ -68,7 +68,7 @@ def main(argv=None):
     for path in sorted(STUDENTS_DIR.glob("*.safetensors")):
         student_pipe = load_teacher()
         info = load_student(student_pipe, path)
-        name = f"{path.stem}_{info.default_nfe}nfe"
+        name = f"{student_row_name(path)}_{info.default_nfe}nfe"
         s = sample_teacher(student_pipe, None, info.guidance, n, args.seed, steps=info.default_nfe, desc=name)
         out = args.out / f"{name}.png"
         save_grid(s.images, s.labels, out, per_class=args.per_class)

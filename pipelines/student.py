@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -49,11 +50,31 @@ def load_student(pipe, path: str | os.PathLike, *, adapter_name: str = "student"
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
-    pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    with _quiet_text_encoder_notice():
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     if scale != 1.0:
         _set_adapter_scale(pipe.unet, adapter_name, scale)
     pipe.scheduler = scheduler
     return info
+
+
+@contextlib.contextmanager
+def _quiet_text_encoder_notice():
+    """A student is a UNet LoRA by design: diffusers' notice that the file has no text-encoder keys is muted
+    (its other warnings, e.g. keys that did not load, still show)."""
+    import logging
+
+    class NoTextEncoderNotice(logging.Filter):
+        def filter(self, record):
+            return not record.getMessage().startswith("No LoRA keys associated to")
+
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    notice = NoTextEncoderNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _default_steps(pipe) -> int | None:
