@@ -189,3 +189,36 @@ def test_missing_or_empty_data_folder_is_a_clear_error(tiny_sd_pipeline, tmp_pat
     assert read_student(tmp_path / "gdd.safetensors")[1].nfe_schedules[1]["timesteps"] == [999]
     assert (tmp_path / "gdd.work" / "folder_latents.safetensors").is_file()
     assert "GDD-I one-step student written to" in capsys.readouterr().out
+
+
+def test_the_file_holds_the_generator_of_the_lowest_fd_also_after_a_resume(tiny_sd_pipeline, tmp_path, accelerator):
+    from peft.utils import get_peft_model_state_dict
+
+    from direct_distill.training.lora import STUDENT
+
+    snapshots, fds = {}, {2: 3.0, 4: 1.0, 6: 2.0}
+    pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(2)]
+
+    def evaluate(step, generate):
+        snapshots[step] = {k: v.clone() for k, v in
+                           get_peft_model_state_dict(tiny_sd_pipeline.unet, adapter_name=STUDENT).items()}
+        return {"fd": fds[step]}
+
+    work, out = tmp_path / "work", tmp_path / "s.safetensors"
+    train_gdd(tiny_sd_pipeline, *data()[:1], out, prompts=data()[1], config=config(steps=6, eval_every=2),
+              evaluate=evaluate, work_dir=work, accelerator=accelerator)
+    assert any(not torch.equal(snapshots[4][k], snapshots[6][k]) for k in snapshots[4])  # it did move on
+    final = get_peft_model_state_dict(tiny_sd_pipeline.unet, adapter_name=STUDENT)
+    assert all(torch.equal(final[k], snapshots[4][k]) for k in final)
+    assert read_student(out)[1].extra["selected"] == {"step": 4, "fd": 1.0}
+
+    # A re-run of the finished work folder (nothing left to train) still knows the best from its file.
+    again = tmp_path / "again.safetensors"
+    train_gdd(pipes[0], *data()[:1], again, prompts=data()[1], config=config(steps=6, eval_every=2),
+              evaluate=evaluate, work_dir=work, accelerator=accelerator)
+    assert read_student(again)[1].extra["selected"] == {"step": 4, "fd": 1.0}
+
+    train_gdd(pipes[1], *data()[:1], tmp_path / "last.safetensors", prompts=data()[1],
+              config=config(steps=6, eval_every=2, keep_best=False), evaluate=lambda step, generate: {"fd": fds[step]},
+              accelerator=accelerator)
+    assert read_student(tmp_path / "last.safetensors")[1].extra["selected"] == {"step": 6, "fd": None}

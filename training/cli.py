@@ -314,6 +314,8 @@ def _one_step_arguments(p, method: str, d, lora) -> None:
                    help="steps between FD / accuracy evaluations of the student (lab teacher only; default 500 "
                         "there, 0 turns them off)")
     p.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation (balanced over classes)")
+    p.add_argument("--keep-last", action="store_true",
+                   help="write the last generator, not the one of the lowest FD among the evaluations")
     p.set_defaults(guidance=1.0)  # what _setup reads: a one-step student samples at guidance 1
 
 
@@ -442,7 +444,8 @@ def run_gdd(args) -> int:
         target_modules=tuple(args.target_modules), gan_loss=args.gan_loss, r1_gamma=args.r1_gamma,
         r1_every=args.r1_every,
         disc_timesteps=tuple(args.disc_timesteps), disc_hidden=args.disc_hidden, p_uncond=args.p_uncond,
-        eval_every=eval_every, seed=args.seed, checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
+        eval_every=eval_every, keep_best=not args.keep_last, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        tensorboard=args.tensorboard)
     try:
         config.lora_spec(pipe.unet)  # e.g. GDD-I refuses convolutions as targets
     except ValueError as err:
@@ -511,6 +514,7 @@ def run_disback(args) -> int:
     accelerator = Accelerator()
     pipe = load_teacher(args.teacher, DTYPES[args.dtype])
     config.eval_every, evaluate = _one_step_evaluation(args, lab, pipe)
+    config.keep_best = not args.keep_last
     result = train_disback(pipe, prompts, out, config=config, work_dir=work, accelerator=accelerator,
                            evaluate=evaluate, teacher="lab/assets/teacher" if lab else str(args.teacher))
     if accelerator.is_main_process:

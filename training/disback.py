@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
-from .gdd import Evaluate, PeriodicEvaluation, one_step_sample, sample_function, write_one_step_student
+from .gdd import BEST_FILE, Evaluate, PeriodicEvaluation, one_step_sample, sample_function, write_one_step_student
 from .lora import LoraAdapters, LoraSpec, LoraStudent, drop_prompts, split_prediction
 from .loop import Player, TrainConfig, add_seconds, cost_record, train
 
@@ -66,6 +66,7 @@ class DisBackConfig:
     p_uncond: float = 0.1             # fraction of empty prompts (so the nodes' unconditional branch degrades too)
     latent_size: int | None = None    # latent height = width (default: the UNet's sample_size)
     eval_every: int = 0               # stage-two steps between calls of the evaluate hook (0: never)
+    keep_best: bool = True            # with evaluations: write the generator of the lowest FD, not the last
     seed: int = 0
     checkpoint_every: int = 500
     tensorboard: bool = False
@@ -300,10 +301,12 @@ def train_disback(pipe, prompts: Sequence[str], out: str | os.PathLike, *, confi
             path[k] = read_safetensors(file)[0]
 
     backtracking = DistributionBacktracking(student, prompts, latent_shape, config, path, evaluate)
+    backtracking.track_best(work / "backtracking" / BEST_FILE if work is not None and config.keep_best else None)
     stage2 = train(backtracking, TrainConfig(
         steps=config.steps, lr=config.lr, seed=config.seed + 1,
         run_dir=work / "backtracking" if work is not None else None, desc="disback: backtracking" if config.path_checkpoints else "disback: no backtracking", **common),
         accelerator)
+    selected = backtracking.select_best() if config.keep_best else None
     losses = {**({"degrade": stage1.loss} if stage1 is not None and stage1.loss is not None else {}),
               **stage2.losses}
     out = Path(out)
@@ -314,6 +317,7 @@ def train_disback(pipe, prompts: Sequence[str], out: str | os.PathLike, *, confi
                                    "node_steps": config.node_steps(), "backtracking": config.path_checkpoints > 0,
                                    "real_guidance": config.real_guidance,
                                    "final_losses": losses, "evaluations": backtracking.evaluations,
+                                   "selected": selected or {"step": config.steps, "fd": None},
                                    "training": asdict(config),
                                    **cost_record(add_seconds(stage1.seconds if stage1 is not None else 0.0,
                                                              stage2.seconds), accelerator)})

@@ -44,11 +44,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..models.io import atomic_save_file, read_safetensors
 from .lora import STUDENT, LoraSpec, LoraStudent, drop_prompts
 from .loop import Player, TrainConfig, cost_record, train
 from .progressive import LatentData
 
 VARIANTS = ("gdd-i", "gdd")
+BEST_FILE = "best_generator.safetensors"  # in the work folder: the lowest-FD generator so far
 GAN_LOSSES = ("non_saturating", "hinge")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -78,6 +80,7 @@ class GDDConfig:
     disc_hidden: int = 64             # channels of each head
     p_uncond: float = 0.1             # fraction of empty prompts (real and fake alike)
     eval_every: int = 0               # steps between calls of the evaluate hook (0: never)
+    keep_best: bool = True            # with evaluations: write the generator of the lowest FD, not the last
     seed: int = 0
     checkpoint_every: int = 500
     tensorboard: bool = False
@@ -223,7 +226,14 @@ def discriminator_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor
 
 class PeriodicEvaluation:
     """The loop's ``after_step`` for one-step methods: every ``config.eval_every`` steps, hand the
-    ``evaluate`` hook (the lab's FD, say) a sampler of the current generator and log what it returns."""
+    ``evaluate`` hook (the lab's FD, say) a sampler of the current generator and log what it returns.
+
+    The generator's weights at the lowest ``fd`` seen are kept (in ``best_file`` too, if set, so that a
+    resumed run still knows them): ``select_best`` then puts them back, the usual GAN practice of choosing
+    the checkpoint by FD rather than taking the last."""
+
+    best: tuple[int, float, dict[str, torch.Tensor]] | None = None  # (step, fd, generator weights)
+    best_file: Path | None = None
 
     def after_step(self, step: int) -> dict[str, float] | None:
         every = self.config.eval_every
@@ -233,7 +243,29 @@ class PeriodicEvaluation:
         if scalars:
             scalars = {k: float(v) for k, v in scalars.items()}
             self.evaluations.append((step + 1, scalars))
+            fd = scalars.get("fd")
+            if fd is not None and (self.best is None or fd < self.best[1]):
+                weights = {k: v.detach().cpu().clone() for k, v in self.student.adapters.state_dict().items()}
+                self.best = (step + 1, fd, weights)
+                if self.best_file is not None:
+                    atomic_save_file(weights, self.best_file, {"step": str(step + 1), "fd": repr(fd)})
         return scalars
+
+    def track_best(self, best_file: Path | None) -> None:
+        """Keep the best weights in ``best_file`` (and start from the ones already there, on resume)."""
+        self.best_file = best_file
+        if best_file is not None and best_file.is_file():
+            weights, meta = read_safetensors(best_file)
+            self.best = (int(meta["step"]), float(meta["fd"]), weights)
+
+    def select_best(self) -> dict | None:
+        """Load the best-FD weights into the generator; returns ``{"step", "fd"}`` of them, or None if none."""
+        if self.best is None:
+            return None
+        step, fd, weights = self.best
+        with torch.no_grad():
+            self.student.adapters.load_state_dict(weights)
+        return {"step": step, "fd": fd}
 
 
 class GDD(PeriodicEvaluation):
@@ -371,7 +403,8 @@ def train_gdd(pipe, data: torch.Tensor | Callable, out: str | os.PathLike, *,
         teacher: the teacher's name recorded in the file (default: the pipeline's ``name_or_path``).
         evaluate: called every ``config.eval_every`` steps as ``evaluate(step, generate)``, ``generate(prompts,
             seed=0)`` giving the current student's latents; the scalars it returns (e.g. an FD) are logged and
-            kept in the result and the file's metadata.
+            kept in the result and the file's metadata. With ``config.keep_best`` the file holds the generator
+            of the lowest ``fd`` returned (metadata ``selected``), not the last.
         accelerator: an ``accelerate.Accelerator`` to share; one is made if None.
     """
     from accelerate import Accelerator
@@ -384,11 +417,13 @@ def train_gdd(pipe, data: torch.Tensor | Callable, out: str | os.PathLike, *,
     student = LoraStudent(pipe, spec).to(accelerator.device)
     x0, _ = sample(1)
     method = GDD(student, sample, tuple(x0.shape[1:]), config, evaluate)
+    method.track_best(Path(work_dir) / BEST_FILE if work_dir is not None and config.keep_best else None)
     result = train(method, TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps, final_lr_fraction=1.0,
         betas=config.betas, max_grad_norm=config.max_grad_norm, seed=config.seed, run_dir=work_dir,
         checkpoint_every=config.checkpoint_every, tensorboard=config.tensorboard, desc=config.variant),
         accelerator)
+    selected = method.select_best() if config.keep_best else None
     out = Path(out)
     if accelerator.is_main_process:
         training = asdict(config)
@@ -398,6 +433,7 @@ def train_gdd(pipe, data: torch.Tensor | Callable, out: str | os.PathLike, *,
                                    "variant": config.variant, "gan_loss": config.gan_loss,
                                    "discriminator": "teacher UNet down/mid features + conv heads",
                                    "final_losses": result.losses, "evaluations": method.evaluations,
+                                   "selected": selected or {"step": config.steps, "fd": None},
                                    "training": training, **cost_record(result.seconds, accelerator)})
     accelerator.wait_for_everyone()
     return GDDResult(path=out, losses=result.losses, evaluations=method.evaluations)
