@@ -416,13 +416,14 @@ def student_section(results: dict, plots: Path = PLOTS) -> list[str]:
         return f"{_fmt_fd(st)} / {st['acc']:.3f}" if st else "–"
 
     for name in names:
-        lines.append(f"| student `{name}` | " + " | ".join(cell(_stats(results, "student", name, k)) for k in cols) + " |")
+        label = name if name == ONE_STEP_START else f"student `{name}`"
+        lines.append(f"| {label} | " + " | ".join(cell(_stats(results, "student", name, k)) for k in cols) + " |")
     lines.append("| teacher, exp_karras DPM++ 2M | " +
                  " | ".join(cell(_stats(results, "schedule", "exp_karras p=1", k)) for k in cols) + " |")
     ref20 = _stats(results, "schedule", "exp_karras p=1", 20)
     if ref20:
         lines.append("")
-        for name in names:
+        for name in (n for n in names if n != ONE_STEP_START):
             for k in STUDENT_NFES:
                 st = _stats(results, "student", name, k)
                 if st:
