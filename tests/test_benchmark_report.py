@@ -51,6 +51,7 @@ def test_student_costs_and_training_curves(tmp_path):
                                             "train_seconds": None, "evaluations": []}
     # With backtracking: FD 4.0 (the plain run's best) at step 400; the plain run gets there at step 1000.
     res["student_meta|disback"] = {**meta, "name": "disback", "file": "disback.safetensors", "train_seconds": 900.0,
+                                   "selected": {"step": 400, "fd": 3.9},
                                    "evaluations": [[200, {"fd": 5.0}], [400, {"fd": 3.9}], [600, {"fd": 3.5}]]}
     res["student_meta|plain"] = {**meta, "name": "plain", "file": "plain.safetensors", "train_seconds": 800.0,
                                  "evaluations": [[200, {"fd": 6.0}], [600, {"fd": 4.5}], [1000, {"fd": 4.0}]]}
@@ -59,9 +60,11 @@ def test_student_costs_and_training_curves(tmp_path):
     assert "= **61.7 min**" in text
     assert "| `sfd.safetensors` | 2, 4 | 6.2 min | 10 % |" in lines
     assert "| `progressive_nfe2.safetensors` | 1 | not recorded | – |" in lines
-    assert "Steps to reach FD 4.00 (the best the slowest run reached):" in lines
-    assert "| `disback` | 400 | 5.00 (step 200) | 3.50 (600) |" in lines
-    assert "| `plain` | 1000 | 6.00 (step 200) | 4.00 (1000) |" in lines
+    assert "`disback`: steps to reach FD 4.00 (the higher of the runs' best FDs):" in lines
+    assert "| `disback` | 400 |" in lines and "| `plain` | 1000 |" in lines
+    assert "| `disback` | 5.00 (200) | 3.50 (600) | 3.50 (600) | 400 |" in lines  # the file holds the selected step
+    assert "| `plain` | 6.00 (200) | 4.00 (1000) | 4.00 (1000) | 1000 |" in lines
+    assert "- `progressive` at NFE 2: +20 % (met)" in lines
     assert (tmp_path / "plots" / "one_step_curves.png").is_file()
     row = next(line for line in lines if line.startswith("| student `progressive` |"))
     assert "3.000 / 0.900" in row and "1.200 / 0.900" in row  # both rounds' files share one row
