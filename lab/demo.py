@@ -12,6 +12,7 @@ from ..schedulers import exp_karras_sigmas, karras_sigmas, sigma_table
 from . import CLASSIFIER_PATH, SHORTCUT_PATH, STUDENTS_DIR
 
 
+@torch.no_grad()
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("direct_distill_demo"))
@@ -32,7 +33,6 @@ def main(argv=None):
 
         guidance = json.loads(RESULTS.read_text()).get("meta|best_guidance", {}).get("guidance", 2.0) \
             if RESULTS.is_file() else 2.0
-    torch.set_grad_enabled(False)
     pipe = load_teacher()
     ac = pipe.scheduler.alphas_cumprod
     table = sigma_table(ac)

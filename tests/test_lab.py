@@ -122,6 +122,7 @@ def test_demo_writes_a_sheet_per_run_and_per_committed_student(tmp_path, capsys)
     from direct_distill.lab.demo import main
 
     main(["--out", str(tmp_path), "--per-class", "1", "--steps", "2"])
+    assert torch.is_grad_enabled()  # the demo leaves the caller's autograd state alone
     sheets = {p.name for p in tmp_path.glob("*.png")}
     assert {"karras_2.png", "exp_karras_2.png", "exp_karras_20.png"} <= sheets
     from direct_distill.models.student_file import read_student
