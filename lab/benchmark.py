@@ -9,6 +9,7 @@ add to the report without re-running earlier ones.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 from collections.abc import Callable
@@ -275,30 +276,41 @@ def _fmt_fd(st: dict | None) -> str:
     return f"{st['fd0']:.3f}"
 
 
-def plot_fd_vs_nfe(results: dict, names: list[str], path: Path, group: str = "schedule"):
+@contextlib.contextmanager
+def figure(path: Path, xlabel: str, ylabel: str):
+    """An Agg figure's axes; on exit: labels, grid, legend, saved to ``path`` and closed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in names:
-        pts = [(n, _stats(results, group, name, n)) for n in NFES]
-        pts = [(n, st["fd0"]) for n, st in pts if st]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(NFES, [str(n) for n in NFES])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("NFE (DPM-Solver++ 2M steps)")
-    ax.set_ylabel("FD (classifier features, seed set 0) ↓")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_fd_vs_nfe(results: dict, names: list[str], path: Path, group: str = "schedule"):
+    import matplotlib.ticker
+
+    with figure(path, "NFE (DPM-Solver++ 2M steps)", "FD (classifier features, seed set 0) ↓") as ax:
+        for name in names:
+            pts = [(n, _stats(results, group, name, n)) for n in NFES]
+            pts = [(n, st["fd0"]) for n, st in pts if st]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(NFES, [str(n) for n in NFES])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
 def write_report(results: dict, path: Path = REPORT) -> str:
@@ -494,24 +506,11 @@ def curve_section(results: dict, plots: Path = PLOTS) -> list[str]:
 
 
 def plot_curves(runs: dict, path: Path, start: float | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, evals in sorted(runs.items()):
-        ax.plot([e[0] for e in evals], [e[1]["fd"] for e in evals], marker="o", label=name)
-    if start is not None:
-        ax.axhline(start, color="grey", linestyle="--", label="before training (teacher, one call at t=999)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("FD (1,000 samples) ↓")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, "training step", "FD (1,000 samples) ↓") as ax:
+        for name, evals in sorted(runs.items()):
+            ax.plot([e[0] for e in evals], [e[1]["fd"] for e in evals], marker="o", label=name)
+        if start is not None:
+            ax.axhline(start, color="grey", linestyle="--", label="before training (teacher, one call at t=999)")
 
 
 def paired_difference(results: dict, a: str, b: str, nfe: int) -> tuple[float, float | None, int]:
