@@ -120,7 +120,8 @@ def _lora_arguments(p, lora) -> None:
                    help="UNet modules that get the LoRA (peft name matching)")
 
 
-def _common_arguments(p, method: str, d) -> None:
+def _shared_arguments(p, method: str, d, lora, p_uncond_help: str, lr_help: str | None = None) -> None:
+    """Teacher, files, optimisation, LoRA and logging: the arguments every LoRA-student method takes."""
     from ..lab import STUDENTS_DIR, TEACHER_DIR
 
     p.add_argument("--teacher", type=Path, default=TEACHER_DIR,
@@ -130,19 +131,23 @@ def _common_arguments(p, method: str, d) -> None:
     p.add_argument("--work", type=Path, default=None,
                    help=f"checkpoints (default: lab/work/{method} for the lab teacher, else <out>.work)")
     p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: the lab's class names)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="the CFG recorded as recommended (default: 2.0 for the lab teacher, else 7.5); "
-                        "distillation itself runs at guidance 1")
-    p.add_argument("--p-uncond", type=float, default=d.p_uncond,
-                   help="fraction of empty prompts during distillation (keeps CFG usable)")
+    p.add_argument("--p-uncond", type=float, default=d.p_uncond, help=p_uncond_help)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch (per process)")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help=lr_help)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    _lora_arguments(p, d.lora)
+    _lora_arguments(p, lora)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="teacher dtype (the LoRA stays float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--tensorboard", action="store_true", help="log to <work>/.../tensorboard")
+
+
+def _common_arguments(p, method: str, d) -> None:
+    """The arguments of the few-step methods (progressive, sfd)."""
+    _shared_arguments(p, method, d, d.lora, "fraction of empty prompts during distillation (keeps CFG usable)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the CFG recorded as recommended (default: 2.0 for the lab teacher, else 7.5); "
+                        "distillation itself runs at guidance 1")
 
 
 def _setup(args, method: str):
@@ -291,25 +296,8 @@ def run_sfd(args) -> int:
 
 def _one_step_arguments(p, method: str, d, lora) -> None:
     """The arguments of the one-step methods (gdd, disback): a 1-step student samples at guidance 1."""
-    from ..lab import STUDENTS_DIR, TEACHER_DIR
-
-    p.add_argument("--teacher", type=Path, default=TEACHER_DIR,
-                   help="diffusers folder or SD1.x single file (default: the lab teacher)")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"student file (default for the lab teacher: {STUDENTS_DIR / (method + '.safetensors')})")
-    p.add_argument("--work", type=Path, default=None,
-                   help=f"checkpoints (default: lab/work/{method} for the lab teacher, else <out>.work)")
-    p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: the lab's class names)")
-    p.add_argument("--p-uncond", type=float, default=d.p_uncond, help="fraction of empty prompts during training")
+    _shared_arguments(p, method, d, lora, "fraction of empty prompts during training", "generator learning rate")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch (per process)")
-    p.add_argument("--lr", type=float, default=d.lr, help="generator learning rate")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    _lora_arguments(p, lora)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="teacher dtype (the LoRA stays float32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--tensorboard", action="store_true", help="log to <work>/.../tensorboard")
     p.add_argument("--eval-every", type=int, default=None,
                    help="steps between FD / accuracy evaluations of the student (lab teacher only; default 500 "
                         "there, 0 turns them off)")
@@ -491,7 +479,6 @@ def run_disback(args) -> int:
     from accelerate import Accelerator
 
     from .disback import DisBackConfig, train_disback
-    from .lora import LoraSpec
 
     lab, out, work, _, prompts = _setup(args, "disback")
     if prompts is None:
@@ -500,11 +487,9 @@ def run_disback(args) -> int:
         degradation_steps=args.degradation_steps, path_checkpoints=args.path_checkpoints,
         steps_per_node=args.steps_per_node, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         fake_lr=args.fake_lr, degradation_lr=args.degradation_lr, fake_updates=args.fake_updates,
-        warmup_steps=args.warmup_steps, lora=LoraSpec(rank=args.rank, alpha=args.alpha,
-                                                      target_modules=tuple(args.target_modules)),
-        score_timesteps=tuple(args.score_timesteps),
+        warmup_steps=args.warmup_steps, lora=_lora_spec(args), score_timesteps=tuple(args.score_timesteps),
         real_guidance=args.real_guidance if args.real_guidance is not None else (2.0 if lab else 7.5),
-        p_uncond=args.p_uncond, latent_size=args.latent_size, seed=args.seed,
+        p_uncond=args.p_uncond, latent_size=args.latent_size, keep_best=not args.keep_last, seed=args.seed,
         checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
     try:
         config.schedule()
@@ -514,7 +499,6 @@ def run_disback(args) -> int:
     accelerator = Accelerator()
     pipe = load_teacher(args.teacher, DTYPES[args.dtype])
     config.eval_every, evaluate = _one_step_evaluation(args, lab, pipe)
-    config.keep_best = not args.keep_last
     result = train_disback(pipe, prompts, out, config=config, work_dir=work, accelerator=accelerator,
                            evaluate=evaluate, teacher="lab/assets/teacher" if lab else str(args.teacher))
     if accelerator.is_main_process:
