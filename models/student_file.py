@@ -233,19 +233,29 @@ def unet_architecture(unet: torch.nn.Module) -> dict:
     return out
 
 
-def unet_fingerprint(unet: torch.nn.Module) -> str:
-    """A short hash of a UNet's architecture config and the names and shapes of all its parameters.
-
-    LoRA layers that peft or diffusers added (``lora_A``, ``lora_B``, ...) are left out and wrapped
-    layers keep their own names, so a UNet with adapters loaded has the fingerprint of the bare one.
-    """
+def unet_parameter_shapes(unet: torch.nn.Module) -> dict[str, list[int]]:
+    """{parameter name: shape} of a diffusers UNet. LoRA layers that peft or diffusers added (``lora_A``,
+    ``lora_B``, ...) are left out and wrapped layers keep their own names, so adapters change nothing."""
     shapes = {}
     for name, parameter in unet.named_parameters():
         parts = name.split(".")
         if any(part.startswith("lora_") for part in parts):
             continue
         shapes[".".join(p for p in parts if p != "base_layer")] = list(parameter.shape)
-    blob = json.dumps({"config": unet_architecture(unet), "parameters": shapes}, sort_keys=True)
+    return shapes
+
+
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """A short hash of a UNet's architecture config and the names and shapes of all its parameters
+    (:func:`unet_parameter_shapes`), so a UNet with adapters loaded has the fingerprint of the bare one."""
+    blob = json.dumps({"config": unet_architecture(unet), "parameters": unet_parameter_shapes(unet)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def shape_fingerprint(shapes: dict[str, list[int]]) -> str:
+    """A short hash of a UNet's parameter names (diffusers' spelling) and shapes alone: what both front doors
+    can compute, ComfyUI included (``nodes.model_identity.unet_parameter_shapes``), for the same architecture."""
+    blob = json.dumps({k: [int(d) for d in v] for k, v in shapes.items()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

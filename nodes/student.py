@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..models.student_file import read_student
 from ..schedulers.noise import sigma_to_model_timestep
+from .model_identity import lora_mismatches
 
 FOLDER_NAME = "loras"  # a student is a LoRA: it lives with the user's other LoRAs
 # ComfyUI's parameterisation classes, most derived first (V_PREDICTION and X0 subclass EPS).
@@ -73,9 +74,12 @@ class LoadStudent(io.ComfyNode):
                              f"(default {info.default_nfe}), not {nfe}")
         schedule = info.nfe_schedules[n]
         _check_model(model, info, schedule, student_name)
+        lora = comfy.utils.load_torch_file(path, safe_load=True)
+        problems = lora_mismatches(model, lora)
+        if problems:
+            raise ValueError(f"{student_name}: this student was made for another UNet: " + "; ".join(problems))
         if strength != 0:
-            model, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(path, safe_load=True),
-                                                     strength, 0)
+            model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
         return io.NodeOutput(model, torch.tensor(schedule["sigmas"], dtype=torch.float32),
                              comfy.samplers.sampler_object(info.comfy_sampler), info.guidance)
 
