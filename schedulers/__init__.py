@@ -1,15 +1,20 @@
-"""Sigma schedules (karras, exponential, exp_karras, ...), the VP noise table and its sigma<->t maps,
-the VP<->VE latent conversion, and ExpKarrasScheduler for diffusers."""
+"""Sigma schedules (exp_karras and the peers ComfyUI users pick: karras, align_your_steps, gits, beta, ...), the VP
+noise table and its sigma<->t maps, the VP<->VE latent conversion, and ExpKarrasScheduler for diffusers."""
 
 from .noise import (alphas_cumprod_from_config, sigma_table, sigma_to_model_timestep, sigma_to_t, t_to_sigma,
                     ve_to_vp, vp_to_ve)
-from .sigmas import (exp_karras_sigmas, exp_karras_sigmas_from_table, exp_karras_timesteps, exponential_sigmas,
-                     karras_sigmas, sigmas_for_denoise, uniform_t_sigmas)
+from .named import SCHEDULE_NAMES, schedule_sigmas
+from .published import align_your_steps_sigmas, gits_sigmas
+from .sigmas import (beta_sigmas, exp_karras_sigmas, exp_karras_sigmas_from_table, exp_karras_timesteps,
+                     exponential_sigmas, karras_sigmas, kl_optimal_sigmas, polyexponential_sigmas, sgm_uniform_sigmas,
+                     sigmas_for_denoise, simple_sigmas, uniform_t_sigmas)
 
 __all__ = [
-    "ExpKarrasScheduler", "alphas_cumprod_from_config", "exp_karras_sigmas", "exp_karras_sigmas_from_table", "exp_karras_timesteps",
-    "exponential_sigmas", "karras_sigmas", "sigma_table", "sigma_to_model_timestep", "sigma_to_t", "sigmas_for_denoise", "t_to_sigma",
-    "uniform_t_sigmas", "ve_to_vp", "vp_to_ve",
+    "SCHEDULE_NAMES", "ExpKarrasScheduler", "align_your_steps_sigmas", "alphas_cumprod_from_config", "beta_sigmas",
+    "exp_karras_sigmas", "exp_karras_sigmas_from_table", "exp_karras_timesteps", "exponential_sigmas", "gits_sigmas",
+    "karras_sigmas", "kl_optimal_sigmas", "polyexponential_sigmas", "schedule_sigmas", "sgm_uniform_sigmas", "sigma_table",
+    "sigma_to_model_timestep", "sigma_to_t", "sigmas_for_denoise", "simple_sigmas", "t_to_sigma", "uniform_t_sigmas",
+    "ve_to_vp", "vp_to_ve",
 ]
 
 

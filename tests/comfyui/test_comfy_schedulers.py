@@ -1,9 +1,12 @@
 """exp_karras inside a real ComfyUI: registration in every scheduler dropdown, sigmas and timesteps equal
-to the diffusers ExpKarrasScheduler's, the standalone SIGMAS node, and a KSampler run."""
+to the diffusers ExpKarrasScheduler's, the standalone SIGMAS node, and a KSampler run; the peer schedules of
+schedulers/ equal ComfyUI's own (its scheduler table, the Align Your Steps, GITS and polyexponential nodes)."""
 
 import comfy.model_sampling
 import comfy.samplers
+import comfy_extras.nodes_align_your_steps as align_your_steps
 import comfy_extras.nodes_custom_sampler as custom_sampler
+import comfy_extras.nodes_gits as gits
 import nodes
 import pytest
 import torch
@@ -106,3 +109,37 @@ def test_ksampler_runs_exp_karras_and_feeds_the_expected_timesteps(dd_schedulers
     reference.set_timesteps(6)
     fed = torch.stack([t[0] for t in seen]).float().cpu()  # cond and uncond share a batch and a timestep
     assert fed.tolist() == reference.timesteps.float().tolist()
+
+
+@pytest.mark.parametrize("steps", [2, 4, 9, 20, 50])
+@pytest.mark.parametrize("name", ["karras", "exponential", "normal", "simple", "sgm_uniform", "beta", "kl_optimal"])
+def test_peer_schedules_equal_comfyui_scheduler_table(dd_schedulers, name, steps):
+    model_sampling = SD15Sampling()
+    ours = dd_schedulers.schedule_sigmas(name, steps, model_sampling.sigmas)
+    theirs = comfy.samplers.calculate_sigmas(model_sampling, name, steps)
+    torch.testing.assert_close(ours.float(), theirs, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 13, 40])
+@pytest.mark.parametrize("model", ["SD1", "SDXL"])
+def test_align_your_steps_equals_comfyui_node(dd_schedulers, model, steps):
+    (theirs,) = align_your_steps.AlignYourStepsScheduler.execute(model, steps, 1.0).result
+    torch.testing.assert_close(dd_schedulers.align_your_steps_sigmas(steps, model).float(), theirs, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 8, 12, 20, 27])
+@pytest.mark.parametrize("coeff", [0.80, 1.05, 1.20, 1.50])
+def test_gits_equals_comfyui_node(dd_schedulers, coeff, steps):
+    (theirs,) = gits.GITSScheduler.execute(coeff, steps, 1.0).result
+    ours = dd_schedulers.gits_sigmas(steps, coeff, table=SD15Sampling().sigmas)
+    # Ours reads the time steps' sigmas from the model's table; the published sigmas carry 8 decimals.
+    torch.testing.assert_close(ours.float(), theirs, rtol=5e-5, atol=0)
+
+
+@pytest.mark.parametrize("steps, rho", [(1, 1.0), (8, 1.0), (8, 2.0), (20, 0.5)])
+def test_polyexponential_equals_comfyui_node(dd_schedulers, steps, rho):
+    sigmas = SD15Sampling().sigmas
+    lo, hi = float(sigmas[0]), float(sigmas[-1])
+    (theirs,) = custom_sampler.PolyexponentialScheduler().get_sigmas(steps, hi, lo, rho)
+    torch.testing.assert_close(dd_schedulers.polyexponential_sigmas(steps, lo, hi, rho).float(), theirs,
+                               rtol=2e-6, atol=0)
