@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+
+PARTIAL_SUFFIX = ".partial"
 
 
 class FileFormatError(ValueError):
@@ -17,39 +23,91 @@ class FileFormatError(ValueError):
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``tensors`` to ``path`` as safetensors via a temporary file and a rename.
+    """Write ``tensors`` to ``path`` as safetensors via a private temporary folder and a rename.
 
-    A crash mid-write leaves the previous file (if any) untouched. Metadata values that are not
-    strings are stored as JSON.
+    A crash mid-write leaves the previous file (if any) untouched; the temporary folder of a save that was
+    killed outright is removed by the next save to the same path. The file gets ordinary permissions (0666
+    less the umask). Metadata values that are not strings are stored as JSON.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _remove_stale_partials(path)
+    # safetensors writes through a hidden temporary file of its own beside the target; inside our folder, a
+    # killed save leaves it where the next save finds it.
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=path.parent))
     try:
+        tmp = partial / path.name
+        save_file(tensors, tmp, metadata=meta)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a saved model is an ordinary file
-        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~umask)  # temporary files are created 0600
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return path
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read every tensor and the metadata of a safetensors file, with one clear error if unreadable."""
+def _remove_stale_partials(path: Path) -> None:
+    """Remove the temporary folders of earlier saves to ``path`` whose process no longer runs."""
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*{PARTIAL_SUFFIX}"):
+        pid = partial.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """Make sure a file can be written at ``path`` (its folder is created), by writing and removing a probe
+    file there; raises PermissionError naming ``what`` and the path otherwise. Used before long work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise PermissionError(f"{what} {path}: is a folder, a file name is needed")
+    _check_folder(path.parent, what, path)
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str = "work folder") -> Path:
+    """Make sure ``folder`` exists (it is created) and files can be written in it; raises PermissionError
+    naming ``what`` and the folder otherwise."""
+    folder = Path(folder)
+    _check_folder(folder, what, folder)
+    return folder
+
+
+def _check_folder(folder: Path, what: str, shown: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(f"{what} {shown}: cannot write there ({err.strerror or err})") from None
+
+
+def read_safetensors(path: str | os.PathLike, select: Callable[[str], bool] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read the tensors (those whose name ``select`` accepts, or all) and the metadata of a safetensors file,
+    with one clear error if it is unreadable."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)}
     except (SafetensorError, OSError, ValueError) as err:
         raise FileFormatError(f"{path}: not a readable safetensors file ({err})") from None
     return tensors, metadata

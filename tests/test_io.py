@@ -1,0 +1,92 @@
+"""Weight files on disk: ordinary permissions, nothing left behind by a killed save, unwritable places found early."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from direct_distill.models.io import (PARTIAL_SUFFIX, atomic_save_file, check_writable, check_writable_folder,
+                                      read_safetensors)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path, umask_022):
+    path = atomic_save_file({"w": torch.ones(3)}, tmp_path / "model.safetensors", {"kind": "test"})
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    atomic_save_file({"w": torch.zeros(3)}, path)   # replacing keeps them too
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_a_killed_save_leaves_nothing_after_the_next_save(tmp_path, umask_022):
+    """A save killed outright (SIGKILL, after the bytes are written, before the rename) leaves its hidden
+    temporary folder; the next save to the same file removes it, and the previous file was never touched."""
+    path = tmp_path / "state.safetensors"
+    atomic_save_file({"w": torch.zeros(4)}, path)
+    script = textwrap.dedent(f"""
+        import time, torch
+        import direct_distill.models.io as io
+        write = io.save_file
+        def write_then_hang(tensors, filename, metadata=None):
+            write(tensors, filename, metadata=metadata)
+            print("written", flush=True)
+            time.sleep(60)
+        io.save_file = write_then_hang
+        io.atomic_save_file({{"w": torch.ones(1_000_000)}}, {str(path)!r})
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "written"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(PARTIAL_SUFFIX)]
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(".")
+    assert sum(f.stat().st_size for f in leftovers[0].rglob("*")) > 4_000_000
+    assert torch.equal(read_safetensors(path)[0]["w"], torch.zeros(4))
+    atomic_save_file({"w": torch.ones(2)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors"]
+
+
+def test_a_running_save_is_left_alone(tmp_path):
+    """The temporary folder of a save still in progress in another process is not another save's to remove."""
+    path = tmp_path / "model.safetensors"
+    busy = tmp_path / f".{path.name}.{os.getppid()}.abc{PARTIAL_SUFFIX}"
+    busy.mkdir()
+    atomic_save_file({"w": torch.ones(2)}, path)
+    assert busy.is_dir()
+
+
+def test_unwritable_places_are_named_before_work_starts(tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder")
+    with pytest.raises(PermissionError, match=r"--out .*file.txt/student.safetensors: cannot write there"):
+        check_writable(tmp_path / "file.txt" / "student.safetensors", "--out")
+    with pytest.raises(PermissionError, match="--work .*file.txt/work: cannot write there"):
+        check_writable_folder(tmp_path / "file.txt" / "work", "--work")
+    with pytest.raises(PermissionError, match="is a folder, a file name is needed"):
+        check_writable(tmp_path, "--out")
+    assert check_writable(tmp_path / "new" / "student.safetensors") == tmp_path / "new" / "student.safetensors"
+    assert check_writable_folder(tmp_path / "work").is_dir()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file.txt", "new", "work"]   # no probe left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_unwritable(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="--out .*ro/x.safetensors: cannot write there"):
+            check_writable(folder / "x.safetensors", "--out")
+    finally:
+        folder.chmod(0o700)
