@@ -5,15 +5,12 @@ import time
 
 import torch
 from diffusers import UNet2DConditionModel
+from sd_architectures import SD15_UNET
 
 
 def sd15_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
+    return UNet2DConditionModel(**SD15_UNET).eval()
 
 
 def sd15_inputs(batch: int = 1):

@@ -1,26 +1,74 @@
-"""Teachers for distillation: a diffusers pipeline from a folder or a single checkpoint file."""
+"""Teachers for distillation: a diffusers pipeline from a folder or a single SD1.x/2.x/XL checkpoint, offline."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
+from .ldm_checkpoint import PREDICTION_TYPES
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_teacher(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a folder (any text-to-image pipeline) or an SD1.x single file."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
+                 tokenizer: str | os.PathLike | None = None, prediction_type: str | None = None):
+    """A diffusers pipeline in ``dtype`` (whatever the files hold), from nothing but local files.
 
+    Args:
+        path: a diffusers pipeline folder (``model_index.json``), or a single ``.safetensors`` checkpoint of
+            SD1.x, SD2.x or SDXL in the original LDM layout (see ``ldm_checkpoint.load_ldm_checkpoint``).
+        dtype: every component's dtype.
+        tokenizer: for a single file, the CLIP tokenizer folder (default: found in the Hugging Face cache or
+            ComfyUI); a folder brings its own.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``, overriding the scheduler config's (a folder) or what
+            the file suggests (a single file).
+
+    Prints one line saying what was loaded. Raises SystemExit with one line naming the problem.
+    """
+    from ..models.io import FileFormatError
+    from .ldm_checkpoint import load_ldm_checkpoint
+
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise SystemExit(f"--prediction-type {prediction_type}: choose one of {', '.join(PREDICTION_TYPES)}")
     path = Path(path)
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise SystemExit(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-        pipe = DiffusionPipeline.from_pretrained(path)
+        if tokenizer is not None:
+            raise SystemExit(f"--tokenizer is for single-file teachers; {path} has its own")
+        pipe, description = _load_folder(path, prediction_type)
     elif path.is_file():
-        pipe = StableDiffusionPipeline.from_single_file(path)
+        try:
+            pipe, description = load_ldm_checkpoint(path, tokenizer=tokenizer, prediction_type=prediction_type)
+        except (FileFormatError, FileNotFoundError) as err:
+            raise SystemExit(str(err)) from None
     else:
         raise SystemExit(f"{path}: no such teacher folder or file")
-    # Cast after loading: the loaders' dtype argument changed name across diffusers versions.
-    return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
+    # Every component in one dtype: a float16 folder loaded at the default would mix float16 weights with the
+    # float32 tensors the methods make.
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            set_dtype(module, dtype)
+    print(f"teacher: {description}, {str(dtype).removeprefix('torch.')}", flush=True)
+    return pipe
+
+
+def set_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast ``module``'s floating-point weights to ``dtype`` in place (diffusers' ``to(dtype)`` warns on every
+    call, whatever the model)."""
+    caster = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}.get(dtype)
+    if caster is None:
+        raise ValueError(f"dtype {dtype}: choose one of {', '.join(map(str, DTYPES.values()))}")
+    return getattr(module, caster)()
+
+
+def _load_folder(path: Path, prediction_type: str | None):
+    from diffusers import DiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    if prediction_type is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return pipe, f"{path} ({type(pipe).__name__}, {prediction})"
