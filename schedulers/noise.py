@@ -50,9 +50,20 @@ def alphas_cumprod_from_config(config: Mapping) -> torch.Tensor:
         raise ValueError("scheduler config: betas must lie strictly between 0 and 1")
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     if get("rescale_betas_zero_snr", False):
-        raise ValueError("scheduler config: zero-terminal-SNR schedules have sigma_max = inf; "
-                         "exp-Karras needs a finite sigma_max")
+        alphas_cumprod = _zero_terminal_snr(alphas_cumprod)
     return alphas_cumprod
+
+
+def _zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 (Common Diffusion Noise Schedules and Sample Steps are Flawed), Algorithm 1: sqrt(abar)
+    shifted to reach 0 at the last timestep and rescaled to keep the first. The last abar is then set to 2^-24,
+    as diffusers' schedulers do, so that sigma_max is large (4096) but finite; where the one before is already
+    smaller (DDPM's linear betas), to its log-linear extrapolation instead, so that sigma keeps increasing."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = ((root - last) * first / (first - last)) ** 2
+    rescaled[-1] = 2.0**-24 if rescaled[-2] > 2.0**-24 else rescaled[-2] ** 2 / rescaled[-3]
+    return rescaled
 
 
 def vp_sigma_table(owner: str, *, prediction_type: str = "epsilon", **config) -> torch.Tensor:

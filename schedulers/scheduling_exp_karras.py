@@ -8,14 +8,21 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .noise import sigma_to_model_timestep, t_to_sigma, vp_sigma_table
 from .sigmas import exp_karras_sigmas_from_table
 
-# Sigma-shaping flags of other schedulers' configs: meaningless here, and dropped so a swapped-in
-# config never claims, say, use_karras_sigmas=True for an exp-Karras run.
-_FOREIGN_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
-                        "use_flow_sigmas", "interpolation_type", "sigma_min", "sigma_max", "timestep_type")
+# The sigma-spacing settings of DPMSolverMultistepScheduler (and of the other schedulers' configs) with the
+# values that ask for nothing: here the spacing is exp-Karras by definition. from_config drops them from a
+# swapped-in config; the constructor refuses any other value.
+_SPACING_FLAGS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                  "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
+                  "time_shift_type": "exponential", "timestep_spacing": "linspace", "steps_offset": 0}
+# Other schedulers' sigma-shaping keys, meaningless here.
+_FOREIGN_SPACING_KEYS = ("interpolation_type", "sigma_min", "sigma_max", "timestep_type")
+# Keys only flow-matching schedulers' configs carry: such a model has no VP noise table to space.
+_FLOW_MATCHING_KEYS = ("shift", "base_shift", "max_shift")
 
 
 class ExpKarrasScheduler(DPMSolverMultistepScheduler):
@@ -34,15 +41,17 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         exp_karras_p (`float`, defaults to 1.0):
             Curvature of the schedule: 0 is uniform in t; larger values take bigger steps near t_max and
             finer ones near t = 0.
-        Other arguments are those of `DPMSolverMultistepScheduler`; the sigma-shaping flags
-        (`use_karras_sigmas`, ...) are not taken, since the schedule is exp-Karras by definition.
+        Every other argument is `DPMSolverMultistepScheduler`'s and means what it means there: the noise table
+        (`beta_*`, `trained_betas`, `rescale_betas_zero_snr`), `prediction_type`, `variance_type`, the solver
+        (`solver_order`, `algorithm_type`, `solver_type`, `lower_order_final`, `euler_at_final`, thresholding),
+        `final_sigmas_type`, and `lambda_min_clipped` (the schedule starts at the last timestep whose
+        log-SNR is at least this). Its sigma-spacing flags (`use_karras_sigmas`, `use_exponential_sigmas`,
+        `use_beta_sigmas`, `use_lu_lambdas`, `use_flow_sigmas`, `flow_shift`, `use_dynamic_shifting`,
+        `time_shift_type`, `timestep_spacing`, `steps_offset`) are accepted only at the values that ask for
+        nothing, since the spacing is exp-Karras; `from_config` drops them from another scheduler's config.
     """
 
-    _compatibles = [
-        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-        "UniPCMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DEISMultistepScheduler",
-    ]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
 
     @register_to_config
     def __init__(
@@ -63,15 +72,40 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
-        steps_offset: int = 0,
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: str | None = None,
+        rescale_betas_zero_snr: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
         timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
     ):
         if (isinstance(exp_karras_p, bool) or not isinstance(exp_karras_p, (int, float))
                 or not math.isfinite(exp_karras_p) or exp_karras_p < 0):
             raise ValueError(f"ExpKarrasScheduler: exp_karras_p must be a finite number >= 0, got {exp_karras_p!r}")
+        given = dict(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+                     use_beta_sigmas=use_beta_sigmas, use_lu_lambdas=use_lu_lambdas, use_flow_sigmas=use_flow_sigmas,
+                     flow_shift=flow_shift, use_dynamic_shifting=use_dynamic_shifting,
+                     time_shift_type=time_shift_type, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+        asked = {k: v for k, v in given.items() if v != _SPACING_FLAGS[k]}
+        if asked:
+            raise ValueError("ExpKarrasScheduler: " + ", ".join(f"{k}={v!r}" for k, v in asked.items())
+                             + " asks for another sigma spacing; this scheduler's spacing is exp-Karras (shape it "
+                             "with exp_karras_p). ExpKarrasScheduler.from_config(config) drops such settings from "
+                             "another scheduler's config.")
+        if not (isinstance(lambda_min_clipped, (int, float)) and not isinstance(lambda_min_clipped, bool)
+                and not math.isnan(lambda_min_clipped)):
+            raise ValueError(f"ExpKarrasScheduler: lambda_min_clipped must be a number, got {lambda_min_clipped!r}")
         self._sigma_table = vp_sigma_table(
             "ExpKarrasScheduler", prediction_type=prediction_type, num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas)
+            beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas,
+            rescale_betas_zero_snr=rescale_betas_zero_snr)
         super().__init__(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
             beta_schedule=beta_schedule, trained_betas=trained_betas, solver_order=solver_order,
@@ -79,13 +113,21 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
             algorithm_type=algorithm_type, solver_type=solver_type, lower_order_final=lower_order_final,
             euler_at_final=euler_at_final, final_sigmas_type=final_sigmas_type,
-            steps_offset=steps_offset, timestep_spacing=timestep_spacing)
+            lambda_min_clipped=lambda_min_clipped, variance_type=variance_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr, **given)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """Builds the scheduler from any diffusers scheduler config (PNDM, DDIM, Euler, DPM, ...)."""
+        """Builds the scheduler from any diffusers scheduler config (PNDM, DDIM, Euler, DPM, ...), dropping the
+        settings that ask for another sigma spacing (use_karras_sigmas=True, timestep_spacing="leading", ...)."""
         if config is not None:
-            config = {k: v for k, v in dict(config).items() if k not in _FOREIGN_SIGMA_FLAGS}
+            config = dict(config)
+            if (any(k in config for k in _FLOW_MATCHING_KEYS) or config.get("use_flow_sigmas")
+                    or str(config.get("_class_name", "")).startswith("FlowMatch")):
+                raise ValueError("ExpKarrasScheduler: this scheduler config describes a flow-matching model (shift or "
+                                 "use_flow_sigmas); exp-Karras needs a discrete VP (DDPM-style) noise schedule")
+            config = {k: v for k, v in config.items() if k not in _FOREIGN_SPACING_KEYS
+                      and (k not in _SPACING_FLAGS or v == _SPACING_FLAGS[k])}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def set_timesteps(
@@ -101,33 +143,47 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         Args:
             num_inference_steps (`int`): number of model evaluations (>= 1).
             device (`str` or `torch.device`, *optional*): where the timesteps live.
-            mu: not used (no dynamic shifting); accepted for signature compatibility.
-            timesteps (`list[float]`, *optional*): explicit training timesteps, descending; their sigmas are
-                taken from the model's noise table and 0 is appended.
-            sigmas (`list[float]` or `torch.Tensor`, *optional*): explicit descending VE sigmas; a trailing 0
-                is appended if absent. Overrides the exp-Karras formula (used for cross-checks and
-                for students trained at fixed sigmas).
+            mu: the dynamic shift of flow-matching models; refused (there is no shift on a VP noise table).
+            timesteps (`list[float]`, *optional*): explicit training timesteps (fractional allowed), descending;
+                their sigmas are taken from the model's noise table.
+            sigmas (`list[float]` or `torch.Tensor`, *optional*): explicit descending VE sigmas, one per step (a
+                trailing 0 is taken as the end). Overrides the exp-Karras formula (used for cross-checks and for
+                students trained at fixed sigmas).
+        Either way the run ends at 0, or at the table's smallest sigma if ``final_sigmas_type="sigma_min"``; the
+        sigmas given must lie above it.
         """
+        if mu is not None:
+            raise ValueError("ExpKarrasScheduler.set_timesteps: mu is the dynamic shift of flow-matching models; "
+                             "this scheduler samples a discrete VP model")
         given = sum(x is not None for x in (num_inference_steps, timesteps, sigmas))
         if given != 1:
             raise ValueError("ExpKarrasScheduler.set_timesteps: pass exactly one of num_inference_steps, "
                              "timesteps or sigmas")
         table = self._sigma_table
+        end_at_sigma_min = self.config.final_sigmas_type == "sigma_min"
         if num_inference_steps is not None:
-            full = exp_karras_sigmas_from_table(num_inference_steps, self.config.exp_karras_p, table=table)
+            # lambda_min_clipped: the schedule starts at the last timestep whose log-SNR, -log(sigma), reaches it.
+            usable = int((-table.log() >= self.config.lambda_min_clipped).sum())
+            if usable < 2:
+                raise ValueError(f"ExpKarrasScheduler: lambda_min_clipped={self.config.lambda_min_clipped} leaves "
+                                 f"{usable} timestep(s) of the noise table; it needs at least 2")
+            # Ending at sigma_min, the grid's last point (t = 0) is where the run ends rather than a step, so
+            # the grid has one point more: n steps between t_max and t = 0 either way.
+            grid = num_inference_steps + 1 if end_at_sigma_min else num_inference_steps
+            steps = exp_karras_sigmas_from_table(grid, self.config.exp_karras_p, table=table[:usable])[:-1]
+            steps = steps[:num_inference_steps]
         else:
             values = torch.as_tensor(sigmas if sigmas is not None else timesteps, dtype=torch.float64).flatten()
             if values.numel() == 0 or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
                 raise ValueError("ExpKarrasScheduler.set_timesteps: sigmas/timesteps must be finite and >= 0")
-            if timesteps is not None:
-                values = t_to_sigma(values, table)
-            if values[-1] != 0:
-                values = torch.cat([values, values.new_zeros(1)])
-            if values.numel() < 2 or not bool((values[:-1] > 0).all()) or not bool((values[:-2] > values[1:-1]).all()):
-                raise ValueError("ExpKarrasScheduler.set_timesteps: sigmas/timesteps must strictly decrease")
-            full = values
-        if self.config.final_sigmas_type == "sigma_min":
-            full = torch.cat([full[:-1], table[:1]])
+            steps = t_to_sigma(values, table) if timesteps is not None else values
+            if steps[-1] == 0:
+                steps = steps[:-1]
+        full = torch.cat([steps, table[:1] if end_at_sigma_min else steps.new_zeros(1)])
+        if steps.numel() < 1 or not bool((steps > 0).all()) or not bool((full[1:] < full[:-1]).all()):
+            raise ValueError("ExpKarrasScheduler.set_timesteps: sigmas/timesteps must strictly decrease to the final "
+                             f"sigma ({'sigma_min' if end_at_sigma_min else '0'}, final_sigmas_type="
+                             f"{self.config.final_sigmas_type!r})")
         self.sigmas = full.float()
         self.timesteps = sigma_to_model_timestep(full[:-1], table).to(device)
         self.num_inference_steps = len(self.timesteps)

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .noise import sigma_to_model_timestep, vp_sigma_table
 
@@ -33,12 +34,7 @@ class StudentScheduler(DPMSolverMultistepScheduler):
         solver); the sigma-shaping flags (`use_karras_sigmas`, ...) are not taken, the schedule being fixed.
     """
 
-    _compatibles = [
-        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
-        "UniPCMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DEISMultistepScheduler",
-        "ExpKarrasScheduler",
-    ]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["ExpKarrasScheduler"]
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):

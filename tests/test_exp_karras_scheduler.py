@@ -1,12 +1,15 @@
-"""ExpKarrasScheduler against independent DPM-Solver++ 2M implementations, and inside real pipelines."""
+"""ExpKarrasScheduler against independent DPM-Solver++ 2M implementations, as a drop-in for every
+DPMSolverMultistepScheduler setting, and inside real pipelines (diffusers' own DPM-Solver test suite runs on
+it in test_exp_karras_diffusers_suite.py)."""
 
-import math
+import inspect
 
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)
 
-from direct_distill.schedulers import ExpKarrasScheduler, exp_karras_sigmas, sigma_table, ve_to_vp
+from direct_distill.schedulers import (ExpKarrasScheduler, alphas_cumprod_from_config, exp_karras_sigmas,
+                                       exp_karras_timesteps, sigma_table, ve_to_vp)
 
 # The scheduler configs the big checkpoints ship (values as in their scheduler_config.json).
 SHIPPED_CONFIGS = {
@@ -71,7 +74,8 @@ def test_from_shipped_configs(name, tmp_path):
     sched.save_pretrained(tmp_path)
     again = ExpKarrasScheduler.from_pretrained(tmp_path)
     again.set_timesteps(20)
-    assert dict(again.config) == dict(sched.config)
+    # diffusers notes which arguments took defaults; a saved and reloaded config has them all given.
+    assert dict(again.config) == {k: v for k, v in sched.config.items() if k != "_use_default_values"}
     assert not again.config.get("use_karras_sigmas", False)
     torch.testing.assert_close(again.sigmas, sched.sigmas)
 
@@ -115,8 +119,7 @@ def test_model_is_called_at_the_nearest_integer_timestep_of_each_sigma():
     """Sigmas are exact; the UNet gets the nearest integer timestep, as ComfyUI gives it."""
     sched = ExpKarrasScheduler()
     sched.set_timesteps(20)
-    u = torch.arange(20, dtype=torch.float64) / 19
-    exact = 999 * torch.expm1(1 - u) / math.expm1(1)
+    exact = exp_karras_timesteps(20, 1.0)
     assert sched.timesteps.dtype == torch.int64 and sched.timesteps[-1] == 0
     assert (sched.timesteps.double() - exact).abs().max() <= 0.5 + 1e-6
     table = sigma_table(sched.alphas_cumprod)
@@ -181,3 +184,102 @@ def test_same_sigmas_through_euler_pipeline(tiny_sd_pipeline):
                generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(pipe.scheduler.sigmas, sig.float())
     assert torch.isfinite(out).all()
+
+
+# --- a drop-in for DPMSolverMultistepScheduler ------------------------------------------------------------
+
+SPACING_REQUESTS = [("use_karras_sigmas", True), ("use_exponential_sigmas", True), ("use_beta_sigmas", True),
+                    ("use_lu_lambdas", True), ("use_flow_sigmas", True), ("flow_shift", 3.0),
+                    ("use_dynamic_shifting", True), ("timestep_spacing", "trailing"), ("steps_offset", 1)]
+
+
+def test_takes_every_dpmsolver_argument():
+    theirs = set(inspect.signature(DPMSolverMultistepScheduler.__init__).parameters)
+    assert theirs <= set(inspect.signature(ExpKarrasScheduler.__init__).parameters)
+
+
+@pytest.mark.parametrize("flag, value", SPACING_REQUESTS)
+def test_a_spacing_request_gets_one_clear_error(flag, value):
+    with pytest.raises(ValueError, match=f"{flag}={value!r} asks for another sigma spacing.*exp_karras_p"):
+        ExpKarrasScheduler(**{flag: value})
+    with pytest.raises(ValueError, match=f"{flag}={value!r} asks"):
+        ExpKarrasScheduler.from_config(PNDMScheduler().config, **{flag: value})
+
+
+def test_several_spacing_requests_are_named_in_one_error():
+    with pytest.raises(ValueError, match="use_karras_sigmas=True, timestep_spacing='trailing' asks"):
+        ExpKarrasScheduler(use_karras_sigmas=True, timestep_spacing="trailing")
+
+
+def test_from_config_drops_another_schedulers_spacing():
+    other = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        use_karras_sigmas=True, timestep_spacing="trailing", steps_offset=1,
+                                        flow_shift=3.0)
+    sched = ExpKarrasScheduler.from_config(other.config)
+    config = sched.config
+    assert (config.use_karras_sigmas, config.timestep_spacing, config.steps_offset, config.flow_shift) == (
+        False, "linspace", 0, 1.0)
+    sched.set_timesteps(8)
+    expected = exp_karras_sigmas(8, 1.0, alphas_cumprod=alphas_cumprod_from_config(other.config))
+    torch.testing.assert_close(sched.sigmas, expected.float())
+
+
+def test_flow_matching_configs_and_mu_are_refused():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="config describes a flow-matching model"):
+        ExpKarrasScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
+    with pytest.raises(ValueError, match="flow-matching"):
+        ExpKarrasScheduler.from_config(DPMSolverMultistepScheduler(use_flow_sigmas=True,
+                                                                   prediction_type="flow_prediction").config)
+    with pytest.raises(ValueError, match="mu is the dynamic shift"):
+        ExpKarrasScheduler().set_timesteps(8, mu=0.5)
+
+
+@pytest.mark.parametrize("lambda_min_clipped", [-5.1, -3.0])
+def test_lambda_min_clipped_starts_where_diffusers_starts(lambda_min_clipped):
+    """The cosine schedule's last timesteps have a huge sigma; clipping log-SNR starts the run below them."""
+    config = dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=lambda_min_clipped)
+    ref = DPMSolverMultistepScheduler(**config)
+    ref.set_timesteps(10)
+    sched = ExpKarrasScheduler(**config)
+    sched.set_timesteps(10)
+    assert sched.timesteps[0] == ref.timesteps[0] < 999
+    assert sched.sigmas[0] == pytest.approx(ref.sigmas[0].item(), rel=1e-4)
+    assert -torch.log(sched.sigmas[0]) >= lambda_min_clipped
+    assert sched.timesteps[-1] == 0
+
+
+def test_learned_variance_output_is_read_as_its_mean_half():
+    # diffusers reads the first 3 channels: learned variance belongs to pixel-space (RGB) models.
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps, variance = toy_eps_model(x, None), torch.randn(1, 3, 8, 8)
+    outputs = []
+    for variance_type, output in ((None, eps), ("learned_range", torch.cat([eps, variance], dim=1))):
+        sched = ExpKarrasScheduler(variance_type=variance_type)
+        sched.set_timesteps(6)
+        outputs.append(sched.step(output, sched.timesteps[0], x).prev_sample)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_zero_terminal_snr_starts_at_diffusers_finite_sigma_max():
+    ref = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    sched = ExpKarrasScheduler.from_config(ref.config)
+    sched.set_timesteps(8)
+    ref.set_timesteps(8)
+    assert sched.sigmas[0] == pytest.approx(ref.sigmas[0].item(), rel=1e-4) and sched.sigmas[0] == pytest.approx(4096)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(run_diffusers(sched, x)).all()
+
+
+def test_final_sigma_min_takes_n_real_steps_to_sigma_min():
+    sched = ExpKarrasScheduler(final_sigmas_type="sigma_min", solver_order=2)
+    sched.set_timesteps(6)
+    table = sigma_table(alphas_cumprod_from_config(sched.config))
+    assert len(sched.sigmas) == 7 and sched.sigmas[-1] == pytest.approx(table[0].item(), rel=1e-6)
+    assert bool((sched.sigmas[1:] < sched.sigmas[:-1]).all())  # no zero-length last step
+    torch.testing.assert_close(sched.sigmas[:-1], exp_karras_sigmas(7, 1.0, alphas_cumprod=sched.alphas_cumprod)[:6]
+                               .float())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(run_diffusers(sched, x)).all()

@@ -28,6 +28,21 @@ def test_sd_noise_table_matches_diffusers(sd_scheduler_config):
     assert SD_TABLE[-1] == pytest.approx(14.6146, abs=1e-3)
 
 
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
+def test_zero_terminal_snr_table_matches_diffusers(beta_schedule):
+    """Lin et al.'s rescaling, with diffusers' finite stand-in for the last (zero) alpha-bar."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = dict(SD_SCHEDULER_CONFIG, beta_schedule=beta_schedule, rescale_betas_zero_snr=True)
+    ours = alphas_cumprod_from_config(config)
+    ref = DPMSolverMultistepScheduler(**config).alphas_cumprod.double()
+    torch.testing.assert_close(ours[:-1], ref[:-1], rtol=1e-4, atol=0)
+    table = sigma_table(ours)
+    assert bool((table[1:] > table[:-1]).all()), "sigma keeps increasing up to the last timestep"
+    if ref[-2] > ref[-1]:  # where diffusers' own table increases to the end, its last entry too
+        assert ours[-1] == ref[-1] == 2.0**-24
+
+
 def test_seed_landmarks_at_20_steps():
     """Seed 000 §3.1 (20 sigmas plus the appended zero): exp-Karras' third-to-last sigma sits at
     t ~= 31; Karras' fourth-to-last at t ~= 6 and its last two non-zero ones under one step."""
@@ -129,7 +144,6 @@ def test_bad_p(p):
     (dict(prediction_type="flow_prediction"), "flow-matching"),
     (dict(trained_betas=[0.1, 0.2]), "trained_betas"),
     (dict(beta_start=0.5, beta_end=1.5, beta_schedule="linear"), "betas"),
-    (dict(rescale_betas_zero_snr=True), "zero-terminal"),
 ])
 def test_unusable_configs(config, message):
     with pytest.raises(ValueError, match=message):
