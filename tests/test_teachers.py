@@ -63,11 +63,11 @@ def _text_encoder(tok, hidden, act, projection=None):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _vae():
+def _vae(scaling_factor=0.18215):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
+                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, scaling_factor=scaling_factor)
 
 
 def family_pipeline(family: str, tokenizer_dir):
@@ -105,7 +105,7 @@ def family_pipeline(family: str, tokenizer_dir):
             transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 1, 1), use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=96 + 48)
         pipe = diffusers.StableDiffusionXLPipeline(
-            vae=_vae(), text_encoder=_text_encoder(tok, 64, "quick_gelu"),
+            vae=_vae(scaling_factor=0.13025), text_encoder=_text_encoder(tok, 64, "quick_gelu"),
             text_encoder_2=_text_encoder(tok2, 128, "gelu", projection=96), tokenizer=tok, tokenizer_2=tok2,
             unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**NOISE, timestep_spacing="leading"))
     with torch.no_grad():
@@ -149,6 +149,7 @@ def test_single_file_loads_offline_and_equals_its_source(family, label, predicti
     for key in ("block_out_channels", "down_block_types", "up_block_types", "cross_attention_dim", "layers_per_block",
                 "use_linear_projection", "addition_embed_type"):
         assert _listed(pipe.unet.config[key]) == _listed(source.unet.config[key]), key
+    assert pipe.vae.config.scaling_factor == source.vae.config.scaling_factor
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     context = source.unet.config.cross_attention_dim
@@ -359,3 +360,23 @@ def test_comfyui_tokenizer_vocabulary_fits_a_full_size_clip(no_network):
     fitted = ldm_checkpoint._tokenizer_for(tok, 77, sd.CLIP_L["vocab_size"], ldm_checkpoint.OPEN_CLIP_PAD, "x")
     assert fitted.model_max_length == 77 and fitted.pad_token_id == 0
     assert len(fitted("a photo of a cat", padding="max_length").input_ids) == 77
+
+
+def test_teacher_vae_loads_alone_from_a_file_or_a_folder(tokenizer_dir, tmp_path, no_network):
+    from direct_distill.training.teachers import load_teacher_vae
+
+    source = family_pipeline("sdxl", tokenizer_dir)
+    path = write_ldm(source, "sdxl", tmp_path / "sdxl.safetensors", dtype=torch.float16)
+    source.save_pretrained(tmp_path / "folder")
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = source.vae.encode(image).latent_dist.mean
+        for teacher, dtype, tolerance in ((path, torch.float32, 2e-2), (tmp_path / "folder", torch.bfloat16, 5e-2)):
+            vae = load_teacher_vae(teacher, dtype)   # no tokenizer needed: nothing but the VAE is read
+            assert {p.dtype for p in vae.parameters()} == {dtype}
+            assert vae.config.scaling_factor == 0.13025
+            got = vae.encode(image.to(dtype)).latent_dist.mean.float()
+            torch.testing.assert_close(got, expected, rtol=0, atol=tolerance)
+    with pytest.raises(SystemExit, match="no VAE weights"):
+        load_teacher_vae(_save({k: v for k, v in pipeline_to_ldm(source, "sdxl").items()
+                                if not k.startswith("first_stage_model.")}, tmp_path / "no_vae.safetensors"))

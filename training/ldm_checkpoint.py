@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -386,11 +387,19 @@ def _text_encoders(state: dict, family: str, encoders: dict[str, str], tokenizer
     return parts, context, pooled
 
 
+def _vae(state: dict, family: Family, sample_size: int):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    config = vae_config(prefixed(state, VAE), family, sample_size)
+    return _assign(_empty(lambda: AutoencoderKL(**config)), convert_ldm_vae_checkpoint(state, config), "VAE")
+
+
 def _pipeline(state: dict, name: str, encoders: dict[str, str], tokenizer, prediction: str):
     """The diffusers pipeline of a checkpoint's state dict (family ``name``), in the file's dtype."""
     import diffusers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     family = FAMILIES[name]
     sample_size = family.v_sample_size if prediction == "v_prediction" and family.v_sample_size else family.sample_size
@@ -404,8 +413,7 @@ def _pipeline(state: dict, name: str, encoders: dict[str, str], tokenizer, predi
                               f"encoders give {context}")
     parts["unet"] = _assign(_empty(lambda: UNet2DConditionModel(**config)),
                             convert_ldm_unet_checkpoint(state, config), "UNet")
-    vae = vae_config(prefixed(state, VAE), family, sample_size)
-    parts["vae"] = _assign(_empty(lambda: AutoencoderKL(**vae)), convert_ldm_vae_checkpoint(state, vae), "VAE")
+    parts["vae"] = _vae(state, family, sample_size)
 
     noise = dict(SD_NOISE, prediction_type=prediction)
     betas = state.get("betas")
@@ -416,6 +424,41 @@ def _pipeline(state: dict, name: str, encoders: dict[str, str], tokenizer, predi
         return diffusers.StableDiffusionXLPipeline(scheduler=scheduler, **parts)
     return diffusers.StableDiffusionPipeline(scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False, **parts)
+
+
+def _read(path: Path, wanted: tuple[str, ...]) -> tuple[dict, dict, str, dict[str, str]]:
+    """``(state, metadata, family name, text-encoder prefixes)``: the weights under ``wanted`` (and the extra keys)
+    of a checkpoint whose family is read from all its keys."""
+    names = []
+
+    def select(key: str) -> bool:
+        names.append(key)
+        return key.startswith(wanted) or key in EXTRA_KEYS
+
+    state, metadata = read_safetensors(path, select)
+    return (state, metadata, *detect_family(names, path))
+
+
+@contextmanager
+def _naming(path: Path, family: Family):
+    """Errors of reading a checkpoint's parts, with the file's name."""
+    try:
+        yield
+    except KeyError as err:
+        raise FileFormatError(f"{path}: not a whole {family.label} checkpoint (no weight {err})") from None
+    except FileFormatError as err:
+        raise FileFormatError(f"{path}: {err}") from None
+
+
+def load_ldm_vae(path: str | os.PathLike):
+    """``(AutoencoderKL, description)``: the VAE of an SD1.x/2.x/XL single-file checkpoint alone (the file's dtype),
+    for encoding data without loading the rest."""
+    path = Path(path)
+    state, _, name, _ = _read(path, (VAE,))
+    family = FAMILIES[name]
+    with _naming(path, family):
+        vae = _vae(state, family, family.sample_size)
+    return vae, f"{path.name}: the VAE of an {family.label} checkpoint"
 
 
 def load_ldm_checkpoint(path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
@@ -436,24 +479,12 @@ def load_ldm_checkpoint(path: str | os.PathLike, *, tokenizer: str | os.PathLike
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
-    wanted = (UNET, VAE, *CLIP_L, *OPEN_CLIP)
-    names = []
-
-    def select(key: str) -> bool:
-        names.append(key)
-        return key.startswith(wanted) or key in EXTRA_KEYS
-
-    state, metadata = read_safetensors(path, select)
-    name, encoders = detect_family(names, path)
+    state, metadata, name, encoders = _read(path, (UNET, VAE, *CLIP_L, *OPEN_CLIP))
     family = FAMILIES[name]
     base_tokenizer, tokenizer_source = find_tokenizer(tokenizer)
-    try:
+    with _naming(path, family):
         prediction, why = decide_prediction_type(family, state, metadata, prediction_type)
         pipe = _pipeline(state, name, encoders, base_tokenizer, prediction)
-    except KeyError as err:
-        raise FileFormatError(f"{path}: not a whole {family.label} checkpoint (no weight {err})") from None
-    except FileFormatError as err:
-        raise FileFormatError(f"{path}: {err}") from None
     size = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
     description = (f"{path.name}: {family.label} checkpoint ({size:.1f} M-parameter UNet), {prediction} ({why}), "
                    f"tokenizer from {tokenizer_source}")

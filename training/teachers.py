@@ -53,6 +53,31 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
     return pipe
 
 
+def load_teacher_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """The VAE of a teacher (a diffusers folder or a single checkpoint file) in ``dtype``, loading nothing else:
+    what encoding data needs. Prints one line saying what was loaded; SystemExit with one line otherwise."""
+    from ..models.io import FileFormatError
+    from .ldm_checkpoint import load_ldm_vae
+
+    path = Path(path)
+    if path.is_dir():
+        from diffusers import AutoencoderKL
+
+        if not (path / "vae" / "config.json").is_file():
+            raise SystemExit(f"{path}: not a diffusers pipeline folder with a VAE (no vae/config.json)")
+        vae, description = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True), f"{path}/vae"
+    elif path.is_file():
+        try:
+            vae, description = load_ldm_vae(path)
+        except FileFormatError as err:
+            raise SystemExit(str(err)) from None
+    else:
+        raise SystemExit(f"{path}: no such teacher folder or file")
+    set_dtype(vae, dtype).eval()
+    print(f"VAE: {description}, {str(dtype).removeprefix('torch.')}", flush=True)
+    return vae
+
+
 def set_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast ``module``'s floating-point weights to ``dtype`` in place (diffusers' ``to(dtype)`` warns on every
     call, whatever the model)."""
