@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": ("direct_distill.lab.benchmark", "measure schedules, shortcut and students; write lab/REPORT.md"),
         "teacher": ("direct_distill.lab.teacher", "train the lab teacher (vae | unet | export)"),
         "classifier": ("direct_distill.lab.evaluator", "train the lab's evaluation classifier"),
-        "distill": ("direct_distill.training.cli", "distil a teacher: shortcut, progressive, sfd, gdd, disback"),
+        "distill": (distill, "distil a teacher (distill --help lists the methods)"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: python -m direct_distill <command> [options]\n\ncommands:")
@@ -24,8 +24,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from importlib import import_module
 
-    result = import_module(commands[argv[0]][0]).main(argv[1:])
+    target = commands[argv[0]][0]
+    result = target(argv[1:]) if callable(target) else import_module(target).main(argv[1:])
     return int(result or 0)
+
+
+def distill(argv: list[str]) -> int:
+    """The training command line with the lab's defaults handed in (training/ itself knows no lab)."""
+    from .lab.distill_preset import LAB
+    from .training.cli import main
+
+    return main(argv, preset=LAB)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,13 @@ def _tiny_vae():
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
 
+@pytest.fixture
+def tiny_vae():
+    """An AutoencoderKL with SD's structure at toy size (32 px images, 16x16 latents)."""
+    torch.manual_seed(0)
+    return _tiny_vae().eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from direct_distill.lab.teacher import build_tokenizer
@@ -105,8 +112,8 @@ def check_one_step_student():
     from peft import set_peft_model_state_dict
 
     from direct_distill.pipelines import load_student
-    from direct_distill.training.gdd import one_step_sample
     from direct_distill.training.lora import STUDENT, LoraStudent
+    from direct_distill.training.one_step import one_step_sample
 
     def check(bare, path, lora, spec):
         pipe = copy.deepcopy(bare)

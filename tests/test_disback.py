@@ -9,17 +9,23 @@ import torch
 
 from direct_distill.models.io import read_safetensors
 from direct_distill.models.student_file import read_student
+from direct_distill.training.config import LoraSpec, RunConfig, SettingError
 from direct_distill.training.disback import (DEGRADE, FAKE, DisBackConfig, DistributionBacktracking,
                                              DegradationRecording, train_disback)
-from direct_distill.training.lora import LoraAdapters, LoraSpec, LoraStudent
+from direct_distill.training.lora import LoraAdapters, LoraStudent
+from direct_distill.training.runner import Job
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
 
 def config(**kw):
-    return DisBackConfig(**{**dict(degradation_steps=4, path_checkpoints=2, steps_per_node=2, steps=5, batch_size=2,
-                                   lr=1e-2, fake_lr=1e-2, degradation_lr=1e-2, real_guidance=2.0,
-                                   lora=LoraSpec(rank=2, alpha=4.0), checkpoint_every=2), **kw})
+    run = RunConfig(batch_size=2, lr=1e-2, checkpoint_every=2, lora=LoraSpec(rank=2, alpha=4.0))
+    return DisBackConfig(**{**dict(run=run, degradation_steps=4, path_checkpoints=2, steps_per_node=2, steps=5,
+                                   fake_lr=1e-2, degradation_lr=1e-2, real_guidance=2.0), **kw})
+
+
+def job(pipe, out, work=None, accelerator=None):
+    return Job(pipe, out, work, teacher="tests/tiny-sd", prompts=PROMPTS, accelerator=accelerator)
 
 
 def test_path_is_recorded_then_visited_last_node_first_and_the_student_is_one_call_at_999(
@@ -35,8 +41,7 @@ def test_path_is_recorded_then_visited_last_node_first_and_the_student_is_one_ca
 
     monkeypatch.setattr(DistributionBacktracking, "real_x0", spy)
     out = tmp_path / "disback.safetensors"
-    result = train_disback(tiny_sd_pipeline, PROMPTS, out, config=config(), work_dir=tmp_path / "work",
-                           teacher="tests/tiny-sd", accelerator=accelerator)
+    result = train_disback(job(tiny_sd_pipeline, out, tmp_path / "work", accelerator), config())
 
     # Stage one: K = 2 checkpoints of the degrade adapter, after steps 2 and 4, each moved off the teacher.
     assert config().node_steps() == [2, 4]
@@ -119,8 +124,7 @@ def test_without_backtracking_there_is_no_stage_one_and_the_teacher_is_the_only_
 
     monkeypatch.setattr(DistributionBacktracking, "__init__", spy)
     out = tmp_path / "plain.safetensors"
-    result = train_disback(tiny_sd_pipeline, PROMPTS, out, config=config(path_checkpoints=0),
-                           work_dir=tmp_path / "work", accelerator=accelerator)
+    result = train_disback(job(tiny_sd_pipeline, out, tmp_path / "work", accelerator), config(path_checkpoints=0))
     assert result.node_files == [] and not (tmp_path / "work/degradation").exists()
     assert result.schedule == [(0, 5)] and result.visited == [0] * 5
     assert set(result.losses) == {"fake", "generator"}
@@ -131,14 +135,18 @@ def test_without_backtracking_there_is_no_stage_one_and_the_teacher_is_the_only_
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="the teacher must be the last target"):
-        config(steps=4).schedule()
-    with pytest.raises(ValueError, match="path_checkpoints"):
-        config(path_checkpoints=5).node_steps()
-    with pytest.raises(ValueError, match="path_checkpoints"):
-        config(path_checkpoints=-1).node_steps()
+    with pytest.raises(SettingError, match="steps: .*the teacher must be the last target"):
+        config(steps=4)
+    with pytest.raises(SettingError, match="path_checkpoints: need path_checkpoints \\(5\\) = 0"):
+        config(path_checkpoints=5)
+    with pytest.raises(SettingError, match="path_checkpoints: must be >= 0"):
+        config(path_checkpoints=-1)
+    with pytest.raises(SettingError, match="score_timesteps: need LO <= HI"):
+        config(score_timesteps=(500, 20))
+    with pytest.raises(SettingError, match="fake_updates: must be >= 1"):
+        config(fake_updates=0)
     assert config(path_checkpoints=0).node_steps() == [] and config(path_checkpoints=0).schedule() == [(0, 5)]
-    assert config(degradation_steps=10, path_checkpoints=3).node_steps() == [3, 7, 10]
+    assert config(degradation_steps=10, path_checkpoints=3, steps=7).node_steps() == [3, 7, 10]
     assert [config().node_at(s) for s in range(7)] == [2, 2, 1, 1, 0, 0, 0]
 
 
@@ -149,8 +157,7 @@ class Interrupted(Exception):
 def test_interrupted_in_each_stage_and_resumed_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator,
                                                                   monkeypatch):
     pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(4)]
-    train_disback(pipes[0], PROMPTS, tmp_path / "straight.safetensors", config=config(),
-                  work_dir=tmp_path / "straight", accelerator=accelerator)
+    train_disback(job(pipes[0], tmp_path / "straight.safetensors", tmp_path / "straight", accelerator), config())
     stage1, stage2 = DegradationRecording.loss, DistributionBacktracking.loss
 
     def dies_at_step_3(loss):
@@ -164,12 +171,11 @@ def test_interrupted_in_each_stage_and_resumed_ends_bit_identical(tiny_sd_pipeli
     for pipe, (cls, loss) in zip(pipes[1:], runs):  # dies in stage one (after node 1), then in stage two
         monkeypatch.setattr(cls, "loss", dies_at_step_3(loss))
         with pytest.raises(Interrupted):
-            train_disback(pipe, PROMPTS, tmp_path / "resumed.safetensors", config=config(),
-                          work_dir=tmp_path / "resumed", accelerator=accelerator)
+            train_disback(job(pipe, tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config())
         monkeypatch.setattr(cls, "loss", loss)
     torch.manual_seed(99)  # the caller's RNG must not matter
-    result = train_disback(pipes[3], PROMPTS, tmp_path / "resumed.safetensors", config=config(),
-                           work_dir=tmp_path / "resumed", accelerator=accelerator)
+    result = train_disback(job(pipes[3], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator),
+                           config())
     assert result.visited == [1, 1, 0]  # stage two resumed at its step-2 checkpoint
     for a, b in [(tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"),
                  *[(tmp_path / f"straight/degradation/path/node_{k}.safetensors",
@@ -186,12 +192,13 @@ def test_cli_distills_a_teacher_folder(tiny_sd_pipeline, tmp_path, capsys):
     out = tmp_path / "disback.safetensors"
     args = ["distill", "disback", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--rank", "2",
             "--batch-size", "1", "--degradation-steps", "2", "--path-checkpoints", "2", "--steps-per-node", "1"]
-    with pytest.raises(SystemExit, match="--prompts is required"):
+    with pytest.raises(SystemExit, match="--prompts: required for a teacher other than the lab's"):
         main(args + ["--steps", "3"])
     args += ["--prompts", str(tmp_path / "prompts.txt")]
-    with pytest.raises(SystemExit, match="the teacher must be the last target"):
+    with pytest.raises(SystemExit, match="--steps: .*the teacher must be the last target"):
         main(args + ["--steps", "2"])
-    with pytest.raises(SystemExit, match="lab teacher only"):
+    with pytest.raises(SystemExit, match="--eval-every: evaluations need the preset's evaluator: they are for the "
+                                         "lab teacher only"):
         main(args + ["--steps", "3", "--eval-every", "1"])
     assert main(args + ["--steps", "3"]) == 0
     _, info = read_student(out)

@@ -10,10 +10,12 @@ import torch
 
 from direct_distill.models.io import read_safetensors
 from direct_distill.models.student_file import read_student
-from direct_distill.training.gdd import (GDD, GDDConfig, TeacherFeatures, gdd_lora_spec, load_images,
-                                         read_image_folder, train_gdd)
-from direct_distill.training.lora import LoraSpec, LoraStudent
-from direct_distill.training.progressive import LatentData
+from direct_distill.training.config import LoraSpec, RunConfig, SettingError
+from direct_distill.training.data import LatentData
+from direct_distill.training.gdd import GDD, GDDConfig, TeacherFeatures, gdd_lora_spec, train_gdd
+from direct_distill.training.lora import LoraStudent
+from direct_distill.training.one_step import EvalConfig
+from direct_distill.training.runner import Job
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
@@ -23,9 +25,16 @@ def data(n=8, seed=0):
     return torch.randn(n, 4, 16, 16, generator=g), [PROMPTS[i % 3] for i in range(n)]
 
 
-def config(**kw):
-    return GDDConfig(**{**dict(steps=3, batch_size=2, lr=1e-2, disc_lr=1e-2, r1_every=2, checkpoint_every=2,
-                               lora_rank=2, lora_alpha=4.0), **kw})
+def config(target_modules=(), eval_every=0, keep_best=True, **kw):
+    run = RunConfig(batch_size=2, lr=1e-2, max_grad_norm=None, checkpoint_every=2,
+                    lora=LoraSpec(rank=2, alpha=4.0, target_modules=target_modules))
+    return GDDConfig(**{**dict(run=run, evaluation=EvalConfig(eval_every=eval_every, keep_best=keep_best), steps=3,
+                               disc_lr=1e-2, r1_every=2), **kw})
+
+
+def job(pipe, out, work=None, accelerator=None, evaluate=None):
+    return Job(pipe, out, work, teacher="tests/tiny-sd", data=LatentData(*data()), evaluate=evaluate,
+               accelerator=accelerator)
 
 
 def convs(unet):
@@ -37,8 +46,7 @@ def test_gdd_i_student_is_one_unet_call_at_999_in_a_fresh_pipeline(tiny_sd_pipel
     bare = copy.deepcopy(tiny_sd_pipeline)
     before = {name: m.weight.detach().clone() for name, m in convs(tiny_sd_pipeline.unet).items()}
     out = tmp_path / "gdd.safetensors"
-    result = train_gdd(tiny_sd_pipeline, *data()[:1], out, prompts=data()[1], config=config(),
-                       teacher="tests/tiny-sd", accelerator=accelerator)
+    result = train_gdd(job(tiny_sd_pipeline, out, accelerator=accelerator), config())
     assert result.path == out and set(result.losses) == {"generator", "discriminator"}
 
     # GDD-I: no convolution carries a LoRA, and every one keeps the teacher's weights; every linear layer has one.
@@ -66,7 +74,7 @@ def test_plain_gdd_puts_the_lora_on_convolutions_too_and_gdd_i_refuses_them(tiny
     assert set(convs(unet)) <= set(config(variant="gdd").lora_spec(unet).target_modules)
     assert set(config().lora_spec(unet).target_modules).isdisjoint(convs(unet))
     assert config(target_modules=("to_q",)).lora_spec(unet).target_modules == ("to_q",)
-    with pytest.raises(ValueError, match="GDD-I keeps the convolutions frozen"):
+    with pytest.raises(SettingError, match="target_modules: GDD-I keeps the convolutions frozen"):
         config(target_modules=("to_q", "conv1")).lora_spec(unet)
     with pytest.raises(ValueError, match="variant"):
         gdd_lora_spec(unet, "gdd-ii", LoraSpec(target_modules=()))
@@ -117,8 +125,8 @@ def test_evaluate_hook_gets_the_current_generator_every_n_steps(tiny_sd_pipeline
         seen.append(step)
         return {"fd": float(step)}
 
-    result = train_gdd(tiny_sd_pipeline, *data()[:1], tmp_path / "s.safetensors", prompts=data()[1],
-                       config=config(steps=4, eval_every=2), evaluate=evaluate, accelerator=accelerator)
+    result = train_gdd(job(tiny_sd_pipeline, tmp_path / "s.safetensors", accelerator=accelerator, evaluate=evaluate),
+                       config(steps=4, eval_every=2))
     assert seen == [2, 4] and result.evaluations == [(2, {"fd": 2.0}), (4, {"fd": 4.0})]
     assert read_student(tmp_path / "s.safetensors")[1].extra["evaluations"] == [[2, {"fd": 2.0}], [4, {"fd": 4.0}]]
 
@@ -129,9 +137,7 @@ class Interrupted(Exception):
 
 def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
     pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
-    latents, prompts = data()
-    train_gdd(pipes[0], latents, tmp_path / "straight.safetensors", prompts=prompts, config=config(steps=4),
-              work_dir=tmp_path / "straight", accelerator=accelerator)
+    train_gdd(job(pipes[0], tmp_path / "straight.safetensors", tmp_path / "straight", accelerator), config(steps=4))
     loss = GDD.loss
 
     def dies_in_step_3(self, step, batch):
@@ -142,37 +148,34 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_pa
 
     monkeypatch.setattr(GDD, "loss", dies_in_step_3)
     with pytest.raises(Interrupted):
-        train_gdd(pipes[1], latents, tmp_path / "resumed.safetensors", prompts=prompts, config=config(steps=4),
-                  work_dir=tmp_path / "resumed", accelerator=accelerator)
+        train_gdd(job(pipes[1], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator),
+                  config(steps=4))
     monkeypatch.setattr(GDD, "loss", loss)
     torch.manual_seed(99)  # the caller's RNG must not matter
-    train_gdd(pipes[2], latents, tmp_path / "resumed.safetensors", prompts=prompts, config=config(steps=4),
-              work_dir=tmp_path / "resumed", accelerator=accelerator)
+    train_gdd(job(pipes[2], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config(steps=4))
     a, b = (read_safetensors(tmp_path / f"{name}.safetensors")[0] for name in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_missing_or_empty_data_folder_is_a_clear_error(tiny_sd_pipeline, tmp_path, capsys):
+def test_cli_trains_on_a_folder_of_captioned_images_and_refuses_missing_data_before_loading(tiny_sd_pipeline,
+                                                                                            tmp_path, capsys):
+    from PIL import Image
+
     from direct_distill.__main__ import main
 
-    with pytest.raises(FileNotFoundError, match="no such data folder.*image.png \\+ image.txt"):
-        read_image_folder(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="holds no images"):
-        read_image_folder(tmp_path / "empty")
-
     tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
     args = ["distill", "gdd", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "gdd.safetensors"),
             "--steps", "1", "--batch-size", "1", "--rank", "2"]
-    for folder, message in [("nowhere", "no such data folder"), ("empty", "holds no images")]:
+    for folder, message in [("nowhere", "--data: .*nowhere: no such data folder"),
+                            ("empty", "--data: .*empty: the data folder holds no images")]:
         with pytest.raises(SystemExit, match=message):
             main(args + ["--data", str(tmp_path / folder)])
-    with pytest.raises(SystemExit, match="GDD trains on real data"):
+    with pytest.raises(SystemExit, match="--data: required for a teacher other than the lab's: gdd trains on data"):
         main(args)
-
-    # A folder of captioned images (one uncaptioned, one in a subfolder) trains end to end.
-    from PIL import Image
+    with pytest.raises(SystemExit, match="--latents: give --data or --latents, not both"):
+        main(args + ["--data", str(tmp_path / "empty"), "--latents", str(tmp_path / "x.safetensors")])
+    assert not (tmp_path / "gdd.work").exists()  # refused before anything was written
 
     images = tmp_path / "images"
     (images / "more").mkdir(parents=True)
@@ -181,10 +184,6 @@ def test_missing_or_empty_data_folder_is_a_clear_error(tiny_sd_pipeline, tmp_pat
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(images / name)
     (images / "a.txt").write_text("a bag\n")
     (images / "more" / "c.txt").write_text("a coat")
-    paths, captions = read_image_folder(images)
-    assert [p.name for p in paths] == ["a.png", "b.jpg", "c.png"] and captions == ["a bag", "", "a coat"]
-    pixels = load_images(paths, 3, 32)
-    assert pixels.shape == (3, 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
     assert main(args + ["--data", str(images)]) == 0
     assert read_student(tmp_path / "gdd.safetensors")[1].nfe_schedules[1]["timesteps"] == [999]
     assert (tmp_path / "gdd.work" / "folder_latents.safetensors").is_file()
@@ -205,8 +204,7 @@ def test_the_file_holds_the_generator_of_the_lowest_fd_also_after_a_resume(tiny_
         return {"fd": fds[step]}
 
     work, out = tmp_path / "work", tmp_path / "s.safetensors"
-    train_gdd(tiny_sd_pipeline, *data()[:1], out, prompts=data()[1], config=config(steps=6, eval_every=2),
-              evaluate=evaluate, work_dir=work, accelerator=accelerator)
+    train_gdd(job(tiny_sd_pipeline, out, work, accelerator, evaluate), config(steps=6, eval_every=2))
     assert any(not torch.equal(snapshots[4][k], snapshots[6][k]) for k in snapshots[4])  # it did move on
     final = get_peft_model_state_dict(tiny_sd_pipeline.unet, adapter_name=STUDENT)
     assert all(torch.equal(final[k], snapshots[4][k]) for k in final)
@@ -214,11 +212,9 @@ def test_the_file_holds_the_generator_of_the_lowest_fd_also_after_a_resume(tiny_
 
     # A re-run of the finished work folder (nothing left to train) still knows the best from its file.
     again = tmp_path / "again.safetensors"
-    train_gdd(pipes[0], *data()[:1], again, prompts=data()[1], config=config(steps=6, eval_every=2),
-              evaluate=evaluate, work_dir=work, accelerator=accelerator)
+    train_gdd(job(pipes[0], again, work, accelerator, evaluate), config(steps=6, eval_every=2))
     assert read_student(again)[1].extra["selected"] == {"step": 4, "fd": 1.0}
 
-    train_gdd(pipes[1], *data()[:1], tmp_path / "last.safetensors", prompts=data()[1],
-              config=config(steps=6, eval_every=2, keep_best=False), evaluate=lambda step, generate: {"fd": fds[step]},
-              accelerator=accelerator)
+    train_gdd(job(pipes[1], tmp_path / "last.safetensors", accelerator=accelerator,
+                  evaluate=lambda step, generate: {"fd": fds[step]}), config(steps=6, eval_every=2, keep_best=False))
     assert read_student(tmp_path / "last.safetensors")[1].extra["selected"] == {"step": 6, "fd": None}

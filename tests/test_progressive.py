@@ -10,9 +10,13 @@ from diffusers import DDIMScheduler
 from direct_distill.models.io import read_safetensors
 from direct_distill.models.student_file import read_student
 from direct_distill.pipelines import load_student
-from direct_distill.training.lora import STUDENT, LoraSpec, LoraStudent, copy_adapter, trailing_timesteps
-from direct_distill.training.progressive import (TEACHER, LatentData, ProgressiveConfig, ProgressiveRound,
-                                                 ddim_x0_target, train_progressive)
+from direct_distill.schedulers.grids import trailing_timesteps
+from direct_distill.training.config import LoraSpec, RunConfig, SettingError
+from direct_distill.training.data import LatentData
+from direct_distill.training.lora import STUDENT, LoraStudent, copy_adapter
+from direct_distill.training.progressive import (TEACHER, ProgressiveConfig, ProgressiveRound, ddim_x0_target,
+                                                 train_progressive)
+from direct_distill.training.runner import Job
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
@@ -23,8 +27,12 @@ def data(n=8, seed=0):
 
 
 def config(**kw):
-    return ProgressiveConfig(**{**dict(teacher_steps=4, student_steps=1, steps_per_round=3, batch_size=2, lr=1e-2,
-                                       warmup_steps=0, lora=LoraSpec(rank=2, alpha=4.0), checkpoint_every=2), **kw})
+    run = RunConfig(batch_size=2, lr=1e-2, checkpoint_every=2, lora=LoraSpec(rank=2, alpha=4.0))
+    return ProgressiveConfig(**{**dict(run=run, teacher_steps=4, student_steps=1, steps_per_round=3), **kw})
+
+
+def job(pipe, out, work=None, accelerator=None):
+    return Job(pipe, out, work, teacher="tests/tiny-sd", data=LatentData(*data()), accelerator=accelerator)
 
 
 def ddim(steps):
@@ -91,16 +99,17 @@ def test_ddim_x0_target_inverts_a_ddim_step():
 def test_rounds_halve_the_steps_and_refuse_other_ratios():
     assert config(teacher_steps=32, student_steps=1).rounds() == [16, 8, 4, 2, 1]
     assert config(teacher_steps=8, student_steps=4).rounds() == [4]
-    for teacher_steps, student_steps in [(12, 1), (4, 4), (2, 4), (8, 0)]:
-        with pytest.raises(ValueError, match="power of 2"):
-            config(teacher_steps=teacher_steps, student_steps=student_steps).rounds()
+    for teacher_steps, student_steps in [(12, 1), (4, 4), (2, 4)]:
+        with pytest.raises(SettingError, match="teacher_steps: must be student_steps .* times a power of 2"):
+            config(teacher_steps=teacher_steps, student_steps=student_steps)
+    with pytest.raises(SettingError, match="student_steps: must be >= 1"):
+        config(teacher_steps=8, student_steps=0)
 
 
 def test_students_of_every_round_load_and_sample_their_schedule(tiny_sd_pipeline, tmp_path, accelerator):
     bare = copy.deepcopy(tiny_sd_pipeline)
     out = tmp_path / "progressive.safetensors"
-    result = train_progressive(tiny_sd_pipeline, *data()[:1], out, prompts=data()[1], config=config(),
-                               teacher="tests/tiny-sd", accelerator=accelerator)
+    result = train_progressive(job(tiny_sd_pipeline, out, accelerator=accelerator), config(guidance=1.0))
     assert result.path == out and set(result.round_paths) == {2, 1}
     assert result.round_paths[2] == tmp_path / "progressive_nfe2.safetensors"
     assert all(loss is not None and loss > 0 for loss in result.losses.values())
@@ -143,9 +152,8 @@ class Interrupted(Exception):
 def test_interrupted_in_the_second_round_and_resumed_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator,
                                                                       monkeypatch):
     pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
-    latents, prompts = data()
-    straight = train_progressive(pipes[0], latents, tmp_path / "straight.safetensors", prompts=prompts,
-                                 config=config(), work_dir=tmp_path / "straight", accelerator=accelerator)
+    straight = train_progressive(job(pipes[0], tmp_path / "straight.safetensors", tmp_path / "straight", accelerator),
+                                 config())
 
     loss = ProgressiveRound.loss
 
@@ -156,12 +164,11 @@ def test_interrupted_in_the_second_round_and_resumed_ends_bit_identical(tiny_sd_
 
     monkeypatch.setattr(ProgressiveRound, "loss", dies_in_round_2_step_2)
     with pytest.raises(Interrupted):
-        train_progressive(pipes[1], latents, tmp_path / "resumed.safetensors", prompts=prompts, config=config(),
-                          work_dir=tmp_path / "resumed", accelerator=accelerator)
+        train_progressive(job(pipes[1], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config())
     monkeypatch.setattr(ProgressiveRound, "loss", loss)
     torch.manual_seed(123)  # the caller's RNG must not matter
-    resumed = train_progressive(pipes[2], latents, tmp_path / "resumed.safetensors", prompts=prompts,
-                                config=config(), work_dir=tmp_path / "resumed", accelerator=accelerator)
+    resumed = train_progressive(job(pipes[2], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator),
+                                config())
     assert resumed.losses[2] is None  # round 1 was finished: nothing left to run
     for n in (2, 1):
         a, b = read_safetensors(straight.round_paths[n])[0], read_safetensors(resumed.round_paths[n])[0]
@@ -170,40 +177,23 @@ def test_interrupted_in_the_second_round_and_resumed_ends_bit_identical(tiny_sd_
 
 def test_cli_distills_a_teacher_folder_on_given_latents(tiny_sd_pipeline, tmp_path, capsys):
     from direct_distill.__main__ import main
-    from direct_distill.models.io import atomic_save_file
+    from direct_distill.training.data import write_latents_file
 
     tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
-    atomic_save_file({"latents": data(4)[0]}, tmp_path / "latents.safetensors")
+    write_latents_file(tmp_path / "latents.safetensors", data(4)[0])
     (tmp_path / "prompts.txt").write_text("a bag\n")
     out = tmp_path / "student.safetensors"
     args = ["distill", "progressive", "--teacher", str(tmp_path / "teacher"), "--out", str(out),
             "--teacher-steps", "4", "--student-steps", "2", "--steps-per-round", "1", "--batch-size", "1",
-            "--rank", "2", "--prompts", str(tmp_path / "prompts.txt")]
-    with pytest.raises(SystemExit, match="pass --latents"):
-        main(args)
-    assert main(args + ["--latents", str(tmp_path / "latents.safetensors")]) == 0
+            "--rank", "2"]
+    with pytest.raises(SystemExit, match="--data: required for a teacher other than the lab's: progressive trains "
+                                         "on data; give --data FOLDER .* or --latents FILE"):
+        main(args + ["--prompts", str(tmp_path / "prompts.txt")])
+    with pytest.raises(SystemExit, match="--prompts: .*latents.safetensors holds no prompts"):
+        main(args + ["--latents", str(tmp_path / "latents.safetensors")])
+    assert main(args + ["--latents", str(tmp_path / "latents.safetensors"), "--prompts",
+                        str(tmp_path / "prompts.txt")]) == 0
     _, info = read_student(out)
     assert info.nfe_schedules[2]["timesteps"] == [999, 499] and info.guidance == 7.5
     assert not (tmp_path / "student_nfe2.safetensors").exists()  # one round: its file is the final one
     assert f"2-step student written to {out}" in capsys.readouterr().out
-
-
-def test_lab_data_is_the_dataset_encoded_by_the_teachers_vae_and_cached(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    import direct_distill.lab.data as lab_data
-    from direct_distill.lab.teacher import build_vae
-    from direct_distill.training.cli import lab_latent_data
-
-    images, labels = torch.rand(6, 1, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 3, 8, 9])
-    monkeypatch.setattr(lab_data, "load_fashion_mnist", lambda split: (images, labels))
-    torch.manual_seed(0)
-    pipe = SimpleNamespace(vae=build_vae().eval())
-    data = lab_latent_data(pipe, tmp_path, "cpu")
-    with torch.no_grad():
-        post = pipe.vae.encode(images).latent_dist
-    torch.testing.assert_close(data.latents, post.mean * pipe.vae.config.scaling_factor)
-    torch.testing.assert_close(data.latent_std, post.std * pipe.vae.config.scaling_factor)
-    assert data.prompts[-2:] == ["bag", "ankle boot"]
-    monkeypatch.setattr(lab_data, "load_fashion_mnist", pytest.fail)  # cached: the dataset is not read again
-    assert torch.equal(lab_latent_data(pipe, tmp_path, "cpu").latents, data.latents)

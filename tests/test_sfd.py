@@ -10,15 +10,22 @@ from peft import set_peft_model_state_dict
 from direct_distill.models.io import read_safetensors
 from direct_distill.models.student_file import read_student
 from direct_distill.pipelines import load_student
-from direct_distill.training.lora import CLEAN, STUDENT, LoraSpec, LoraStudent
+from direct_distill.schedulers.grids import CLEAN
+from direct_distill.training.config import LoraSpec, RunConfig, SettingError
+from direct_distill.training.lora import STUDENT, LoraStudent
+from direct_distill.training.runner import Job
 from direct_distill.training.sfd import SFD, SFDConfig, train_sfd
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
 
 def config(**kw):
-    return SFDConfig(**{**dict(nfes=(2, 3), default_nfe=3, teacher_substeps=2, steps=4, batch_size=2, lr=1e-2,
-                               warmup_steps=0, lora=LoraSpec(rank=2, alpha=4.0), checkpoint_every=2), **kw})
+    run = RunConfig(batch_size=2, lr=1e-2, checkpoint_every=2, lora=LoraSpec(rank=2, alpha=4.0))
+    return SFDConfig(**{**dict(run=run, nfes=(2, 3), default_nfe=3, teacher_substeps=2, steps=4), **kw})
+
+
+def job(pipe, out, work=None, accelerator=None):
+    return Job(pipe, out, work, teacher="tests/tiny-sd", prompts=PROMPTS, accelerator=accelerator)
 
 
 def inputs(seed=3):
@@ -64,8 +71,7 @@ def test_an_untrained_student_has_zero_loss_against_a_one_substep_teacher(tiny_s
 def test_one_student_file_for_several_nfes_samples_as_it_was_trained(tiny_sd_pipeline, tmp_path, accelerator):
     bare = copy.deepcopy(tiny_sd_pipeline)
     out = tmp_path / "sfd.safetensors"
-    result = train_sfd(tiny_sd_pipeline, PROMPTS, out, config=config(), teacher="tests/tiny-sd",
-                       accelerator=accelerator)
+    result = train_sfd(job(tiny_sd_pipeline, out, accelerator=accelerator), config(guidance=1.0))
     assert result.path == out and result.loss > 0
     lora, info = read_student(out)
     assert info.method == "sfd" and info.teacher == "tests/tiny-sd"
@@ -103,8 +109,7 @@ class Interrupted(Exception):
 
 def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
     pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
-    train_sfd(pipes[0], PROMPTS, tmp_path / "straight.safetensors", config=config(), work_dir=tmp_path / "straight",
-              accelerator=accelerator)
+    train_sfd(job(pipes[0], tmp_path / "straight.safetensors", tmp_path / "straight", accelerator), config())
     loss = SFD.loss
 
     def dies_at_step_3(self, step, batch):
@@ -114,23 +119,26 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_pa
 
     monkeypatch.setattr(SFD, "loss", dies_at_step_3)
     with pytest.raises(Interrupted):
-        train_sfd(pipes[1], PROMPTS, tmp_path / "resumed.safetensors", config=config(),
-                  work_dir=tmp_path / "resumed", accelerator=accelerator)
+        train_sfd(job(pipes[1], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config())
     monkeypatch.setattr(SFD, "loss", loss)
     torch.manual_seed(99)
-    train_sfd(pipes[2], PROMPTS, tmp_path / "resumed.safetensors", config=config(), work_dir=tmp_path / "resumed",
-              accelerator=accelerator)
+    train_sfd(job(pipes[2], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config())
     a, b = (read_safetensors(tmp_path / f"{name}.safetensors")[0] for name in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_settings_are_checked(tiny_sd_pipeline):
-    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
-    for changes, message in [(dict(default_nfe=4), "default_nfe 4 must be one of"),
-                             (dict(distance="huber"), "distance"), (dict(teacher_from="data"), "teacher_from"),
-                             (dict(teacher_substeps=0), "substeps")]:
-        with pytest.raises(ValueError, match=message):
-            SFD(student, PROMPTS, config(**changes))
+def test_settings_are_checked():
+    for changes, message in [(dict(default_nfe=4), "default_nfe: must be one of the NFEs \\[2, 3\\], got 4"),
+                             (dict(distance="huber"), "distance: expected one of l1, l2"),
+                             (dict(teacher_from="data"), "teacher_from: expected one of teacher, student"),
+                             (dict(teacher_substeps=0), "teacher_substeps: must be >= 1"),
+                             (dict(nfes=(2, 0), default_nfe=2), "nfes: must be >= 1, got 0"),
+                             (dict(nfes=(200,), default_nfe=200, schedule_p=8.0), "nfes: 200 steps at p=8.0 do not "
+                                                                                 "give distinct"),
+                             (dict(p_uncond=1.5), "p_uncond: must be <= 1"),
+                             (dict(latent_size=0), "latent_size: must be >= 1")]:
+        with pytest.raises(SettingError, match=message):
+            config(**changes)
 
 
 def test_cli_distills_a_teacher_folder(tiny_sd_pipeline, tmp_path, capsys):
@@ -139,9 +147,11 @@ def test_cli_distills_a_teacher_folder(tiny_sd_pipeline, tmp_path, capsys):
     tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
     (tmp_path / "prompts.txt").write_text("bag\ncoat\n")
     out = tmp_path / "sfd.safetensors"
-    assert main(["distill", "sfd", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--prompts",
-                 str(tmp_path / "prompts.txt"), "--nfe", "1", "2", "--default-nfe", "2", "--steps", "1",
-                 "--batch-size", "1", "--rank", "2", "--teacher-substeps", "2"]) == 0
+    args = ["distill", "sfd", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--nfe", "1", "2",
+            "--default-nfe", "2", "--steps", "1", "--batch-size", "1", "--rank", "2", "--teacher-substeps", "2"]
+    with pytest.raises(SystemExit, match="--prompts: required for a teacher other than the lab's"):
+        main(args)
+    assert main(args + ["--prompts", str(tmp_path / "prompts.txt")]) == 0
     _, info = read_student(out)
     assert sorted(info.nfe_schedules) == [1, 2] and info.guidance == 7.5 and info.rank == 2
     assert info.teacher == str(tmp_path / "teacher") and (tmp_path / "sfd.work" / "checkpoint.safetensors").is_file()

@@ -12,6 +12,8 @@ from direct_distill.models import load_shortcut, save_shortcut
 from direct_distill.models.nafnet import PRESETS, TwoStageShortcut
 from direct_distill.pipelines import ShortcutCallback
 from direct_distill.schedulers import ExpKarrasScheduler
+from direct_distill.training.config import RunConfig
+from direct_distill.training.runner import Job
 from direct_distill.training.shortcut import ShortcutConfig, handoff_band, train_shortcut
 from direct_distill.training.trajectories import capture_trajectories, load_trajectories
 
@@ -99,9 +101,10 @@ def test_capture_resumes_by_skipping_written_shards_and_refuses_other_settings(p
 
 def test_both_stages_train_and_the_file_round_trips(pipe, tmp_path):
     data = load_trajectories(capture(pipe, tmp_path / "trajectories"))
-    config = ShortcutConfig(stage1_steps=4, stage2_steps=3, batch_size=4, holdout=0.34, checkpoint_every=2)
+    config = ShortcutConfig(run=RunConfig(batch_size=4, lr=1e-3, checkpoint_every=2), stage1_steps=4, stage2_steps=3,
+                            holdout=0.34)
     out = tmp_path / "shortcut.safetensors"
-    result = train_shortcut(data, out, config=config, work_dir=tmp_path / "work")
+    result = train_shortcut(Job(None, out, tmp_path / "work"), config, data)
 
     assert result.t_band == handoff_band(data.timesteps, config.band_margin)
     lo, hi = float(data.timesteps.min()), float(data.timesteps.max())
@@ -120,15 +123,15 @@ def test_both_stages_train_and_the_file_round_trips(pipe, tmp_path):
         assert not torch.equal(loaded(x, t), x)
 
     # Re-running with the same work folder resumes both (finished) stages: the same file again.
-    again = train_shortcut(data, tmp_path / "again.safetensors", config=config, work_dir=tmp_path / "work")
+    again = train_shortcut(Job(None, tmp_path / "again.safetensors", tmp_path / "work"), config, data)
     for key, value in result.shortcut.state_dict().items():
         assert torch.equal(value, again.shortcut.state_dict()[key]), key
 
 
 def test_stage1_only_writes_a_file_without_stage2(pipe, tmp_path):
     data = load_trajectories(capture(pipe, tmp_path / "trajectories", n=2))
-    config = ShortcutConfig(stage2_preset=None, stage1_steps=2, batch_size=2, holdout=0.5)
-    train_shortcut(data, tmp_path / "s1.safetensors", config=config)
+    config = ShortcutConfig(run=RunConfig(batch_size=2), stage2=False, stage1_steps=2, holdout=0.5)
+    train_shortcut(Job(None, tmp_path / "s1.safetensors"), config, data)
     assert load_shortcut(tmp_path / "s1.safetensors").stage2 is None
 
 
@@ -216,7 +219,7 @@ def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, 
     (tmp_path / "prompts.txt").write_text("bag\n\ncoat\n")
     out = tmp_path / "shortcut.safetensors"
     assert main(["distill", "shortcut", "--teacher", str(tmp_path / "teacher"), "--out", str(out),
-                 "--prompts", str(tmp_path / "prompts.txt"), "--trajectories", "2", "--steps", "5",
+                 "--prompts", str(tmp_path / "prompts.txt"), "--trajectories", "2", "--teacher-steps", "5",
                  "--capture-steps", "2", "3", "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2",
                  "--holdout", "0.5"]) == 0
     loaded = load_shortcut(out)

@@ -29,111 +29,73 @@ on fresh samples of the updated generator. R1 on real latents, ``gamma / 2 * |gr
 every ``r1_every`` steps with weight ``r1_every`` (StyleGAN2's lazy regularisation, as the paper's code does);
 Adam with betas (0, 0.99) and constant learning rates.
 
-Real data: latents with prompts (the lab: Fashion-MNIST encoded by the teacher's VAE, with class names), or a
-folder of images with captions (``read_image_folder``) that the CLI encodes with the teacher's VAE.
+Real data: latents with prompts (``data.LatentData``): a latents file, or a folder of captioned images encoded by
+the teacher's VAE (``data.encode_image_folder``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..models.io import atomic_save_file, read_safetensors
-from .lora import STUDENT, LoraSpec, LoraStudent, drop_prompts
-from .loop import Player, TrainConfig, cost_record, train
-from .progressive import LatentData
+from .config import LoraSpec, RunConfig, Settings, SettingError, record, run_config, setting
+from .data import DataSource, drop_prompts
+from .lora import LoraStudent
+from .loop import Player, cost_record
+from .one_step import BEST_FILE, BestGenerator, EvalConfig, Evaluate, one_step_sample, write_one_step_student
+from .runner import Job, MethodEntry, settle
 
 VARIANTS = ("gdd-i", "gdd")
-BEST_FILE = "best_generator.safetensors"  # in the work folder: the lowest-FD generator so far
 GAN_LOSSES = ("non_saturating", "hinge")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-# evaluate(step, generate) -> scalars to log, or None; generate(prompts, seed=0) -> one-step latents (CPU)
-Evaluate = Callable[[int, Callable[..., torch.Tensor]], "dict[str, float] | None"]
 
 
 @dataclass
-class GDDConfig:
-    """GDD-I by default; ``steps`` updates of the generator and of the discriminator each."""
+class GDDConfig(Settings):
+    """GDD-I by default; ``steps`` updates of the generator and of the discriminator each. The LoRA's targets
+    default to the variant's (``run.lora.target_modules`` empty)."""
 
-    variant: str = "gdd-i"
-    steps: int = 1500
-    batch_size: int = 32
-    lr: float = 2e-4                  # generator (its LoRA)
-    disc_lr: float = 4e-4             # discriminator heads (the lab: 1e-4 left them near chance)
-    betas: tuple[float, float] = (0.0, 0.99)
-    warmup_steps: int = 0
-    max_grad_norm: float | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 16.0
-    target_modules: tuple[str, ...] = ()  # UNet modules that get the LoRA (peft matching); (): the variant's
-    gan_loss: str = "non_saturating"
-    r1_gamma: float = 1e-4            # the paper's value (its D reads images in [-1, 1]; latents have a like scale)
-    r1_every: int = 16
-    disc_timesteps: tuple[int, int] = (0, 250)  # the discriminator sees samples noised to t uniform in this range
-    disc_hidden: int = 64             # channels of each head
-    p_uncond: float = 0.1             # fraction of empty prompts (real and fake alike)
-    eval_every: int = 0               # steps between calls of the evaluate hook (0: never)
-    keep_best: bool = True            # with evaluations: write the generator of the lowest FD, not the last
-    seed: int = 0
-    checkpoint_every: int = 500
-    tensorboard: bool = False
+    run: RunConfig = run_config(lora=dict(target_modules=()), batch_size=32, lr=2e-4, max_grad_norm=None)
+    source: DataSource = field(default_factory=DataSource)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    variant: str = setting("gdd-i", choices=VARIANTS,
+                           help="gdd-i: every convolution frozen and without LoRA; gdd: LoRA on convolutions too")
+    steps: int = setting(1500, ge=1, help="training steps (one update of each player)")
+    disc_lr: float = setting(4e-4, gt=0, help="discriminator heads' learning rate (--lr: the generator's)")
+    betas: tuple[float, float] = setting((0.0, 0.99), ge=0, lt=1, metavar=("B1", "B2"),
+                                         help="Adam betas of both players (the learning rates stay constant)")
+    gan_loss: str = setting("non_saturating", choices=GAN_LOSSES, help="the GAN loss")
+    r1_gamma: float = setting(1e-4, ge=0, help="R1 weight on real latents (0: none)")
+    r1_every: int = setting(16, ge=1, help="lazy R1: applied every this many steps")
+    disc_timesteps: tuple[int, int] = setting((0, 250), ge=0, metavar=("LO", "HI"),
+                                              help="the discriminator reads samples noised to a timestep uniform "
+                                                   "in [LO, HI]")
+    disc_hidden: int = setting(64, ge=1, help="channels of each discriminator head")
+    p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (real and fake alike)")
+
+    def check(self) -> None:
+        lo, hi = self.disc_timesteps
+        if lo > hi:
+            raise SettingError("disc_timesteps", f"need LO <= HI, got {list(self.disc_timesteps)}")
 
     def lora_spec(self, unet) -> LoraSpec:
         """The generator's LoRA on ``unet``: the given targets, or the variant's (see ``gdd_lora_spec``)."""
-        return gdd_lora_spec(unet, self.variant, LoraSpec(self.lora_rank, self.lora_alpha, tuple(self.target_modules)))
+        return gdd_lora_spec(unet, self.variant, self.run.lora)
 
 
 @dataclass
 class GDDResult:
     path: Path
+    variant: str
     losses: dict[str, float]                            # last generator / discriminator loss run here
     evaluations: list[tuple[int, dict[str, float]]]     # (step, scalars) of the evaluate hook in this run
 
-
-# --- the one-step generator (shared with DisBack) -----------------------------------------------------------
-
-
-def one_step_timestep(student: LoraStudent) -> int:
-    """The timestep a one-step student is called at: the noisiest of the noise table (999 for SD)."""
-    return student.num_train_timesteps - 1
-
-
-def one_step_sample(student: LoraStudent, noise: torch.Tensor, cond: torch.Tensor,
-                    adapter: str | None = STUDENT) -> torch.Tensor:
-    """The generator: one UNet call on pure noise at the noisiest timestep, its clean-latent prediction."""
-    return student.denoise(noise, one_step_timestep(student), cond, adapter)[0]
-
-
-def sample_function(student: LoraStudent, latent_shape: Sequence[int], batch_size: int):
-    """``generate(prompts, seed=0)``: the one-step student's latents for ``prompts`` from seeded noise (the
-    global RNG is untouched), on the CPU; what an evaluate hook receives."""
-
-    @torch.no_grad()
-    def generate(prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
-        noise = torch.randn((len(prompts), *latent_shape), generator=torch.Generator().manual_seed(seed))
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            cond = student.embed(list(prompts[i:i + batch_size]))
-            out.append(one_step_sample(student, noise[i:i + batch_size].to(student.device), cond).cpu())
-        return torch.cat(out)
-
-    return generate
-
-
-def write_one_step_student(student: LoraStudent, out: str | os.PathLike, *, method: str, teacher: str,
-                           extra: dict) -> Path:
-    """The 1-step student file: NFE 1 at the noisiest timestep (its sigma is sigma_max), a first-order sampler
-    (any gives the same single step to the clean latent), guidance 1 (the student samples the conditional
-    distribution directly)."""
-    return student.write(out, method=method, teacher=teacher, nfe_timesteps={1: [one_step_timestep(student)]},
-                         default_nfe=1, comfy_sampler="euler", guidance=1.0, extra=extra)
+    def summary(self) -> str:
+        return f"{self.variant.upper()} one-step student written to {self.path}"
 
 
 # --- the variants ------------------------------------------------------------------------------------------
@@ -156,8 +118,9 @@ def gdd_lora_spec(unet, variant: str, spec: LoraSpec) -> LoraSpec:
         convs = {name for name, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
         hit = sorted(c for c in convs if any(c == t or c.endswith("." + t) for t in targets))
         if hit:
-            raise ValueError(f"GDD-I keeps the convolutions frozen, but the LoRA targets name {len(hit)} of them "
-                             f"(e.g. {hit[0]}); use variant 'gdd' or other targets")
+            raise SettingError("target_modules", f"GDD-I keeps the convolutions frozen, but the LoRA targets name "
+                                                 f"{len(hit)} of them (e.g. {hit[0]}); use variant 'gdd' or other "
+                                                 "targets")
     return LoraSpec(rank=spec.rank, alpha=spec.alpha, target_modules=targets)
 
 
@@ -224,64 +187,15 @@ def discriminator_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor
 # --- the method --------------------------------------------------------------------------------------------
 
 
-class PeriodicEvaluation:
-    """The loop's ``after_step`` for one-step methods: every ``config.eval_every`` steps, hand the
-    ``evaluate`` hook (the lab's FD, say) a sampler of the current generator and log what it returns.
-
-    The generator's weights at the lowest ``fd`` seen are kept (in ``best_file`` too, if set, so that a
-    resumed run still knows them): ``select_best`` then puts them back, the usual GAN practice of choosing
-    the checkpoint by FD rather than taking the last."""
-
-    best: tuple[int, float, dict[str, torch.Tensor]] | None = None  # (step, fd, generator weights)
-    best_file: Path | None = None
-
-    def after_step(self, step: int) -> dict[str, float] | None:
-        every = self.config.eval_every
-        if self.evaluate is None or not every or (step + 1) % every:
-            return None
-        scalars = self.evaluate(step + 1, self.generate)
-        if scalars:
-            scalars = {k: float(v) for k, v in scalars.items()}
-            self.evaluations.append((step + 1, scalars))
-            fd = scalars.get("fd")
-            if fd is not None and (self.best is None or fd < self.best[1]):
-                weights = {k: v.detach().cpu().clone() for k, v in self.student.adapters.state_dict().items()}
-                self.best = (step + 1, fd, weights)
-                if self.best_file is not None:
-                    atomic_save_file(weights, self.best_file, {"step": str(step + 1), "fd": repr(fd)})
-        return scalars
-
-    def track_best(self, best_file: Path | None) -> None:
-        """Keep the best weights in ``best_file`` (and start from the ones already there, on resume)."""
-        self.best_file = best_file
-        if best_file is not None and best_file.is_file():
-            weights, meta = read_safetensors(best_file)
-            self.best = (int(meta["step"]), float(meta["fd"]), weights)
-
-    def select_best(self) -> dict | None:
-        """Load the best-FD weights into the generator; returns ``{"step", "fd"}`` of them, or None if none."""
-        if self.best is None:
-            return None
-        step, fd, weights = self.best
-        with torch.no_grad():
-            self.student.adapters.load_state_dict(weights)
-        return {"step": step, "fd": fd}
-
-
-class GDD(PeriodicEvaluation):
+class GDD:
     """The GDD method for the training loop: two players, the generator's LoRA and the discriminator heads."""
 
     def __init__(self, student: LoraStudent, data: Callable, latent_shape: Sequence[int], config: GDDConfig,
-                 evaluate: Evaluate | None = None):
-        if config.gan_loss not in GAN_LOSSES:
-            raise ValueError(f"gan_loss must be one of {GAN_LOSSES}, got {config.gan_loss!r}")
-        lo, hi = config.disc_timesteps
-        if not 0 <= lo <= hi < student.num_train_timesteps:
-            raise ValueError(f"disc_timesteps must be 0 <= lo <= hi < {student.num_train_timesteps}, got "
-                             f"{config.disc_timesteps}")
-        if config.r1_every < 1 or config.r1_gamma < 0:
-            raise ValueError("r1_every must be >= 1 and r1_gamma >= 0")
-        self.student, self.data, self.config, self.evaluate = student, data, config, evaluate
+                 evaluation: BestGenerator | None = None):
+        if config.disc_timesteps[1] >= student.num_train_timesteps:
+            raise SettingError("disc_timesteps", f"must lie below the teacher's {student.num_train_timesteps} "
+                                                 f"timesteps, got {list(config.disc_timesteps)}")
+        self.student, self.data, self.config, self.evaluation = student, data, config, evaluation
         self.latent_shape = tuple(latent_shape)
         self.features = TeacherFeatures(student)
         with torch.no_grad():  # one probe call: the channels of each level
@@ -289,13 +203,11 @@ class GDD(PeriodicEvaluation):
                                   torch.zeros(1, dtype=torch.long), student.embed([""]))
         self.heads = DiscriminatorHeads([f.shape[1] for f in probe], config.disc_hidden).to(student.device)
         self.modules = {"generator": student.adapters, "discriminator": self.heads}
-        self.players = {"generator": Player(("generator",), lr=config.lr, betas=config.betas),
+        self.players = {"generator": Player(("generator",), lr=config.run.lr, betas=config.betas),
                         "discriminator": Player(("discriminator",), lr=config.disc_lr, betas=config.betas)}
-        self.generate = sample_function(student, self.latent_shape, config.batch_size)
-        self.evaluations: list[tuple[int, dict[str, float]]] = []
 
     def batch(self, step: int) -> dict:
-        real, prompts = self.data(self.config.batch_size)
+        real, prompts = self.data(self.config.run.batch_size)
         if tuple(real.shape[1:]) != self.latent_shape:
             raise ValueError(f"data latents have shape {tuple(real.shape[1:])}, the generator makes "
                              f"{self.latent_shape}")
@@ -328,6 +240,10 @@ class GDD(PeriodicEvaluation):
                 loss = loss + self.config.r1_every * self.config.r1_gamma / 2 * r1
         yield "discriminator", loss
 
+    def after_step(self, step: int) -> dict[str, float] | None:
+        return self.evaluation.after_step(step) if self.evaluation is not None else None
+
+
 @contextlib.contextmanager
 def _double_backward_attention():
     """R1 differentiates the discriminator's input gradient: the fused attention kernels have no second
@@ -341,99 +257,43 @@ def _double_backward_attention():
         yield
 
 
-# --- data --------------------------------------------------------------------------------------------------
-
-
-def read_image_folder(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
-    """The images of a data folder (searched recursively, sorted) and their captions: ``image.png`` is captioned
-    by ``image.txt`` beside it; an image without one gets the empty prompt."""
-    folder = Path(folder)
-    hint = ("GDD trains on real data: a folder of images (" + ", ".join(IMAGE_SUFFIXES) +
-            "), each captioned by a .txt file of the same name (image.png + image.txt)")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such data folder. {hint}")
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"{folder}: the data folder holds no images. {hint}")
-    prompts = []
-    for path in images:
-        caption = path.with_suffix(".txt")
-        prompts.append(caption.read_text(encoding="utf-8").strip() if caption.is_file() else "")
-    return images, prompts
-
-
-def load_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor:
-    """Images as ``(N, channels, size, size)`` in [-1, 1]: centre-cropped to a square, resized (bicubic)."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB")
-        except OSError as err:
-            raise ValueError(f"{path}: not a readable image ({err})") from None
-        w, h = image.size
-        side = min(w, h)
-        image = image.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-        image = image.resize((size, size), Image.BICUBIC)
-        array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
-        out.append((array[None] if channels == 1 else array.permute(2, 0, 1)) / 127.5 - 1)
-    return torch.stack(out)
-
-
 # --- the run -----------------------------------------------------------------------------------------------
 
 
-def train_gdd(pipe, data: torch.Tensor | Callable, out: str | os.PathLike, *,
-              prompts: Sequence[str] | str | None = None, config: GDDConfig | None = None,
-              work_dir: str | os.PathLike | None = None, teacher: str | None = None,
-              evaluate: Evaluate | None = None, accelerator=None) -> GDDResult:
-    """Train a one-step GDD / GDD-I student of ``pipe`` on real data latents and write its file.
+def train_gdd(job: Job, config: GDDConfig) -> GDDResult:
+    """Train a one-step GDD / GDD-I student of ``job.pipe`` on the real data latents ``job.data`` and write its
+    file to ``job.out`` (NFE 1 at the noisiest timestep, guidance 1).
 
-    Args:
-        pipe: the teacher, an SD1.x/2.x-style diffusers pipeline (its UNet gets the adapter).
-        data: ``(N, C, H, W)`` data latents (VAE latents times the scaling factor) with ``prompts``, or a
-            callable ``batch_size -> (x0 latents, prompts)`` drawing from the global RNG (e.g. ``LatentData``).
-        out: the student file (NFE 1 at the noisiest timestep, guidance 1).
-        prompts: with a tensor ``data``: one prompt per latent, one for all, or None (the empty prompt).
-        config: variant, loss, regularisation and optimisation (default ``GDDConfig()``).
-        work_dir: checkpoints (a re-run resumes exactly); None keeps none.
-        teacher: the teacher's name recorded in the file (default: the pipeline's ``name_or_path``).
-        evaluate: called every ``config.eval_every`` steps as ``evaluate(step, generate)``, ``generate(prompts,
-            seed=0)`` giving the current student's latents; the scalars it returns (e.g. an FD) are logged and
-            kept in the result and the file's metadata. With ``config.keep_best`` the file holds the generator
-            of the lowest ``fd`` returned (metadata ``selected``), not the last.
-        accelerator: an ``accelerate.Accelerator`` to share; one is made if None.
+    With ``job.evaluate`` and ``config.evaluation.eval_every``, the hook is called every that many steps as
+    ``evaluate(step, generate)``, ``generate(prompts, seed=0)`` giving the current student's latents; the scalars
+    it returns (e.g. an FD) are logged and kept in the result and the file's metadata. With ``keep_best`` the file
+    holds the generator of the lowest ``fd`` returned (metadata ``selected``), not the last.
     """
-    from accelerate import Accelerator
+    config = settle(config)
+    run, evaluation = config.run, config.evaluation
+    spec = config.lora_spec(job.pipe.unet)
+    student = job.student(spec, run.seed)  # the heads' initial weights follow from the same seed
+    x0, _ = job.data(1)
+    best = BestGenerator(student, tuple(x0.shape[1:]), run.batch_size, job.evaluate, evaluation.eval_every,
+                         job.stage_dir() / BEST_FILE if job.work is not None and evaluation.keep_best else None,
+                         job.accelerator.is_main_process)
+    method = GDD(student, job.data, tuple(x0.shape[1:]), config, best)
+    result = job.train(method, run, config.steps, config.variant, final_lr_fraction=1.0, betas=config.betas)
+    selected = best.select_best() if evaluation.keep_best else None
+    training = record(config)
+    training["target_modules"] = list(run.lora.target_modules) or f"{len(spec.target_modules)} ({config.variant})"
+    job.on_main(lambda: write_one_step_student(student, job.out, method="gdd", teacher=job.teacher, extra={
+        "variant": config.variant, "gan_loss": config.gan_loss,
+        "discriminator": "teacher UNet down/mid features + conv heads", "final_losses": result.losses,
+        "evaluations": best.evaluations, "selected": selected or {"step": config.steps, "fd": None},
+        "training": training, **cost_record(result.seconds, job.accelerator)}))
+    return GDDResult(path=job.out, variant=config.variant, losses=result.losses, evaluations=best.evaluations)
 
-    config = config or GDDConfig()
-    accelerator = accelerator or Accelerator()
-    sample = data if callable(data) else LatentData(data, prompts)
-    torch.manual_seed(config.seed)  # the LoRA's initial A and the heads' initial weights
-    spec = config.lora_spec(pipe.unet)
-    student = LoraStudent(pipe, spec).to(accelerator.device)
-    x0, _ = sample(1)
-    method = GDD(student, sample, tuple(x0.shape[1:]), config, evaluate)
-    method.track_best(Path(work_dir) / BEST_FILE if work_dir is not None and config.keep_best else None)
-    result = train(method, TrainConfig(
-        steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps, final_lr_fraction=1.0,
-        betas=config.betas, max_grad_norm=config.max_grad_norm, seed=config.seed, run_dir=work_dir,
-        checkpoint_every=config.checkpoint_every, tensorboard=config.tensorboard, desc=config.variant),
-        accelerator)
-    selected = method.select_best() if config.keep_best else None
-    out = Path(out)
-    if accelerator.is_main_process:
-        training = asdict(config)
-        training["target_modules"] = list(config.target_modules) or f"{len(spec.target_modules)} ({config.variant})"
-        write_one_step_student(student, out, method="gdd",
-                               teacher=teacher or str(getattr(pipe, "name_or_path", "") or "unknown"), extra={
-                                   "variant": config.variant, "gan_loss": config.gan_loss,
-                                   "discriminator": "teacher UNet down/mid features + conv heads",
-                                   "final_losses": result.losses, "evaluations": method.evaluations,
-                                   "selected": selected or {"step": config.steps, "fd": None},
-                                   "training": training, **cost_record(result.seconds, accelerator)})
-    accelerator.wait_for_everyone()
-    return GDDResult(path=out, losses=result.losses, evaluations=method.evaluations)
+
+METHOD = MethodEntry(
+    GDDConfig, train_gdd,
+    summary="GDD / GDD-I: a one-step student trained by a GAN loss on real data (seed 001)",
+    description="A one-step generator (teacher + LoRA at t = T - 1) trained by a GAN loss alone against real data "
+                "latents; the discriminator is the frozen teacher UNet's features plus small conv heads. GDD-I (the "
+                "default) keeps every convolution frozen and without LoRA; GDD puts the LoRA on convolutions too. "
+                "Without --target-modules the LoRA goes where the variant says. Re-running resumes.")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..models.io import FileFormatError
 from .checkpoint import load_training_state, save_training_state
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -92,22 +93,15 @@ class TrainResult:
     loss: float | None        # loss of the last step run here (None when nothing was left to run);
                               # with players: the last loss applied
     losses: dict[str, float] = field(default_factory=dict)  # with players: each one's last loss
-    seconds: float | None = None  # wall-clock of all config.steps, summed over resumed runs (None: a checkpoint
-                                  # from before the loop kept time)
+    seconds: float = 0.0      # wall-clock of all config.steps, summed over resumed runs
 
 
-def cost_record(seconds: float | None, accelerator) -> dict:
+def cost_record(seconds: float, accelerator) -> dict:
     """What a student or shortcut file records about its training's cost: wall-clock seconds in the training
-    loop (summed over stages and resumed runs; None if unknown), and where they were spent."""
+    loop (summed over stages and resumed runs), and where they were spent."""
     device = accelerator.device
-    return {"train_seconds": None if seconds is None else round(seconds, 1), "device": str(device),
-            "processes": accelerator.num_processes,
+    return {"train_seconds": round(seconds, 1), "device": str(device), "processes": accelerator.num_processes,
             "threads": torch.get_num_threads() if device.type == "cpu" else None}
-
-
-def add_seconds(*parts: float | None) -> float | None:
-    """The sum of the stages' seconds; None if any stage's is unknown."""
-    return None if any(p is None for p in parts) else sum(parts)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int = 0, final_fraction: float = 0.0) -> float:
@@ -157,8 +151,11 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
     start, seconds_before = 0, 0.0
     if checkpoint is not None and config.resume and checkpoint.is_file():
         start, extra = load_training_state(checkpoint, modules, optimizers)
-        seconds_before = extra.get("seconds")
-        if extra.get("seed") != config.seed:
+        missing = [key for key in ("seed", "seconds") if extra.get(key) is None]
+        if missing:
+            raise FileFormatError(f"{checkpoint}: not a checkpoint of this loop (no {', '.join(missing)})")
+        seconds_before = extra["seconds"]
+        if extra["seed"] != config.seed:
             raise ValueError(f"{checkpoint}: written by a run with seed {extra.get('seed')}, this run has seed "
                              f"{config.seed}; resume with the same seed or use another run folder")
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
@@ -166,8 +163,8 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
 
     began = time.perf_counter()
 
-    def elapsed() -> float | None:
-        return None if seconds_before is None else seconds_before + time.perf_counter() - began
+    def elapsed() -> float:
+        return seconds_before + time.perf_counter() - began
 
     def save(step: int) -> None:
         if checkpoint is not None and accelerator.is_main_process:

@@ -1,5 +1,5 @@
-"""LoRA students on a teacher pipeline's UNet: the peft adapters, teacher and student calls in x0/eps form,
-the students' timestep grids, and the one writer of student files (``models.student_file.save_student``).
+"""LoRA students on a teacher pipeline's UNet: the peft adapters, teacher and student calls in x0/eps form, and
+the one writer of student files (``models.student_file.save_student``).
 
 Every LoRA method (progressive, sfd, gdd, disback) builds a :class:`LoraStudent` on the teacher pipeline,
 hands ``student.adapters`` to the training loop (only the adapter weights are trained and checkpointed)
@@ -8,32 +8,21 @@ and ends with ``student.write(...)``.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..models.student_file import StudentInfo, save_student, unet_architecture, unet_fingerprint
-from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
+from ..schedulers.grids import student_schedules
+from ..schedulers.noise import alphas_cumprod_from_config
+from ..schedulers.prediction import PREDICTION_TYPES, split_prediction
+from .config import LoraSpec, SettingError
 
-# The attention projections and the feed-forward of every transformer block (SD1.x/2.x/XL module names).
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 STUDENT = "student"
-CLEAN = -1  # the timestep index of the clean end of a trajectory (alpha = 1, sigma = 0)
-
-
-@dataclass
-class LoraSpec:
-    """Shape of a LoRA: ``W + (alpha / rank) B A`` on each target module (names matched as peft does)."""
-
-    rank: int = 16
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
 
 
 def add_lora(unet, spec: LoraSpec, adapter_name: str = STUDENT) -> LoraAdapters:
@@ -44,10 +33,6 @@ def add_lora(unet, spec: LoraSpec, adapter_name: str = STUDENT) -> LoraAdapters:
     """
     from peft import LoraConfig
 
-    if isinstance(spec.rank, bool) or not isinstance(spec.rank, int) or spec.rank < 1:
-        raise ValueError(f"LoRA rank must be an integer >= 1, got {spec.rank!r}")
-    if not spec.alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {spec.alpha!r}")
     unet.requires_grad_(False)
     try:
         with warnings.catch_warnings():  # peft warns whenever a second adapter is added: here that is the plan
@@ -55,7 +40,7 @@ def add_lora(unet, spec: LoraSpec, adapter_name: str = STUDENT) -> LoraAdapters:
             unet.add_adapter(LoraConfig(r=spec.rank, lora_alpha=spec.alpha,
                                         target_modules=list(spec.target_modules)), adapter_name=adapter_name)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-        raise ValueError(f"LoRA target modules {list(spec.target_modules)} do not fit this UNet: {err}") from None
+        raise SettingError("target_modules", f"{list(spec.target_modules)} do not fit this UNet: {err}") from None
     adapters = LoraAdapters(unet, adapter_name).float()
     adapters.requires_grad_(True)
     return adapters
@@ -125,43 +110,6 @@ def lora_state_dict(unet, adapter_name: str = STUDENT) -> dict[str, torch.Tensor
     return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
 
-# --- the students' timestep grids ------------------------------------------------------------------------
-
-
-def trailing_timesteps(n: int, p: float = 0.0, num_train_timesteps: int = 1000) -> list[int]:
-    """The ``n`` integer timesteps a student samples at, noisiest first; its last step lands on the clean latent.
-
-    ``t_i = round(T (exp(p (1 - i/n)) - 1) / (exp(p) - 1)) - 1`` for ``i = 0 .. n-1``, ``T = num_train_timesteps``:
-    at ``p = 0`` (the limit) this is DDIM's "trailing" grid ``T (n - i) / n - 1`` (4 steps: 999, 749, 499, 249),
-    the grid on which ``n`` steps halve exactly into ``n / 2`` (progressive distillation); ``p > 0`` spaces the
-    steps like the exp-Karras schedule (bigger steps at high noise). Point ``i = n`` is the clean end (-1).
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of student steps must be an integer >= 1, got {n!r}")
-    if not (isinstance(p, (int, float)) and math.isfinite(p) and p >= 0):
-        raise ValueError(f"p must be a finite number >= 0, got {p!r}")
-    u = torch.arange(n, dtype=torch.float64) / n
-    frac = (1 - u) if p < 1e-8 else torch.expm1(p * (1 - u)) / math.expm1(p)
-    t = [int(v) - 1 for v in torch.round(num_train_timesteps * frac).tolist()]
-    if any(a <= b for a, b in zip(t, t[1:] + [CLEAN])):
-        raise ValueError(f"{n} steps at p={p} do not give distinct integer timesteps ({t}): use fewer steps or "
-                         "a smaller p")
-    return t
-
-
-def student_schedules(nfe_timesteps: dict[int, Sequence[int]], alphas_cumprod: torch.Tensor) -> dict:
-    """``{n: {"timesteps": [...], "sigmas": [... , 0]}}`` for a student file: each sigma is the noise table's
-    entry of its timestep, so both front doors call the UNet at exactly these timesteps."""
-    table = sigma_table(alphas_cumprod)
-    out = {}
-    for n, timesteps in sorted(nfe_timesteps.items()):
-        t = [int(v) for v in timesteps]
-        if len(t) != n or min(t) < 0 or max(t) >= len(table):
-            raise ValueError(f"NFE {n}: need {n} timesteps in [0, {len(table) - 1}], got {t}")
-        out[int(n)] = {"timesteps": t, "sigmas": table[torch.tensor(t)].tolist() + [0.0]}
-    return out
-
-
 def write_student(path: str | os.PathLike, unet, *, adapter_name: str = STUDENT, scheduler_config,
                   method: str, teacher: str, nfe_timesteps: dict[int, Sequence[int]], default_nfe: int,
                   comfy_sampler: str, guidance: float, prediction_type: str | None = None,
@@ -219,7 +167,7 @@ class LoraStudent:
         self.pipe, self.unet, self.spec = pipe, unet, spec
         self.scheduler_config = dict(pipe.scheduler.config)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"teacher prediction type {self.prediction_type!r} is not a discrete VP parameterisation")
         alphas_cumprod = alphas_cumprod_from_config(self.scheduler_config)
         # index t + 1: entry 0 is the clean end (abar = 1), entries 1.. the training timesteps 0..T-1
@@ -288,25 +236,6 @@ class LoraStudent:
     def write(self, path: str | os.PathLike, **info) -> Path:
         """``write_student`` of the student adapter with the teacher's scheduler config."""
         return write_student(path, self.unet, adapter_name=STUDENT, scheduler_config=self.scheduler_config, **info)
-
-
-def drop_prompts(prompts: Sequence[str], p_uncond: float) -> list[str]:
-    """Each prompt replaced by the empty prompt with probability ``p_uncond`` (global RNG): distilling at
-    guidance 1 on both branches keeps classifier-free guidance usable with the student."""
-    drop = (torch.rand(len(prompts)) < p_uncond).tolist()
-    return ["" if d else p for p, d in zip(prompts, drop)]
-
-
-def split_prediction(out: torch.Tensor, z: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
-                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0, eps)`` of a UNet output in the VP parameterisation ``z = a x0 + s eps`` (``a^2 + s^2 = 1``)."""
-    if prediction_type == "epsilon":
-        return (z - s * out) / a, out
-    if prediction_type == "v_prediction":  # v = a eps - s x0
-        return a * z - s * out, s * z + a * out
-    if prediction_type == "sample":
-        return out, (z - a * out) / s
-    raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
 def _tuner_layers(unet):

@@ -24,48 +24,50 @@ prompts, so the student learns both branches and classifier-free guidance still 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .lora import CLEAN, STUDENT, LoraSpec, LoraStudent, copy_adapter, drop_prompts, trailing_timesteps
-from .loop import TrainConfig, add_seconds, cost_record, train
+from ..schedulers.grids import CLEAN, trailing_timesteps
+from .config import RunConfig, Settings, SettingError, record, run_config, setting
+from .data import DataSource, drop_prompts
+from .lora import STUDENT, LoraStudent, copy_adapter
+from .loop import cost_record
+from .runner import Job, MethodEntry, settle
 
 TEACHER = "teacher"
 WEIGHTINGS = ("truncated_snr", "snr+1")
 
 
 @dataclass
-class ProgressiveConfig:
+class ProgressiveConfig(Settings):
     """Rounds ``teacher_steps -> teacher_steps/2 -> ... -> student_steps``, each ``steps_per_round`` updates."""
 
-    teacher_steps: int = 32          # DDIM steps of the bare teacher that the first round distils
-    student_steps: int = 1           # steps of the final student; teacher_steps / student_steps a power of 2
-    steps_per_round: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    max_grad_norm: float | None = 1.0
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    weighting: str = "truncated_snr"  # "truncated_snr": max(SNR, 1); "snr+1": the v-space MSE
-    p_uncond: float = 0.1             # fraction of empty prompts (the unconditional branch, for CFG)
-    guidance: float = 1.0             # the guidance recorded as recommended in the student files
-    save_rounds: bool = True          # also write every intermediate round's student (<out>_nfe<N>.safetensors)
-    seed: int = 0
-    checkpoint_every: int = 500
-    tensorboard: bool = False
+    run: RunConfig = run_config(lora={}, batch_size=64, lr=3e-4, warmup_steps=100)
+    source: DataSource = field(default_factory=DataSource)
+    teacher_steps: int = setting(32, ge=2, help="DDIM steps of the bare teacher that the first round distils")
+    student_steps: int = setting(1, ge=1, help="steps of the final student (teacher-steps / student-steps: a "
+                                               "power of 2)")
+    steps_per_round: int = setting(1500, ge=1, help="training steps of each round")
+    weighting: str = setting("truncated_snr", choices=WEIGHTINGS,
+                             help="loss weight on the x-space error: max(SNR, 1), or SNR + 1 (the v-space MSE)")
+    p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (the unconditional branch, so that "
+                                                    "CFG stays usable)")
+    guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5,
+                                     help="the CFG the files recommend; distillation itself runs at guidance 1")
+    save_rounds: bool = setting(True, flag="--no-save-rounds", changeable=True,
+                                help="write the final student only, not every round's (<out>_nfe<N>)")
+
+    def check(self) -> None:
+        ratio = self.teacher_steps / self.student_steps
+        if ratio < 2 or not float(ratio).is_integer() or 2 ** round(math.log2(ratio)) != ratio:
+            raise SettingError("teacher_steps", f"must be student_steps ({self.student_steps}) times a power of 2 "
+                                                f"(at least 2), got {self.teacher_steps}")
 
     def rounds(self) -> list[int]:
         """The student step count of each round, e.g. 32 -> 1: [16, 8, 4, 2, 1]."""
-        ratio = self.teacher_steps / self.student_steps if self.student_steps >= 1 else 0
-        if (isinstance(self.teacher_steps, bool) or not isinstance(self.teacher_steps, int)
-                or not isinstance(self.student_steps, int) or self.student_steps < 1 or ratio < 2
-                or not float(ratio).is_integer() or 2 ** round(math.log2(ratio)) != ratio):
-            raise ValueError(f"teacher_steps ({self.teacher_steps}) must be student_steps ({self.student_steps}) "
-                             "times a power of 2 (at least 2)")
         n, out = self.teacher_steps, []
         while n > self.student_steps:
             n //= 2
@@ -79,35 +81,9 @@ class ProgressiveResult:
     round_paths: dict[int, Path]            # NFE -> student file of that round (the final one included)
     losses: dict[int, float | None]         # NFE -> last training loss of that round (None: nothing left to run)
 
-
-class LatentData:
-    """Training pairs (x0, prompt) drawn from the global RNG: VAE latents (times the scaling factor).
-
-    Args:
-        latents: ``(N, C, H, W)`` posterior means (or samples).
-        prompts: N prompts, one for all, or None (the empty prompt).
-        latent_std: optional ``(N, C, H, W)`` posterior std; x0 is then a fresh posterior sample each time.
-    """
-
-    def __init__(self, latents: torch.Tensor, prompts: Sequence[str] | str | None = None,
-                 latent_std: torch.Tensor | None = None):
-        if latents.ndim != 4 or len(latents) == 0:
-            raise ValueError(f"latents must be a non-empty (N, C, H, W) tensor, got shape {tuple(latents.shape)}")
-        if isinstance(prompts, str) or prompts is None:
-            prompts = [prompts or ""]
-        if len(prompts) not in (1, len(latents)):
-            raise ValueError(f"{len(prompts)} prompts for {len(latents)} latents: give one per latent or one for all")
-        if latent_std is not None and latent_std.shape != latents.shape:
-            raise ValueError("latent_std must have the shape of latents")
-        self.latents, self.prompts, self.latent_std = latents.float(), list(prompts), latent_std
-
-    def __call__(self, batch_size: int) -> tuple[torch.Tensor, list[str]]:
-        idx = torch.randint(len(self.latents), (batch_size,))
-        x0 = self.latents[idx]
-        if self.latent_std is not None:
-            x0 = x0 + self.latent_std[idx].float() * torch.randn_like(x0)
-        prompts = self.prompts * batch_size if len(self.prompts) == 1 else [self.prompts[i] for i in idx.tolist()]
-        return x0, prompts[:batch_size]
+    def summary(self) -> str:
+        return "\n".join(f"{n}-step student written to {path}" for n, path in sorted(self.round_paths.items(),
+                                                                                    reverse=True))
 
 
 def ddim_x0_target(z_t: torch.Tensor, z_next: torch.Tensor, a_t, s_t, a_next, s_next) -> torch.Tensor:
@@ -121,8 +97,6 @@ class ProgressiveRound:
 
     def __init__(self, student: LoraStudent, data: Callable, n: int, config: ProgressiveConfig,
                  teacher_adapter: str | None):
-        if config.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {config.weighting!r}")
         self.student, self.data, self.n, self.config = student, data, n, config
         self.teacher_adapter = teacher_adapter
         self.modules = {"lora": student.adapters}
@@ -132,7 +106,7 @@ class ProgressiveRound:
             raise AssertionError("the 2n-step grid does not contain the n-step grid")
 
     def batch(self, step: int) -> dict:
-        x0, prompts = self.data(self.config.batch_size)
+        x0, prompts = self.data(self.config.run.batch_size)
         return {"x0": x0, "k": torch.randint(self.n, (len(x0),)), "noise": torch.randn_like(x0),
                 "cond": self.student.embed(drop_prompts(prompts, self.config.p_uncond))}
 
@@ -166,61 +140,44 @@ def round_path(out: Path, n: int, final: int) -> Path:
     return out if n == final else out.with_name(f"{out.stem}_nfe{n}{out.suffix}")
 
 
-def train_progressive(pipe, data: torch.Tensor | Callable, out: str | os.PathLike, *,
-                      prompts: Sequence[str] | str | None = None, config: ProgressiveConfig | None = None,
-                      work_dir: str | os.PathLike | None = None, teacher: str | None = None,
-                      accelerator=None) -> ProgressiveResult:
-    """Distil ``pipe`` progressively into a LoRA student of ``config.student_steps`` DDIM steps.
+def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
+    """Distil ``job.pipe`` progressively into a LoRA student of ``config.student_steps`` DDIM steps, on
+    ``job.data``.
 
-    Args:
-        pipe: the teacher, an SD1.x/2.x-style diffusers pipeline (its UNet gets the adapters).
-        data: ``(N, C, H, W)`` data latents (VAE latents times the scaling factor) with ``prompts``, or a
-            callable ``batch_size -> (x0 latents, prompts)`` drawing from the global RNG (e.g. ``LatentData``).
-        out: the final student file; with ``config.save_rounds`` each earlier round's student is written
-            beside it as ``<stem>_nfe<N>.safetensors``.
-        prompts: with a tensor ``data``: one prompt per latent, one for all, or None (the empty prompt).
-        config: rounds, steps and optimisation (default ``ProgressiveConfig()``).
-        work_dir: checkpoints go to ``work_dir/round_<2N>to<N>`` (a re-run resumes exactly); None keeps none.
-        teacher: the teacher's name recorded in the files (default: the pipeline's ``name_or_path``).
-        accelerator: an ``accelerate.Accelerator`` to share; one is made if None.
-
-    Each file samples at its round's N trailing timesteps (N = 4: 999, 749, 499, 249) with the first-order
-    sampler ("ddim"; DDIM is ComfyUI's euler), at the recorded guidance.
+    The final student goes to ``job.out``; with ``config.save_rounds`` each earlier round's is written beside it
+    as ``<stem>_nfe<N>.safetensors``. Each file samples at its round's N trailing timesteps (N = 4: 999, 749, 499,
+    249) with the first-order sampler ("ddim"; DDIM is ComfyUI's euler), at the recommended guidance. Round
+    checkpoints go to ``<work>/round_<2N>to<N>``.
     """
-    from accelerate import Accelerator
-
-    config = config or ProgressiveConfig()
-    rounds = config.rounds()
-    accelerator = accelerator or Accelerator()
-    sample = data if callable(data) else LatentData(data, prompts)
-    torch.manual_seed(config.seed)  # the LoRA's initial A
-    student = LoraStudent(pipe, config.lora, frozen_adapters=[TEACHER] if len(rounds) > 1 else []).to(
-        accelerator.device)
-    out = Path(out)
-    name = teacher or str(getattr(pipe, "name_or_path", "") or "unknown")
+    config = settle(config)
+    run, rounds = config.run, config.rounds()
+    student = job.student(run.lora, run.seed, frozen_adapters=[TEACHER] if len(rounds) > 1 else [])
     paths, losses = {}, {}
-    seconds: float | None = 0.0  # the rounds so far: a round's student cost every round before it too
+    seconds = 0.0  # the rounds so far: a round's student cost every round before it too
     for r, n in enumerate(rounds):
         teacher_adapter = TEACHER if r else None  # round 0: the bare UNet
         if r:
             copy_adapter(student.unet, STUDENT, TEACHER)  # the previous round's student, frozen
-        result = train(ProgressiveRound(student, sample, n, config, teacher_adapter), TrainConfig(
-            steps=config.steps_per_round, lr=config.lr, warmup_steps=config.warmup_steps,
-            max_grad_norm=config.max_grad_norm, seed=config.seed + r,  # each round its own batches
-            run_dir=Path(work_dir) / f"round_{2 * n}to{n}" if work_dir is not None else None,
-            checkpoint_every=config.checkpoint_every, tensorboard=config.tensorboard,
-            desc=f"progressive {2 * n}->{n}"), accelerator)
+        result = job.train(ProgressiveRound(student, job.data, n, config, teacher_adapter), run,
+                           config.steps_per_round, f"progressive {2 * n}->{n}", stage=f"round_{2 * n}to{n}",
+                           seed=run.seed + r)  # each round its own batches
         losses[n] = result.loss
-        seconds = add_seconds(seconds, result.seconds)
+        seconds += result.seconds
         if n == rounds[-1] or config.save_rounds:
-            paths[n] = round_path(out, n, rounds[-1])
-            if accelerator.is_main_process:
-                student.write(paths[n], method="progressive", teacher=name,
-                              nfe_timesteps={n: trailing_timesteps(n, num_train_timesteps=student.num_train_timesteps)},
-                              default_nfe=n, comfy_sampler="ddim", guidance=config.guidance, extra={
-                                  "round": f"{2 * n}->{n}", "rounds": [f"{2 * m}->{m}" for m in rounds],
-                                  "teacher_sampler": "ddim", "distilled_at_guidance": 1.0,
-                                  "final_loss": result.loss, "training": asdict(config),
-                                  **cost_record(seconds, accelerator)})
-            accelerator.wait_for_everyone()
+            paths[n] = round_path(job.out, n, rounds[-1])
+            job.on_main(lambda: student.write(
+                paths[n], method="progressive", teacher=job.teacher,
+                nfe_timesteps={n: trailing_timesteps(n, num_train_timesteps=student.num_train_timesteps)},
+                default_nfe=n, comfy_sampler="ddim", guidance=config.guidance, extra={
+                    "round": f"{2 * n}->{n}", "rounds": [f"{2 * m}->{m}" for m in rounds],
+                    "teacher_sampler": "ddim", "distilled_at_guidance": 1.0, "final_loss": result.loss,
+                    "training": record(config), **cost_record(seconds, job.accelerator)}))
     return ProgressiveResult(path=paths[rounds[-1]], round_paths=paths, losses=losses)
+
+
+METHOD = MethodEntry(
+    ProgressiveConfig, train_progressive,
+    summary="progressive distillation into a LoRA student (seed 003)",
+    description="Rounds of two teacher DDIM steps -> one student step, N -> N/2, from --teacher-steps down to "
+                "--student-steps, on data latents. Writes the final student to --out and each earlier round's "
+                "beside it (<out>_nfe<N>). Re-running resumes.")

@@ -26,42 +26,53 @@ samplers; ``schedule_p > 0`` spaces the steps like exp-Karras.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .lora import CLEAN, STUDENT, LoraSpec, LoraStudent, drop_prompts, trailing_timesteps
-from .loop import TrainConfig, cost_record, train
+from ..schedulers.grids import CLEAN, trailing_timesteps
+from .config import RunConfig, Settings, SettingError, record, run_config, setting
+from .data import drop_prompts, sample_prompts
+from .lora import STUDENT, LoraStudent
+from .loop import cost_record
+from .runner import Job, MethodEntry, settle
 
 DISTANCES = ("l1", "l2")
 TEACHER_FROM = ("teacher", "student")
 
 
 @dataclass
-class SFDConfig:
+class SFDConfig(Settings):
     """One LoRA student for every NFE in ``nfes``; ``steps`` updates of one trajectory batch each."""
 
-    nfes: tuple[int, ...] = (2, 3, 4, 5)
-    default_nfe: int = 4
-    schedule_p: float = 0.0           # 0: trailing grid, uniform in t; > 0: exp-Karras-like spacing
-    teacher_substeps: int = 4          # K: DPM-Solver++(2M) steps of the teacher per student step
-    teacher_from: str = "teacher"      # "teacher": Algorithm 2, the teacher's own trajectory; "student": restart
-    distance: str = "l1"
-    steps: int = 2000
-    batch_size: int = 32
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    max_grad_norm: float | None = 1.0
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    p_uncond: float = 0.1             # fraction of empty prompts (the unconditional branch, for CFG)
-    guidance: float = 1.0             # the guidance recorded as recommended in the student file
-    latent_size: int | None = None    # latent height = width (default: the UNet's sample_size)
-    seed: int = 0
-    checkpoint_every: int = 500
-    tensorboard: bool = False
+    run: RunConfig = run_config(lora={}, batch_size=32, lr=3e-4, warmup_steps=100)
+    nfes: tuple[int, ...] = setting((2, 3, 4, 5), ge=1, flag="--nfe", metavar="N",
+                                    help="the NFEs the student is trained for (one LoRA for all)")
+    default_nfe: int = setting(4, ge=1, help="the NFE the file samples at when none is asked for")
+    schedule_p: float = setting(0.0, ge=0, help="the student's timesteps: 0, the trailing grid (uniform in t); "
+                                                "> 0, exp-Karras spacing")
+    teacher_substeps: int = setting(4, ge=1, help="DPM-Solver++(2M) teacher steps per student step")
+    teacher_from: str = setting("teacher", choices=TEACHER_FROM,
+                                help="the teacher continues its own trajectory (Algorithm 2) or restarts from the "
+                                     "student's")
+    distance: str = setting("l1", choices=DISTANCES, help="distance of the student's and the teacher's latents")
+    steps: int = setting(2000, ge=1, help="training steps")
+    p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (the unconditional branch, so that "
+                                                    "CFG stays usable)")
+    guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5,
+                                     help="the CFG the file recommends; distillation itself runs at guidance 1")
+    latent_size: int | None = setting(None, ge=1, help="latent height = width (default: the UNet's)")
+
+    def check(self) -> None:
+        if self.default_nfe not in self.nfes:
+            raise SettingError("default_nfe", f"must be one of the NFEs {list(self.nfes)}, got {self.default_nfe}")
+        for n in self.nfes:
+            try:
+                trailing_timesteps(n, self.schedule_p)
+            except ValueError as err:
+                raise SettingError("nfes", str(err)) from None
 
 
 class SFD:
@@ -70,15 +81,6 @@ class SFD:
     def __init__(self, student: LoraStudent, prompts: Sequence[str], config: SFDConfig):
         from diffusers import DPMSolverMultistepScheduler
 
-        if config.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {DISTANCES}, got {config.distance!r}")
-        if config.teacher_from not in TEACHER_FROM:
-            raise ValueError(f"teacher_from must be one of {TEACHER_FROM}, got {config.teacher_from!r}")
-        if not config.nfes or config.default_nfe not in config.nfes:
-            raise ValueError(f"default_nfe {config.default_nfe} must be one of the NFEs {list(config.nfes)}")
-        if isinstance(config.teacher_substeps, bool) or not isinstance(config.teacher_substeps, int) \
-                or config.teacher_substeps < 1:
-            raise ValueError(f"teacher_substeps must be an integer >= 1, got {config.teacher_substeps!r}")
         if not prompts:
             raise ValueError("SFD needs at least one prompt")
         self.student, self.prompts, self.config = student, list(prompts), config
@@ -98,8 +100,8 @@ class SFD:
     def batch(self, step: int) -> dict:
         nfes = sorted(self.timesteps)
         n = nfes[int(torch.randint(len(nfes), ()))]
-        B = self.config.batch_size
-        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (B,)).tolist()]
+        B = self.config.run.batch_size
+        prompts = sample_prompts(self.prompts, B)
         return {"nfe": n, "noise": torch.randn(B, *self.latent_shape),
                 "cond": self.student.embed(drop_prompts(prompts, self.config.p_uncond))}
 
@@ -137,43 +139,36 @@ class SFD:
 @dataclass
 class SFDResult:
     path: Path
+    nfes: list[int]
     loss: float | None
 
+    def summary(self) -> str:
+        return f"SFD student (NFE {', '.join(map(str, self.nfes))}) written to {self.path}"
 
-def train_sfd(pipe, prompts: Sequence[str], out: str | os.PathLike, *, config: SFDConfig | None = None,
-              work_dir: str | os.PathLike | None = None, teacher: str | None = None,
-              accelerator=None) -> SFDResult:
-    """Distil ``pipe`` into one LoRA student for every NFE of ``config.nfes`` and write its file.
 
-    Args:
-        pipe: the teacher, an SD1.x/2.x-style diffusers pipeline (its UNet gets the adapter).
-        prompts: the prompts trajectories are drawn for (no data is needed: SFD follows the teacher's ODE).
-        out: the student file: every NFE's exact timesteps and sigmas, default ``config.default_nfe``,
-            sampler "euler" (the first-order step it was trained as), the recorded guidance.
-        config: NFEs, schedule, teacher solver and optimisation (default ``SFDConfig()``).
-        work_dir: checkpoints (a re-run resumes exactly); None keeps none.
-        teacher: the teacher's name recorded in the file (default: the pipeline's ``name_or_path``).
-        accelerator: an ``accelerate.Accelerator`` to share; one is made if None.
-    """
-    from accelerate import Accelerator
+def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
+    """Distil ``job.pipe`` into one LoRA student for every NFE of ``config.nfes``, on trajectories from
+    ``job.prompts`` (no data is needed: SFD follows the teacher's ODE), and write it to ``job.out``: every NFE's
+    exact timesteps and sigmas, default ``config.default_nfe``, sampler "euler" (the first-order step it was
+    trained as), the recommended guidance."""
+    config = settle(config)
+    run = config.run
+    student = job.student(run.lora, run.seed)
+    method = SFD(student, job.prompts, config)
+    result = job.train(method, run, config.steps, "sfd")
+    job.on_main(lambda: student.write(
+        job.out, method="sfd", teacher=job.teacher, nfe_timesteps=method.timesteps, default_nfe=config.default_nfe,
+        comfy_sampler="euler", guidance=config.guidance, extra={
+            "teacher_solver": "dpmpp_2m", "teacher_substeps": config.teacher_substeps,
+            "teacher_from": config.teacher_from, "distance": config.distance, "distilled_at_guidance": 1.0,
+            "nfe_conditioning": False, "final_loss": result.loss, "training": record(config),
+            **cost_record(result.seconds, job.accelerator)}))
+    return SFDResult(path=job.out, nfes=sorted(method.timesteps), loss=result.loss)
 
-    config = config or SFDConfig()
-    accelerator = accelerator or Accelerator()
-    torch.manual_seed(config.seed)  # the LoRA's initial A
-    student = LoraStudent(pipe, config.lora).to(accelerator.device)
-    method = SFD(student, prompts, config)
-    result = train(method, TrainConfig(
-        steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
-        seed=config.seed, run_dir=work_dir, checkpoint_every=config.checkpoint_every,
-        tensorboard=config.tensorboard, desc="sfd"), accelerator)
-    out = Path(out)
-    if accelerator.is_main_process:
-        student.write(out, method="sfd", teacher=teacher or str(getattr(pipe, "name_or_path", "") or "unknown"),
-                      nfe_timesteps=method.timesteps, default_nfe=config.default_nfe, comfy_sampler="euler",
-                      guidance=config.guidance, extra={
-                          "teacher_solver": "dpmpp_2m", "teacher_substeps": config.teacher_substeps,
-                          "teacher_from": config.teacher_from, "distance": config.distance,
-                          "distilled_at_guidance": 1.0, "nfe_conditioning": False, "final_loss": result.loss,
-                          "training": asdict(config), **cost_record(result.seconds, accelerator)})
-    accelerator.wait_for_everyone()
-    return SFDResult(path=out, loss=result.loss)
+
+METHOD = MethodEntry(
+    SFDConfig, train_sfd,
+    summary="SFD: one LoRA student for a set of NFEs, along its own trajectory (seed 004)",
+    description="The student takes one first-order step where the teacher takes --teacher-substeps DPM-Solver++ "
+                "steps, at the few timesteps it samples at, along its own trajectory; one student for every NFE "
+                "of --nfe. Distils at guidance 1 on --prompts. Re-running resumes.")

@@ -1,14 +1,14 @@
 """The shortcut method (seed 000, §3.4 and §4.2): two TimeEmbedNAFNets trained on teacher trajectories.
 
-Stage 1 learns (x_t, t) -> final latent from the captured pairs, L1 for the first 5/6 of its steps
-and L2 after; stage 2 learns (frozen stage 1's output, t) -> final latent with L2. Both run in the
-shared loop (cosine LR, checkpoints, exact resume) and end in one file written by ``save_shortcut``.
+The teacher's trajectories are captured first (``trajectories.capture_trajectories``). Stage 1 learns
+(x_t, t) -> final latent from the captured pairs, L1 for the first 5/6 of its steps and L2 after; stage 2 learns
+(frozen stage 1's output, t) -> final latent with L2. Both run in the shared loop (cosine LR, checkpoints, exact
+resume) and end in one file written by ``save_shortcut``.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,28 +16,44 @@ import torch.nn.functional as F
 
 from ..models.nafnet import PRESETS, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
-from .loop import TrainConfig, add_seconds, cost_record, train
-from .trajectories import Trajectories, load_trajectories
+from .config import RunConfig, Settings, SettingError, record, run_config, setting
+from .loop import cost_record
+from .runner import Job, MethodEntry, settle
+from .trajectories import Trajectories, capture_trajectories, load_trajectories
+
+NAFNET_SIZES = ("lab", "paper")
 
 
 @dataclass
-class ShortcutConfig:
-    """Settings of both stages (the paper: Adam, weight decay 0, cosine annealing, L1 for 5/6)."""
+class ShortcutConfig(Settings):
+    """The teacher runs to capture and the settings of both stages (the paper: Adam, weight decay 0, cosine
+    annealing, L1 for 5/6)."""
 
-    stage1_preset: str = "lab_stage1"
-    stage2_preset: str | None = "lab_stage2"   # None: stage 1 only
-    stage1_steps: int = 3000
-    stage2_steps: int = 1500
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    l1_fraction: float = 5 / 6
-    holdout: float = 1 / 6          # fraction of trajectories kept out of training (the paper: 20k of 120k)
-    band_margin: float = 0.1        # t-band = captured [t_lo, t_hi] widened by this fraction of its width
-    seed: int = 0
-    checkpoint_every: int = 500
-    tensorboard: bool = False
+    run: RunConfig = run_config(batch_size=64, lr=1e-3)
+    trajectories: int = setting(2000, ge=1, help="teacher runs to capture")
+    teacher_steps: int = setting(20, ge=2, help="teacher steps per run (exp-Karras DPM++ 2M)")
+    capture_steps: tuple[int, ...] = setting((10, 11, 12), ge=1, metavar="K",
+                                             help="keep the latent after this many teacher steps")
+    exp_karras_p: float = setting(1.0, ge=0, help="p of the teacher's exp-Karras schedule")
+    guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5, help="the teacher's CFG")
+    height: int | None = setting(None, ge=8, help="image height of the teacher runs (default: the pipeline's)")
+    width: int | None = setting(None, ge=8, help="image width of the teacher runs (default: the pipeline's)")
+    sample_batch_size: int = setting(250, ge=1, changeable=True, help="trajectories per teacher call")
+    shard_size: int = setting(500, ge=1, help="trajectories per file")
+    nafnet: str = setting("lab", choices=NAFNET_SIZES, help="NAFNet sizes of both stages")
+    stage2: bool = setting(True, flag="--no-stage2", help="train stage 1 only")
+    stage1_steps: int = setting(3000, ge=1, help="training steps of stage 1")
+    stage2_steps: int = setting(1500, ge=1, help="training steps of stage 2")
+    l1_fraction: float = setting(5 / 6, ge=0, le=1, help="fraction of stage 1 trained with L1 (then L2)")
+    holdout: float = setting(1 / 6, ge=0, lt=1, help="fraction of trajectories held out for PSNR (the paper: "
+                                                     "20k of 120k)")
+    band_margin: float = setting(0.1, ge=0, help="widen the captured t-range by this fraction of its width on "
+                                                 "each side")
+
+    def check(self) -> None:
+        if max(self.capture_steps) >= self.teacher_steps:
+            raise SettingError("capture_steps", f"must lie in 1 .. {self.teacher_steps - 1} (a later teacher step "
+                                                f"must follow each), got {list(self.capture_steps)}")
 
 
 @dataclass
@@ -46,6 +62,10 @@ class ShortcutResult:
     t_band: tuple[float, float]
     shortcut: TwoStageShortcut
     heldout_psnr: dict = field(default_factory=dict)   # {"input" | "stage1" | "stage1+2": {"all": dB, "t=...": dB}}
+
+    def summary(self) -> str:
+        lo, hi = self.t_band
+        return f"shortcut written to {self.path} (t-band [{lo:.1f}, {hi:.1f}])"
 
 
 class PairSet:
@@ -146,64 +166,67 @@ def handoff_band(timesteps: torch.Tensor, margin: float) -> tuple[float, float]:
 
 
 def build_shortcut(config: ShortcutConfig, latent_channels: int) -> TwoStageShortcut:
-    def stage(name: str) -> dict:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return {**PRESETS[name], "in_channels": latent_channels, "out_channels": latent_channels}
+    def stage(k: int) -> dict:
+        return {**PRESETS[f"{config.nafnet}_stage{k}"], "in_channels": latent_channels, "out_channels": latent_channels}
 
-    return TwoStageShortcut.from_configs(stage(config.stage1_preset),
-                                        stage(config.stage2_preset) if config.stage2_preset else None)
+    return TwoStageShortcut.from_configs(stage(1), stage(2) if config.stage2 else None)
 
 
-def train_shortcut(trajectories: Trajectories | str | os.PathLike, out: str | os.PathLike, *,
-                   config: ShortcutConfig | None = None, work_dir: str | os.PathLike | None = None,
-                   teacher: str | None = None, accelerator=None) -> ShortcutResult:
-    """Train both stages on a capture folder (or loaded ``Trajectories``) and write the shortcut file.
+def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
+    """Capture ``config.trajectories`` runs of the teacher ``job.pipe`` on ``job.prompts`` in
+    ``<work>/trajectories`` (resumed shard by shard; under several processes each captures its share), then
+    train both stages on them (:func:`train_shortcut`)."""
+    from ..schedulers import ExpKarrasScheduler
 
-    Args:
-        trajectories: what ``capture_trajectories`` wrote.
-        out: the shortcut ``.safetensors`` file.
-        config: presets, steps and optimisation of both stages (default ``ShortcutConfig()``).
-        work_dir: checkpoints go to ``work_dir/stage1`` and ``work_dir/stage2`` (resumed when present);
-            None keeps none.
-        teacher: the name stored in the file (default: the one recorded with the trajectories).
-        accelerator: an ``accelerate.Accelerator`` to share; one is made if None.
+    config = settle(config)
+    if job.work is None:
+        raise ValueError("the shortcut keeps its trajectories in the work folder: give the job one")
+    accelerator = job.accelerator
+    pipe = job.pipe.to(accelerator.device)
+    scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
+    size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
+    folder = capture_trajectories(
+        pipe, job.work / "trajectories", list(job.prompts), config.trajectories, num_inference_steps=config.teacher_steps,
+        capture_steps=config.capture_steps, guidance_scale=config.guidance, seed=config.run.seed, scheduler=scheduler,
+        shard_size=config.shard_size, batch_size=config.sample_batch_size, teacher=job.teacher, pipe_kwargs=size,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    job.pipe = pipe = None  # training needs the trajectories alone: the teacher's memory is freed
+    return train_shortcut(job, config, folder)
 
-    The t-band written is the captured timesteps' range widened by ``config.band_margin`` of its width
-    on each side (a single capture step gives a band of one timestep).
+
+def train_shortcut(job: Job, config: ShortcutConfig, trajectories: Trajectories | str | Path) -> ShortcutResult:
+    """Train both stages on a capture folder (or loaded ``Trajectories``) and write the shortcut file ``job.out``;
+    stage checkpoints go to ``<work>/stage1`` and ``<work>/stage2``. ``job.pipe`` is not used; the teacher named
+    in the file is ``job.teacher``, else the one recorded with the trajectories.
+
+    The t-band written is the captured timesteps' range widened by ``config.band_margin`` of its width on each
+    side (a single capture step gives a band of one timestep).
     """
-    from accelerate import Accelerator
-
-    config = config or ShortcutConfig()
-    accelerator = accelerator or Accelerator()
+    config = settle(config)
+    run, accelerator = config.run, job.accelerator
     data = trajectories if isinstance(trajectories, Trajectories) else load_trajectories(trajectories)
-    train_ids, held_ids = split_trajectories(len(data.final), config.holdout, config.seed)
+    train_ids, held_ids = split_trajectories(len(data.final), config.holdout, run.seed)
     train_pairs = PairSet(data.latents[train_ids], data.timesteps, data.final[train_ids])
     held_pairs = PairSet(data.latents[held_ids], data.timesteps, data.final[held_ids])
     channels = data.final.shape[1]
-    torch.manual_seed(config.seed)
+    torch.manual_seed(run.seed)
     shortcut = build_shortcut(config, channels)
-
-    def run(method, name: str, steps: int):
-        return train(method, TrainConfig(
-            steps=steps, lr=config.lr, warmup_steps=config.warmup_steps, max_grad_norm=config.max_grad_norm,
-            seed=config.seed, run_dir=Path(work_dir) / name if work_dir is not None else None,
-            checkpoint_every=config.checkpoint_every, tensorboard=config.tensorboard, desc=f"shortcut {name}"),
-            accelerator)
 
     psnr = {}
     evaluate = len(held_ids) > 0
     if evaluate:
         psnr["input"] = heldout_psnr(None, held_pairs, accelerator.device)
         _report("nothing (x_t itself, the baseline)", psnr["input"], accelerator)
-    seconds = run(DenoiseStage(shortcut.stage1, train_pairs, config.batch_size,
-                               round(config.stage1_steps * config.l1_fraction)), "stage1", config.stage1_steps).seconds
+    seconds = job.train(DenoiseStage(shortcut.stage1, train_pairs, run.batch_size,
+                                     round(config.stage1_steps * config.l1_fraction)),
+                        run, config.stage1_steps, "shortcut stage1", stage="stage1").seconds
     if evaluate:
         psnr["stage1"] = heldout_psnr(shortcut.stage1, held_pairs, accelerator.device)
         _report("stage 1", psnr["stage1"], accelerator)
     if shortcut.stage2 is not None:
-        seconds = add_seconds(seconds, run(DeblurStage(shortcut.stage1, shortcut.stage2, train_pairs,
-                                                       config.batch_size), "stage2", config.stage2_steps).seconds)
+        seconds += job.train(DeblurStage(shortcut.stage1, shortcut.stage2, train_pairs, run.batch_size),
+                             run, config.stage2_steps, "shortcut stage2", stage="stage2").seconds
         if evaluate:
             psnr["stage1+2"] = heldout_psnr(shortcut, held_pairs, accelerator.device)
             _report("stage 1+2", psnr["stage1+2"], accelerator)
@@ -217,19 +240,24 @@ def train_shortcut(trajectories: Trajectories | str | os.PathLike, out: str | os
         "exp_karras_p": capture.get("scheduler_config", {}).get("exp_karras_p"),
         "guidance_scale": capture.get("guidance_scale"), "num_trajectories": len(data.final),
         "heldout_trajectories": len(held_ids), "heldout_psnr": psnr,
-        "psnr_peak": "max - min of the held-out target latents", "training": asdict(config),
+        "psnr_peak": "max - min of the held-out target latents", "training": record(config),
         **cost_record(seconds, accelerator),  # the training loop only: capturing trajectories is not counted
     }
-    out = Path(out)
     shortcut = shortcut.float().cpu().eval()
-    shortcut.t_band, shortcut.teacher = band, teacher or capture.get("teacher", "unknown")
-    if accelerator.is_main_process:
-        save_shortcut(out, shortcut, t_band=band, teacher=shortcut.teacher, latent_channels=channels, extra=extra)
-    accelerator.wait_for_everyone()
-    return ShortcutResult(path=out, t_band=band, shortcut=shortcut, heldout_psnr=psnr)
+    shortcut.t_band, shortcut.teacher = band, job.teacher or capture.get("teacher", "unknown")
+    job.on_main(lambda: save_shortcut(job.out, shortcut, t_band=band, teacher=shortcut.teacher,
+                                      latent_channels=channels, extra=extra))
+    return ShortcutResult(path=job.out, t_band=band, shortcut=shortcut, heldout_psnr=psnr)
 
 
 def _report(name: str, scores: dict[str, float], accelerator) -> None:
     if accelerator.is_main_process:
         detail = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "all")
         print(f"held-out PSNR after {name}: {scores['all']:.2f} dB ({detail})")
+
+
+METHOD = MethodEntry(
+    ShortcutConfig, distil_shortcut,
+    summary="the two-stage NAFNet final-step shortcut (seed 000)",
+    description="Capture teacher trajectories, train both NAFNet stages, write one shortcut file. Re-running the "
+                "same command resumes.")

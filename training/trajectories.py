@@ -60,14 +60,6 @@ class _Recorder:
         return callback_kwargs
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts in the file")
-    return prompts
-
-
 @torch.no_grad()
 def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], num_trajectories: int, *,
                          num_inference_steps: int = 20, capture_steps=(10, 11, 12), guidance_scale: float = 7.5,

@@ -42,14 +42,15 @@ def student(dd, tmp_path_factory):
     lora = dd("training.lora")
     unet = diffusers_twin_of_tiny_sd15()
     trained = copy.deepcopy(unet)
-    adapters = lora.add_lora(trained, lora.LoraSpec(rank=4, alpha=8.0))
+    adapters = lora.add_lora(trained, dd("training.config").LoraSpec(rank=4, alpha=8.0))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in adapters.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     folder = tmp_path_factory.mktemp("loras")
+    grid = dd("schedulers.grids").trailing_timesteps
     path = lora.write_student(folder / "tiny_student.safetensors", trained, scheduler_config=SD_NOISE, method="sfd",
-                              teacher="tests/tiny-sd15", nfe_timesteps={n: lora.trailing_timesteps(n) for n in NFES},
+                              teacher="tests/tiny-sd15", nfe_timesteps={n: grid(n) for n in NFES},
                               default_nfe=DEFAULT_NFE, comfy_sampler="euler", guidance=GUIDANCE)
     folder_paths.add_model_folder_path("loras", str(folder))
     return unet, path, dd("models.student_file").read_student(path)[1]

@@ -1,0 +1,76 @@
+"""The lab as a preset of the training CLI: its Fashion-MNIST latents (the teacher's VAE, cached), and the README's
+commands for the committed lab students, which must still mean the settings those students were trained with."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from direct_distill.lab import STUDENTS_DIR, TEACHER_DIR
+from direct_distill.lab.distill_preset import LAB, lab_latents
+from direct_distill.models.student_file import read_student
+from direct_distill.training.cli import build_parser
+from direct_distill.training.config import record, replace_settings
+from direct_distill.training.registry import entry
+from direct_distill.training.runner import prepare
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_lab_data_is_the_dataset_encoded_by_the_teachers_vae_and_cached(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import direct_distill.lab.distill_preset as preset
+    from direct_distill.lab.teacher import build_vae
+
+    images, labels = torch.rand(6, 1, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 3, 8, 9])
+    monkeypatch.setattr(preset, "load_fashion_mnist", lambda split: (images, labels))
+    torch.manual_seed(0)
+    pipe = SimpleNamespace(vae=build_vae().eval())
+    accelerator = SimpleNamespace(device=torch.device("cpu"))
+    data = lab_latents(pipe, tmp_path, accelerator)
+    with torch.no_grad():
+        post = pipe.vae.encode(images).latent_dist
+    torch.testing.assert_close(data.latents, post.mean * pipe.vae.config.scaling_factor)
+    torch.testing.assert_close(data.latent_std, post.std * pipe.vae.config.scaling_factor)
+    assert data.prompts[-2:] == ["bag", "ankle boot"]
+    monkeypatch.setattr(preset, "load_fashion_mnist", pytest.fail)  # cached: the dataset is not read again
+    assert torch.equal(lab_latents(pipe, tmp_path, accelerator).latents, data.latents)
+
+
+def readme_lab_commands() -> list[list[str]]:
+    """The `distill` commands the README gives for the committed lab students."""
+    section = README.read_text().split("The committed lab students", 1)[1].split("```bash", 1)[1].split("```")[0]
+    lines = re.sub(r"\\\n\s*", " ", section).splitlines()
+    return [shlex.split(line.split("#")[0])[4:] for line in lines if "distill" in line]
+
+
+def flat(training: dict) -> dict:
+    """A student file's recorded settings with the LoRA's under the CLI's names."""
+    out = dict(training)
+    out.update(out.pop("lora", {}))
+    out.update({new: out.pop(old) for old, new in (("lora_rank", "rank"), ("lora_alpha", "alpha")) if old in out})
+    return out
+
+
+@pytest.mark.skipif(not (TEACHER_DIR / "model_index.json").is_file(), reason="the lab teacher is not built")
+def test_the_readme_commands_of_the_committed_students_still_mean_their_recorded_settings():
+    commands = readme_lab_commands()
+    assert [c[0] for c in commands] == ["progressive", "sfd", "gdd", "disback", "disback"]
+    parser = build_parser(LAB)
+    for args in commands:
+        values = vars(parser.parse_args(args))
+        method = values.pop("method")
+        plan = prepare(method, replace_settings(entry(method).config(), **values), LAB)
+        assert plan.preset is LAB
+        out = README.parent / plan.run.out  # the README's paths are relative to the repository
+        assert out.parent == STUDENTS_DIR and out.is_file()
+        recorded = flat(read_student(out)[1].extra["training"])
+        now = record(plan.config, changeable=False)
+        shared = sorted(recorded.keys() & now.keys() - {"target_modules"} if method == "gdd" else
+                        recorded.keys() & now.keys())
+        assert len(shared) >= 12, method
+        assert {k: now[k] for k in shared} == {k: recorded[k] for k in shared}, args
+

@@ -1,0 +1,224 @@
+"""The generated command line and the runner: every registered method's flags come from its config dataclass,
+bad values and missing inputs are refused in one line naming the flag before anything loads, a work folder
+resumes only under its own settings, Ctrl-C says how to resume, a preset applies to its own teacher only, and a
+new method is one module plus one registry line."""
+
+import json
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import direct_distill.training.teachers as teachers
+from direct_distill.models.io import atomic_save_file, read_safetensors
+from direct_distill.models.student_file import read_student
+from direct_distill.training import registry
+from direct_distill.training.cli import build_parser, main
+from direct_distill.training.config import RunConfig, Settings, flag, leaves, run_config, setting
+from direct_distill.training.runner import SETTINGS_FILE, MethodEntry, Preset
+from direct_distill.training.sfd import SFD
+
+
+@pytest.fixture
+def teacher(tiny_sd_pipeline, tmp_path):
+    tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("bag\ncoat\n")
+    return tmp_path / "teacher"
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fails the test if a teacher is loaded."""
+    monkeypatch.setattr(teachers, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+
+
+def sfd_args(teacher, *more):
+    """A tiny SFD run: one step, one NFE, one teacher substep."""
+    return ["sfd", "--teacher", str(teacher), "--prompts", str(teacher.parent / "prompts.txt"), "--nfe", "1",
+            "--default-nfe", "1", "--steps", "2", "--batch-size", "1", "--rank", "2", "--teacher-substeps", "1",
+            "--checkpoint-every", "1", *more]
+
+
+def refusal(run, capsys) -> str:
+    """The message of a refused command line (SystemExit's, or what argparse printed)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    code = exit_info.value.code
+    return code if isinstance(code, str) else capsys.readouterr().err.strip()
+
+
+def test_help_lists_the_registry_and_every_setting_of_each_method_once(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in registry.METHODS:
+        assert f"{name} {registry.entry(name).summary}" in text
+    for name in registry.METHODS:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([name, "--help"])
+        listed = re.findall(r"(?m)^ {2}(?:-h, )?(--[\w-]+)", capsys.readouterr().out)
+        flags = [flag(f) for f, _, _ in leaves(registry.entry(name).config())]
+        assert sorted(listed) == sorted(flags + ["--help"]), name
+
+
+@pytest.mark.parametrize("method, args, message", [
+    ("sfd", ["--steps", "0"], "distill sfd: --steps: must be >= 1, got 0"),
+    ("progressive", ["--p-uncond", "1.5"], "distill progressive: --p-uncond: must be <= 1, got 1.5"),
+    ("gdd", ["--batch-size", "0"], "distill gdd: --batch-size: must be >= 1, got 0"),
+    ("disback", ["--latent-size", "0"], "distill disback: --latent-size: must be >= 1, got 0"),
+    ("shortcut", ["--trajectories", "0"], "distill shortcut: --trajectories: must be >= 1, got 0"),
+    ("shortcut", ["--capture-steps", "10", "20"], "distill shortcut: --capture-steps: must lie in 1 .. 19"),
+    ("sfd", ["--lr", "0"], "distill sfd: --lr: must be > 0"),
+    ("sfd", ["--rank", "0"], "distill sfd: --rank: must be >= 1, got 0"),
+    ("sfd", ["--max-grad-norm", "nan"], "distill sfd: --max-grad-norm: expected a finite number"),
+    ("gdd", ["--disc-timesteps", "300", "200"], "distill gdd: --disc-timesteps: need LO <= HI"),
+    ("disback", ["--steps", "1000"], "distill disback: --steps: stage two needs steps (1000) > path_checkpoints x "
+                                     "steps_per_node (4 x 250)"),
+    ("sfd", ["--steps", "many"], "distill sfd: argument --steps: invalid int value: 'many'"),
+    ("sfd", ["--distance", "l3"], "distill sfd: argument --distance: invalid choice: 'l3'"),
+    ("sfd", [], "distill sfd: --teacher: "),  # a teacher that is not there
+])
+def test_bad_values_are_refused_in_one_line_naming_the_flag_before_anything_loads(method, args, message, tmp_path,
+                                                                                 nothing_loads, capsys):
+    text = refusal(lambda: main([method, "--teacher", str(tmp_path / "nowhere"), *args]), capsys)
+    assert message in text and "\n" not in text
+    assert not list(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.parametrize("method, message", [
+    ("sfd", "--prompts: required for a teacher other than the toy's"),
+    ("disback", "--prompts: required for a teacher other than the toy's"),
+    ("shortcut", "--prompts: required for a teacher other than the toy's"),
+    ("progressive", "--data: required for a teacher other than the toy's: progressive trains on data"),
+    ("gdd", "--data: required for a teacher other than the toy's: gdd trains on data"),
+])
+def test_a_teacher_of_ones_own_needs_prompts_or_data_before_anything_loads(method, message, tmp_path,
+                                                                          nothing_loads, capsys):
+    (tmp_path / "mine").mkdir()
+    preset = toy_preset(tmp_path / "toy", tmp_path)
+    args = [method, "--teacher", str(tmp_path / "mine")]
+    out = ["--out", str(tmp_path / "x.safetensors")]
+    assert refusal(lambda: main(args, preset), capsys) == f"distill {method}: --out: required for a teacher other " \
+                                                          "than the toy's"
+    assert refusal(lambda: main(args + out, preset), capsys).startswith(f"distill {method}: {message}")
+
+
+def toy_preset(teacher, root) -> Preset:
+    return Preset(name="toy", teacher=teacher, teacher_name="toy-teacher", out=lambda m: root / f"{m}.safetensors",
+                  work=lambda m: root / "work" / m, prompts=["bag", "coat"], values={"guidance": 3.0})
+
+
+def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, capsys):
+    preset = toy_preset(teacher, tmp_path)
+    args = ["sfd", "--nfe", "1", "--default-nfe", "1", "--steps", "1", "--batch-size", "1", "--rank", "2",
+            "--teacher-substeps", "1"]
+    assert main(args, preset) == 0
+    _, info = read_student(tmp_path / "sfd.safetensors")
+    assert (info.teacher, info.guidance) == ("toy-teacher", 3.0)
+    assert (tmp_path / "work" / "sfd" / "checkpoint.safetensors").is_file()
+    assert f"written to {tmp_path / 'sfd.safetensors'}" in capsys.readouterr().out
+
+    import shutil
+
+    shutil.copytree(teacher, tmp_path / "copy")  # the same weights elsewhere: the user's teacher, no preset
+    mine = tmp_path / "mine.safetensors"
+    assert main(args + ["--teacher", str(tmp_path / "copy"), "--out", str(mine), "--prompts",
+                        str(tmp_path / "prompts.txt")], preset) == 0
+    _, info = read_student(mine)
+    assert (info.teacher, info.guidance) == (str(tmp_path / "copy"), 7.5)
+    assert (tmp_path / "mine.work" / "checkpoint.safetensors").is_file()
+
+
+def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, capsys):
+    out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
+    args = sfd_args(teacher, "--out", str(out), "--work", str(work))
+    assert main(args) == 0
+    recorded = json.loads((work / SETTINGS_FILE).read_text())
+    assert recorded["method"] == "sfd" and recorded["nfes"] == [1] and "out" not in recorded
+
+    text = refusal(lambda: main(args + ["--lr", "0.02", "--nfe", "2", "--default-nfe", "2"]), capsys)
+    assert text.startswith(f"distill sfd: --work: {work} holds a run with other settings (")
+    for difference in ["--default-nfe 1 there, 2 here", "--lr 0.0003 there, 0.02 here", "--nfe [1] there, [2] here"]:
+        assert difference in text
+    assert "\n" not in text
+
+    # Where files go and how often checkpoints are written may change: the finished run resumes as it was.
+    again = tmp_path / "again.safetensors"
+    assert main(args[:-4] + ["--checkpoint-every", "5", "--out", str(again), "--work", str(work)]) == 0
+    a, b = read_safetensors(out)[0], read_safetensors(again)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_stops_with_one_line_saying_how_to_resume(teacher, tmp_path, monkeypatch, capsys):
+    out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
+    loss = SFD.loss
+
+    def interrupted_at_step_1(self, step, batch):
+        if step == 1:
+            raise KeyboardInterrupt
+        return loss(self, step, batch)
+
+    monkeypatch.setattr(SFD, "loss", interrupted_at_step_1)
+    assert main(sfd_args(teacher, "--out", str(out), "--work", str(work))) == 130
+    err = capsys.readouterr().err
+    assert f"distill sfd: stopped; run the same command again to resume from the last checkpoint in {work}" in err
+    assert "Traceback" not in err and not out.exists()
+    monkeypatch.setattr(SFD, "loss", loss)
+    assert main(sfd_args(teacher, "--out", str(out), "--work", str(work))) == 0
+    assert json.loads(read_safetensors(work / "checkpoint.safetensors")[1]["training_state"])["step"] == 2
+
+
+# --- a method of the test's own, registered by one line ------------------------------------------------------
+
+
+@dataclass
+class ToyConfig(Settings):
+    """Fit one number to the prompts' count."""
+
+    run: RunConfig = run_config(batch_size=4, lr=0.1)
+    steps: int = setting(3, ge=1, help="training steps")
+    target: float = setting(2.0, help="the number to reach")
+
+
+class Toy:
+    def __init__(self, config: ToyConfig):
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.modules = {"toy": torch.nn.ParameterList([self.weight])}
+        self.config = config
+
+    def batch(self, step):
+        return torch.randn(self.config.run.batch_size)
+
+    def loss(self, step, batch):
+        return ((self.weight + 0 * batch - self.config.target) ** 2).mean()
+
+
+@dataclass
+class ToyResult:
+    value: float
+
+    def summary(self) -> str:
+        return f"toy value {self.value:.3f}"
+
+
+def train_toy(job, config: ToyConfig) -> ToyResult:
+    toy = Toy(config)
+    job.train(toy, config.run, config.steps, "toy")
+    job.on_main(lambda: atomic_save_file({"weight": toy.weight.detach()}, job.out))
+    return ToyResult(float(toy.weight.detach()))
+
+
+METHOD = MethodEntry(ToyConfig, train_toy, summary="a toy method of the tests", description="Fits one number.")
+
+
+def test_a_new_method_is_one_module_and_one_registry_line(teacher, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(registry.METHODS, "toy", __name__)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["toy", "--help"])
+    assert "--target TARGET" in capsys.readouterr().out
+    out = tmp_path / "toy.safetensors"
+    assert main(["toy", "--teacher", str(teacher), "--out", str(out), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--steps", "5", "--target", "1.5"]) == 0
+    assert "toy value" in capsys.readouterr().out
+    assert 0 < float(read_safetensors(out)[0]["weight"]) < 1.5

@@ -1,0 +1,122 @@
+"""The one-step generator of the one-step methods (a LoRA student called once, on pure noise, at the noisiest
+timestep), its student file, and the periodic evaluation that keeps its weights of the lowest FD."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..models.io import atomic_save_file, read_safetensors
+from .config import Settings, setting
+from .lora import STUDENT, LoraStudent
+
+BEST_FILE = "best_generator.safetensors"  # in the work folder: the lowest-FD generator so far
+
+# evaluate(step, generate) -> scalars to log, or None; generate(prompts, seed=0) -> one-step latents (CPU)
+Evaluate = Callable[[int, Callable[..., torch.Tensor]], "dict[str, float] | None"]
+
+
+def one_step_timestep(student: LoraStudent) -> int:
+    """The timestep a one-step student is called at: the noisiest of the noise table (999 for SD)."""
+    return student.num_train_timesteps - 1
+
+
+def one_step_sample(student: LoraStudent, noise: torch.Tensor, cond: torch.Tensor,
+                    adapter: str | None = STUDENT) -> torch.Tensor:
+    """The generator: one UNet call on pure noise at the noisiest timestep, its clean-latent prediction."""
+    return student.denoise(noise, one_step_timestep(student), cond, adapter)[0]
+
+
+def sample_function(student: LoraStudent, latent_shape: Sequence[int], batch_size: int):
+    """``generate(prompts, seed=0)``: the one-step student's latents for ``prompts`` from seeded noise (the
+    global RNG is untouched), on the CPU; what an evaluate hook receives."""
+
+    @torch.no_grad()
+    def generate(prompts: Sequence[str], seed: int = 0) -> torch.Tensor:
+        noise = torch.randn((len(prompts), *latent_shape), generator=torch.Generator().manual_seed(seed))
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            cond = student.embed(list(prompts[i:i + batch_size]))
+            out.append(one_step_sample(student, noise[i:i + batch_size].to(student.device), cond).cpu())
+        return torch.cat(out)
+
+    return generate
+
+
+def write_one_step_student(student: LoraStudent, out: str | os.PathLike, *, method: str, teacher: str,
+                           extra: dict) -> Path:
+    """The 1-step student file: NFE 1 at the noisiest timestep (its sigma is sigma_max), a first-order sampler
+    (any gives the same single step to the clean latent), guidance 1 (the student samples the conditional
+    distribution directly)."""
+    return student.write(out, method=method, teacher=teacher, nfe_timesteps={1: [one_step_timestep(student)]},
+                         default_nfe=1, comfy_sampler="euler", guidance=1.0, extra=extra)
+
+
+@dataclass
+class EvalConfig(Settings):
+    """Evaluations of a one-step student along its training (by the evaluate hook a preset brings)."""
+
+    group = "evaluations"
+
+    eval_every: int | None = setting(None, ge=0, preset="eval_every", fallback=0,
+                                     help="steps between evaluations of the student (FD, accuracy) by the "
+                                          "preset's evaluator; 0: none")
+    eval_samples: int = setting(1000, ge=1, help="samples per evaluation")
+    keep_best: bool = setting(True, flag="--keep-last",
+                              help="write the last generator, not the one of the lowest FD among the evaluations")
+
+
+class BestGenerator:
+    """The loop's ``after_step`` of a one-step method, composed into it: every ``every`` steps, hand ``evaluate``
+    a sampler of the current generator and log what it returns; keep the generator's weights at the lowest
+    ``fd`` seen, in ``best_file`` too (if set) so that a resumed run still knows them. Choosing the checkpoint by
+    FD rather than taking the last is the usual GAN practice.
+
+    Args:
+        student: the generator (its ``adapters`` are the weights kept).
+        latent_shape, batch_size: of the samples ``generate`` makes.
+        evaluate: the hook (None: no evaluations).
+        every: steps between evaluations (0: none).
+        best_file: where the best weights are kept across runs (None: in memory only).
+        is_main_process: whether this process writes ``best_file``.
+    """
+
+    def __init__(self, student: LoraStudent, latent_shape: Sequence[int], batch_size: int,
+                 evaluate: Evaluate | None, every: int, best_file: Path | None = None, is_main_process: bool = True):
+        self.student, self.evaluate, self.every = student, evaluate, every
+        self.generate = sample_function(student, latent_shape, batch_size)
+        self.best_file, self.is_main_process = best_file, is_main_process
+        self.evaluations: list[tuple[int, dict[str, float]]] = []
+        self.best: tuple[int, float, dict[str, torch.Tensor]] | None = None  # (step, fd, generator weights)
+        if best_file is not None and best_file.is_file():
+            weights, meta = read_safetensors(best_file)
+            self.best = (int(meta["step"]), float(meta["fd"]), weights)
+
+    def after_step(self, step: int) -> dict[str, float] | None:
+        if self.evaluate is None or not self.every or (step + 1) % self.every:
+            return None
+        scalars = self.evaluate(step + 1, self.generate)
+        if not scalars:
+            return None
+        scalars = {k: float(v) for k, v in scalars.items()}
+        self.evaluations.append((step + 1, scalars))
+        fd = scalars.get("fd")
+        if fd is not None and (self.best is None or fd < self.best[1]):
+            weights = {k: v.detach().cpu().clone() for k, v in self.student.adapters.state_dict().items()}
+            self.best = (step + 1, fd, weights)
+            if self.best_file is not None and self.is_main_process:
+                atomic_save_file(weights, self.best_file, {"step": str(step + 1), "fd": repr(fd)})
+        return scalars
+
+    def select_best(self) -> dict | None:
+        """Load the best-FD weights into the generator; returns ``{"step", "fd"}`` of them, or None if none."""
+        if self.best is None:
+            return None
+        step, fd, weights = self.best
+        with torch.no_grad():
+            self.student.adapters.load_state_dict(weights)
+        return {"step": step, "fd": fd}

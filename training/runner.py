@@ -1,0 +1,307 @@
+"""The one runner of every method: the settings and files are checked before anything loads, then the teacher,
+the method's inputs, and the method's run on the shared loop (a :class:`Job`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, Settings, SettingError, flag_of, leaves, record, replace_settings
+from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
+                   read_prompts)
+from .loop import TrainResult, train
+
+SETTINGS_FILE = "settings.json"  # in the work folder: the settings of the run it holds
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """What a method module registers (``METHOD``): its config dataclass, whose fields are its CLI, and the
+    function running it, ``train(job, config) -> result`` (``result.summary()`` is what the CLI prints)."""
+
+    config: type[Settings]
+    train: Callable[[Job, Any], Any]
+    summary: str       # one line, for `distill --help`
+    description: str   # the method's own --help
+
+
+@dataclass
+class Preset:
+    """Defaults a front end hands the runner for a teacher of its own (the lab's): they apply when ``--teacher``
+    is that teacher, and a teacher of the user's gets none of them.
+
+    Args:
+        name: how the help text calls it ("lab").
+        teacher: the teacher folder, the default ``--teacher``.
+        teacher_name: the teacher's name recorded in the files written.
+        out, work: method name -> the default output file, work folder.
+        prompts: the prompts of the methods that take prompts.
+        values: settings declared with ``preset=<key>`` (guidance, eval_every), by key.
+        latents: ``(pipe, work, accelerator) -> LatentData``, the training data of the data methods.
+        evaluation: ``(pipe, samples) -> evaluate hook`` of the one-step methods (FD and accuracy).
+        describe: help-text names of the defaults that are not paths ("prompts", "data").
+    """
+
+    name: str
+    teacher: Path
+    teacher_name: str
+    out: Callable[[str], Path]
+    work: Callable[[str], Path]
+    prompts: Sequence[str]
+    values: dict[str, Any] = field(default_factory=dict)
+    latents: Callable[..., LatentData] | None = None
+    evaluation: Callable[..., Callable] | None = None
+    describe: dict[str, str] = field(default_factory=dict)
+
+    def applies(self, teacher: Path) -> bool:
+        return Path(teacher).resolve() == Path(self.teacher).resolve()
+
+
+@dataclass
+class Job:
+    """What a method's run is handed: the teacher pipeline, its inputs, where its files go, the accelerator.
+
+    Args:
+        pipe: the teacher, a diffusers pipeline.
+        out: the file to write.
+        work: checkpoints and intermediate files (a re-run resumes exactly); None keeps none.
+        teacher: the teacher's name recorded in the files (default: the pipeline's ``name_or_path``).
+        prompts: the prompts of a method that takes prompts.
+        data: ``batch_size -> (x0 latents, prompts)`` drawing from the global RNG (e.g. ``LatentData``), for a
+            method that trains on data.
+        evaluate: the one-step methods' evaluate hook (``one_step.Evaluate``), or None.
+        accelerator: an ``accelerate.Accelerator``; one is made if None.
+    """
+
+    pipe: Any
+    out: Path
+    work: Path | None = None
+    teacher: str | None = None
+    prompts: Sequence[str] | None = None
+    data: Callable | None = None
+    evaluate: Callable | None = None
+    accelerator: Any = None
+
+    def __post_init__(self):
+        from accelerate import Accelerator
+
+        self.out = Path(self.out)
+        self.work = Path(self.work) if self.work is not None else None
+        if self.teacher is None and self.pipe is not None:
+            self.teacher = str(getattr(self.pipe, "name_or_path", "") or "unknown")
+        self.accelerator = self.accelerator or Accelerator()
+
+    def student(self, spec, seed: int, frozen_adapters: Sequence[str] = ()):
+        """A :class:`LoraStudent` on the teacher, its LoRA initialised from ``seed``, on the accelerator's device."""
+        from .lora import LoraStudent
+
+        torch.manual_seed(seed)  # the LoRA's initial A
+        return LoraStudent(self.pipe, spec, frozen_adapters).to(self.accelerator.device)
+
+    def stage_dir(self, stage: str | None = None) -> Path | None:
+        """The work folder of one stage of the run (the work folder itself for None); None without one."""
+        if self.work is None:
+            return None
+        return self.work / stage if stage else self.work
+
+    def train(self, method, run: RunConfig, steps: int, desc: str, stage: str | None = None,
+              **changes) -> TrainResult:
+        """Run ``method`` on the loop for ``steps`` steps with the run's settings (``changes`` to some of them),
+        checkpointing in :meth:`stage_dir`."""
+        return train(method, run.train_config(steps, self.stage_dir(stage), desc, **changes), self.accelerator)
+
+    def on_main(self, write: Callable[[], Any]) -> None:
+        """``write()`` on the main process alone, the others waiting for it."""
+        if self.accelerator.is_main_process:
+            write()
+        self.accelerator.wait_for_everyone()
+
+
+@dataclass
+class Plan:
+    """A run with everything resolved and checked, nothing loaded yet."""
+
+    method: str
+    entry: MethodEntry
+    config: Settings
+    preset: Preset | None      # set when the preset applies (its teacher is the teacher)
+    teacher_name: str
+    prompts: list[str] | None
+
+    @property
+    def run(self) -> RunConfig:
+        return self.config.run
+
+
+def settle(config: Settings, values: dict[str, Any] | None = None) -> Settings:
+    """``config`` with every setting declared ``preset=<key>`` and left None given ``values[key]``, or its
+    fallback where ``values`` has none."""
+    values = values or {}
+    unset = {f.name: values.get(f.metadata["preset"], f.metadata["fallback"])
+             for f, _, value in leaves(config) if f.metadata["preset"] and value is None}
+    return replace_settings(config, **unset) if unset else config
+
+
+def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan:
+    """Resolve the teacher, files, prompts and data of a run and check them, loading nothing; every problem is
+    a :class:`SettingError` naming the setting."""
+    from .registry import entry as registry_entry
+
+    entry = registry_entry(method)
+    if not isinstance(config, entry.config):
+        raise TypeError(f"{method} takes a {entry.config.__name__}, got {type(config).__name__}")
+    run = config.run
+    teacher = run.teacher if run.teacher is not None else (preset.teacher if preset else None)
+    if teacher is None:
+        raise SettingError("teacher", "required: a diffusers folder or a single checkpoint file")
+    if not teacher.exists():
+        raise SettingError("teacher", f"{teacher}: no such teacher folder or file")
+    own = preset if preset is not None and preset.applies(teacher) else None
+    other = f"required for a teacher other than the {preset.name}'s" if preset else "required"
+    out = run.out if run.out is not None else (own.out(method) if own else None)
+    if out is None:
+        raise SettingError("out", other)
+    work = run.work if run.work is not None else (own.work(method) if own else out.with_suffix(".work"))
+    config = replace_settings(settle(config, own.values if own else {}), teacher=teacher, out=out, work=work)
+
+    prompts = None
+    if run.prompts is not None:
+        try:
+            prompts = read_prompts(run.prompts)
+        except (FileNotFoundError, ValueError) as err:
+            raise SettingError("prompts", str(err)) from None
+    plan = Plan(method, entry, config, own, own.teacher_name if own else str(teacher), prompts)
+    source = _data_source(config)
+    if source is not None:
+        _check_data(plan, source, other)
+    elif plan.prompts is None:
+        if own is None:
+            raise SettingError("prompts", f"{other}: a text file of prompts, one per line")
+        plan.prompts = list(own.prompts)
+    evaluation = _evaluation(config)
+    if evaluation is not None and evaluation.eval_every and (own is None or own.evaluation is None):
+        raise SettingError("eval_every", "evaluations need the preset's evaluator"
+                           + (f": they are for the {preset.name} teacher only" if preset else ""))
+    return plan
+
+
+def execute(plan: Plan):
+    """Run a prepared plan: the work folder's settings are checked (or recorded), then the teacher, the
+    inputs and the method load and run; returns the method's result."""
+    from .teachers import load_teacher
+
+    config, run = plan.config, plan.run
+    accelerator = make_accelerator(run.cpu)
+    check_work_folder(run.work, plan.method, config, accelerator)
+    pipe = load_teacher(run.teacher, getattr(torch, run.dtype))
+    data = None
+    source = _data_source(config)
+    if source is not None:
+        with accelerator.main_process_first():
+            if source.data is not None:
+                vae = pipe.vae.to(accelerator.device).float()
+                size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+                data = encode_image_folder(vae, source.data, size, run.work / "folder_latents.safetensors")
+            elif source.latents is not None:
+                data = read_latents_file(source.latents, plan.prompts)
+            else:
+                data = plan.preset.latents(pipe, run.work, accelerator)
+    evaluation = _evaluation(config)
+    evaluate = (plan.preset.evaluation(pipe, evaluation.eval_samples)
+                if evaluation is not None and evaluation.eval_every else None)
+    job = Job(pipe, run.out, run.work, teacher=plan.teacher_name, prompts=plan.prompts, data=data,
+              evaluate=evaluate, accelerator=accelerator)
+    result = plan.entry.train(job, config)
+    if accelerator.is_main_process:
+        print(result.summary())
+    return result
+
+
+def run(method: str, config: Settings, preset: Preset | None = None):
+    """:func:`prepare` then :func:`execute`: distil with ``method`` as ``config`` says."""
+    return execute(prepare(method, config, preset))
+
+
+def make_accelerator(cpu: bool = False):
+    """An ``accelerate.Accelerator``. Several processes started on a machine without a GPU (``torchrun``,
+    ``accelerate launch --multi_gpu``) run on the CPU, joined by gloo: without ``cpu=True`` accelerate would
+    leave each process on its own, all of them writing the same files."""
+    from accelerate import Accelerator
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return Accelerator(cpu=cpu or (several and (device is None or device.type == "mps")))
+
+
+def check_work_folder(work: Path, method: str, config: Settings, accelerator) -> None:
+    """Record the run's settings in ``work`` (the first time), or refuse a run whose settings differ from those
+    recorded there: resuming it would continue one run under another's name."""
+    path = work / SETTINGS_FILE
+    mine = json.loads(json.dumps({"method": method, **record(config, changeable=False)}))
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        if changed:
+            listed = "; ".join(f"{flag_of(config, k) if k != 'method' else 'method'} {theirs.get(k)!r} there, "
+                               f"{mine.get(k)!r} here" for k in changed)
+            raise SettingError("work", f"{work} holds a run with other settings ({listed}); re-run with its "
+                                       "settings to resume it, or give another --work folder")
+    elif accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{SETTINGS_FILE}.", suffix=".tmp", dir=work)
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f, indent=1)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def _data_source(config: Settings):
+    from .data import DataSource
+
+    return _nested(config, DataSource)
+
+
+def _evaluation(config: Settings):
+    from .one_step import EvalConfig
+
+    return _nested(config, EvalConfig)
+
+
+def _nested(config: Settings, kind: type):
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, kind):
+            return value
+        if is_dataclass(value) and (inner := _nested(value, kind)) is not None:
+            return inner
+    return None
+
+
+def _check_data(plan: Plan, source, other: str) -> None:
+    """The data of a data method exists and fits its prompts, before anything loads."""
+    if source.data is not None:
+        try:
+            read_image_folder(source.data)
+        except (FileNotFoundError, ValueError) as err:
+            raise SettingError("data", str(err)) from None
+    elif source.latents is not None:
+        try:
+            count, own_prompts = check_latents_file(source.latents)
+        except (FileNotFoundError, ValueError) as err:
+            raise SettingError("latents", str(err)) from None
+        if plan.prompts is None and own_prompts is None:
+            raise SettingError("prompts", f"{source.latents} holds no prompts: give one per latent ({count}) or "
+                                          "one for all in a text file")
+        if plan.prompts is not None and len(plan.prompts) not in (1, count):
+            raise SettingError("prompts", f"{len(plan.prompts)} prompts for {count} latents: give one per latent "
+                                          "or one for all")
+    elif plan.preset is None or plan.preset.latents is None:
+        raise SettingError("data", f"{other}: {plan.method} trains on data; give --data FOLDER (images with "
+                                   "same-name .txt captions) or --latents FILE (a latents file)")
