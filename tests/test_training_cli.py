@@ -104,6 +104,19 @@ def test_a_teacher_of_ones_own_needs_prompts_or_data_before_anything_loads(metho
     assert refusal(lambda: main(args + out, preset), capsys).startswith(f"distill {method}: {message}")
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_anything_loads(tmp_path, nothing_loads, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "prompts.txt").write_text("bag\n")
+    (tmp_path / "a-file").write_text("")
+    args = ["sfd", "--teacher", str(tmp_path / "mine"), "--prompts", str(tmp_path / "prompts.txt")]
+    text = refusal(lambda: main(args + ["--out", str(tmp_path / "a-file" / "x.safetensors")]), capsys)
+    assert text.startswith(f"distill sfd: --out: the output file {tmp_path / 'a-file' / 'x.safetensors'}: cannot "
+                           "write there")
+    text = refusal(lambda: main(args + ["--out", str(tmp_path / "x.safetensors"), "--work", str(tmp_path / "a-file")]),
+                   capsys)
+    assert text.startswith(f"distill sfd: --work: the work folder {tmp_path / 'a-file'}: cannot write there")
+
+
 def toy_preset(teacher, root) -> Preset:
     return Preset(name="toy", teacher=teacher, teacher_name="toy-teacher", out=lambda m: root / f"{m}.safetensors",
                   work=lambda m: root / "work" / m, prompts=["bag", "coat"], values={"guidance": 3.0})
@@ -148,6 +161,12 @@ def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, ca
     assert main(args[:-4] + ["--checkpoint-every", "5", "--out", str(again), "--work", str(work)]) == 0
     a, b = read_safetensors(out)[0], read_safetensors(again)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_teacher_is_loaded_with_the_prediction_type_asked_for(teacher, tmp_path):
+    out = tmp_path / "sfd.safetensors"
+    assert main(sfd_args(teacher, "--out", str(out), "--prediction-type", "v_prediction")) == 0
+    assert read_student(out)[1].prediction_type == "v_prediction"
 
 
 def test_ctrl_c_stops_with_one_line_saying_how_to_resume(teacher, tmp_path, monkeypatch, capsys):

@@ -95,6 +95,11 @@ class RunConfig(Settings):
                                      "with the same settings only")
     prompts: Path | None = setting(None, help="a text file of prompts, one per line")
     dtype: str = setting("float32", choices=DTYPE_NAMES, help="teacher dtype (what is trained stays float32)")
+    tokenizer: Path | None = setting(None, help="a single-file teacher's CLIP tokenizer folder (default: found in the "
+                                                "Hugging Face cache or ComfyUI)")
+    prediction_type: str | None = setting(None, choices=("epsilon", "v_prediction"),
+                                          help="what the teacher predicts, overriding its config or what its "
+                                               "file suggests")
     cpu: bool = setting(False, help="run on the CPU even where a GPU is present", changeable=True)
     batch_size: int = setting(32, help="training batch per process", ge=1)
     lr: float = setting(1e-4, help="peak learning rate", gt=0)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..models.io import check_writable, check_writable_folder
 from .config import RunConfig, Settings, SettingError, flag_of, leaves, record, replace_settings
 from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
                    read_prompts)
@@ -150,8 +151,8 @@ def settle(config: Settings, values: dict[str, Any] | None = None) -> Settings:
 
 
 def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan:
-    """Resolve the teacher, files, prompts and data of a run and check them, loading nothing; every problem is
-    a :class:`SettingError` naming the setting."""
+    """Resolve the teacher, files, prompts and data of a run and check them, loading nothing (the work folder is
+    made, to know it can be written); every problem is a :class:`SettingError` naming the setting."""
     from .registry import entry as registry_entry
 
     entry = registry_entry(method)
@@ -189,6 +190,12 @@ def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan
     if evaluation is not None and evaluation.eval_every and (own is None or own.evaluation is None):
         raise SettingError("eval_every", "evaluations need the preset's evaluator"
                            + (f": they are for the {preset.name} teacher only" if preset else ""))
+    for name, check, what in (("out", check_writable, "the output file"),
+                              ("work", check_writable_folder, "the work folder")):
+        try:
+            check(getattr(plan.run, name), what)
+        except PermissionError as err:
+            raise SettingError(name, str(err)) from None
     return plan
 
 
@@ -200,7 +207,8 @@ def execute(plan: Plan):
     config, run = plan.config, plan.run
     accelerator = make_accelerator(run.cpu)
     check_work_folder(run.work, plan.method, config, accelerator)
-    pipe = load_teacher(run.teacher, getattr(torch, run.dtype))
+    pipe = load_teacher(run.teacher, getattr(torch, run.dtype), tokenizer=run.tokenizer,
+                        prediction_type=run.prediction_type)
     data = None
     source = _data_source(config)
     if source is not None:
