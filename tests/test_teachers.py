@@ -14,13 +14,11 @@ from direct_distill.models.io import FileFormatError
 from direct_distill.training import ldm_checkpoint
 from direct_distill.training.teachers import load_teacher
 
-from ldm_layout import pipeline_to_ldm, unet_to_ldm
+from ldm_layout import family_pipeline, pipeline_to_ldm, unet_to_ldm, write_ldm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sd_architectures as sd  # noqa: E402
 
-NOISE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-SD_DOWN, SD_UP = ("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D")
 
 
 @pytest.fixture
@@ -41,88 +39,6 @@ def tokenizer_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(folder)
     return folder
-
-
-def _tokenizer(folder, pad=None):
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(folder)
-    tok.model_max_length = 77
-    if pad:
-        tok.pad_token = pad
-    return tok
-
-
-def _text_encoder(tok, hidden, act, projection=None):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=hidden // 64, max_position_embeddings=77, hidden_act=act,
-                            projection_dim=projection or hidden, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
-def _vae(scaling_factor=0.18215):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(block_out_channels=(32,) * 4, layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64, scaling_factor=scaling_factor)
-
-
-def family_pipeline(family: str, tokenizer_dir):
-    """A pipeline with the family's structure at toy size (a 64 px image is an 8x8 latent), every weight
-    perturbed so that no norm is the identity."""
-    import diffusers
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    if family == "sd1":   # SD1: 8 heads, conv projections, OpenAI CLIP (quick_gelu)
-        tok = _tokenizer(tokenizer_dir)
-        unet = UNet2DConditionModel(
-            sample_size=8, layers_per_block=2, block_out_channels=(32, 64), cross_attention_dim=64,
-            down_block_types=SD_DOWN, up_block_types=SD_UP, attention_head_dim=8)
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=_vae(), text_encoder=_text_encoder(tok, 64, "quick_gelu"), tokenizer=tok, unet=unet,
-            scheduler=diffusers.PNDMScheduler(**NOISE, skip_prk_steps=True), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-    elif family == "sd2":  # SD2: 64-wide heads, linear projections, OpenCLIP (gelu, pads with "!"), v-prediction
-        tok = _tokenizer(tokenizer_dir, pad="!")
-        unet = UNet2DConditionModel(
-            sample_size=8, layers_per_block=2, block_out_channels=(64, 128), cross_attention_dim=64,
-            down_block_types=SD_DOWN, up_block_types=SD_UP, attention_head_dim=(1, 2), use_linear_projection=True,
-            upcast_attention=True)
-        pipe = diffusers.StableDiffusionPipeline(
-            vae=_vae(), text_encoder=_text_encoder(tok, 64, "gelu"), tokenizer=tok, unet=unet,
-            scheduler=diffusers.DDIMScheduler(**NOISE, prediction_type="v_prediction"), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-    else:                  # SDXL: no attention at the first level, deeper transformers below, two text encoders
-        tok, tok2 = _tokenizer(tokenizer_dir), _tokenizer(tokenizer_dir, pad="!")
-        unet = UNet2DConditionModel(
-            sample_size=8, layers_per_block=2, block_out_channels=(32, 64, 64), cross_attention_dim=64 + 128,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 1, 1), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=96 + 48)
-        pipe = diffusers.StableDiffusionXLPipeline(
-            vae=_vae(scaling_factor=0.13025), text_encoder=_text_encoder(tok, 64, "quick_gelu"),
-            text_encoder_2=_text_encoder(tok2, 128, "gelu", projection=96), tokenizer=tok, tokenizer_2=tok2,
-            unet=unet, scheduler=diffusers.EulerDiscreteScheduler(**NOISE, timestep_spacing="leading"))
-    with torch.no_grad():
-        for module in pipe.components.values():
-            if isinstance(module, torch.nn.Module):
-                for p in module.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
-        if family == "sd2":  # what trained 768-v models look like (see decide_prediction_type)
-            unet.up_blocks[-1].attentions[-1].transformer_blocks[0].norm1.bias.normal_(0, 0.5)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def write_ldm(pipe, family: str, path: Path, dtype=torch.float32, metadata=None) -> Path:
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pipeline_to_ldm(pipe, family).items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
-    return path
 
 
 def _listed(value):
