@@ -1,4 +1,4 @@
-"""`python -m direct_distill <command>`: demo, benchmark, distill."""
+"""`python -m direct_distill <command>`: demo, benchmark, latents, distill."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": ("direct_distill.lab.benchmark", "measure schedules, shortcut and students; write lab/REPORT.md"),
         "teacher": ("direct_distill.lab.teacher", "train the lab teacher (vae | unet | export)"),
         "classifier": ("direct_distill.lab.evaluator", "train the lab's evaluation classifier"),
+        "latents": ("direct_distill.training.latents", "encode an image folder into the latents file the data "
+                                                       "methods train on"),
         "distill": (distill, "distil a teacher (distill --help lists the methods)"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:

@@ -1,0 +1,161 @@
+"""`python -m direct_distill latents`: an image folder becomes the latents file the data methods train on, at the
+size asked, resuming where an interrupted run stopped; and the real-model commands from single-file teachers."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from direct_distill.models.io import read_safetensors
+from direct_distill.training import latents
+from direct_distill.training.data import check_latents_file, encode_images, load_images
+
+from ldm_layout import family_pipeline, write_ldm
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Ten images of assorted sizes and modes, nine captioned, one in a subfolder."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        path = folder / ("sub" if i == 9 else "") / f"img{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        size = (40 + 7 * i, 64 - 3 * i)
+        pixels = rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert("RGB" if i % 3 else "L").save(path)
+        if i != 4:
+            path.with_suffix(".txt").write_text(f"a picture number {i}\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """An SD1.x-shaped single-file teacher and the VAE it holds."""
+    from direct_distill.lab.teacher import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("teacher")
+    build_tokenizer(folder / "tokenizer")
+    pipe = family_pipeline("sd1", folder / "tokenizer")
+    return write_ldm(pipe, "sd1", folder / "sd1.safetensors"), pipe.vae
+
+
+def test_image_folder_becomes_a_latents_file_at_the_size_asked(image_folder, teacher_file, tmp_path, capsys):
+    path, vae = teacher_file
+    out = tmp_path / "data_32.safetensors"
+    assert latents.main(["--teacher", str(path), "--data", str(image_folder), "--size", "32", "--out", str(out),
+                         "--batch-size", "3"]) == 0
+    count, prompts = check_latents_file(out)
+    assert count == 10 and prompts[4] == "" and prompts[0] == "a picture number 0" and prompts[9].endswith("9")
+    tensors, _ = read_safetensors(out)
+    assert tensors["latents"].shape == tensors["std"].shape == (10, 4, 4, 4)   # 32 px through an 8x VAE
+    paths = sorted(p for p in image_folder.rglob("*.png"))
+    with torch.no_grad():
+        mean, std = encode_images(vae, load_images(paths, 3, 32), progress=False)
+    torch.testing.assert_close(tensors["latents"], mean, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tensors["std"], std, rtol=0, atol=1e-5)
+    assert not (tmp_path / "data_32.safetensors.work").exists()
+    output = capsys.readouterr()
+    assert "SD1.x" in output.out and "1 without a caption" in output.out and "10/10" in output.err
+    latents.main(["--teacher", str(path), "--data", str(image_folder), "--size", "32", "--out", str(out)])
+    assert "already holds these 10 images at 32 px" in capsys.readouterr().out
+
+
+def test_an_interrupted_encoding_resumes_with_the_parts_left(image_folder, teacher_file, tmp_path, monkeypatch):
+    path, _ = teacher_file
+    monkeypatch.setattr(latents, "PART", 4)   # parts of 4, 4 and 2 images
+    loaded = []
+    real_load = latents.load_images
+
+    def load_then_stop(paths, channels, size):
+        if len(loaded) == 6:
+            raise KeyboardInterrupt   # the run is stopped during the second part
+        loaded.extend(paths)
+        return real_load(paths, channels, size)
+
+    monkeypatch.setattr(latents, "load_images", load_then_stop)
+    args = ["--teacher", str(path), "--data", str(image_folder), "--size", "64", "--batch-size", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        latents.main([*args, "--out", str(tmp_path / "x.safetensors")])
+    assert sorted(p.name for p in (tmp_path / "x.safetensors.work").iterdir()) == ["part_00000.safetensors"]
+    assert not (tmp_path / "x.safetensors").exists()
+    loaded.clear()
+    monkeypatch.setattr(latents, "load_images", lambda *a: (loaded.extend(a[0]), real_load(*a))[1])
+    latents.main([*args, "--out", str(tmp_path / "x.safetensors")])
+    assert len(loaded) == 6   # the first part was not encoded again
+    resumed = read_safetensors(tmp_path / "x.safetensors")[0]
+    latents.main([*args, "--out", str(tmp_path / "fresh.safetensors")])
+    fresh = read_safetensors(tmp_path / "fresh.safetensors")[0]
+    assert resumed["latents"].shape == (10, 4, 8, 8)
+    torch.testing.assert_close(resumed["latents"], fresh["latents"], rtol=0, atol=0)
+
+
+def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_path, monkeypatch):
+    path, _ = teacher_file
+    monkeypatch.setattr(latents, "load_teacher_vae", lambda *a: pytest.fail("the VAE was loaded"))
+    (tmp_path / "file").write_text("")
+    base = ["--teacher", str(path), "--size", "64"]
+    cases = [
+        (["--data", str(tmp_path / "none"), "--out", str(tmp_path / "a.safetensors")], "no such data folder"),
+        (["--data", str(tmp_path), "--out", str(tmp_path / "a.safetensors")], "holds no images"),
+        (["--data", str(image_folder), "--out", str(tmp_path / "file" / "a.safetensors")], "--out: .*cannot write"),
+        (["--data", str(image_folder), "--out", str(tmp_path / "a.safetensors"), "--batch-size", "0"],
+         "--batch-size: must be >= 1"),
+        (["--data", str(image_folder)], "--out: required"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            latents.main(base + extra)
+    with pytest.raises(SystemExit, match="--size: must be >= 8, got 0"):
+        latents.main(["--teacher", str(path), "--data", str(image_folder), "--out", "x", "--size", "0"])
+
+
+def test_a_size_the_vae_cannot_take_is_refused(image_folder, teacher_file, tmp_path):
+    path, _ = teacher_file
+    with pytest.raises(SystemExit, match="--size: 60 pixels: the VAE downsamples by 8"):
+        latents.main(["--teacher", str(path), "--data", str(image_folder), "--size", "60",
+                      "--out", str(tmp_path / "a.safetensors")])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_teachers_run_the_real_model_commands(family, image_folder, tmp_path, monkeypatch, capsys):
+    """The README's real-model path, offline, at 64 px: SD1.x: image folder -> latents -> progressive student;
+    SD2.x (v-prediction): an SFD student from prompts; SDXL (LoRA students take SD1.x/2.x UNets): the shortcut."""
+    import socket
+
+    from direct_distill.__main__ import main
+    from direct_distill.lab.teacher import build_tokenizer
+    from direct_distill.models.student_file import read_student
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    tokenizer = tmp_path / "tokenizer"
+    build_tokenizer(tokenizer)
+    teacher = write_ldm(family_pipeline(family, tokenizer), family, tmp_path / f"{family}.safetensors",
+                        dtype=torch.float16)
+    (tmp_path / "prompts.txt").write_text("a shirt\na boot\n")
+    out = tmp_path / "student.safetensors"
+    common = ["--teacher", str(teacher), "--tokenizer", str(tokenizer), "--out", str(out), "--cpu",
+              "--checkpoint-every", "0"]
+    if family == "sd1":
+        assert main(["latents", "--teacher", str(teacher), "--data", str(image_folder), "--size", "64",
+                     "--out", str(tmp_path / "data.safetensors"), "--cpu"]) == 0
+        assert main(["distill", "progressive", *common, "--latents", str(tmp_path / "data.safetensors"),
+                     "--teacher-steps", "4", "--student-steps", "2", "--steps-per-round", "2", "--batch-size", "2",
+                     "--rank", "2"]) == 0
+    elif family == "sd2":
+        assert main(["distill", "sfd", *common, "--prompts", str(tmp_path / "prompts.txt"), "--nfe", "1", "2",
+                     "--default-nfe", "2", "--steps", "2", "--batch-size", "2", "--rank", "2",
+                     "--teacher-substeps", "1", "--latent-size", "8"]) == 0
+    else:
+        assert main(["distill", "shortcut", *common, "--prompts", str(tmp_path / "prompts.txt"),
+                     "--trajectories", "6", "--teacher-steps", "4", "--capture-steps", "2", "--height", "64",
+                     "--width", "64", "--sample-batch-size", "3", "--stage1-steps", "2", "--stage2-steps", "2",
+                     "--batch-size", "2"]) == 0
+    assert f"{dict(sd1='SD1.x', sd2='SD2.x', sdxl='SDXL')[family]} checkpoint" in capsys.readouterr().out
+    assert out.is_file()
+    if family != "sdxl":
+        student = read_student(out)[1]
+        assert student.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
