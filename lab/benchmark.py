@@ -1,7 +1,7 @@
 """Side-by-side measurement on the lab teacher: every configuration samples the same seeded noise and
 labels, and is scored by the lab evaluator (FD to the real test set, class accuracy, seconds/image).
 
-Results are merged into ``lab/results.json`` (one entry per configuration and seed set), and
+Results are merged into ``lab/results.json`` (typed rows: one per configuration and seed set), and
 ``lab/REPORT.md`` plus its plots are written from that file, so later row groups (shortcut, students)
 add to the report without re-running earlier ones.
 """
@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..schedulers import exp_karras_sigmas, exponential_sigmas, karras_sigmas, sigma_table, uniform_t_sigmas
+from ..schedulers import schedule_sigmas, sigma_table
 from .data import CLASS_NAMES
 
 LAB = Path(__file__).resolve().parent
@@ -25,86 +26,258 @@ RESULTS = LAB / "results.json"
 REPORT = LAB / "REPORT.md"
 PLOTS = LAB / "plots"
 NFES = (4, 8, 12, 20, 50)
-P_VALUES = (0.5, 1.0, 2.0)
 SEED_BASE = 1000
 
 
-def schedule_fns(alphas_cumprod) -> dict[str, Callable[[int], torch.Tensor]]:
-    """The schedules compared in the report, each a function of the step count."""
-    table = sigma_table(alphas_cumprod)
-    lo, hi = float(table[0]), float(table[-1])
-    fns = {
-        "karras": lambda n: karras_sigmas(n, lo, hi),
-        "exponential": lambda n: exponential_sigmas(n, lo, hi),
-        "normal": lambda n: uniform_t_sigmas(n, alphas_cumprod=alphas_cumprod),
-    }
-    for p in P_VALUES:
-        fns[f"exp_karras p={p:g}"] = lambda n, p=p: exp_karras_sigmas(n, p, alphas_cumprod=alphas_cumprod)
-    return fns
+# --- what is measured ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule of ``schedulers/`` with its settings; ``label`` names its rows in the results and the report."""
+
+    name: str
+    params: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.name, *(f"{k}={v:g}" for k, v in self.params)])
+
+    def sigmas(self, num_steps: int, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        return schedule_sigmas(self.name, num_steps, sigma_table(alphas_cumprod), **dict(self.params))
+
+
+def schedule(name: str, **params: float) -> Schedule:
+    return Schedule(name, tuple(sorted(params.items())))
+
+
+KARRAS = schedule("karras")
+EXP_KARRAS = schedule("exp_karras", p=1.0)  # the project's default: the shortcut's and the students' schedule
+EXP_KARRAS_P = (schedule("exp_karras", p=0.5), EXP_KARRAS, schedule("exp_karras", p=2.0))
+SCHEDULES = (KARRAS, schedule("exponential"), schedule("normal"), *EXP_KARRAS_P)
+
+
+@dataclass
+class Run:
+    """One configuration sampled on one seed set and scored."""
+
+    group: str  # "cfg", "schedule", "shortcut" or "student"
+    name: str
+    nfe: int
+    seed_set: int
+    n: int
+    fd: float
+    accuracy: float
+    seconds_per_image: float
+    guidance: float | None = None
+    teacher_steps: int | None = None  # shortcut: the steps of the run it hands off from
+    method: str | None = None  # student: its method, file, and the file's sha256
+    file: str | None = None
+    sha256: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return self.group, self.name, self.nfe, self.seed_set
+
+
+@dataclass
+class Floor:
+    """A reference that involves no sampling: real images, or real images through the VAE."""
+
+    name: str
+    seed_set: int
+    n: int
+    fd: float
+    accuracy: float | None = None
+
+    @property
+    def key(self) -> tuple:
+        return self.name, self.seed_set
+
+
+@dataclass
+class Evaluation:
+    step: int
+    fd: float
+    accuracy: float | None = None
+
+
+@dataclass
+class StudentFile:
+    """What a committed student file records about its training."""
+
+    name: str  # its report row (a progressive run's rounds share one)
+    file: str
+    method: str
+    nfes: list[int]
+    train_seconds: float | None
+    threads: int | None
+    device: str | None
+    evaluations: list[Evaluation] = field(default_factory=list)
+    backtracking: bool | None = None
+    selected: Evaluation | None = None  # the step whose generator the file holds, if chosen by FD
+    training: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.file
+
+
+@dataclass
+class TeacherCost:
+    """The teacher's training cost on this machine, the reference for every distillation's seconds."""
+
+    vae_seconds_per_step: float
+    vae_steps: int
+    vae_batch: int
+    unet_seconds_per_step: float
+    unet_steps: int
+    unet_batch: int
+    seconds: float
+    threads: int
+
+
+@dataclass
+class Stats:
+    """A configuration over its seed sets."""
+
+    fd0: float  # seed set 0's FD (the same noise for every row), else the first
+    fd: float  # mean over seed sets
+    fd_sd: float | None  # standard deviation, where more than one seed set ran
+    runs: int
+    accuracy: float
+    seconds_per_image: float
+
+
+@dataclass
+class Results:
+    """Everything ``results.json`` holds, as typed rows."""
+
+    runs: list[Run] = field(default_factory=list)
+    floors: list[Floor] = field(default_factory=list)
+    students: list[StudentFile] = field(default_factory=list)
+    teacher_cost: TeacherCost | None = None
+    best_guidance: float | None = None
+
+    @classmethod
+    def load(cls, path: Path = RESULTS) -> Results:
+        return cls.from_json(json.loads(path.read_text())) if path.is_file() else cls()
+
+    @classmethod
+    def from_json(cls, data: dict) -> Results:
+        def student(d):
+            evaluations = [Evaluation(**e) for e in d.pop("evaluations", [])]
+            selected = d.pop("selected", None)
+            return StudentFile(**d, evaluations=evaluations, selected=Evaluation(**selected) if selected else None)
+
+        cost = data.get("teacher_cost")
+        return cls(runs=[Run(**r) for r in data.get("runs", [])], floors=[Floor(**f) for f in data.get("floors", [])],
+                   students=[student(dict(s)) for s in data.get("student_files", [])],
+                   teacher_cost=TeacherCost(**cost) if cost else None, best_guidance=data.get("best_guidance"))
+
+    def to_json(self) -> dict:
+        def row(item):
+            return {k: v for k, v in dataclasses.asdict(item).items() if v is not None}
+
+        return {"best_guidance": self.best_guidance,
+                "teacher_cost": dataclasses.asdict(self.teacher_cost) if self.teacher_cost else None,
+                "floors": [row(f) for f in sorted(self.floors, key=lambda f: f.key)],
+                "runs": [row(r) for r in sorted(self.runs, key=lambda r: r.key)],
+                "student_files": [dataclasses.asdict(s) for s in sorted(self.students, key=lambda s: s.key)]}
+
+    def merge(self, other: Results) -> None:
+        """Adds ``other``'s rows, replacing those of the same configuration and seed set."""
+        for mine, theirs in ((self.runs, other.runs), (self.floors, other.floors), (self.students, other.students)):
+            replaced = {item.key for item in theirs}
+            mine[:] = [item for item in mine if item.key not in replaced] + list(theirs)
+        self.teacher_cost = other.teacher_cost or self.teacher_cost
+        self.best_guidance = other.best_guidance if other.best_guidance is not None else self.best_guidance
+
+    def find(self, group: str, name: str, nfe: int) -> list[Run]:
+        return [r for r in self.runs if (r.group, r.name, r.nfe) == (group, name, nfe)]
+
+    def has(self, group: str, name: str, nfe: int, seed_set: int) -> Run | None:
+        return next((r for r in self.find(group, name, nfe) if r.seed_set == seed_set), None)
+
+    def stats(self, group: str, name: str, nfe: int) -> Stats | None:
+        runs = self.find(group, name, nfe)
+        if not runs:
+            return None
+        fds = [r.fd for r in runs]
+        return Stats(fd0=next((r.fd for r in runs if r.seed_set == 0), fds[0]), fd=statistics.mean(fds),
+                     fd_sd=statistics.stdev(fds) if len(fds) > 1 else None, runs=len(runs),
+                     accuracy=statistics.mean(r.accuracy for r in runs),
+                     seconds_per_image=statistics.mean(r.seconds_per_image for r in runs))
+
+    def paired_difference(self, a: str, b: str, nfe: int, group_a: str = "schedule",
+                          group_b: str = "schedule") -> tuple[float, float | None, int]:
+        """Mean and sd of FD(a) - FD(b) over the seed sets both ran (the same seeds: a paired comparison)."""
+        fa = {r.seed_set: r.fd for r in self.find(group_a, a, nfe)}
+        fb = {r.seed_set: r.fd for r in self.find(group_b, b, nfe)}
+        diffs = [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
+        if not diffs:
+            return float("nan"), None, 0
+        return statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else None), len(diffs)
+
+    def sample_count(self) -> int | None:
+        return next((r.n for r in sorted(self.runs, key=lambda r: r.key)), None)
+
+
+# --- sampling ------------------------------------------------------------------------------------
 
 
 class Bench:
-    def __init__(self, samples: int, results_path: Path = RESULTS):
+    """The lab teacher, the evaluator and the results file, for the row groups below."""
+
+    def __init__(self, samples: int, results_path: Path = RESULTS, pipe=None, evaluator=None, plots: Path = PLOTS):
         from .evaluator import Evaluator
         from .sampling import load_teacher
 
         self.n = samples
-        self.pipe = load_teacher()
-        self.evaluator = Evaluator()
+        self.pipe = pipe if pipe is not None else load_teacher()
+        self.evaluator = evaluator if evaluator is not None else Evaluator()
         self.path = results_path
-        self.results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-        self.grids: dict[str, torch.Tensor] = {}
+        self.plots = plots
+        self.results = Results.load(results_path)
 
-    def record(self, group: str, name: str, nfe: int, seed_set: int, samples, extra: dict | None = None):
-        entry = dict(group=group, name=name, nfe=nfe, seed_set=seed_set, n=len(samples.images),
-                     fd=self.evaluator.fd(samples.images),
-                     accuracy=self.evaluator.accuracy(samples.images, samples.labels),
-                     seconds_per_image=samples.seconds_per_image, **(extra or {}))
-        self.save({f"{group}|{name}|{nfe}|{seed_set}": entry})
-        print(f"{group:10s} {name:22s} NFE {nfe:3d} seeds {seed_set}: FD {entry['fd']:.3f} "
-              f"acc {entry['accuracy']:.3f} {entry['seconds_per_image'] * 1e3:.1f} ms/img")
+    def record(self, group: str, name: str, nfe: int, seed_set: int, samples, **extra) -> Run:
+        run = Run(group=group, name=name, nfe=nfe, seed_set=seed_set, n=len(samples.images),
+                  fd=self.evaluator.fd(samples.images),
+                  accuracy=self.evaluator.accuracy(samples.images, samples.labels),
+                  seconds_per_image=samples.seconds_per_image, **extra)
+        self.save(Results(runs=[run]))
+        print(f"{group:10s} {name:22s} NFE {nfe:3d} seeds {seed_set}: FD {run.fd:.3f} "
+              f"acc {run.accuracy:.3f} {run.seconds_per_image * 1e3:.1f} ms/img")
         if seed_set == 0:
-            save_grid(samples.images, samples.labels, PLOTS / f"grid_{slug(group, name, nfe)}.png")
-        return entry
+            save_grid(samples.images, samples.labels, self.plots / f"grid_{slug(group, name, nfe)}.png")
+        return run
 
-    def save(self, entries: dict):
-        """Merge ``entries`` into the results file under a lock, so row groups can run in parallel."""
+    def save(self, new: Results) -> None:
+        """Merges ``new`` into the results file under a lock, so row groups can run in parallel."""
         import fcntl
 
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
-            on_disk.update(entries)
+            on_disk = Results.load(self.path)
+            on_disk.merge(new)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
+            tmp.write_text(json.dumps(on_disk.to_json(), indent=1))
             tmp.replace(self.path)
             self.results = on_disk
 
-    def floors(self, repeats: int):
-        from .sampling import decode
-
-        for s in range(repeats):
-            fd = self.evaluator.real_floor(self.n, seed=s)
-            self.save({f"floor|real train vs test|0|{s}": dict(group="floor", name="real train vs test",
-                                                               nfe=0, seed_set=s, n=self.n, fd=fd)})
-        from .data import load_fashion_mnist
-
-        x, y = load_fashion_mnist("train")
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:self.n]
-        with torch.no_grad():
-            vae = self.pipe.vae
-            lat = torch.cat([vae.encode(x[idx][i:i + 500]).latent_dist.mean for i in range(0, self.n, 500)])
-        rec = decode(self.pipe, lat * vae.config.scaling_factor)
-        self.save({"floor|VAE reconstruction|0|0": dict(
-            group="floor", name="VAE reconstruction", nfe=0, seed_set=0, n=self.n, fd=self.evaluator.fd(rec),
-            accuracy=self.evaluator.accuracy(rec, y[idx]))})
-
-    def teacher(self, name: str, sigmas: torch.Tensor, guidance: float, seed_set: int, group: str = "schedule"):
+    def teacher(self, sched: Schedule | str, sigmas: torch.Tensor, guidance: float, seed_set: int,
+                group: str = "schedule") -> Run:
         from .sampling import sample_teacher
 
+        name = sched.label if isinstance(sched, Schedule) else sched
         samples = sample_teacher(self.pipe, sigmas, guidance, self.n, SEED_BASE + seed_set,
                                  desc=f"{name} NFE {len(sigmas) - 1}")
-        return self.record(group, name, len(sigmas) - 1, seed_set, samples, {"guidance": guidance})
+        return self.record(group, name, len(sigmas) - 1, seed_set, samples, guidance=guidance)
+
+    def teacher_at(self, sched: Schedule, nfe: int, guidance: float, seed_set: int) -> Run:
+        """The teacher on ``sched`` at ``nfe``, sampled unless this seed set has it already."""
+        return (self.results.has("schedule", sched.label, nfe, seed_set)
+                or self.teacher(sched, sched.sigmas(nfe, self.pipe.scheduler.alphas_cumprod), guidance, seed_set))
 
 
 def slug(*parts) -> str:
@@ -127,19 +300,46 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
     Image.fromarray(np.kron(grid, np.ones((2, 2), dtype=np.uint8))).save(path)
 
 
+def run_floors(bench: Bench, repeats: int):
+    from .data import load_fashion_mnist
+    from .sampling import decode
+
+    floors = [Floor("real train vs test", s, bench.n, bench.evaluator.real_floor(bench.n, seed=s))
+              for s in range(repeats)]
+    x, y = load_fashion_mnist("train")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:bench.n]
+    with torch.no_grad():
+        vae = bench.pipe.vae
+        lat = torch.cat([vae.encode(x[idx][i:i + 500]).latent_dist.mean for i in range(0, bench.n, 500)])
+    rec = decode(bench.pipe, lat * vae.config.scaling_factor)
+    floors.append(Floor("VAE reconstruction", 0, bench.n, bench.evaluator.fd(rec), bench.evaluator.accuracy(rec, y[idx])))
+    bench.save(Results(floors=floors))
+
+
 CFG_SWEEP_STEPS = 20
+
+
+def cfg_label(guidance: float) -> str:
+    return f"{KARRAS.label} cfg={guidance:g}"
 
 
 def run_cfg_sweep(bench: Bench, guidances=(1.0, 1.5, 2.0, 3.0, 4.0)) -> float:
     """The teacher's best CFG (lowest FD) for DPM++ 2M Karras at CFG_SWEEP_STEPS steps."""
-    fns = schedule_fns(bench.pipe.scheduler.alphas_cumprod)
-    best = None
-    for g in guidances:
-        e = bench.teacher(f"karras cfg={g:g}", fns["karras"](CFG_SWEEP_STEPS), g, 0, group="cfg")
-        if best is None or e["fd"] < best[1]:
-            best = (g, e["fd"])
-    bench.save({"meta|best_guidance": {"group": "meta", "guidance": best[0]}})
-    return best[0]
+    sigmas = KARRAS.sigmas(CFG_SWEEP_STEPS, bench.pipe.scheduler.alphas_cumprod)
+    runs = [bench.teacher(cfg_label(g), sigmas, g, 0, group="cfg") for g in guidances]
+    best = min(runs, key=lambda r: r.fd).guidance
+    bench.save(Results(best_guidance=best))
+    return best
+
+
+def run_schedules(bench: Bench, guidance: float, repeats: int, repeat_nfes=(8, 12, 20),
+                  repeated=(KARRAS, EXP_KARRAS)):
+    """Every schedule at every NFE on seed set 0; the key comparison on further seed sets for the spread."""
+    for s in range(repeats):
+        for sched in SCHEDULES:
+            for nfe in NFES:
+                if s == 0 or (nfe in repeat_nfes and sched in repeated):
+                    bench.teacher(sched, sched.sigmas(nfe, bench.pipe.scheduler.alphas_cumprod), guidance, s)
 
 
 # "K+1": K teacher steps of an N-step exp-Karras (p=1) run, then the shortcut. N puts step K inside the
@@ -158,17 +358,16 @@ def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
     ac = bench.pipe.scheduler.alphas_cumprod
     for s in range(repeats):
         for nfe in SHORTCUT_TEACHER_NFES:
-            if f"schedule|exp_karras p=1|{nfe}|{s}" not in bench.results:
-                bench.teacher("exp_karras p=1", exp_karras_sigmas(nfe, 1.0, alphas_cumprod=ac), guidance, s)
+            bench.teacher_at(EXP_KARRAS, nfe, guidance, s)
         for name, (steps, k) in SHORTCUT_RUNS.items():
-            samples = sample_teacher(bench.pipe, exp_karras_sigmas(steps, 1.0, alphas_cumprod=ac), guidance, bench.n,
-                                     SEED_BASE + s, callback=ShortcutCallback(shortcut, handoff_step=k),
-                                     desc=f"shortcut {name}")
-            bench.record("shortcut", name, k + 1, s, samples, {"guidance": guidance, "teacher_steps": steps})
+            samples = sample_teacher(bench.pipe, EXP_KARRAS.sigmas(steps, ac), guidance, bench.n, SEED_BASE + s,
+                                     callback=ShortcutCallback(shortcut, handoff_step=k), desc=f"shortcut {name}")
+            bench.record("shortcut", name, k + 1, s, samples, guidance=guidance, teacher_steps=steps)
 
 
 STUDENT_NFES = (1, 2, 4, 8)
 STUDENT_TEACHER_NFES = (1, 2, 4, 8, 20, 50)
+ONE_STEP_START = "teacher: one call at t=999, guidance 1 (where gdd and disback start)"
 
 
 def run_student_rows(bench: Bench, repeats: int):
@@ -177,43 +376,40 @@ def run_student_rows(bench: Bench, repeats: int):
     from . import STUDENTS_DIR
     from .sampling import load_teacher, sample_teacher
 
-    guidance = bench.results.get("meta|best_guidance", {}).get("guidance", 2.0)
-    ac = bench.pipe.scheduler.alphas_cumprod
+    guidance = bench.results.best_guidance or 2.0
     for s in range(repeats):
         for nfe in STUDENT_TEACHER_NFES:
-            if f"schedule|exp_karras p=1|{nfe}|{s}" not in bench.results:
-                bench.teacher("exp_karras p=1", exp_karras_sigmas(nfe, 1.0, alphas_cumprod=ac), guidance, s)
+            bench.teacher_at(EXP_KARRAS, nfe, guidance, s)
     for path in sorted(STUDENTS_DIR.glob("*.safetensors")):
         pipe = load_teacher()
         info = load_student(pipe, path)
         name = student_row_name(path)
         extra = info.extra
-        bench.save({f"student_meta|{path.stem}": dict(
-            group="student_meta", name=name, file=path.name, method=info.method, nfes=sorted(info.nfe_schedules),
+        selected = extra.get("selected")
+        bench.save(Results(students=[StudentFile(
+            name=name, file=path.name, method=info.method, nfes=sorted(info.nfe_schedules),
             train_seconds=extra.get("train_seconds"), threads=extra.get("threads"), device=extra.get("device"),
-            evaluations=extra.get("evaluations", []), backtracking=extra.get("backtracking"),
-            selected=extra.get("selected"),
-            training=extra.get("training", {}))})
+            evaluations=[Evaluation(step, **scores) for step, scores in extra.get("evaluations", [])],
+            backtracking=extra.get("backtracking"), selected=Evaluation(**selected) if selected else None,
+            training=extra.get("training", {}))]))
         digest = file_digest(path)
         for s in range(repeats):
             for nfe in sorted(set(info.nfe_schedules) & set(STUDENT_NFES)):
-                if bench.results.get(f"student|{name}|{nfe}|{s}", {}).get("sha256") == digest:
+                done = bench.results.has("student", name, nfe, s)
+                if done and done.sha256 == digest:
                     continue  # this very file was scored on these seeds already
                 samples = sample_teacher(pipe, None, info.guidance, bench.n, SEED_BASE + s, steps=nfe,
                                          desc=f"{path.stem} NFE {nfe}")
-                bench.record("student", name, nfe, s, samples,
-                             {"guidance": info.guidance, "method": info.method, "file": path.name, "sha256": digest})
+                bench.record("student", name, nfe, s, samples, guidance=info.guidance, method=info.method,
+                             file=path.name, sha256=digest)
         if info.method in ("gdd", "disback"):
             # Where every one-step student starts: the same single call with the LoRA off.
             pipe.disable_lora()
             for s in range(repeats):
-                if f"student|{ONE_STEP_START}|1|{s}" in bench.results:
+                if bench.results.has("student", ONE_STEP_START, 1, s):
                     continue
                 samples = sample_teacher(pipe, None, 1.0, bench.n, SEED_BASE + s, steps=1, desc=ONE_STEP_START)
-                bench.record("student", ONE_STEP_START, 1, s, samples, {"guidance": 1.0})
-
-
-ONE_STEP_START = "teacher: one call at t=999, guidance 1 (where gdd and disback start)"
+                bench.record("student", ONE_STEP_START, 1, s, samples, guidance=1.0)
 
 
 def file_digest(path: Path) -> str:
@@ -229,51 +425,32 @@ def student_row_name(path: Path) -> str:
     return re.sub(r"_nfe\d+$", "", path.stem)
 
 
-def run_costs(bench: Bench):
-    """The teacher's training cost on this machine (its two stages timed on short runs of the training code),
-    the reference every distillation's recorded seconds are compared with."""
+def measure_teacher_cost() -> TeacherCost:
+    """The teacher's training cost, timed by lab.teacher on this machine (its two stages on short runs of the
+    training code): the one place the benchmark calls the teacher's training."""
     from .teacher import measure_training_cost
 
-    cost = measure_training_cost()
-    bench.save({"cost|teacher": {"group": "cost", **cost}})
-    print(f"teacher training: VAE {cost['vae_seconds_per_step']:.3f} s/step x {cost['vae_steps']}, UNet "
-          f"{cost['unet_seconds_per_step']:.3f} s/step x {cost['unet_steps']} = {cost['seconds'] / 60:.1f} min "
-          f"on {cost['threads']} thread(s)")
+    return TeacherCost(**measure_training_cost())
 
 
-def run_schedules(bench: Bench, guidance: float, repeats: int, repeat_nfes=(8, 12, 20),
-                  repeat_names=("karras", "exp_karras p=1")):
-    """Every schedule at every NFE on seed set 0; the key comparison on further seed sets for the spread."""
-    fns = schedule_fns(bench.pipe.scheduler.alphas_cumprod)
-    for s in range(repeats):
-        for name, fn in fns.items():
-            for nfe in NFES:
-                if s == 0 or (nfe in repeat_nfes and name in repeat_names):
-                    bench.teacher(name, fn(nfe), guidance, s)
+def run_costs(bench: Bench):
+    cost = measure_teacher_cost()
+    bench.save(Results(teacher_cost=cost))
+    print(f"teacher training: VAE {cost.vae_seconds_per_step:.3f} s/step x {cost.vae_steps}, UNet "
+          f"{cost.unet_seconds_per_step:.3f} s/step x {cost.unet_steps} = {cost.seconds / 60:.1f} min "
+          f"on {cost.threads} thread(s)")
 
 
-# --- the report ------------------------------------------------------------------------------
-
-def _stats(results: dict, group: str, name: str, nfe: int) -> dict | None:
-    runs = [r for r in results.values() if r.get("group") == group and r.get("name") == name and r.get("nfe") == nfe]
-    if not runs:
-        return None
-    fds = [r["fd"] for r in runs]
-    accs = [r["accuracy"] for r in runs if "accuracy" in r]
-    return dict(fd=statistics.mean(fds), fd_sd=statistics.stdev(fds) if len(fds) > 1 else None, runs=len(runs),
-                fd0=next((r["fd"] for r in runs if r["seed_set"] == 0), fds[0]),
-                acc=statistics.mean(accs) if accs else None,
-                spi=statistics.mean(r["seconds_per_image"] for r in runs if "seconds_per_image" in r)
-                if any("seconds_per_image" in r for r in runs) else None)
+# --- the report ----------------------------------------------------------------------------------
 
 
-def _fmt_fd(st: dict | None) -> str:
+def fmt_fd(st: Stats | None) -> str:
     """Seed set 0's FD (comparable across every row), then the mean ± sd where more seed sets ran."""
     if st is None:
         return "–"
-    if st["fd_sd"] is not None:
-        return f"{st['fd0']:.3f} ({st['runs']} sets: {st['fd']:.3f} ± {st['fd_sd']:.3f})"
-    return f"{st['fd0']:.3f}"
+    if st.fd_sd is not None:
+        return f"{st.fd0:.3f} ({st.runs} sets: {st.fd:.3f} ± {st.fd_sd:.3f})"
+    return f"{st.fd0:.3f}"
 
 
 @contextlib.contextmanager
@@ -298,13 +475,13 @@ def figure(path: Path, xlabel: str, ylabel: str):
         plt.close(fig)
 
 
-def plot_fd_vs_nfe(results: dict, names: list[str], path: Path, group: str = "schedule"):
+def plot_fd_vs_nfe(results: Results, names: list[str], path: Path, group: str = "schedule"):
     import matplotlib.ticker
 
     with figure(path, "NFE (DPM-Solver++ 2M steps)", "FD (classifier features, seed set 0) ↓") as ax:
         for name in names:
-            pts = [(n, _stats(results, group, name, n)) for n in NFES]
-            pts = [(n, st["fd0"]) for n, st in pts if st]
+            pts = [(n, results.stats(group, name, n)) for n in NFES]
+            pts = [(n, st.fd0) for n, st in pts if st]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log")
@@ -313,69 +490,114 @@ def plot_fd_vs_nfe(results: dict, names: list[str], path: Path, group: str = "sc
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def write_report(results: dict, path: Path = REPORT) -> str:
-    names = ["karras", "exponential", "normal"] + [f"exp_karras p={p:g}" for p in P_VALUES]
-    guidance = results.get("meta|best_guidance", {}).get("guidance")
-    n = next((r["n"] for r in results.values() if "n" in r), None)
-    lines = ["# Lab report", "",
-             "Generated by `python -m direct_distill benchmark` from `lab/results.json`; do not edit by hand.",
-             "", f"Teacher: `lab/assets/teacher` (class-conditional latent diffusion on Fashion-MNIST). "
-             f"Every row samples the same {n} seeded initial latents and balanced labels "
-             f"(100 per class); FD is the Fréchet distance to the 10,000 real test images in the lab "
-             "classifier's 128-d feature space, accuracy is the classifier's agreement with the prompt. "
-             "FD cells give seed set 0 (the same noise for every row); where more seed sets ran, their mean "
-             "± standard deviation follows in brackets.", ""]
-    floors = [r for r in results.values() if r.get("group") == "floor"]
-    if floors:
-        real = [r["fd"] for r in floors if r["name"] == "real train vs test"]
-        vae = next((r for r in floors if r["name"] == "VAE reconstruction"), None)
-        lines += ["## Floors", "", "| reference | FD | accuracy |", "|---|---|---|"]
-        if real:
-            sd = f" ± {statistics.stdev(real):.2f}" if len(real) > 1 else ""
-            lines.append(f"| {n} real training images | {statistics.mean(real):.2f}{sd} | – |")
-        if vae:
-            lines.append(f"| the same images through the VAE (encode, decode) | {vae['fd']:.2f} | {vae['accuracy']:.3f} |")
-        lines.append("")
-    cfg_rows = sorted((r for r in results.values() if r.get("group") == "cfg"), key=lambda r: r["guidance"])
-    if cfg_rows:
-        lines += [f"## Guidance (DPM++ 2M Karras, {CFG_SWEEP_STEPS} steps)", "",
-                  "| guidance | FD | accuracy |", "|---|---|---|"]
-        lines += [f"| {r['guidance']:g} | {r['fd']:.2f} | {r['accuracy']:.3f} |" for r in cfg_rows]
-        lines += ["", f"Best guidance (lowest FD): **{guidance:g}**, used for every row below.", ""]
-    teacher50 = _stats(results, "schedule", "karras", 50)
-    if teacher50:
-        real = [r["fd"] for r in floors if r["name"] == "real train vs test"]
-        floor_txt = f" (real-data floor {statistics.mean(real):.2f})" if real else ""
-        lines += ["## Teacher quality", "",
-                  f"DPM++ 2M Karras, 50 steps, guidance {guidance:g}, {n} samples: FD **{teacher50['fd']:.2f}**"
-                  f"{floor_txt}, class accuracy **{teacher50['acc']:.3f}**.", ""]
-    if any(r.get("group") == "schedule" for r in results.values()):
-        lines += ["## Schedules (DPM++ 2M)", "", "FD (lower is better):", "",
-                  "| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |", "|---|" + "---|" * len(NFES)]
-        for name in names:
-            lines.append(f"| {name} | " + " | ".join(_fmt_fd(_stats(results, "schedule", name, k)) for k in NFES) + " |")
-        lines += ["", "Class accuracy:", "", "| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |",
-                  "|---|" + "---|" * len(NFES)]
-        for name in names:
-            cells = [_stats(results, "schedule", name, k) for k in NFES]
-            lines.append(f"| {name} | " + " | ".join(f"{c['acc']:.3f}" if c else "–" for c in cells) + " |")
-        lines += ["", "Seconds per image (CPU, batch 500, CFG doubles the batch):", "",
-                  "| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |", "|---|" + "---|" * len(NFES)]
-        # The cost depends on the NFE only; the karras rows stand for every schedule.
-        cells = [_stats(results, "schedule", "karras", k) for k in NFES]
-        lines.append("| any schedule | " + " | ".join(f"{c['spi'] * 1e3:.1f} ms" if c else "–" for c in cells) + " |")
-        lines += ["", "![FD vs NFE](plots/fd_vs_nfe.png)", ""]
-        plot_fd_vs_nfe(results, names, path.parent / "plots" / "fd_vs_nfe.png")
-        lines += schedule_verdict(results)
-    lines += shortcut_section(results)
-    lines += student_section(results, path.parent / "plots")
-    text = "\n".join(lines) + "\n"
-    path.write_text(text)
-    return text
+def plot_curves(runs: dict[str, list[Evaluation]], path: Path, start: float | None = None):
+    with figure(path, "training step", "FD (1,000 samples) ↓") as ax:
+        for name, evals in sorted(runs.items()):
+            ax.plot([e.step for e in evals], [e.fd for e in evals], marker="o", label=name)
+        if start is not None:
+            ax.axhline(start, color="grey", linestyle="--", label="before training (teacher, one call at t=999)")
 
 
-def shortcut_section(results: dict) -> list[str]:
-    rows = [(name, _stats(results, "shortcut", name, k + 1)) for name, (_, k) in SHORTCUT_RUNS.items()]
+def header_section(results: Results) -> list[str]:
+    return ["# Lab report", "",
+            "Generated by `python -m direct_distill benchmark` from `lab/results.json`; do not edit by hand.",
+            "", f"Teacher: `lab/assets/teacher` (class-conditional latent diffusion on Fashion-MNIST). "
+            f"Every row samples the same {results.sample_count()} seeded initial latents and balanced labels "
+            f"(100 per class); FD is the Fréchet distance to the 10,000 real test images in the lab "
+            "classifier's 128-d feature space, accuracy is the classifier's agreement with the prompt. "
+            "FD cells give seed set 0 (the same noise for every row); where more seed sets ran, their mean "
+            "± standard deviation follows in brackets.", ""]
+
+
+def floors_section(results: Results) -> list[str]:
+    if not results.floors:
+        return []
+    real = [f.fd for f in results.floors if f.name == "real train vs test"]
+    vae = next((f for f in results.floors if f.name == "VAE reconstruction"), None)
+    lines = ["## Floors", "", "| reference | FD | accuracy |", "|---|---|---|"]
+    if real:
+        sd = f" ± {statistics.stdev(real):.2f}" if len(real) > 1 else ""
+        lines.append(f"| {results.sample_count()} real training images | {statistics.mean(real):.2f}{sd} | – |")
+    if vae:
+        lines.append(f"| the same images through the VAE (encode, decode) | {vae.fd:.2f} | {vae.accuracy:.3f} |")
+    return lines + [""]
+
+
+def guidance_section(results: Results) -> list[str]:
+    rows = sorted((r for r in results.runs if r.group == "cfg"), key=lambda r: r.guidance)
+    if not rows:
+        return []
+    return ([f"## Guidance (DPM++ 2M Karras, {CFG_SWEEP_STEPS} steps)", "", "| guidance | FD | accuracy |",
+             "|---|---|---|"]
+            + [f"| {r.guidance:g} | {r.fd:.2f} | {r.accuracy:.3f} |" for r in rows]
+            + ["", f"Best guidance (lowest FD): **{results.best_guidance:g}**, used for every row below.", ""])
+
+
+def teacher_quality_section(results: Results) -> list[str]:
+    teacher50 = results.stats("schedule", KARRAS.label, 50)
+    if not teacher50:
+        return []
+    real = [f.fd for f in results.floors if f.name == "real train vs test"]
+    floor_txt = f" (real-data floor {statistics.mean(real):.2f})" if real else ""
+    return ["## Teacher quality", "",
+            f"DPM++ 2M Karras, 50 steps, guidance {results.best_guidance:g}, {results.sample_count()} samples: FD "
+            f"**{teacher50.fd:.2f}**{floor_txt}, class accuracy **{teacher50.accuracy:.3f}**.", ""]
+
+
+def schedules_section(results: Results, plots: Path) -> list[str]:
+    if not any(r.group == "schedule" for r in results.runs):
+        return []
+    names = [s.label for s in SCHEDULES]
+    columns = ["| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |", "|---|" + "---|" * len(NFES)]
+    lines = ["## Schedules (DPM++ 2M)", "", "FD (lower is better):", "", *columns]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(fmt_fd(results.stats("schedule", name, k)) for k in NFES) + " |")
+    lines += ["", "Class accuracy:", "", *columns]
+    for name in names:
+        cells = [results.stats("schedule", name, k) for k in NFES]
+        lines.append(f"| {name} | " + " | ".join(f"{c.accuracy:.3f}" if c else "–" for c in cells) + " |")
+    # The cost depends on the NFE only; the karras rows stand for every schedule.
+    cells = [results.stats("schedule", KARRAS.label, k) for k in NFES]
+    lines += ["", "Seconds per image (CPU, batch 500, CFG doubles the batch):", "", *columns,
+              "| any schedule | " + " | ".join(f"{c.seconds_per_image * 1e3:.1f} ms" if c else "–" for c in cells)
+              + " |", "", "![FD vs NFE](plots/fd_vs_nfe.png)", ""]
+    plot_fd_vs_nfe(results, names, plots / "fd_vs_nfe.png")
+    return lines + exp_karras_verdict_section(results)
+
+
+def verdict(mean: float, sd: float | None, k: int, better: str, worse: str) -> str:
+    """Which side a paired FD difference (``better`` minus ``worse``) favours: significant when its mean exceeds
+    twice its standard error."""
+    if sd is None:
+        return f"{better} better (one seed set)" if mean < 0 else f"{worse} better (one seed set)"
+    if abs(mean) > 2 * sd / k ** 0.5:
+        return f"{better} better" if mean < 0 else f"{worse} better"
+    return "no significant difference"
+
+
+def exp_karras_verdict_section(results: Results) -> list[str]:
+    lines = ["### Does exp_karras beat karras?", "",
+             f"Paired over the same seed sets: FD({EXP_KARRAS.label}) − FD({KARRAS.label}); negative means exp_karras "
+             "is better.", "", "| NFE | difference | seed sets | verdict |", "|---|---|---|---|"]
+    for nfe in NFES:
+        mean, sd, k = results.paired_difference(EXP_KARRAS.label, KARRAS.label, nfe)
+        if k == 0:
+            continue
+        sd_txt = f" ± {sd:.3f}" if sd is not None else ""
+        lines.append(f"| {nfe} | {mean:+.3f}{sd_txt} | {k} | {verdict(mean, sd, k, 'exp_karras', 'karras')} |")
+    best = {}
+    for nfe in NFES:
+        candidates = [(st.fd, s) for s in EXP_KARRAS_P if (st := results.stats("schedule", s.label, nfe))]
+        if candidates:
+            best[nfe] = min(candidates, key=lambda c: c[0])[1]
+    if best:
+        lines += ["", "Best exp_karras p per NFE: " + ", ".join(
+            f"NFE {k}: p={dict(s.params)['p']:g}" for k, s in best.items()) + "."]
+    return lines + [""]
+
+
+def shortcut_section(results: Results) -> list[str]:
+    rows = [(name, results.stats("shortcut", name, k + 1)) for name, (_, k) in SHORTCUT_RUNS.items()]
     if not any(st for _, st in rows):
         return []
     from ..models.io import read_safetensors
@@ -383,16 +605,14 @@ def shortcut_section(results: dict) -> list[str]:
 
     lines = ["## The NAFNet shortcut (K teacher steps + 1 shortcut call)", ""]
     if SHORTCUT_PATH.is_file():
-        meta = read_safetensors(SHORTCUT_PATH)[1]
-        extra = json.loads(meta.get("extra", "{}"))
-        psnr = extra.get("heldout_psnr", {})
+        psnr = json.loads(read_safetensors(SHORTCUT_PATH)[1].get("extra", "{}")).get("heldout_psnr", {})
         if psnr:
             lines += ["Held-out PSNR against the 20-step teacher's final latent (latent space, peak = the range "
                       "of the held-out targets; `input` is x_t itself):", "", "| held-out pairs | " +
                       " | ".join(k for k in psnr) + " |", "|---|" + "---|" * len(psnr)]
-            keys = sorted({t for v in psnr.values() for t in v})
-            for key in keys:
-                lines.append(f"| {key} | " + " | ".join(f"{v.get(key, float('nan')):.2f} dB" for v in psnr.values()) + " |")
+            for key in sorted({t for v in psnr.values() for t in v}):
+                lines.append(f"| {key} | " + " | ".join(f"{v.get(key, float('nan')):.2f} dB" for v in psnr.values())
+                             + " |")
             lines.append("")
     lines += ["| run | NFE | FD | accuracy | teacher exp_karras at the same NFE: FD | accuracy |",
               "|---|---|---|---|---|---|"]
@@ -400,25 +620,25 @@ def shortcut_section(results: dict) -> list[str]:
         if not st:
             continue
         nfe = SHORTCUT_RUNS[name][1] + 1
-        ref = _stats(results, "schedule", "exp_karras p=1", nfe)
-        lines.append(f"| {name} | {nfe} | {_fmt_fd(st)} | {st['acc']:.3f} | {_fmt_fd(ref)} | "
-                     f"{ref['acc']:.3f} |" if ref else f"| {name} | {nfe} | {_fmt_fd(st)} | {st['acc']:.3f} | – | – |")
-    ref20 = _stats(results, "schedule", "exp_karras p=1", 20)
+        ref = results.stats("schedule", EXP_KARRAS.label, nfe)
+        ref_cells = f"{fmt_fd(ref)} | {ref.accuracy:.3f}" if ref else "– | –"
+        lines.append(f"| {name} | {nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | {ref_cells} |")
+    ref20 = results.stats("schedule", EXP_KARRAS.label, 20)
     if ref20:
-        lines.append(f"| teacher, 20 steps | 20 | {_fmt_fd(ref20)} | {ref20['acc']:.3f} | | |")
-        twelve = _stats(results, "shortcut", "12+1", 13)
+        lines.append(f"| teacher, 20 steps | 20 | {fmt_fd(ref20)} | {ref20.accuracy:.3f} | | |")
+        twelve = results.stats("shortcut", "12+1", 13)
         if twelve:
-            lines += ["", f"12+1 FD is {100 * (twelve['fd'] / ref20['fd'] - 1):+.1f} % against the teacher's "
+            lines += ["", f"12+1 FD is {100 * (twelve.fd / ref20.fd - 1):+.1f} % against the teacher's "
                       "20-step FD (goal: within 5 %)."]
-        seven, eight = _stats(results, "shortcut", "7+1", 8), _stats(results, "schedule", "exp_karras p=1", 8)
+        seven, eight = results.stats("shortcut", "7+1", 8), results.stats("schedule", EXP_KARRAS.label, 8)
         if seven and eight:
-            lines.append(f"7+1 FD {seven['fd']:.2f} against the teacher's 8-step {eight['fd']:.2f} "
-                         f"({'better' if seven['fd'] < eight['fd'] else 'worse'}; goal: better).")
+            lines.append(f"7+1 FD {seven.fd:.2f} against the teacher's 8-step {eight.fd:.2f} "
+                         f"({'better' if seven.fd < eight.fd else 'worse'}; goal: better).")
     return lines + [""]
 
 
-def student_section(results: dict, plots: Path = PLOTS) -> list[str]:
-    names = sorted({r["name"] for r in results.values() if r.get("group") == "student"})
+def student_section(results: Results) -> list[str]:
+    names = sorted({r.name for r in results.runs if r.group == "student"})
     if not names:
         return []
     cols = sorted(set(STUDENT_NFES) | {20, 50})
@@ -426,58 +646,58 @@ def student_section(results: dict, plots: Path = PLOTS) -> list[str]:
              "| model | " + " | ".join(f"NFE {k}" for k in cols) + " |", "|---|" + "---|" * len(cols)]
 
     def cell(st):
-        return f"{_fmt_fd(st)} / {st['acc']:.3f}" if st else "–"
+        return f"{fmt_fd(st)} / {st.accuracy:.3f}" if st else "–"
 
     for name in names:
         label = name if name == ONE_STEP_START else f"student `{name}`"
-        lines.append(f"| {label} | " + " | ".join(cell(_stats(results, "student", name, k)) for k in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(results.stats("student", name, k)) for k in cols) + " |")
     lines.append("| teacher, exp_karras DPM++ 2M | " +
-                 " | ".join(cell(_stats(results, "schedule", "exp_karras p=1", k)) for k in cols) + " |")
-    ref20 = _stats(results, "schedule", "exp_karras p=1", 20)
+                 " | ".join(cell(results.stats("schedule", EXP_KARRAS.label, k)) for k in cols) + " |")
+    ref20 = results.stats("schedule", EXP_KARRAS.label, 20)
     if ref20:
-        lines += ["", f"Against the teacher's 20-NFE FD ({ref20['fd']:.3f}); the goals are within 25 % at NFE 2 and "
+        lines += ["", f"Against the teacher's 20-NFE FD ({ref20.fd:.3f}); the goals are within 25 % at NFE 2 and "
                   "within 10 % at NFE 4:", ""]
         for name in (n for n in names if n != ONE_STEP_START):
             for k, goal in ((2, 25), (4, 10)):
-                st = _stats(results, "student", name, k)
+                st = results.stats("student", name, k)
                 if st:
-                    gap = 100 * (st["fd"] / ref20["fd"] - 1)
+                    gap = 100 * (st.fd / ref20.fd - 1)
                     lines.append(f"- `{name}` at NFE {k}: {gap:+.0f} % ({'met' if gap <= goal else 'missed'})")
-    return lines + [""] + cost_section(results) + curve_section(results, plots)
+    return lines + [""]
 
 
-def cost_section(results: dict) -> list[str]:
+def cost_section(results: Results) -> list[str]:
     """Each student file's recorded training seconds next to the teacher's training cost."""
-    metas = sorted((r for r in results.values() if r.get("group") == "student_meta"), key=lambda r: r["file"])
-    teacher = results.get("cost|teacher")
-    if not metas:
+    files = sorted(results.students, key=lambda s: s.file)
+    teacher = results.teacher_cost
+    if not files:
         return []
     lines = ["## What distillation costs", "",
              "Seconds in the training loop, recorded in each student file (CPU, one thread unless noted). "
              + (f"The teacher's training, timed on this machine with the same code: VAE "
-                f"{teacher['vae_seconds_per_step']:.3f} s/step x {teacher['vae_steps']} + UNet "
-                f"{teacher['unet_seconds_per_step']:.3f} s/step x {teacher['unet_steps']} (batch "
-                f"{teacher['unet_batch']}) = **{teacher['seconds'] / 60:.1f} min** on {teacher['threads']} thread(s)."
+                f"{teacher.vae_seconds_per_step:.3f} s/step x {teacher.vae_steps} + UNet "
+                f"{teacher.unet_seconds_per_step:.3f} s/step x {teacher.unet_steps} (batch "
+                f"{teacher.unet_batch}) = **{teacher.seconds / 60:.1f} min** on {teacher.threads} thread(s)."
                 if teacher else "The teacher's cost is not measured yet (`--groups costs`)."), "",
              "| student file | NFE | training | share of the teacher's training |", "|---|---|---|---|"]
-    for r in metas:
-        sec = r.get("train_seconds")
-        share = f"{100 * sec / teacher['seconds']:.0f} %" if sec is not None and teacher else "–"
-        threads = f" ({r['threads']} threads)" if r.get("threads") not in (None, 1) else ""
-        lines.append(f"| `{r['file']}` | {', '.join(map(str, r['nfes']))} | "
+    for f in files:
+        sec = f.train_seconds
+        share = f"{100 * sec / teacher.seconds:.0f} %" if sec is not None and teacher else "–"
+        threads = f" ({f.threads} threads)" if f.threads not in (None, 1) else ""
+        lines.append(f"| `{f.file}` | {', '.join(map(str, f.nfes))} | "
                      f"{f'{sec / 60:.1f} min' if sec is not None else 'not recorded'}{threads} | {share} |")
     return lines + [""]
 
 
-def curve_section(results: dict, plots: Path = PLOTS) -> list[str]:
+def curve_section(results: Results, plots: Path) -> list[str]:
     """FD along training of the students that were evaluated as they trained; for runs of one method (DisBack
     with and without backtracking), the steps each needs to reach the best FD the slower of them reached."""
-    metas = {r["name"]: r for r in results.values() if r.get("group") == "student_meta" and r.get("evaluations")}
-    if not metas:
+    files = {f.name: f for f in results.students if f.evaluations}
+    if not files:
         return []
-    runs = {name: r["evaluations"] for name, r in metas.items()}
-    start = _stats(results, "student", ONE_STEP_START, 1)
-    plot_curves(runs, plots / "one_step_curves.png", start=start["fd0"] if start else None)
+    runs = {name: f.evaluations for name, f in files.items()}
+    start = results.stats("student", ONE_STEP_START, 1)
+    plot_curves(runs, plots / "one_step_curves.png", start=start.fd0 if start else None)
     lines = ["## One-step students along training", "",
              "FD of 1,000 samples of the student at regular steps (its own seeds, guidance 1). DisBack's steps are "
              "those of stage two; with backtracking, stage one (the degradation path) comes before them. The last "
@@ -486,70 +706,35 @@ def curve_section(results: dict, plots: Path = PLOTS) -> list[str]:
              "![FD along training](plots/one_step_curves.png)", "",
              "| run | first FD (step) | best FD (step) | last FD (step) | file holds step |", "|---|---|---|---|---|"]
     for name, evals in sorted(runs.items()):
-        best = min(evals, key=lambda e: e[1]["fd"])
-        held = (metas[name].get("selected") or {}).get("step", evals[-1][0])
-        lines.append(f"| `{name}` | {evals[0][1]['fd']:.2f} ({evals[0][0]}) | {best[1]['fd']:.2f} ({best[0]}) | "
-                     f"{evals[-1][1]['fd']:.2f} ({evals[-1][0]}) | {held} |")
+        best = min(evals, key=lambda e: e.fd)
+        held = files[name].selected.step if files[name].selected else evals[-1].step
+        lines.append(f"| `{name}` | {evals[0].fd:.2f} ({evals[0].step}) | {best.fd:.2f} ({best.step}) | "
+                     f"{evals[-1].fd:.2f} ({evals[-1].step}) | {held} |")
     by_method: dict[str, list[str]] = {}
-    for name, r in metas.items():
-        by_method.setdefault(r.get("method", name), []).append(name)
+    for name, f in files.items():
+        by_method.setdefault(f.method, []).append(name)
     for method, names in sorted(by_method.items()):
         if len(names) < 2:
             continue
-        target = max(min(e[1]["fd"] for e in runs[n]) for n in names)
+        target = max(min(e.fd for e in runs[n]) for n in names)
         lines += ["", f"`{method}`: steps to reach FD {target:.2f} (the higher of the runs' best FDs):", "",
                   "| run | steps |", "|---|---|"]
         for name in sorted(names):
-            reached = next((step for step, sc in runs[name] if sc["fd"] <= target), None)
+            reached = next((e.step for e in runs[name] if e.fd <= target), None)
             lines.append(f"| `{name}` | {reached if reached is not None else 'not reached'} |")
     return lines + [""]
 
 
-def plot_curves(runs: dict, path: Path, start: float | None = None):
-    with figure(path, "training step", "FD (1,000 samples) ↓") as ax:
-        for name, evals in sorted(runs.items()):
-            ax.plot([e[0] for e in evals], [e[1]["fd"] for e in evals], marker="o", label=name)
-        if start is not None:
-            ax.axhline(start, color="grey", linestyle="--", label="before training (teacher, one call at t=999)")
-
-
-def paired_difference(results: dict, a: str, b: str, nfe: int) -> tuple[float, float | None, int]:
-    """Mean and sd of FD(a) - FD(b) over seed sets both ran (same seeds: a paired comparison)."""
-    def by_seed(name):
-        return {r["seed_set"]: r["fd"] for r in results.values()
-                if r.get("group") == "schedule" and r.get("name") == name and r.get("nfe") == nfe}
-    fa, fb = by_seed(a), by_seed(b)
-    diffs = [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
-    if not diffs:
-        return float("nan"), None, 0
-    return statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else None), len(diffs)
-
-
-def schedule_verdict(results: dict) -> list[str]:
-    lines = ["### Does exp_karras beat karras?", "",
-             "Paired over the same seed sets: FD(exp_karras p=1) − FD(karras); negative means exp_karras is better.", "",
-             "| NFE | difference | seed sets | verdict |", "|---|---|---|---|"]
-    for nfe in NFES:
-        mean, sd, k = paired_difference(results, "exp_karras p=1", "karras", nfe)
-        if k == 0:
-            continue
-        if sd is not None and abs(mean) > 2 * sd / k ** 0.5:
-            verdict = "exp_karras better" if mean < 0 else "karras better"
-        elif sd is None:
-            verdict = "exp_karras better (one seed set)" if mean < 0 else "karras better (one seed set)"
-        else:
-            verdict = "no significant difference"
-        sd_txt = f" ± {sd:.3f}" if sd is not None else ""
-        lines.append(f"| {nfe} | {mean:+.3f}{sd_txt} | {k} | {verdict} |")
-    best = {}
-    for nfe in NFES:
-        cands = [(st["fd"], f"p={p:g}") for p in P_VALUES
-                 if (st := _stats(results, "schedule", f"exp_karras p={p:g}", nfe))]
-        if cands:
-            best[nfe] = min(cands)[1]
-    if best:
-        lines += ["", "Best exp_karras p per NFE: " + ", ".join(f"NFE {k}: {v}" for k, v in best.items()) + "."]
-    return lines + [""]
+def write_report(results: Results, path: Path = REPORT) -> str:
+    """Writes the report (and its plots, beside it in ``plots/``) from ``results``; returns its text."""
+    plots = path.parent / "plots"
+    students = student_section(results)
+    lines = (header_section(results) + floors_section(results) + guidance_section(results)
+             + teacher_quality_section(results) + schedules_section(results, plots) + shortcut_section(results)
+             + students + (cost_section(results) + curve_section(results, plots) if students else []))
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
 
 
 def main(argv=None):
@@ -563,14 +748,14 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
     args = parser.parse_args(argv)
     if args.report_only:
-        print(write_report(json.loads(RESULTS.read_text())))
+        print(write_report(Results.load()))
         return
     torch.manual_seed(0)
     bench = Bench(args.samples)
     groups = set(args.groups.split(","))
     if "floors" in groups:
-        bench.floors(args.repeats)
-    guidance = args.guidance or bench.results.get("meta|best_guidance", {}).get("guidance")
+        run_floors(bench, args.repeats)
+    guidance = args.guidance or bench.results.best_guidance
     if "cfg" in groups:
         guidance = run_cfg_sweep(bench)
     if "schedules" in groups:

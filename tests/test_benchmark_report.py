@@ -2,23 +2,23 @@
 
 import pytest
 
-from direct_distill.lab.benchmark import NFES, paired_difference, write_report
+from direct_distill.lab.benchmark import (NFES, Evaluation, Results, Run, StudentFile, TeacherCost,
+                                          write_report)
 
 
 def fake_results(karras_fd, exp_fd):
-    """Results as the benchmark records them: (name, nfe, seed_set) -> FD."""
-    results = {}
+    """Results as the benchmark records them, from {nfe: [FD per seed set]} per schedule."""
+    results = Results()
     for name, table in (("karras", karras_fd), ("exp_karras p=1", exp_fd)):
         for nfe, fds in table.items():
             for s, fd in enumerate(fds):
-                results[f"schedule|{name}|{nfe}|{s}"] = dict(group="schedule", name=name, nfe=nfe, seed_set=s,
-                                                            n=1000, fd=fd, accuracy=0.9, seconds_per_image=0.01)
+                results.runs.append(Run("schedule", name, nfe, s, n=1000, fd=fd, accuracy=0.9, seconds_per_image=0.01))
     return results
 
 
 def test_paired_difference_uses_matching_seed_sets():
     res = fake_results({20: [5.0, 6.0, 7.0]}, {20: [4.0, 5.5, 6.0]})
-    mean, sd, k = paired_difference(res, "exp_karras p=1", "karras", 20)
+    mean, sd, k = res.paired_difference("exp_karras p=1", "karras", 20)
     assert k == 3 and mean == pytest.approx((-1.0 - 0.5 - 1.0) / 3)
     assert sd == pytest.approx(0.288675, rel=1e-4)
 
@@ -39,22 +39,22 @@ def test_report_verdicts_follow_the_spread(tmp_path):
 
 def test_student_costs_and_training_curves(tmp_path):
     res = fake_results({20: [1.0]}, {1: [5.0], 20: [1.0]})
-    res["cost|teacher"] = dict(group="cost", vae_seconds_per_step=0.5, vae_steps=2000, vae_batch=64,
-                               unet_seconds_per_step=0.6, unet_steps=4500, unet_batch=128, seconds=3700.0, threads=1)
+    res.teacher_cost = TeacherCost(vae_seconds_per_step=0.5, vae_steps=2000, vae_batch=64, unet_seconds_per_step=0.6,
+                                   unet_steps=4500, unet_batch=128, seconds=3700.0, threads=1)
     for name, nfe, fd in (("sfd", 4, 1.05), ("progressive", 1, 3.0), ("progressive", 2, 1.2)):
-        res[f"student|{name}|{nfe}|0"] = dict(group="student", name=name, nfe=nfe, seed_set=0, n=1000, fd=fd,
-                                             accuracy=0.9, seconds_per_image=0.001)
-    meta = dict(group="student_meta", method="disback", nfes=[1], threads=1, device="cpu", training={})
-    res["student_meta|sfd"] = {**meta, "name": "sfd", "file": "sfd.safetensors", "nfes": [2, 4],
-                               "train_seconds": 370.0, "evaluations": []}
-    res["student_meta|progressive_nfe2"] = {**meta, "name": "progressive", "file": "progressive_nfe2.safetensors",
-                                            "train_seconds": None, "evaluations": []}
-    # With backtracking: FD 4.0 (the plain run's best) at step 400; the plain run gets there at step 1000.
-    res["student_meta|disback"] = {**meta, "name": "disback", "file": "disback.safetensors", "train_seconds": 900.0,
-                                   "selected": {"step": 400, "fd": 3.9},
-                                   "evaluations": [[200, {"fd": 5.0}], [400, {"fd": 3.9}], [600, {"fd": 3.5}]]}
-    res["student_meta|plain"] = {**meta, "name": "plain", "file": "plain.safetensors", "train_seconds": 800.0,
-                                 "evaluations": [[200, {"fd": 6.0}], [600, {"fd": 4.5}], [1000, {"fd": 4.0}]]}
+        res.runs.append(Run("student", name, nfe, 0, n=1000, fd=fd, accuracy=0.9, seconds_per_image=0.001))
+    meta = dict(method="disback", nfes=[1], threads=1, device="cpu")
+    res.students += [
+        StudentFile(**{**meta, "method": "sfd", "nfes": [2, 4]}, name="sfd", file="sfd.safetensors", train_seconds=370.0),
+        StudentFile(**{**meta, "method": "progressive"}, name="progressive", file="progressive_nfe2.safetensors",
+                    train_seconds=None),
+        # With backtracking: FD 4.0 (the plain run's best) at step 400; the plain run gets there at step 1000.
+        StudentFile(**meta, name="disback", file="disback.safetensors", train_seconds=900.0,
+                    selected=Evaluation(400, 3.9),
+                    evaluations=[Evaluation(200, 5.0), Evaluation(400, 3.9), Evaluation(600, 3.5)]),
+        StudentFile(**meta, name="plain", file="plain.safetensors", train_seconds=800.0,
+                    evaluations=[Evaluation(200, 6.0), Evaluation(600, 4.5), Evaluation(1000, 4.0)]),
+    ]
     text = write_report(res, tmp_path / "REPORT.md")
     lines = text.splitlines()
     assert "= **61.7 min**" in text
