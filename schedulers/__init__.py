@@ -14,9 +14,9 @@ from .prediction import PREDICTION_TYPES, denoising_target, split_prediction
 __all__ = [
     "SCHEDULE_NAMES", "ExpKarrasScheduler", "align_your_steps_sigmas", "alphas_cumprod_from_config", "beta_sigmas",
     "exp_karras_sigmas", "exp_karras_sigmas_from_table", "exp_karras_timesteps", "exponential_sigmas", "gits_sigmas",
-    "karras_sigmas", "kl_optimal_sigmas", "polyexponential_sigmas", "schedule_sigmas", "sgm_uniform_sigmas", "sigma_table",
-    "sigma_to_model_timestep", "sigma_to_t", "sigmas_for_denoise", "simple_sigmas", "t_to_sigma", "uniform_t_sigmas",
-    "ve_to_vp", "vp_to_ve",
+    "karras_sigmas", "kl_optimal_sigmas", "polyexponential_sigmas", "schedule_sigmas", "sgm_uniform_sigmas",
+    "sigma_table", "sigma_to_model_timestep", "sigma_to_t", "sigmas_for_denoise", "simple_sigmas", "t_to_sigma",
+    "uniform_t_sigmas", "ve_to_vp", "vp_to_ve",
     "CLEAN", "PREDICTION_TYPES", "denoising_target", "split_prediction", "student_schedules", "trailing_timesteps",
 ]
 

@@ -20,8 +20,9 @@ ALIGN_YOUR_STEPS_LEVELS = {
 
 # Chen et al. 2024, GITS (On the Trajectory Regularity of ODE-based Diffusion Sampling): the schedules its
 # dynamic programming found for Stable Diffusion 1.5, as its authors published them in ComfyUI (their pull
-# request 3769, ComfyUI's GITSScheduler node), per coefficient (the DP's cost tolerance) and step count n = 2 .. 20. GITS searches a grid of 101 timesteps
-# uniform in t, t_k = 999 k / 100; each row lists the n + 1 grid points k it keeps, noisiest first.
+# request 3769, ComfyUI's GITSScheduler node), per coefficient (the DP's cost tolerance) and step count
+# n = 2 .. 20. GITS searches a grid of 101 timesteps uniform in t, t_k = 999 k / 100; each row lists the
+# n + 1 grid points k it keeps, noisiest first.
 GITS_GRID_POINTS = 100
 GITS_GRID = {
     0.80: (
