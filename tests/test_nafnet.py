@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from direct_distill.models import (FileFormatError, TimeEmbedNAFNet, TwoStageShortcut, load_shortcut,
                                    save_shortcut)
-from direct_distill.models.nafnet import PRESETS, count_macs, main
+from direct_distill.models.nafnet import PRESETS, TimeNAFBlock, count_macs, main
 
 
 def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -41,7 +41,23 @@ def test_output_has_the_input_shape_even_when_not_divisible(size):
     assert net(x, 42.0).shape == x.shape  # scalar t is broadcast over the batch
 
 
-def test_fresh_network_is_the_identity_thanks_to_zero_branch_scales_and_global_residual():
+def test_every_fresh_block_is_the_identity():
+    """NAFNet's init: zero branch scales make each block pass its input through, whatever its branches compute."""
+    net = TimeEmbedNAFNet(**PRESETS["lab_stage1"])
+    blocks = [m for m in net.modules() if isinstance(m, TimeNAFBlock)]
+    config = PRESETS["lab_stage1"]
+    assert len(blocks) == sum(config["enc_blocks"]) + config["middle_blocks"] + sum(config["dec_blocks"])
+    temb = torch.randn(2, net.config["time_dim"])
+    with torch.no_grad():
+        for block in blocks:
+            x = torch.randn(2, block.conv2.out_channels, 8, 8)
+            assert torch.equal(block(x, temb), x)
+            # The branches themselves are not zero: a unit scale changes the output.
+            block.beta.fill_(1.0)
+            assert not torch.allclose(block(x, temb), x, atol=1e-3)
+
+
+def test_fresh_network_is_its_global_residual_plus_the_ending_conv():
     net = TimeEmbedNAFNet(**PRESETS["lab_stage1"])
     torch.nn.init.zeros_(net.ending.weight)
     torch.nn.init.zeros_(net.ending.bias)
