@@ -54,7 +54,28 @@ def schedule(name: str, **params: float) -> Schedule:
 KARRAS = schedule("karras")
 EXP_KARRAS = schedule("exp_karras", p=1.0)  # the project's default: the shortcut's and the students' schedule
 EXP_KARRAS_P = (schedule("exp_karras", p=0.5), EXP_KARRAS, schedule("exp_karras", p=2.0))
-SCHEDULES = (KARRAS, schedule("exponential"), schedule("normal"), *EXP_KARRAS_P)
+# The schedules ComfyUI users pick instead, at ComfyUI's settings; polyexponential at its default rho = 1 is
+# the exponential schedule, so its row takes rho = 2 (finer steps near sigma_min).
+PEER_SCHEDULES = (schedule("align_your_steps"), schedule("gits"), schedule("kl_optimal"), schedule("beta"),
+                  schedule("polyexponential", rho=2.0), schedule("simple"), schedule("sgm_uniform"))
+PEER_SETTINGS = ("align_your_steps: the published SD1 noise levels, log-linearly interpolated; gits: the published "
+                 "SD1.5 table at coefficient 1.20; beta: alpha = beta = 0.6; polyexponential: rho = 2 (at ComfyUI's "
+                 "default rho = 1 it is the exponential row)")
+SCHEDULES = (KARRAS, schedule("exponential"), schedule("normal"), *EXP_KARRAS_P, *PEER_SCHEDULES)
+GRID_NFES = (4, 8, 12, 20)  # every schedule on every seed set; NFE 50 on seed set 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """What a row measures: one configuration, sampled on as many seed sets as ran."""
+
+    group: str  # "cfg", "schedule", "shortcut" or "student"
+    name: str
+    nfe: int
+
+
+def teacher_on(sched: Schedule | str, nfe: int) -> Config:
+    return Config("schedule", sched.label if isinstance(sched, Schedule) else sched, nfe)
 
 
 @dataclass
@@ -74,6 +95,10 @@ class Run:
     method: str | None = None  # student: its method, file, and the file's sha256
     file: str | None = None
     sha256: str | None = None
+
+    @property
+    def config(self) -> Config:
+        return Config(self.group, self.name, self.nfe)
 
     @property
     def key(self) -> tuple:
@@ -150,14 +175,79 @@ class Stats:
 
 
 @dataclass
+class Paired:
+    """FD(a) - FD(b) over the seed sets both ran: the same noise, so a paired comparison."""
+
+    mean: float
+    sd: float | None  # None for a single seed set
+    k: int
+    fd_a: float  # each side's mean over those seed sets
+    fd_b: float
+
+    @property
+    def gap_percent(self) -> float:
+        return 100 * (self.fd_a / self.fd_b - 1)
+
+    @property
+    def significant(self) -> bool:
+        """The mean difference exceeds twice its standard error."""
+        return self.sd is not None and abs(self.mean) > 2 * self.sd / self.k ** 0.5
+
+    def describe(self) -> str:
+        spread = f" ± {self.sd:.3f}" if self.sd is not None else ""
+        sets = "1 seed set" if self.k == 1 else f"{self.k} seed sets"
+        return f"{self.mean:+.3f}{spread} over {sets}{', significant' if self.significant else ''}"
+
+    def verdict(self, a: str, b: str) -> str:
+        """Which side the difference favours, ``a`` being the first term."""
+        winner = a if self.mean < 0 else b
+        if self.sd is None:
+            return f"{winner} better (one seed set)"
+        return f"{winner} better" if self.significant else "no significant difference"
+
+
+@dataclass
+class Ranking:
+    """The teacher's schedules at one NFE, by mean FD over the seed sets every one of them ran."""
+
+    nfe: int
+    seed_sets: list[int]
+    fds: dict[str, float]  # schedule label -> mean FD over ``seed_sets``
+    best_vs_runner_up: Paired | None  # None where a single schedule ran
+
+    @property
+    def order(self) -> list[str]:
+        return sorted(self.fds, key=self.fds.get)
+
+    @property
+    def best(self) -> str:
+        return self.order[0]
+
+
+@dataclass
+class Goal:
+    """One goal of the issue the lab answers, with what was measured against it."""
+
+    topic: str
+    goal: str
+    measured: str
+    met: bool | None  # None: not measured yet
+
+    @property
+    def status(self) -> str:
+        return {True: "**met**", False: "**missed**", None: "not measured"}[self.met]
+
+
+@dataclass
 class Results:
-    """Everything ``results.json`` holds, as typed rows."""
+    """Everything ``results.json`` holds, as typed rows, and the comparisons the report draws from them."""
 
     runs: list[Run] = field(default_factory=list)
     floors: list[Floor] = field(default_factory=list)
     students: list[StudentFile] = field(default_factory=list)
     teacher_cost: TeacherCost | None = None
     best_guidance: float | None = None
+    teacher: str | None = None  # sha256 of the teacher's weights: rows of two teachers never mix
 
     @classmethod
     def load(cls, path: Path = RESULTS) -> Results:
@@ -173,13 +263,14 @@ class Results:
         cost = data.get("teacher_cost")
         return cls(runs=[Run(**r) for r in data.get("runs", [])], floors=[Floor(**f) for f in data.get("floors", [])],
                    students=[student(dict(s)) for s in data.get("student_files", [])],
-                   teacher_cost=TeacherCost(**cost) if cost else None, best_guidance=data.get("best_guidance"))
+                   teacher_cost=TeacherCost(**cost) if cost else None, best_guidance=data.get("best_guidance"),
+                   teacher=data.get("teacher"))
 
     def to_json(self) -> dict:
         def row(item):
             return {k: v for k, v in dataclasses.asdict(item).items() if v is not None}
 
-        return {"best_guidance": self.best_guidance,
+        return {"teacher": self.teacher, "best_guidance": self.best_guidance,
                 "teacher_cost": dataclasses.asdict(self.teacher_cost) if self.teacher_cost else None,
                 "floors": [row(f) for f in sorted(self.floors, key=lambda f: f.key)],
                 "runs": [row(r) for r in sorted(self.runs, key=lambda r: r.key)],
@@ -192,15 +283,17 @@ class Results:
             mine[:] = [item for item in mine if item.key not in replaced] + list(theirs)
         self.teacher_cost = other.teacher_cost or self.teacher_cost
         self.best_guidance = other.best_guidance if other.best_guidance is not None else self.best_guidance
+        self.teacher = other.teacher or self.teacher
 
-    def find(self, group: str, name: str, nfe: int) -> list[Run]:
-        return [r for r in self.runs if (r.group, r.name, r.nfe) == (group, name, nfe)]
+    def fds(self, config: Config) -> dict[int, float]:
+        """FD per seed set."""
+        return {r.seed_set: r.fd for r in self.runs if r.config == config}
 
-    def has(self, group: str, name: str, nfe: int, seed_set: int) -> Run | None:
-        return next((r for r in self.find(group, name, nfe) if r.seed_set == seed_set), None)
+    def has(self, config: Config, seed_set: int) -> Run | None:
+        return next((r for r in self.runs if r.config == config and r.seed_set == seed_set), None)
 
-    def stats(self, group: str, name: str, nfe: int) -> Stats | None:
-        runs = self.find(group, name, nfe)
+    def stats(self, config: Config) -> Stats | None:
+        runs = [r for r in self.runs if r.config == config]
         if not runs:
             return None
         fds = [r.fd for r in runs]
@@ -209,36 +302,78 @@ class Results:
                      accuracy=statistics.mean(r.accuracy for r in runs),
                      seconds_per_image=statistics.mean(r.seconds_per_image for r in runs))
 
-    def paired_difference(self, a: str, b: str, nfe: int, group_a: str = "schedule",
-                          group_b: str = "schedule") -> tuple[float, float | None, int]:
-        """Mean and sd of FD(a) - FD(b) over the seed sets both ran (the same seeds: a paired comparison)."""
-        fa = {r.seed_set: r.fd for r in self.find(group_a, a, nfe)}
-        fb = {r.seed_set: r.fd for r in self.find(group_b, b, nfe)}
-        diffs = [fa[s] - fb[s] for s in sorted(set(fa) & set(fb))]
-        if not diffs:
-            return float("nan"), None, 0
-        return statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else None), len(diffs)
+    def paired(self, a: Config, b: Config, seed_sets=None) -> Paired | None:
+        """FD(a) - FD(b) over the seed sets both ran (or those of ``seed_sets`` among them)."""
+        fa, fb = self.fds(a), self.fds(b)
+        common = sorted(set(fa) & set(fb) & (set(seed_sets) if seed_sets is not None else set(fa)))
+        if not common:
+            return None
+        diffs = [fa[s] - fb[s] for s in common]
+        return Paired(statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else None, len(diffs),
+                      statistics.mean(fa[s] for s in common), statistics.mean(fb[s] for s in common))
+
+    def ranking(self, nfe: int) -> Ranking | None:
+        """The teacher's schedules at ``nfe`` ranked on the seed sets all of them ran."""
+        by_schedule = {r.name: self.fds(r.config) for r in self.runs if r.group == "schedule" and r.nfe == nfe}
+        if not by_schedule:
+            return None
+        common = sorted(set.intersection(*(set(f) for f in by_schedule.values())))
+        if not common:
+            return None
+        fds = {name: statistics.mean(f[s] for s in common) for name, f in by_schedule.items()}
+        order = sorted(fds, key=fds.get)
+        runner_up = (self.paired(teacher_on(order[0], nfe), teacher_on(order[1], nfe), common) if len(order) > 1
+                     else None)
+        return Ranking(nfe, common, fds, runner_up)
+
+    def teacher_best(self, nfe: int) -> Config | None:
+        """The teacher's best schedule at ``nfe``: the reference for the shortcut and the students."""
+        ranking = self.ranking(nfe)
+        return teacher_on(ranking.best, nfe) if ranking else None
 
     def sample_count(self) -> int | None:
         return next((r.n for r in sorted(self.runs, key=lambda r: r.key)), None)
 
 
-# --- sampling ------------------------------------------------------------------------------------
+# --- sampling ---------------------------------------------------------------------------------------
+
+
+def teacher_fingerprint(folder: Path | None = None) -> str:
+    """sha256 over the teacher folder's weight files: which teacher a results file measured."""
+    import hashlib
+
+    from . import TEACHER_DIR
+
+    digest = hashlib.sha256()
+    for path in sorted((folder or TEACHER_DIR).rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 class Bench:
-    """The lab teacher, the evaluator and the results file, for the row groups below."""
+    """The lab teacher, the evaluator and the results file, for the row groups below.
 
-    def __init__(self, samples: int, results_path: Path = RESULTS, pipe=None, evaluator=None, plots: Path = PLOTS):
+    A results file holds the rows of one teacher; ``fresh`` starts a new one (say, for a retrained teacher)."""
+
+    def __init__(self, samples: int, results_path: Path = RESULTS, fresh: bool = False, pipe=None, evaluator=None,
+                 teacher_id: str | None = None, plots: Path = PLOTS):
         from .evaluator import Evaluator
         from .sampling import load_teacher
 
         self.n = samples
         self.pipe = pipe if pipe is not None else load_teacher()
+        self.teacher_id = teacher_id or teacher_fingerprint()
         self.evaluator = evaluator if evaluator is not None else Evaluator()
         self.path = results_path
         self.plots = plots
         self.results = Results.load(results_path)
+        if fresh:
+            self.results = Results(teacher=self.teacher_id)
+            self._write(self.results)
+        elif self.results.teacher not in (None, self.teacher_id):
+            raise ValueError(f"{results_path} holds rows measured on another teacher (weights sha256 "
+                             f"{self.results.teacher[:12]}..., this one is {self.teacher_id[:12]}...): start a new "
+                             "file with --fresh (git keeps the old one)")
 
     def record(self, group: str, name: str, nfe: int, seed_set: int, samples, **extra) -> Run:
         run = Run(group=group, name=name, nfe=nfe, seed_set=seed_set, n=len(samples.images),
@@ -260,24 +395,29 @@ class Bench:
             fcntl.flock(lock, fcntl.LOCK_EX)
             on_disk = Results.load(self.path)
             on_disk.merge(new)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(on_disk.to_json(), indent=1))
-            tmp.replace(self.path)
+            on_disk.teacher = self.teacher_id
+            self._write(on_disk)
             self.results = on_disk
 
-    def teacher(self, sched: Schedule | str, sigmas: torch.Tensor, guidance: float, seed_set: int,
-                group: str = "schedule") -> Run:
+    def _write(self, results: Results) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results.to_json(), indent=1))
+        tmp.replace(self.path)
+
+    def sample(self, name: str, sigmas: torch.Tensor, guidance: float, seed_set: int,
+               group: str = "schedule") -> Run:
         from .sampling import sample_teacher
 
-        name = sched.label if isinstance(sched, Schedule) else sched
         samples = sample_teacher(self.pipe, sigmas, guidance, self.n, SEED_BASE + seed_set,
                                  desc=f"{name} NFE {len(sigmas) - 1}")
         return self.record(group, name, len(sigmas) - 1, seed_set, samples, guidance=guidance)
 
-    def teacher_at(self, sched: Schedule, nfe: int, guidance: float, seed_set: int) -> Run:
+    def schedule(self, sched: Schedule, nfe: int, guidance: float, seed_set: int) -> Run:
+        return self.sample(sched.label, sched.sigmas(nfe, self.pipe.scheduler.alphas_cumprod), guidance, seed_set)
+
+    def schedule_once(self, sched: Schedule, nfe: int, guidance: float, seed_set: int) -> Run:
         """The teacher on ``sched`` at ``nfe``, sampled unless this seed set has it already."""
-        return (self.results.has("schedule", sched.label, nfe, seed_set)
-                or self.teacher(sched, sched.sigmas(nfe, self.pipe.scheduler.alphas_cumprod), guidance, seed_set))
+        return self.results.has(teacher_on(sched, nfe), seed_set) or self.schedule(sched, nfe, guidance, seed_set)
 
 
 def slug(*parts) -> str:
@@ -300,19 +440,28 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
     Image.fromarray(np.kron(grid, np.ones((2, 2), dtype=np.uint8))).save(path)
 
 
+REAL_FLOOR, VAE_FLOOR = "real train vs test", "VAE reconstruction"
+
+
+@torch.no_grad()
 def run_floors(bench: Bench, repeats: int):
+    """Per seed set: ``n`` real training images (the floor any sampler can reach at that n) and the same images
+    through the VAE (the floor of any latent sampler), FD and class accuracy of both."""
     from .data import load_fashion_mnist
     from .sampling import decode
 
-    floors = [Floor("real train vs test", s, bench.n, bench.evaluator.real_floor(bench.n, seed=s))
-              for s in range(repeats)]
     x, y = load_fashion_mnist("train")
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:bench.n]
-    with torch.no_grad():
-        vae = bench.pipe.vae
-        lat = torch.cat([vae.encode(x[idx][i:i + 500]).latent_dist.mean for i in range(0, bench.n, 500)])
-    rec = decode(bench.pipe, lat * vae.config.scaling_factor)
-    floors.append(Floor("VAE reconstruction", 0, bench.n, bench.evaluator.fd(rec), bench.evaluator.accuracy(rec, y[idx])))
+    vae = bench.pipe.vae
+    floors = []
+    for s in range(repeats):
+        # The images Evaluator.real_floor(n, seed=s) draws.
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:bench.n]
+        real, labels = x[idx], y[idx]
+        latents = torch.cat([vae.encode(real[i:i + 500]).latent_dist.mean for i in range(0, bench.n, 500)])
+        round_trip = decode(bench.pipe, latents * vae.config.scaling_factor)
+        floors += [Floor(REAL_FLOOR, s, bench.n, bench.evaluator.fd(real), bench.evaluator.accuracy(real, labels)),
+                   Floor(VAE_FLOOR, s, bench.n, bench.evaluator.fd(round_trip),
+                         bench.evaluator.accuracy(round_trip, labels))]
     bench.save(Results(floors=floors))
 
 
@@ -326,20 +475,20 @@ def cfg_label(guidance: float) -> str:
 def run_cfg_sweep(bench: Bench, guidances=(1.0, 1.5, 2.0, 3.0, 4.0)) -> float:
     """The teacher's best CFG (lowest FD) for DPM++ 2M Karras at CFG_SWEEP_STEPS steps."""
     sigmas = KARRAS.sigmas(CFG_SWEEP_STEPS, bench.pipe.scheduler.alphas_cumprod)
-    runs = [bench.teacher(cfg_label(g), sigmas, g, 0, group="cfg") for g in guidances]
+    runs = [bench.sample(cfg_label(g), sigmas, g, 0, group="cfg") for g in guidances]
     best = min(runs, key=lambda r: r.fd).guidance
     bench.save(Results(best_guidance=best))
     return best
 
 
-def run_schedules(bench: Bench, guidance: float, repeats: int, repeat_nfes=(8, 12, 20),
-                  repeated=(KARRAS, EXP_KARRAS)):
-    """Every schedule at every NFE on seed set 0; the key comparison on further seed sets for the spread."""
+def run_schedules(bench: Bench, guidance: float, repeats: int, schedules=SCHEDULES, grid_nfes=GRID_NFES,
+                  last_nfe: int = NFES[-1]):
+    """Every schedule at every grid NFE on every seed set (the paired comparisons), and at ``last_nfe`` on
+    seed set 0."""
     for s in range(repeats):
-        for sched in SCHEDULES:
-            for nfe in NFES:
-                if s == 0 or (nfe in repeat_nfes and sched in repeated):
-                    bench.teacher(sched, sched.sigmas(nfe, bench.pipe.scheduler.alphas_cumprod), guidance, s)
+        for sched in schedules:
+            for nfe in (*grid_nfes, last_nfe) if s == 0 else grid_nfes:
+                bench.schedule(sched, nfe, guidance, s)
 
 
 # "K+1": K teacher steps of an N-step exp-Karras (p=1) run, then the shortcut. N puts step K inside the
@@ -349,6 +498,7 @@ SHORTCUT_TEACHER_NFES = (8, 11, 13, 20)
 
 
 def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
+    """The K+1 runs, and the teacher's exp-Karras runs at their NFEs where the schedule grid has none."""
     from ..models.shortcut_file import load_shortcut
     from ..pipelines import ShortcutCallback
     from . import SHORTCUT_PATH
@@ -358,7 +508,7 @@ def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
     ac = bench.pipe.scheduler.alphas_cumprod
     for s in range(repeats):
         for nfe in SHORTCUT_TEACHER_NFES:
-            bench.teacher_at(EXP_KARRAS, nfe, guidance, s)
+            bench.schedule_once(EXP_KARRAS, nfe, guidance, s)
         for name, (steps, k) in SHORTCUT_RUNS.items():
             samples = sample_teacher(bench.pipe, EXP_KARRAS.sigmas(steps, ac), guidance, bench.n, SEED_BASE + s,
                                      callback=ShortcutCallback(shortcut, handoff_step=k), desc=f"shortcut {name}")
@@ -379,7 +529,7 @@ def run_student_rows(bench: Bench, repeats: int):
     guidance = bench.results.best_guidance or 2.0
     for s in range(repeats):
         for nfe in STUDENT_TEACHER_NFES:
-            bench.teacher_at(EXP_KARRAS, nfe, guidance, s)
+            bench.schedule_once(EXP_KARRAS, nfe, guidance, s)
     for path in sorted(STUDENTS_DIR.glob("*.safetensors")):
         pipe = load_teacher()
         info = load_student(pipe, path)
@@ -395,7 +545,7 @@ def run_student_rows(bench: Bench, repeats: int):
         digest = file_digest(path)
         for s in range(repeats):
             for nfe in sorted(set(info.nfe_schedules) & set(STUDENT_NFES)):
-                done = bench.results.has("student", name, nfe, s)
+                done = bench.results.has(Config("student", name, nfe), s)
                 if done and done.sha256 == digest:
                     continue  # this very file was scored on these seeds already
                 samples = sample_teacher(pipe, None, info.guidance, bench.n, SEED_BASE + s, steps=nfe,
@@ -406,7 +556,7 @@ def run_student_rows(bench: Bench, repeats: int):
             # Where every one-step student starts: the same single call with the LoRA off.
             pipe.disable_lora()
             for s in range(repeats):
-                if bench.results.has("student", ONE_STEP_START, 1, s):
+                if bench.results.has(Config("student", ONE_STEP_START, 1), s):
                     continue
                 samples = sample_teacher(pipe, None, 1.0, bench.n, SEED_BASE + s, steps=1, desc=ONE_STEP_START)
                 bench.record("student", ONE_STEP_START, 1, s, samples, guidance=1.0)
@@ -426,7 +576,7 @@ def student_row_name(path: Path) -> str:
 
 
 def measure_teacher_cost() -> TeacherCost:
-    """The teacher's training cost, timed by lab.teacher on this machine (its two stages on short runs of the
+    """The teacher's training cost, timed by lab.teacher on this machine (its stages on short runs of the
     training code): the one place the benchmark calls the teacher's training."""
     from .teacher import measure_training_cost
 
@@ -441,7 +591,7 @@ def run_costs(bench: Bench):
           f"on {cost.threads} thread(s)")
 
 
-# --- the report ----------------------------------------------------------------------------------
+# --- the report ---------------------------------------------------------------------------------------
 
 
 def fmt_fd(st: Stats | None) -> str:
@@ -467,7 +617,8 @@ def figure(path: Path, xlabel: str, ylabel: str):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
@@ -475,12 +626,12 @@ def figure(path: Path, xlabel: str, ylabel: str):
         plt.close(fig)
 
 
-def plot_fd_vs_nfe(results: Results, names: list[str], path: Path, group: str = "schedule"):
+def plot_fd_vs_nfe(results: Results, names: list[str], path: Path):
     import matplotlib.ticker
 
     with figure(path, "NFE (DPM-Solver++ 2M steps)", "FD (classifier features, seed set 0) ↓") as ax:
         for name in names:
-            pts = [(n, results.stats(group, name, n)) for n in NFES]
+            pts = [(n, results.stats(teacher_on(name, n))) for n in NFES]
             pts = [(n, st.fd0) for n, st in pts if st]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
@@ -498,6 +649,115 @@ def plot_curves(runs: dict[str, list[Evaluation]], path: Path, start: float | No
             ax.axhline(start, color="grey", linestyle="--", label="before training (teacher, one call at t=999)")
 
 
+def reference(results: Results, nfe: int) -> tuple[Config, str] | None:
+    """The teacher's best schedule at ``nfe`` and how it was chosen."""
+    ranking = results.ranking(nfe)
+    if ranking is None:
+        return None
+    count = len(ranking.fds)
+    return teacher_on(ranking.best, nfe), f"{ranking.best}, best of {count} schedule{'s' if count > 1 else ''}"
+
+
+def goal_lines(goals: list[Goal]) -> list[str]:
+    return [f"- {g.goal}: {g.measured} — {g.status}" for g in goals]
+
+
+# --- the goals of issue 11 -----------------------------------------------------------------------------------
+
+
+def vae_goals(results: Results) -> list[Goal]:
+    real = {f.seed_set: f for f in results.floors if f.name == REAL_FLOOR}
+    vae = {f.seed_set: f for f in results.floors if f.name == VAE_FLOOR}
+    common = sorted(set(real) & set(vae))
+    fd_goal = "round-trip FD within 2x the real-data floor"
+    acc_goal = "reconstructions classified as well as real images (within 1 point)"
+    if not common:
+        return [Goal("VAE", fd_goal, "not measured", None), Goal("VAE", acc_goal, "not measured", None)]
+    real_fd, vae_fd = (statistics.mean(f[s].fd for s in common) for f in (real, vae))
+    goals = [Goal("VAE", fd_goal, f"FD {vae_fd:.2f} against {real_fd:.2f}: {vae_fd / real_fd:.1f}x",
+                  vae_fd <= 2 * real_fd)]
+    with_accuracy = [s for s in common if real[s].accuracy is not None and vae[s].accuracy is not None]
+    if with_accuracy:
+        real_acc, vae_acc = (statistics.mean(f[s].accuracy for s in with_accuracy) for f in (real, vae))
+        goals.append(Goal("VAE", acc_goal, f"accuracy {vae_acc:.3f} against {real_acc:.3f} "
+                          f"({100 * (vae_acc - real_acc):+.1f} points)", vae_acc >= real_acc - 0.01))
+    else:
+        goals.append(Goal("VAE", acc_goal, "real-image accuracy not measured (`--groups floors`)", None))
+    return goals
+
+
+def paired_goal(results: Results, topic: str, goal: str, rows: list[Config], nfe: int, met, pick) -> Goal:
+    """A goal on the best of ``rows`` (chosen by ``pick`` on their Paired against the teacher's best at ``nfe``),
+    met when ``met`` holds for that Paired."""
+    ref = reference(results, nfe)
+    pairs = [(p, row) for row in rows if ref and (p := results.paired(row, ref[0]))]
+    if not pairs:
+        return Goal(topic, goal, "not measured", None)
+    p, row = min(pairs, key=lambda pr: pick(pr[0]))
+    who = f"`{row.name}` " if len(rows) > 1 else ""
+    return Goal(topic, goal, f"{who}FD {p.fd_a:.3f} against {p.fd_b:.3f} ({ref[1]}): {p.fd_a / p.fd_b:.2f}x "
+                f"({p.gap_percent:+.1f} %), paired {p.describe()}", met(p))
+
+
+SEVEN_PLUS_ONE, TWELVE_PLUS_ONE = Config("shortcut", "7+1", 8), Config("shortcut", "12+1", 13)
+
+
+def shortcut_goals(results: Results) -> dict[str, Goal]:
+    return {
+        "7+1": paired_goal(results, "shortcut", "7+1 better than the teacher's best 8 steps", [SEVEN_PLUS_ONE], 8,
+                           lambda p: p.mean < 0, lambda p: p.mean),
+        "12+1": paired_goal(results, "shortcut", "12+1 within 5 % of the teacher's best 20 steps", [TWELVE_PLUS_ONE],
+                            20, lambda p: p.gap_percent <= 5, lambda p: p.gap_percent),
+    }
+
+
+def student_names(results: Results) -> list[str]:
+    return sorted({r.name for r in results.runs if r.group == "student" and r.name != ONE_STEP_START})
+
+
+def student_goals(results: Results) -> list[Goal]:
+    def at(nfe):
+        return [Config("student", name, nfe) for name in student_names(results)
+                if results.stats(Config("student", name, nfe))]
+
+    return [
+        paired_goal(results, "students", "a 4-NFE student better than the teacher's best 4 steps", at(4), 4,
+                    lambda p: p.mean < 0, lambda p: p.mean),
+        paired_goal(results, "students", "a 2-NFE student within 25 % of the teacher's best 20 steps", at(2), 20,
+                    lambda p: p.gap_percent <= 25, lambda p: p.gap_percent),
+        paired_goal(results, "students", "the best one-step student within 1.5x of the teacher's best 20 steps",
+                    at(1), 20, lambda p: p.fd_a <= 1.5 * p.fd_b, lambda p: p.gap_percent),
+    ]
+
+
+COST_SHARE_GOAL = 0.25
+
+
+def cost_goals(results: Results) -> dict[str, Goal]:
+    """Per student file: its training seconds against the teacher's training."""
+    goals = {}
+    teacher_cost = results.teacher_cost
+    for f in sorted(results.students, key=lambda f: f.file):
+        goal = f"`{f.file}` distilled in at most {100 * COST_SHARE_GOAL:.0f} % of the teacher's training"
+        if f.train_seconds is None or teacher_cost is None:
+            what = "not recorded" if f.train_seconds is None else "the teacher's cost is not measured (`--groups costs`)"
+            goals[f.file] = Goal("costs", goal, what, None)
+        else:
+            share = f.train_seconds / teacher_cost.seconds
+            goals[f.file] = Goal("costs", goal, f"{f.train_seconds / 60:.1f} min, {100 * share:.0f} %",
+                                 share <= COST_SHARE_GOAL)
+    return goals
+
+
+def goals(results: Results) -> list[Goal]:
+    """Every goal of issue 11 the benchmark measures."""
+    return (vae_goals(results) + list(shortcut_goals(results).values()) + student_goals(results)
+            + list(cost_goals(results).values()))
+
+
+# --- the sections -------------------------------------------------------------------------------------
+
+
 def header_section(results: Results) -> list[str]:
     return ["# Lab report", "",
             "Generated by `python -m direct_distill benchmark` from `lab/results.json`; do not edit by hand.",
@@ -506,21 +766,24 @@ def header_section(results: Results) -> list[str]:
             f"(100 per class); FD is the Fréchet distance to the 10,000 real test images in the lab "
             "classifier's 128-d feature space, accuracy is the classifier's agreement with the prompt. "
             "FD cells give seed set 0 (the same noise for every row); where more seed sets ran, their mean "
-            "± standard deviation follows in brackets.", ""]
+            "± standard deviation follows in brackets. Two rows are compared on the seed sets both ran (a "
+            "paired difference), which counts as significant when its mean exceeds twice its standard error.", ""]
 
 
 def floors_section(results: Results) -> list[str]:
     if not results.floors:
         return []
-    real = [f.fd for f in results.floors if f.name == "real train vs test"]
-    vae = next((f for f in results.floors if f.name == "VAE reconstruction"), None)
     lines = ["## Floors", "", "| reference | FD | accuracy |", "|---|---|---|"]
-    if real:
-        sd = f" ± {statistics.stdev(real):.2f}" if len(real) > 1 else ""
-        lines.append(f"| {results.sample_count()} real training images | {statistics.mean(real):.2f}{sd} | – |")
-    if vae:
-        lines.append(f"| the same images through the VAE (encode, decode) | {vae.fd:.2f} | {vae.accuracy:.3f} |")
-    return lines + [""]
+    for name, label in ((REAL_FLOOR, f"{results.floors[0].n} real training images"),
+                        (VAE_FLOOR, "the same images through the VAE (encode, decode)")):
+        rows = [f for f in results.floors if f.name == name]
+        if not rows:
+            continue
+        fds, accs = [f.fd for f in rows], [f.accuracy for f in rows if f.accuracy is not None]
+        sd = f" ± {statistics.stdev(fds):.2f}" if len(fds) > 1 else ""
+        acc = f"{statistics.mean(accs):.3f}" if accs else "–"
+        lines.append(f"| {label} | {statistics.mean(fds):.2f}{sd} | {acc} |")
+    return lines + ["", "The VAE's goals:", "", *goal_lines(vae_goals(results)), ""]
 
 
 def guidance_section(results: Results) -> list[str]:
@@ -534,10 +797,10 @@ def guidance_section(results: Results) -> list[str]:
 
 
 def teacher_quality_section(results: Results) -> list[str]:
-    teacher50 = results.stats("schedule", KARRAS.label, 50)
+    teacher50 = results.stats(teacher_on(KARRAS, 50))
     if not teacher50:
         return []
-    real = [f.fd for f in results.floors if f.name == "real train vs test"]
+    real = [f.fd for f in results.floors if f.name == REAL_FLOOR]
     floor_txt = f" (real-data floor {statistics.mean(real):.2f})" if real else ""
     return ["## Teacher quality", "",
             f"DPM++ 2M Karras, 50 steps, guidance {results.best_guidance:g}, {results.sample_count()} samples: FD "
@@ -547,32 +810,23 @@ def teacher_quality_section(results: Results) -> list[str]:
 def schedules_section(results: Results, plots: Path) -> list[str]:
     if not any(r.group == "schedule" for r in results.runs):
         return []
-    names = [s.label for s in SCHEDULES]
+    names = [s.label for s in SCHEDULES if any(r.name == s.label for r in results.runs)]
     columns = ["| schedule | " + " | ".join(f"NFE {k}" for k in NFES) + " |", "|---|" + "---|" * len(NFES)]
-    lines = ["## Schedules (DPM++ 2M)", "", "FD (lower is better):", "", *columns]
+    lines = ["## Schedules (DPM++ 2M)", "", f"The peers ComfyUI users pick, at its settings ({PEER_SETTINGS}).", "",
+             "FD (lower is better):", "", *columns]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(fmt_fd(results.stats("schedule", name, k)) for k in NFES) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt_fd(results.stats(teacher_on(name, k))) for k in NFES) + " |")
     lines += ["", "Class accuracy:", "", *columns]
     for name in names:
-        cells = [results.stats("schedule", name, k) for k in NFES]
+        cells = [results.stats(teacher_on(name, k)) for k in NFES]
         lines.append(f"| {name} | " + " | ".join(f"{c.accuracy:.3f}" if c else "–" for c in cells) + " |")
     # The cost depends on the NFE only; the karras rows stand for every schedule.
-    cells = [results.stats("schedule", KARRAS.label, k) for k in NFES]
+    cells = [results.stats(teacher_on(KARRAS, k)) for k in NFES]
     lines += ["", "Seconds per image (CPU, batch 500, CFG doubles the batch):", "", *columns,
               "| any schedule | " + " | ".join(f"{c.seconds_per_image * 1e3:.1f} ms" if c else "–" for c in cells)
               + " |", "", "![FD vs NFE](plots/fd_vs_nfe.png)", ""]
     plot_fd_vs_nfe(results, names, plots / "fd_vs_nfe.png")
-    return lines + exp_karras_verdict_section(results)
-
-
-def verdict(mean: float, sd: float | None, k: int, better: str, worse: str) -> str:
-    """Which side a paired FD difference (``better`` minus ``worse``) favours: significant when its mean exceeds
-    twice its standard error."""
-    if sd is None:
-        return f"{better} better (one seed set)" if mean < 0 else f"{worse} better (one seed set)"
-    if abs(mean) > 2 * sd / k ** 0.5:
-        return f"{better} better" if mean < 0 else f"{worse} better"
-    return "no significant difference"
+    return lines + exp_karras_verdict_section(results) + best_schedule_section(results)
 
 
 def exp_karras_verdict_section(results: Results) -> list[str]:
@@ -580,14 +834,13 @@ def exp_karras_verdict_section(results: Results) -> list[str]:
              f"Paired over the same seed sets: FD({EXP_KARRAS.label}) − FD({KARRAS.label}); negative means exp_karras "
              "is better.", "", "| NFE | difference | seed sets | verdict |", "|---|---|---|---|"]
     for nfe in NFES:
-        mean, sd, k = results.paired_difference(EXP_KARRAS.label, KARRAS.label, nfe)
-        if k == 0:
-            continue
-        sd_txt = f" ± {sd:.3f}" if sd is not None else ""
-        lines.append(f"| {nfe} | {mean:+.3f}{sd_txt} | {k} | {verdict(mean, sd, k, 'exp_karras', 'karras')} |")
+        p = results.paired(teacher_on(EXP_KARRAS, nfe), teacher_on(KARRAS, nfe))
+        if p:
+            spread = f" ± {p.sd:.3f}" if p.sd is not None else ""
+            lines.append(f"| {nfe} | {p.mean:+.3f}{spread} | {p.k} | {p.verdict('exp_karras', 'karras')} |")
     best = {}
     for nfe in NFES:
-        candidates = [(st.fd, s) for s in EXP_KARRAS_P if (st := results.stats("schedule", s.label, nfe))]
+        candidates = [(st.fd, s) for s in EXP_KARRAS_P if (st := results.stats(teacher_on(s, nfe)))]
         if candidates:
             best[nfe] = min(candidates, key=lambda c: c[0])[1]
     if best:
@@ -596,14 +849,44 @@ def exp_karras_verdict_section(results: Results) -> list[str]:
     return lines + [""]
 
 
+def best_schedule_section(results: Results) -> list[str]:
+    nfes = sorted({r.nfe for r in results.runs if r.group == "schedule"})
+    rankings = [r for nfe in nfes if (r := results.ranking(nfe))]
+    if not rankings:
+        return []
+    lines = ["### The teacher's best schedule per NFE", "",
+             "Every schedule's mean FD on the seed sets all of them ran; the best against the runner-up, paired. "
+             "The best is the reference for the shortcut and the students at that NFE.", "",
+             "| NFE | schedules (seed sets) | best: FD | runner-up: FD | best − runner-up | verdict |",
+             "|---|---|---|---|---|---|"]
+    for r in rankings:
+        sets = f"{len(r.fds)} ({len(r.seed_sets)})"
+        if r.best_vs_runner_up is None:
+            lines.append(f"| {r.nfe} | {sets} | {r.best}: {r.fds[r.best]:.3f} | – | – | the only schedule run |")
+            continue
+        runner, p = r.order[1], r.best_vs_runner_up
+        if p.sd is None:
+            call = f"{r.best} first (one seed set)"
+        elif p.significant:
+            call = f"{r.best} best, by more than the paired spread"
+        else:
+            call = f"{r.best} first, not separable from {runner}"
+        spread = f" ± {p.sd:.3f}" if p.sd is not None else ""
+        lines.append(f"| {r.nfe} | {sets} | {r.best}: {r.fds[r.best]:.3f} | {runner}: {r.fds[runner]:.3f} | "
+                     f"{p.mean:+.3f}{spread} | {call} |")
+    return lines + [""]
+
+
 def shortcut_section(results: Results) -> list[str]:
-    rows = [(name, results.stats("shortcut", name, k + 1)) for name, (_, k) in SHORTCUT_RUNS.items()]
-    if not any(st for _, st in rows):
+    rows = [(name, Config("shortcut", name, k + 1)) for name, (_, k) in SHORTCUT_RUNS.items()]
+    if not any(results.stats(c) for _, c in rows):
         return []
     from ..models.io import read_safetensors
     from . import SHORTCUT_PATH
 
-    lines = ["## The NAFNet shortcut (K teacher steps + 1 shortcut call)", ""]
+    lines = ["## The NAFNet shortcut (K teacher steps + 1 shortcut call)", "",
+             "K steps of an exp_karras p=1 run (the schedule the shortcut was trained on), then the shortcut; "
+             "against the teacher's best schedule at the same NFE, paired over the seed sets both ran.", ""]
     if SHORTCUT_PATH.is_file():
         psnr = json.loads(read_safetensors(SHORTCUT_PATH)[1].get("extra", "{}")).get("heldout_psnr", {})
         if psnr:
@@ -614,27 +897,21 @@ def shortcut_section(results: Results) -> list[str]:
                 lines.append(f"| {key} | " + " | ".join(f"{v.get(key, float('nan')):.2f} dB" for v in psnr.values())
                              + " |")
             lines.append("")
-    lines += ["| run | NFE | FD | accuracy | teacher exp_karras at the same NFE: FD | accuracy |",
-              "|---|---|---|---|---|---|"]
-    for name, st in rows:
+    goals_by_run = shortcut_goals(results)
+    lines += ["| run | NFE | FD | accuracy | teacher's best at that NFE: FD | run − teacher (paired) | goal |",
+              "|---|---|---|---|---|---|---|"]
+    for name, config in rows:
+        st = results.stats(config)
         if not st:
             continue
-        nfe = SHORTCUT_RUNS[name][1] + 1
-        ref = results.stats("schedule", EXP_KARRAS.label, nfe)
-        ref_cells = f"{fmt_fd(ref)} | {ref.accuracy:.3f}" if ref else "– | –"
-        lines.append(f"| {name} | {nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | {ref_cells} |")
-    ref20 = results.stats("schedule", EXP_KARRAS.label, 20)
-    if ref20:
-        lines.append(f"| teacher, 20 steps | 20 | {fmt_fd(ref20)} | {ref20.accuracy:.3f} | | |")
-        twelve = results.stats("shortcut", "12+1", 13)
-        if twelve:
-            lines += ["", f"12+1 FD is {100 * (twelve.fd / ref20.fd - 1):+.1f} % against the teacher's "
-                      "20-step FD (goal: within 5 %)."]
-        seven, eight = results.stats("shortcut", "7+1", 8), results.stats("schedule", EXP_KARRAS.label, 8)
-        if seven and eight:
-            lines.append(f"7+1 FD {seven.fd:.2f} against the teacher's 8-step {eight.fd:.2f} "
-                         f"({'better' if seven.fd < eight.fd else 'worse'}; goal: better).")
-    return lines + [""]
+        ref = reference(results, config.nfe)
+        p = results.paired(config, ref[0]) if ref else None
+        ref_cell = f"{ref[1]}: {fmt_fd(results.stats(ref[0]))}" if ref else "–"
+        goal = goals_by_run.get(name)
+        goal_cell = f"{goal.goal}: {goal.status}" if goal else "–"
+        lines.append(f"| {name} | {config.nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | {ref_cell} | "
+                     f"{p.describe() if p else '–'} | {goal_cell} |")
+    return lines + ["", *goal_lines(list(goals_by_run.values())), ""]
 
 
 def student_section(results: Results) -> list[str]:
@@ -643,6 +920,7 @@ def student_section(results: Results) -> list[str]:
         return []
     cols = sorted(set(STUDENT_NFES) | {20, 50})
     lines = ["## LoRA students (FD / class accuracy)", "",
+             "The reference row is the teacher's best schedule at each NFE (DPM++ 2M).", "",
              "| model | " + " | ".join(f"NFE {k}" for k in cols) + " |", "|---|" + "---|" * len(cols)]
 
     def cell(st):
@@ -650,42 +928,36 @@ def student_section(results: Results) -> list[str]:
 
     for name in names:
         label = name if name == ONE_STEP_START else f"student `{name}`"
-        lines.append(f"| {label} | " + " | ".join(cell(results.stats("student", name, k)) for k in cols) + " |")
-    lines.append("| teacher, exp_karras DPM++ 2M | " +
-                 " | ".join(cell(results.stats("schedule", EXP_KARRAS.label, k)) for k in cols) + " |")
-    ref20 = results.stats("schedule", EXP_KARRAS.label, 20)
-    if ref20:
-        lines += ["", f"Against the teacher's 20-NFE FD ({ref20.fd:.3f}); the goals are within 25 % at NFE 2 and "
-                  "within 10 % at NFE 4:", ""]
-        for name in (n for n in names if n != ONE_STEP_START):
-            for k, goal in ((2, 25), (4, 10)):
-                st = results.stats("student", name, k)
-                if st:
-                    gap = 100 * (st.fd / ref20.fd - 1)
-                    lines.append(f"- `{name}` at NFE {k}: {gap:+.0f} % ({'met' if gap <= goal else 'missed'})")
-    return lines + [""]
+        lines.append(f"| {label} | " + " | ".join(cell(results.stats(Config("student", name, k))) for k in cols) + " |")
+    refs = [reference(results, k) for k in cols]
+    lines.append("| teacher, its best schedule | " + " | ".join(
+        f"{cell(results.stats(ref[0]))} ({ref[0].name})" if ref else "–" for ref in refs) + " |")
+    return lines + ["", *goal_lines(student_goals(results)), ""]
 
 
 def cost_section(results: Results) -> list[str]:
     """Each student file's recorded training seconds next to the teacher's training cost."""
     files = sorted(results.students, key=lambda s: s.file)
-    teacher = results.teacher_cost
+    teacher_cost = results.teacher_cost
     if not files:
         return []
+    goals_by_file = cost_goals(results)
     lines = ["## What distillation costs", "",
              "Seconds in the training loop, recorded in each student file (CPU, one thread unless noted). "
              + (f"The teacher's training, timed on this machine with the same code: VAE "
-                f"{teacher.vae_seconds_per_step:.3f} s/step x {teacher.vae_steps} + UNet "
-                f"{teacher.unet_seconds_per_step:.3f} s/step x {teacher.unet_steps} (batch "
-                f"{teacher.unet_batch}) = **{teacher.seconds / 60:.1f} min** on {teacher.threads} thread(s)."
-                if teacher else "The teacher's cost is not measured yet (`--groups costs`)."), "",
-             "| student file | NFE | training | share of the teacher's training |", "|---|---|---|---|"]
+                f"{teacher_cost.vae_seconds_per_step:.3f} s/step x {teacher_cost.vae_steps} + UNet "
+                f"{teacher_cost.unet_seconds_per_step:.3f} s/step x {teacher_cost.unet_steps} (batch "
+                f"{teacher_cost.unet_batch}) = **{teacher_cost.seconds / 60:.1f} min** on {teacher_cost.threads} "
+                "thread(s)." if teacher_cost else "The teacher's cost is not measured yet (`--groups costs`)."), "",
+             f"| student file | NFE | training | share of the teacher's training | goal: at most "
+             f"{100 * COST_SHARE_GOAL:.0f} % |", "|---|---|---|---|---|"]
     for f in files:
         sec = f.train_seconds
-        share = f"{100 * sec / teacher.seconds:.0f} %" if sec is not None and teacher else "–"
+        share = f"{100 * sec / teacher_cost.seconds:.0f} %" if sec is not None and teacher_cost else "–"
         threads = f" ({f.threads} threads)" if f.threads not in (None, 1) else ""
         lines.append(f"| `{f.file}` | {', '.join(map(str, f.nfes))} | "
-                     f"{f'{sec / 60:.1f} min' if sec is not None else 'not recorded'}{threads} | {share} |")
+                     f"{f'{sec / 60:.1f} min' if sec is not None else 'not recorded'}{threads} | {share} | "
+                     f"{goals_by_file[f.file].status} |")
     return lines + [""]
 
 
@@ -696,7 +968,7 @@ def curve_section(results: Results, plots: Path) -> list[str]:
     if not files:
         return []
     runs = {name: f.evaluations for name, f in files.items()}
-    start = results.stats("student", ONE_STEP_START, 1)
+    start = results.stats(Config("student", ONE_STEP_START, 1))
     plot_curves(runs, plots / "one_step_curves.png", start=start.fd0 if start else None)
     lines = ["## One-step students along training", "",
              "FD of 1,000 samples of the student at regular steps (its own seeds, guidance 1). DisBack's steps are "
@@ -725,34 +997,51 @@ def curve_section(results: Results, plots: Path) -> list[str]:
     return lines + [""]
 
 
+def goals_section(results: Results) -> list[str]:
+    return (["## Goals of issue 11", "", "| topic | goal | measured | status |", "|---|---|---|---|"]
+            + [f"| {g.topic} | {g.goal} | {g.measured} | {g.status} |" for g in goals(results)] + [""])
+
+
 def write_report(results: Results, path: Path = REPORT) -> str:
     """Writes the report (and its plots, beside it in ``plots/``) from ``results``; returns its text."""
     plots = path.parent / "plots"
     students = student_section(results)
     lines = (header_section(results) + floors_section(results) + guidance_section(results)
              + teacher_quality_section(results) + schedules_section(results, plots) + shortcut_section(results)
-             + students + (cost_section(results) + curve_section(results, plots) if students else []))
+             + students + (cost_section(results) + curve_section(results, plots) if students else [])
+             + goals_section(results))
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+GROUPS = ("floors", "cfg", "schedules", "shortcut", "students", "costs")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default="floors,cfg,schedules",
-                        help="comma-separated row groups to (re)run: floors, cfg, schedules, shortcut, students, costs")
+                        help=f"comma-separated row groups to (re)run: {', '.join(GROUPS)}")
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3, help="seed sets for the spread at NFE 8, 12, 20")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="seed sets of the paired comparisons (schedules at NFE 4, 8, 12, 20, shortcut, students)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start a new results file (needed after retraining the teacher: rows never mix teachers)")
     parser.add_argument("--guidance", type=float, default=None, help="skip the sweep and use this CFG")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
     args = parser.parse_args(argv)
     if args.report_only:
         print(write_report(Results.load()))
         return
+    if args.samples < 1 or args.repeats < 1:
+        parser.error("--samples and --repeats must be >= 1")
     torch.manual_seed(0)
-    bench = Bench(args.samples)
     groups = set(args.groups.split(","))
+    unknown = groups - set(GROUPS)
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(sorted(unknown))}; the groups are {', '.join(GROUPS)}")
+    bench = Bench(args.samples, fresh=args.fresh)
     if "floors" in groups:
         run_floors(bench, args.repeats)
     guidance = args.guidance or bench.results.best_guidance

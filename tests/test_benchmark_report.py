@@ -1,53 +1,180 @@
-"""The lab report's arithmetic: paired differences over seed sets, verdicts, tables from results."""
+"""The lab benchmark: typed results and their file, paired comparisons, the schedule ranking, the goals of
+issue 11, the report drawn from them, and the row groups run on the committed lab teacher at tiny sizes."""
+
+import functools
+import json
 
 import pytest
 
-from direct_distill.lab.benchmark import (NFES, Evaluation, Results, Run, StudentFile, TeacherCost,
+from direct_distill.lab.benchmark import (EXP_KARRAS, KARRAS, ONE_STEP_START, REAL_FLOOR, VAE_FLOOR, Bench,
+                                          Evaluation, Floor, Results, Run, StudentFile, TeacherCost, goals,
+                                          main, run_costs, run_floors, run_schedules, schedule, teacher_on,
                                           write_report)
+from direct_distill.lab.data import DATA_DIR
+
+needs_data = pytest.mark.skipif(not (DATA_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+                                reason=f"Fashion-MNIST not installed at {DATA_DIR} (apt-get install dataset-fashion-mnist)")
+GITS = schedule("gits")
 
 
-def fake_results(karras_fd, exp_fd):
-    """Results as the benchmark records them, from {nfe: [FD per seed set]} per schedule."""
-    results = Results()
-    for name, table in (("karras", karras_fd), ("exp_karras p=1", exp_fd)):
-        for nfe, fds in table.items():
-            for s, fd in enumerate(fds):
-                results.runs.append(Run("schedule", name, nfe, s, n=1000, fd=fd, accuracy=0.9, seconds_per_image=0.01))
-    return results
+def run(group, name, nfe, seed_set, fd, accuracy=0.9, **extra):
+    return Run(group, name, nfe, seed_set, n=1000, fd=fd, accuracy=accuracy, seconds_per_image=0.01, **extra)
 
 
-def test_paired_difference_uses_matching_seed_sets():
-    res = fake_results({20: [5.0, 6.0, 7.0]}, {20: [4.0, 5.5, 6.0]})
-    mean, sd, k = res.paired_difference("exp_karras p=1", "karras", 20)
-    assert k == 3 and mean == pytest.approx((-1.0 - 0.5 - 1.0) / 3)
-    assert sd == pytest.approx(0.288675, rel=1e-4)
+def schedule_runs(table):
+    """{schedule label: {nfe: [FD per seed set]}} as schedule rows."""
+    return [run("schedule", name, nfe, s, fd) for name, by_nfe in table.items() for nfe, fds in by_nfe.items()
+            for s, fd in enumerate(fds)]
 
 
-def test_report_verdicts_follow_the_spread(tmp_path):
-    # NFE 8: a consistent gain; NFE 20: noise around zero.
-    res = fake_results({8: [10.0, 11.0, 12.0], 20: [5.0, 6.0, 7.0]},
-                       {8: [8.0, 9.1, 9.9], 20: [5.3, 5.8, 7.1]})
+def table_rows(text: str, heading: str, first_column: str | None = None) -> list[list[str]]:
+    """The cells of the first Markdown table after ``heading`` (whose first column is ``first_column``, if given),
+    header and rule excluded."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|" if first_column is None
+                                                                      else f"| {first_column} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_paired_difference_uses_the_seed_sets_both_ran():
+    res = Results(runs=schedule_runs({"karras": {20: [5.0, 6.0, 7.0]}})
+                  + [run("schedule", "exp_karras p=1", 20, s, fd) for s, fd in ((0, 4.0), (2, 6.0), (3, 1.0))])
+    p = res.paired(teacher_on(EXP_KARRAS, 20), teacher_on(KARRAS, 20))
+    assert p.k == 2 and p.mean == pytest.approx(-1.0) and p.sd == pytest.approx(0.0)
+    assert (p.fd_a, p.fd_b) == (pytest.approx(5.0), pytest.approx(6.0))
+    assert res.paired(teacher_on(EXP_KARRAS, 8), teacher_on(KARRAS, 20)) is None
+
+
+@pytest.mark.parametrize("karras, exp_karras, verdict", [
+    ([10.0, 11.0, 12.0], [8.0, 9.1, 9.9], "exp_karras better"),    # a consistent gain
+    ([5.0, 6.0, 7.0], [5.3, 5.8, 7.1], "no significant difference"),  # noise around zero
+    ([5.0, 6.0, 7.0], [5.2, 6.3, 7.2], "karras better"),
+    ([5.0], [4.9], "exp_karras better (one seed set)"),
+])
+def test_exp_karras_verdict_follows_the_paired_spread(tmp_path, karras, exp_karras, verdict):
+    res = Results(runs=schedule_runs({"karras": {8: karras}, "exp_karras p=1": {8: exp_karras}}))
     text = write_report(res, tmp_path / "REPORT.md")
-    row8 = next(line for line in text.splitlines() if line.startswith("| 8 |"))
-    row20 = next(line for line in text.splitlines() if line.startswith("| 20 |"))
-    assert "exp_karras better" in row8
-    assert "no significant difference" in row20
-    assert (tmp_path / "plots" / "fd_vs_nfe.png").is_file()
-    assert "10.00" not in text.split("## Schedules")[0], "no schedule numbers before the schedules table"
-    assert f"NFE {NFES[-1]}" in text
+    (row,) = table_rows(text, "### Does exp_karras beat karras?")
+    assert row[0] == "8" and row[2] == str(len(karras)) and row[3] == verdict
+
+
+def test_ranking_uses_the_seed_sets_every_schedule_ran():
+    res = Results(runs=schedule_runs({
+        "karras": {8: [1.00, 1.10, 1.20]}, "gits": {8: [0.90, 1.00, 1.10]}, "beta": {8: [0.95, 1.06, 1.13]},
+        "simple": {8: [0.80]},  # better on seed set 0, but ran only there
+    }))
+    ranking = res.ranking(8)
+    assert ranking.seed_sets == [0] and ranking.best == "simple"
+    res.runs = [r for r in res.runs if r.name != "simple"]
+    ranking = res.ranking(8)
+    assert ranking.seed_sets == [0, 1, 2] and ranking.order == ["gits", "beta", "karras"]
+    assert ranking.best_vs_runner_up.mean == pytest.approx(-0.0467, abs=1e-4)
+    assert ranking.best_vs_runner_up.significant  # 0.05, 0.06, 0.03 apart: more than the paired spread
+    assert res.teacher_best(8) == teacher_on(GITS, 8) and res.teacher_best(4) is None
+
+
+def test_best_schedule_table_says_whether_the_best_is_separable(tmp_path):
+    res = Results(runs=schedule_runs({"karras": {4: [2.0, 2.2, 2.4], 8: [1.00, 1.10, 1.20]},
+                                      "gits": {4: [1.0, 1.1, 1.2], 8: [0.98, 1.13, 1.17]}}))
+    rows = {r[0]: r for r in table_rows(write_report(res, tmp_path / "REPORT.md"),
+                                        "### The teacher's best schedule per NFE")}
+    assert rows["4"][2].startswith("gits") and "by more than the paired spread" in rows["4"][5]
+    assert "not separable from karras" in rows["8"][5]
+
+
+def goal_results(**overrides):
+    """A full set of results in which every goal of issue 11 is met, then ``overrides`` applied."""
+    fd = dict(real=0.5, vae=0.9, real_acc=0.95, vae_acc=0.945, best8=1.0, seven=0.95, best20=0.80, twelve=0.83,
+              best4=1.2, student4=1.1, student2=0.98, student1=1.15, share=0.2)
+    fd.update(overrides)
+    res = Results(teacher_cost=TeacherCost(0.5, 2000, 64, 0.6, 4500, 128, seconds=1000.0, threads=1))
+    for s in range(3):
+        jitter = 0.01 * s
+        res.floors += [Floor(REAL_FLOOR, s, 1000, fd["real"] + jitter, fd["real_acc"]),
+                       Floor(VAE_FLOOR, s, 1000, fd["vae"] + jitter, fd["vae_acc"])]
+        res.runs += [run("schedule", "gits", 8, s, fd["best8"] + jitter), run("schedule", "karras", 8, s, 2.0),
+                     run("schedule", "gits", 20, s, fd["best20"] + jitter), run("schedule", "karras", 20, s, 2.0),
+                     run("schedule", "gits", 4, s, fd["best4"] + jitter), run("schedule", "karras", 4, s, 3.0),
+                     run("shortcut", "7+1", 8, s, fd["seven"] + jitter), run("shortcut", "12+1", 13, s, fd["twelve"]),
+                     run("student", "sfd", 4, s, fd["student4"] + jitter), run("student", "sfd", 2, s, fd["student2"]),
+                     run("student", "disback", 1, s, fd["student1"]), run("student", "gdd", 1, s, 5.0)]
+    res.students = [StudentFile("sfd", "sfd.safetensors", "sfd", [2, 4], 1000.0 * fd["share"], 1, "cpu")]
+    return res
+
+
+def status(res):
+    return {g.goal: g.met for g in goals(res)}
+
+
+def test_every_goal_met():
+    assert set(status(goal_results()).values()) == {True} and len(goals(goal_results())) == 8
+
+
+@pytest.mark.parametrize("override, missed", [
+    (dict(vae=1.1), "round-trip FD within 2x the real-data floor"),
+    (dict(vae_acc=0.935), "reconstructions classified as well as real images (within 1 point)"),
+    (dict(seven=1.01), "7+1 better than the teacher's best 8 steps"),
+    (dict(twelve=0.86), "12+1 within 5 % of the teacher's best 20 steps"),
+    (dict(student4=1.25), "a 4-NFE student better than the teacher's best 4 steps"),
+    (dict(student2=1.03), "a 2-NFE student within 25 % of the teacher's best 20 steps"),
+    (dict(student1=1.25), "the best one-step student within 1.5x of the teacher's best 20 steps"),
+    (dict(share=0.3), "`sfd.safetensors` distilled in at most 25 % of the teacher's training"),
+])
+def test_each_goal_is_missed_past_its_bound(override, missed):
+    assert {goal for goal, met in status(goal_results(**override)).items() if not met} == {missed}
+
+
+def test_goals_are_measured_against_the_teachers_best_schedule():
+    (seven,) = [g for g in goals(goal_results()) if g.goal.startswith("7+1")]
+    assert "against 1.010 (gits, best of 2 schedules)" in seven.measured and "3 seed sets, significant" in seven.measured
+    one_step = next(g for g in goals(goal_results()) if "one-step" in g.goal)
+    assert one_step.measured.startswith("`disback` FD 1.150 against 0.810") and "1.42x" in one_step.measured
+
+
+def test_unmeasured_goals_say_so():
+    res = Results(runs=[run("schedule", "karras", 8, 0, 1.0)])
+    assert {g.met for g in goals(res)} == {None}
+    res.students = [StudentFile("sfd", "sfd.safetensors", "sfd", [4], 300.0, 1, "cpu")]
+    (cost,) = [g for g in goals(res) if g.topic == "costs"]
+    assert cost.met is None and "--groups costs" in cost.measured
+
+
+def test_the_report_states_every_goal_with_its_figure(tmp_path):
+    res = goal_results(twelve=0.9)
+    text = write_report(res, tmp_path / "REPORT.md")
+    lines = text.splitlines()
+    before_summary = text.split("## Goals of issue 11")[0].splitlines()
+    for goal in goals(res):
+        # Stated where its row is (a cost goal in its file's row of the costs table), and in the summary.
+        where = goal.goal.split()[0] if goal.topic == "costs" else goal.goal
+        assert any(where in line and goal.status in line for line in before_summary), goal.goal
+        assert any(goal.goal in line and goal.measured in line and goal.status in line for line in lines)
+    shortcut = {r[0]: r for r in table_rows(text, "## The NAFNet shortcut", first_column="run")}
+    assert "gits, best of 2 schedules" in shortcut["7+1"][4] and shortcut["12+1"][6].endswith("**missed**")
+    students = {r[0]: r for r in table_rows(text, "## LoRA students")}
+    assert students["teacher, its best schedule"][3].endswith("(gits)")  # NFE 4
+
+
+def test_floors_table_gives_fd_and_accuracy_over_seed_sets(tmp_path):
+    rows = {r[0]: r for r in table_rows(write_report(goal_results(), tmp_path / "REPORT.md"), "## Floors")}
+    assert rows["1000 real training images"][1:] == ["0.51 ± 0.01", "0.950"]
+    assert rows["the same images through the VAE (encode, decode)"][1:] == ["0.91 ± 0.01", "0.945"]
 
 
 def test_student_costs_and_training_curves(tmp_path):
-    res = fake_results({20: [1.0]}, {1: [5.0], 20: [1.0]})
-    res.teacher_cost = TeacherCost(vae_seconds_per_step=0.5, vae_steps=2000, vae_batch=64, unet_seconds_per_step=0.6,
-                                   unet_steps=4500, unet_batch=128, seconds=3700.0, threads=1)
-    for name, nfe, fd in (("sfd", 4, 1.05), ("progressive", 1, 3.0), ("progressive", 2, 1.2)):
-        res.runs.append(Run("student", name, nfe, 0, n=1000, fd=fd, accuracy=0.9, seconds_per_image=0.001))
+    res = Results(runs=[run("student", "sfd", 4, 0, 1.05), run("student", ONE_STEP_START, 1, 0, 7.0)],
+                  teacher_cost=TeacherCost(0.5, 2000, 64, 0.6, 4500, 128, seconds=3700.0, threads=1))
     meta = dict(method="disback", nfes=[1], threads=1, device="cpu")
-    res.students += [
-        StudentFile(**{**meta, "method": "sfd", "nfes": [2, 4]}, name="sfd", file="sfd.safetensors", train_seconds=370.0),
-        StudentFile(**{**meta, "method": "progressive"}, name="progressive", file="progressive_nfe2.safetensors",
-                    train_seconds=None),
+    res.students = [
+        StudentFile(**{**meta, "method": "sfd", "nfes": [2, 4]}, name="sfd", file="sfd.safetensors",
+                    train_seconds=370.0),
+        StudentFile(**{**meta, "method": "progressive", "threads": 4}, name="progressive",
+                    file="progressive_nfe2.safetensors", train_seconds=None),
         # With backtracking: FD 4.0 (the plain run's best) at step 400; the plain run gets there at step 1000.
         StudentFile(**meta, name="disback", file="disback.safetensors", train_seconds=900.0,
                     selected=Evaluation(400, 3.9),
@@ -56,15 +183,109 @@ def test_student_costs_and_training_curves(tmp_path):
                     evaluations=[Evaluation(200, 6.0), Evaluation(600, 4.5), Evaluation(1000, 4.0)]),
     ]
     text = write_report(res, tmp_path / "REPORT.md")
-    lines = text.splitlines()
-    assert "= **61.7 min**" in text
-    assert "| `sfd.safetensors` | 2, 4 | 6.2 min | 10 % |" in lines
-    assert "| `progressive_nfe2.safetensors` | 1 | not recorded | – |" in lines
-    assert "`disback`: steps to reach FD 4.00 (the higher of the runs' best FDs):" in lines
-    assert "| `disback` | 400 |" in lines and "| `plain` | 1000 |" in lines
-    assert "| `disback` | 5.00 (200) | 3.50 (600) | 3.50 (600) | 400 |" in lines  # the file holds the selected step
-    assert "| `plain` | 6.00 (200) | 4.00 (1000) | 4.00 (1000) | 1000 |" in lines
-    assert "- `progressive` at NFE 2: +20 % (met)" in lines
+    assert "61.7 min" in text  # the teacher's 3700 s
+    costs = {r[0]: r for r in table_rows(text, "## What distillation costs")}
+    assert costs["`sfd.safetensors`"][1:] == ["2, 4", "6.2 min", "10 %", "**met**"]
+    assert costs["`progressive_nfe2.safetensors`"][2:] == ["not recorded (4 threads)", "–", "not measured"]
+    curves = {r[0]: r[1:] for r in table_rows(text, "## One-step students along training")}
+    assert curves["`disback`"] == ["5.00 (200)", "3.50 (600)", "3.50 (600)", "400"]  # the file holds the selected step
+    assert curves["`plain`"] == ["6.00 (200)", "4.00 (1000)", "4.00 (1000)", "1000"]
+    assert dict(table_rows(text, "`disback`: steps to reach FD 4.00")) == {"`disback`": "400", "`plain`": "1000"}
     assert (tmp_path / "plots" / "one_step_curves.png").is_file()
-    row = next(line for line in lines if line.startswith("| student `progressive` |"))
-    assert "3.000 / 0.900" in row and "1.200 / 0.900" in row  # both rounds' files share one row
+
+
+def test_report_before_anything_is_measured_has_no_empty_sections(tmp_path):
+    text = write_report(Results(), tmp_path / "REPORT.md")
+    assert "## Schedules" not in text and "## Floors" not in text and "## Goals of issue 11" in text
+
+
+def test_results_file_round_trip_and_merge():
+    res = goal_results()
+    res.students[0].evaluations = [Evaluation(100, 5.0, 0.6)]
+    res.students[0].selected = Evaluation(100, 5.0)
+    res.best_guidance, res.teacher = 2.0, "abc"
+    again = Results.from_json(json.loads(json.dumps(res.to_json())))
+    assert sorted(again.runs, key=lambda r: r.key) == sorted(res.runs, key=lambda r: r.key)
+    assert sorted(again.floors, key=lambda f: f.key) == sorted(res.floors, key=lambda f: f.key)
+    assert (again.students, again.teacher_cost, again.best_guidance, again.teacher) == (
+        res.students, res.teacher_cost, 2.0, "abc")
+    again.merge(Results(runs=[run("schedule", "gits", 8, 0, 9.0)], best_guidance=3.0))
+    assert again.has(teacher_on(GITS, 8), 0).fd == 9.0 and len(again.runs) == len(res.runs)
+    assert again.best_guidance == 3.0 and again.teacher == "abc"
+
+
+def test_cli_refuses_an_unknown_group_before_loading_anything():
+    with pytest.raises(SystemExit):
+        main(["--groups", "floors,peers"])
+
+
+def test_costs_come_from_the_teachers_cost_function(tmp_path, monkeypatch):
+    import direct_distill.lab.teacher as lab_teacher
+
+    cost = dict(vae_seconds_per_step=0.5, vae_steps=10, vae_batch=4, unet_seconds_per_step=0.25, unet_steps=20,
+                unet_batch=8, seconds=10.0, threads=1)
+    monkeypatch.setattr(lab_teacher, "measure_training_cost", lambda: cost)
+    bench = Bench(1, tmp_path / "results.json", pipe=object(), evaluator=object(), teacher_id="t")
+    run_costs(bench)
+    assert Results.load(tmp_path / "results.json").teacher_cost == TeacherCost(**cost)
+
+
+# --- row groups on the committed lab teacher, at tiny sizes ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab_bench_parts():
+    from direct_distill.lab.data import load_fashion_mnist
+    from direct_distill.lab.evaluator import Evaluator
+    from direct_distill.lab.sampling import load_teacher
+
+    class SmallEvaluator(Evaluator):
+        """The lab evaluator with FD against 500 of the real test images (the 10,000 take a minute on one core)."""
+
+        @functools.cached_property
+        def test_features(self):
+            return self.features(load_fashion_mnist("test")[0][:500])
+
+    return load_teacher(), SmallEvaluator()
+
+
+def tiny_bench(tmp_path, parts, teacher_id="lab", fresh=False):
+    pipe, evaluator = parts
+    return Bench(10, tmp_path / "results.json", fresh=fresh, pipe=pipe, evaluator=evaluator, teacher_id=teacher_id,
+                 plots=tmp_path / "plots")
+
+
+@needs_data
+def test_schedule_grid_samples_every_schedule_on_every_seed_set(tmp_path, lab_bench_parts):
+    bench = tiny_bench(tmp_path, lab_bench_parts)
+    run_schedules(bench, 2.0, repeats=2, schedules=(KARRAS, GITS), grid_nfes=(2,), last_nfe=3)
+    on_disk = Results.load(tmp_path / "results.json")
+    assert sorted(r.key for r in on_disk.runs) == sorted(
+        [("schedule", s.label, 2, seed) for s in (KARRAS, GITS) for seed in (0, 1)]
+        + [("schedule", s.label, 3, 0) for s in (KARRAS, GITS)])
+    assert all(r.n == 10 and r.guidance == 2.0 and 0 <= r.accuracy <= 1 and r.fd > 0 for r in on_disk.runs)
+    assert on_disk.ranking(2).seed_sets == [0, 1] and on_disk.teacher == "lab"
+    assert (tmp_path / "plots" / "grid_schedule_gits_2.png").is_file()
+    rows = table_rows(write_report(on_disk, tmp_path / "REPORT.md"), "### The teacher's best schedule per NFE")
+    assert [(r[0], r[1]) for r in rows] == [("2", "2 (2)"), ("3", "2 (1)")]
+
+
+@needs_data
+def test_floors_measure_real_images_and_the_vae_round_trip_per_seed_set(tmp_path, lab_bench_parts):
+    bench = tiny_bench(tmp_path, lab_bench_parts)
+    run_floors(bench, repeats=2)
+    floors = {f.key: f for f in Results.load(tmp_path / "results.json").floors}
+    assert set(floors) == {(name, s) for name in (REAL_FLOOR, VAE_FLOOR) for s in (0, 1)}
+    assert floors[(REAL_FLOOR, 0)].fd == pytest.approx(bench.evaluator.real_floor(10, seed=0))
+    assert all(f.accuracy is not None and f.n == 10 for f in floors.values())
+    assert floors[(VAE_FLOOR, 0)].fd != floors[(REAL_FLOOR, 0)].fd
+
+
+@needs_data
+def test_a_results_file_never_mixes_teachers(tmp_path, lab_bench_parts):
+    bench = tiny_bench(tmp_path, lab_bench_parts, teacher_id="first")
+    bench.save(Results(runs=[run("schedule", "karras", 8, 0, 1.0)]))
+    with pytest.raises(ValueError, match="another teacher.*--fresh"):
+        tiny_bench(tmp_path, lab_bench_parts, teacher_id="retrained")
+    fresh = tiny_bench(tmp_path, lab_bench_parts, teacher_id="retrained", fresh=True)
+    assert fresh.results.runs == [] and Results.load(tmp_path / "results.json").teacher == "retrained"
