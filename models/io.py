@@ -40,13 +40,36 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     try:
         tmp = partial / path.name
         save_file(tensors, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # temporary files are created 0600
+        os.chmod(tmp, _ordinary_mode())
         os.replace(tmp, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file beside it and a rename, with ordinary permissions:
+    the small JSON records that sit beside the weights."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _ordinary_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _ordinary_mode() -> int:
+    """0666 less the umask: what an ordinary new file gets (temporary files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _remove_stale_partials(path: Path) -> None:

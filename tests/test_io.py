@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from direct_distill.models.io import (PARTIAL_SUFFIX, atomic_save_file, check_writable, check_writable_folder,
-                                      read_safetensors)
+from direct_distill.models.io import (PARTIAL_SUFFIX, atomic_save_file, atomic_write_text, check_writable,
+                                      check_writable_folder, read_safetensors)
 
 
 @pytest.fixture
@@ -90,3 +90,10 @@ def test_a_read_only_folder_is_unwritable(tmp_path):
             check_writable(folder / "x.safetensors", "--out")
     finally:
         folder.chmod(0o700)
+
+
+def test_json_records_are_written_whole_with_ordinary_permissions(tmp_path, umask_022):
+    path = atomic_write_text(tmp_path / "work" / "settings.json", '{"lr": 0.1}')
+    assert path.read_text() == '{"lr": 0.1}' and oct(path.stat().st_mode & 0o777) == oct(0o644)
+    atomic_write_text(path, '{"lr": 0.2}')
+    assert path.read_text() == '{"lr": 0.2}' and [p.name for p in path.parent.iterdir()] == ["settings.json"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..models.io import check_writable, check_writable_folder
+from ..models.io import atomic_write_text, check_writable, check_writable_folder
 from .config import RunConfig, Settings, SettingError, flag_of, leaves, record, replace_settings
 from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
                    read_prompts)
@@ -262,11 +261,7 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator) ->
             raise SettingError("work", f"{work} holds a run with other settings ({listed}); re-run with its "
                                        "settings to resume it, or give another --work folder")
     elif accelerator.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{SETTINGS_FILE}.", suffix=".tmp", dir=work)
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(mine, indent=1))
     accelerator.wait_for_everyone()
 
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..models.io import FileFormatError, atomic_save_file, read_safetensors
+from ..models.io import FileFormatError, atomic_save_file, atomic_write_text, read_safetensors
 from ..pipelines.shortcut import next_unet_input
 
 INDEX_NAME = "index.json"
@@ -197,8 +196,4 @@ def _write_or_check_index(folder: Path, config: dict) -> None:
             raise ValueError(f"{folder} holds a capture made with other settings ({', '.join(changed)}); "
                              "use another folder, or delete this one to start over")
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_NAME}.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(config, f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(config, indent=1, allow_nan=False))
