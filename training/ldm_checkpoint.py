@@ -218,7 +218,7 @@ HUB_TOKENIZERS = (("openai/clip-vit-large-patch14", ""),
 def comfyui_tokenizer_folders() -> list[Path]:
     """ComfyUI's copy of CLIP's vocabulary: beside this package when it is installed as a custom node
     (``ComfyUI/custom_nodes/<this>/``), or in the ``comfy`` package when that is importable."""
-    folders = [root.parents[1] / "comfy" / "sd1_tokenizer" for root in (PACKAGE_ROOT, PACKAGE_ROOT.resolve())]
+    folders = [root.parent.parent / "comfy" / "sd1_tokenizer" for root in (PACKAGE_ROOT, PACKAGE_ROOT.resolve())]
     spec = importlib.util.find_spec("comfy")
     if spec is not None and spec.submodule_search_locations:
         folders += [Path(p) / "sd1_tokenizer" for p in spec.submodule_search_locations]
