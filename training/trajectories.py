@@ -99,7 +99,7 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "teacher": teacher or str(getattr(pipe, "name_or_path", None) or type(pipe).__name__),
         "pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__,
-        "scheduler_config": dict(scheduler.config), "num_inference_steps": num_inference_steps,
+        "scheduler_config": _settings(scheduler.config), "num_inference_steps": num_inference_steps,
         "capture_steps": capture_steps, "guidance_scale": guidance_scale, "seed": seed,
         "num_trajectories": num_trajectories, "shard_size": shard_size, "prompts": list(prompts),
         "pipe_kwargs": pipe_kwargs or {},
@@ -187,10 +187,17 @@ def _shard_name(n: int) -> str:
     return f"shard-{n:05d}.safetensors"
 
 
+def _settings(scheduler_config) -> dict:
+    """A scheduler config without diffusers' bookkeeping (``_class_name``, ``_diffusers_version`` and
+    ``_use_default_values``, a set listed in an order that changes from one process to the next)."""
+    return {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+
+
 def _write_or_check_index(folder: Path, config: dict) -> None:
     path = folder / INDEX_NAME
     if path.is_file():
         old = json.loads(path.read_text())
+        old["scheduler_config"] = _settings(old.get("scheduler_config", {}))
         changed = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
         if changed:
             raise ValueError(f"{folder} holds a capture made with other settings ({', '.join(changed)}); "
