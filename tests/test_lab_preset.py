@@ -12,7 +12,7 @@ from direct_distill.lab import STUDENTS_DIR, TEACHER_DIR
 from direct_distill.lab.distill_preset import LAB, lab_latents
 from direct_distill.models.student_file import read_student
 from direct_distill.training.cli import build_parser
-from direct_distill.training.config import record, replace_settings
+from direct_distill.training.config import replace_settings, training_record
 from direct_distill.training.registry import entry
 from direct_distill.training.runner import prepare
 
@@ -68,7 +68,7 @@ def test_the_readme_commands_of_the_committed_students_still_mean_their_recorded
         out = README.parent / plan.run.out  # the README's paths are relative to the repository
         assert out.parent == STUDENTS_DIR and out.is_file()
         recorded = flat(read_student(out)[1].extra["training"])
-        now = record(plan.config, changeable=False)
+        now = training_record(plan.config)
         shared = sorted(recorded.keys() & now.keys() - {"target_modules"} if method == "gdd" else
                         recorded.keys() & now.keys())
         assert len(shared) >= 12, method

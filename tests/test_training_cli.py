@@ -69,6 +69,9 @@ def test_help_lists_the_registry_and_every_setting_of_each_method_once(capsys):
     ("disback", ["--latent-size", "0"], "distill disback: --latent-size: must be >= 1, got 0"),
     ("shortcut", ["--trajectories", "0"], "distill shortcut: --trajectories: must be >= 1, got 0"),
     ("shortcut", ["--capture-steps", "10", "20"], "distill shortcut: --capture-steps: must lie in 1 .. 19"),
+    ("shortcut", ["--trajectories", "1", "--holdout", "0.5"], "distill shortcut: --holdout: 0.5 of 1 trajectories "
+                                                               "leaves none to train on"),
+    ("shortcut", ["--height", "100"], "distill shortcut: --height: must be a multiple of 8"),
     ("sfd", ["--lr", "0"], "distill sfd: --lr: must be > 0"),
     ("sfd", ["--rank", "0"], "distill sfd: --rank: must be >= 1, got 0"),
     ("sfd", ["--max-grad-norm", "nan"], "distill sfd: --max-grad-norm: expected a finite number"),
@@ -129,6 +132,8 @@ def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, 
     assert main(args, preset) == 0
     _, info = read_student(tmp_path / "sfd.safetensors")
     assert (info.teacher, info.guidance) == ("toy-teacher", 3.0)
+    training = info.extra["training"]  # the settings that made it, not where files lay
+    assert (training["nfes"], training["guidance"]) == ([1], 3.0) and not {"teacher", "out", "work"} & set(training)
     assert (tmp_path / "work" / "sfd" / "checkpoint.safetensors").is_file()
     assert f"written to {tmp_path / 'sfd.safetensors'}" in capsys.readouterr().out
 
@@ -148,7 +153,7 @@ def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, ca
     args = sfd_args(teacher, "--out", str(out), "--work", str(work))
     assert main(args) == 0
     recorded = json.loads((work / SETTINGS_FILE).read_text())
-    assert recorded["method"] == "sfd" and recorded["nfes"] == [1] and "out" not in recorded
+    assert (recorded["method"], recorded["processes"], recorded["nfes"]) == ("sfd", 1, [1]) and "out" not in recorded
 
     text = refusal(lambda: main(args + ["--lr", "0.02", "--nfe", "2", "--default-nfe", "2"]), capsys)
     assert text.startswith(f"distill sfd: --work: {work} holds a run with other settings (")

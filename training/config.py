@@ -150,6 +150,13 @@ def record(config: Settings, changeable: bool = True) -> dict[str, Any]:
     return out
 
 
+def training_record(config: Settings) -> dict[str, Any]:
+    """What an output file records of the settings that made it: :func:`record` without the changeable ones and
+    without paths (where things lay on one machine)."""
+    paths = {f.name for f, hint, _ in leaves(config) if kind(hint)[0] is Path}
+    return {k: v for k, v in record(config, changeable=False).items() if k not in paths}
+
+
 def flag(f: dataclasses.Field) -> str:
     """The CLI flag of a field."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")

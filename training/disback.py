@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
 from ..schedulers.prediction import denoising_target, split_prediction
-from .config import RunConfig, Settings, SettingError, record, run_config, setting
+from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .data import drop_prompts, sample_prompts
 from .lora import LoraAdapters, LoraStudent
 from .loop import Player, cost_record
@@ -303,7 +303,7 @@ def train_disback(job: Job, config: DisBackConfig) -> DisBackResult:
         "schedule": [{"node": k, "steps": n} for k, n in schedule], "node_steps": config.node_steps(),
         "backtracking": config.path_checkpoints > 0, "real_guidance": config.real_guidance, "final_losses": losses,
         "evaluations": best.evaluations, "selected": selected or {"step": config.steps, "fd": None},
-        "training": record(config), **cost_record(seconds, job.accelerator)}))
+        "training": training_record(config), **cost_record(seconds, job.accelerator)}))
     return DisBackResult(path=job.out, node_files=[node_file(node_dir, k) for k in sorted(path)] if node_dir else [],
                          schedule=schedule, visited=backtracking.visited, losses=losses,
                          evaluations=best.evaluations)

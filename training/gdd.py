@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import LoraSpec, RunConfig, Settings, SettingError, record, run_config, setting
+from .config import LoraSpec, RunConfig, Settings, SettingError, run_config, setting, training_record
 from .data import DataSource, drop_prompts
 from .lora import LoraStudent
 from .loop import Player, cost_record
@@ -280,7 +280,7 @@ def train_gdd(job: Job, config: GDDConfig) -> GDDResult:
     method = GDD(student, job.data, tuple(x0.shape[1:]), config, best)
     result = job.train(method, run, config.steps, config.variant, final_lr_fraction=1.0, betas=config.betas)
     selected = best.select_best() if evaluation.keep_best else None
-    training = record(config)
+    training = training_record(config)
     training["target_modules"] = list(run.lora.target_modules) or f"{len(spec.target_modules)} ({config.variant})"
     job.on_main(lambda: write_one_step_student(student, job.out, method="gdd", teacher=job.teacher, extra={
         "variant": config.variant, "gan_loss": config.gan_loss,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..schedulers.grids import CLEAN, trailing_timesteps
-from .config import RunConfig, Settings, SettingError, record, run_config, setting
+from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .data import DataSource, drop_prompts
 from .lora import STUDENT, LoraStudent, copy_adapter
 from .loop import cost_record
@@ -171,7 +171,7 @@ def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
                 default_nfe=n, comfy_sampler="ddim", guidance=config.guidance, extra={
                     "round": f"{2 * n}->{n}", "rounds": [f"{2 * m}->{m}" for m in rounds],
                     "teacher_sampler": "ddim", "distilled_at_guidance": 1.0, "final_loss": result.loss,
-                    "training": record(config), **cost_record(seconds, job.accelerator)}))
+                    "training": training_record(config), **cost_record(seconds, job.accelerator)}))
     return ProgressiveResult(path=paths[rounds[-1]], round_paths=paths, losses=losses)
 
 

@@ -225,6 +225,7 @@ def execute(plan: Plan):
                 if evaluation is not None and evaluation.eval_every else None)
     job = Job(pipe, run.out, run.work, teacher=plan.teacher_name, prompts=plan.prompts, data=data,
               evaluate=evaluate, accelerator=accelerator)
+    del pipe  # the job holds the teacher: a method that is done with it can let it go
     result = plan.entry.train(job, config)
     if accelerator.is_main_process:
         print(result.summary())
@@ -248,16 +249,17 @@ def make_accelerator(cpu: bool = False):
 
 
 def check_work_folder(work: Path, method: str, config: Settings, accelerator) -> None:
-    """Record the run's settings in ``work`` (the first time), or refuse a run whose settings differ from those
-    recorded there: resuming it would continue one run under another's name."""
+    """Record the run's settings and number of processes in ``work`` (the first time), or refuse a run whose
+    settings differ from those recorded there: resuming it would continue one run under another's name."""
     path = work / SETTINGS_FILE
-    mine = json.loads(json.dumps({"method": method, **record(config, changeable=False)}))
+    mine = json.loads(json.dumps({"method": method, "processes": accelerator.num_processes,
+                                  **record(config, changeable=False)}))
     if path.is_file():
         theirs = json.loads(path.read_text())
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         if changed:
-            listed = "; ".join(f"{flag_of(config, k) if k != 'method' else 'method'} {theirs.get(k)!r} there, "
-                               f"{mine.get(k)!r} here" for k in changed)
+            listed = "; ".join(f"{flag_of(config, k)} {theirs.get(k)!r} there, {mine.get(k)!r} here"
+                               for k in changed)
             raise SettingError("work", f"{work} holds a run with other settings ({listed}); re-run with its "
                                        "settings to resume it, or give another --work folder")
     elif accelerator.is_main_process:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..schedulers.grids import CLEAN, trailing_timesteps
-from .config import RunConfig, Settings, SettingError, record, run_config, setting
+from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .data import drop_prompts, sample_prompts
 from .lora import STUDENT, LoraStudent
 from .loop import cost_record
@@ -161,7 +161,7 @@ def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
         comfy_sampler="euler", guidance=config.guidance, extra={
             "teacher_solver": "dpmpp_2m", "teacher_substeps": config.teacher_substeps,
             "teacher_from": config.teacher_from, "distance": config.distance, "distilled_at_guidance": 1.0,
-            "nfe_conditioning": False, "final_loss": result.loss, "training": record(config),
+            "nfe_conditioning": False, "final_loss": result.loss, "training": training_record(config),
             **cost_record(result.seconds, job.accelerator)}))
     return SFDResult(path=job.out, nfes=sorted(method.timesteps), loss=result.loss)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..models.nafnet import PRESETS, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
-from .config import RunConfig, Settings, SettingError, record, run_config, setting
+from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .loop import cost_record
 from .runner import Job, MethodEntry, settle
 from .trajectories import Trajectories, capture_trajectories, load_trajectories
@@ -54,6 +54,11 @@ class ShortcutConfig(Settings):
         if max(self.capture_steps) >= self.teacher_steps:
             raise SettingError("capture_steps", f"must lie in 1 .. {self.teacher_steps - 1} (a later teacher step "
                                                 f"must follow each), got {list(self.capture_steps)}")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) % 8:
+                raise SettingError(name, f"must be a multiple of 8 (the VAE's scale), got {getattr(self, name)}")
+        if heldout_count(self.trajectories, self.holdout) >= self.trajectories:
+            raise SettingError("holdout", f"{self.holdout} of {self.trajectories} trajectories leaves none to train on")
 
 
 @dataclass
@@ -149,10 +154,15 @@ def heldout_psnr(model, pairs: PairSet, device, batch_size: int = 256) -> dict[s
     return scores
 
 
+def heldout_count(n: int, holdout: float) -> int:
+    """How many of ``n`` trajectories a ``holdout`` fraction keeps out: ``round(n * holdout)``, at least one."""
+    return max(1, round(n * holdout)) if holdout > 0 else 0
+
+
 def split_trajectories(n: int, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle trajectory ids with ``seed``; the last ``round(n * holdout)`` (at least one) are held out."""
+    """Shuffle trajectory ids with ``seed``; the last :func:`heldout_count` are held out."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_held = max(1, round(n * holdout)) if holdout > 0 else 0
+    n_held = heldout_count(n, holdout)
     if n_held >= n:
         raise ValueError(f"holdout={holdout} of {n} trajectories leaves none to train on")
     return perm[:n - n_held], perm[n - n_held:]
@@ -240,7 +250,7 @@ def train_shortcut(job: Job, config: ShortcutConfig, trajectories: Trajectories 
         "exp_karras_p": capture.get("scheduler_config", {}).get("exp_karras_p"),
         "guidance_scale": capture.get("guidance_scale"), "num_trajectories": len(data.final),
         "heldout_trajectories": len(held_ids), "heldout_psnr": psnr,
-        "psnr_peak": "max - min of the held-out target latents", "training": record(config),
+        "psnr_peak": "max - min of the held-out target latents", "training": training_record(config),
         **cost_record(seconds, accelerator),  # the training loop only: capturing trajectories is not counted
     }
     shortcut = shortcut.float().cpu().eval()
