@@ -1,0 +1,99 @@
+"""diffusers' own LCM, TCD, Euler and DDIM schedulers, set up as a few-step preset's source says, with the preset's
+step counts and timesteps pinned so that ``pipe(prompt)`` samples the way the LoRA was made to be sampled."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
+
+from .few_step_presets import FewStepPreset, describe_nfes
+
+
+class _PinnedTimesteps:
+    """``set_timesteps(n)`` runs a preset's timesteps for n steps, with the parent scheduler's own rule (or the
+    preset's fixed timesteps); n left out, or the pipeline's own default (50 for SD and SDXL, which a pipeline passes
+    when its caller names none, so it cannot be told from an asked 50), means the preset's default. Explicit
+    ``timesteps=`` / ``sigmas=`` pass through untouched. The step itself is the parent's, unchanged."""
+
+    preset: FewStepPreset | None = None
+    pipeline_default_steps: int | None = None
+
+    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        if self.preset is None or kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
+            return super().set_timesteps(num_inference_steps, device=device, **kwargs)
+        preset, n = self.preset, num_inference_steps
+        if n is None or n == self.pipeline_default_steps:
+            n = preset.default_nfe
+        if n not in preset.nfes:
+            raise ValueError(f"preset {preset.name} samples with num_inference_steps {describe_nfes(preset.nfes)} "
+                             f"(default {preset.default_nfe}), got {num_inference_steps}")
+        if preset.spacing == "fixed":
+            with _quiet_custom_timestep_notice():
+                return super().set_timesteps(device=device, timesteps=list(preset.fixed_timesteps), **kwargs)
+        return super().set_timesteps(n, device=device, **kwargs)
+
+
+@contextlib.contextmanager
+def _quiet_custom_timestep_notice():
+    """LCM and TCD warn that timesteps off their 50-step grid may give unexpected results; a fixed preset is off it
+    on purpose (the timesteps its LoRA was trained at), so that one notice is muted."""
+    class CustomTimestepNotice(logging.Filter):
+        def filter(self, record):
+            return "custom timestep schedule" not in record.getMessage()
+
+    loggers = [logging.getLogger(f"diffusers.schedulers.scheduling_{name}") for name in ("lcm", "tcd")]
+    notice = CustomTimestepNotice()
+    for logger in loggers:
+        logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)
+
+
+class PresetLCMScheduler(_PinnedTimesteps, LCMScheduler):
+    """LCMScheduler with a preset's timesteps pinned (LCM-LoRA; DMD2 at its training timesteps)."""
+
+
+class PresetTCDScheduler(_PinnedTimesteps, TCDScheduler):
+    """TCDScheduler with a preset's timesteps pinned (TCD; Hyper-SD's 1-step LoRA at t = 800)."""
+
+
+class PresetEulerScheduler(_PinnedTimesteps, EulerDiscreteScheduler):
+    """EulerDiscreteScheduler with "trailing" spacing and a preset's step counts pinned (SDXL-Lightning)."""
+
+
+class PresetDDIMScheduler(_PinnedTimesteps, DDIMScheduler):
+    """DDIMScheduler with "trailing" spacing and a preset's step counts pinned (Hyper-SD, PCM)."""
+
+
+# sampler -> (class, the config its sources set on top of the pipeline's scheduler config)
+_SCHEDULERS = {
+    "lcm": (PresetLCMScheduler, {}),
+    "tcd": (PresetTCDScheduler, {}),
+    "euler": (PresetEulerScheduler, {"timestep_spacing": "trailing"}),
+    # PCM's card: trailing, clip_sample=False (DDIM's default True clips latents), set_alpha_to_one=False
+    "ddim": (PresetDDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False}),
+}
+
+
+def preset_scheduler(preset: FewStepPreset, config, pipeline_default_steps: int | None = None):
+    """The diffusers scheduler of ``preset``, built on a pipeline's scheduler config (its noise table and
+    prediction type), as the preset's source builds it, with the preset pinned (see ``_PinnedTimesteps``).
+
+    Args:
+        preset: the few-step preset.
+        config: the pipeline's scheduler config (``pipe.scheduler.config``).
+        pipeline_default_steps: the ``num_inference_steps`` the pipeline passes when its caller gives none.
+    """
+    cls, overrides = _SCHEDULERS[preset.sampler]
+    # only what the class takes: the pipeline's config may be another scheduler's (PNDM's skip_prk_steps, ...)
+    taken = inspect.signature(cls.__init__).parameters
+    scheduler = cls.from_config({k: v for k, v in dict(config).items() if k in taken}, **overrides)
+    scheduler.preset = preset
+    scheduler.pipeline_default_steps = pipeline_default_steps
+    return scheduler
