@@ -1,4 +1,4 @@
-"""`python -m direct_distill <command>`: demo, benchmark, latents, distill."""
+"""`python -m direct_distill <command>`: demo, benchmark, latents, distill, stamp."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         "latents": ("direct_distill.training.latents", "encode an image folder into the latents file the data "
                                                        "methods train on"),
         "distill": (distill, "distil a teacher (distill --help lists the methods)"),
+        "stamp": ("direct_distill.models.stamp", "write a few-step LoRA's preset into its file (--list: the presets)"),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: python -m direct_distill <command> [options]\n\ncommands:")

@@ -1,4 +1,5 @@
-"""load_student: a student file onto a diffusers pipeline, as its LoRA and its scheduler."""
+"""load_student: a student file, ours or a few-step LoRA published by others, onto a diffusers pipeline, as its LoRA
+and its scheduler."""
 
 from __future__ import annotations
 
@@ -6,42 +7,66 @@ import contextlib
 import inspect
 import os
 
-from ..models.student_file import StudentInfo, read_student, unet_mismatches
+import torch
+
+from ..models.io import FileFormatError, read_safetensors
+from ..models.lora_layouts import (LoraLayoutError, kohya_state_dict, lora_family, parse_lora, resolve_layers,
+                                   stamped_preset, unet_family)
+from ..models.student_file import StudentInfo, is_direct_distill_file, read_student, unet_mismatches
+from ..schedulers.few_step_presets import FewStepPreset, get_preset, presets_for
 from ..schedulers.scheduling_student import StudentScheduler
 
+_FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
 
-def load_student(pipe, path: str | os.PathLike, *, adapter_name: str = "student", scale: float = 1.0) -> StudentInfo:
-    """Apply a student (``save_student``'s file) to ``pipe`` and sample the way it was trained.
 
-    Loads the LoRA with ``pipe.load_lora_weights`` and replaces ``pipe.scheduler`` by a
-    :class:`StudentScheduler` holding the student's exact timesteps and sigmas, so ``pipe(prompt)``
-    runs ``info.default_nfe`` steps, and ``pipe(prompt, num_inference_steps=k)`` runs ``k`` for any
-    ``k`` in ``info.nfe_schedules`` (any other ``k`` raises ValueError). Guidance stays a per-call
-    argument of diffusers pipelines: pass ``guidance_scale=info.guidance``, the student's recommended
-    value (the pipelines' own default is 7.5)::
+def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, adapter_name: str = "student",
+                 scale: float = 1.0) -> StudentInfo | FewStepPreset:
+    """Apply a few-step LoRA to ``pipe`` and sample the way it was made to be sampled.
 
-        info = load_student(pipe, "student.safetensors")
-        image = pipe(prompt, guidance_scale=info.guidance).images[0]
+    A Direct Distill student (``save_student``'s file) carries its schedule: the LoRA is loaded with
+    ``pipe.load_lora_weights`` and ``pipe.scheduler`` becomes a :class:`StudentScheduler` holding the student's exact
+    timesteps and sigmas, so ``pipe(prompt)`` runs ``info.default_nfe`` steps and ``num_inference_steps=k`` runs any
+    ``k`` in ``info.nfe_schedules`` (others raise ValueError).
 
-    Everything is checked before the pipeline is touched: a malformed file raises FileFormatError,
-    a student made for another UNet or noise schedule, or a taken ``adapter_name``, ValueError.
+    A LoRA from elsewhere (LCM-LoRA, TCD, Hyper-SD, SDXL-Lightning, DMD2, PCM; any layout of
+    ``models.lora_layouts``) needs ``preset`` (``python -m direct_distill stamp --list`` names them), unless its file
+    was stamped with one. ``pipe.scheduler`` becomes the diffusers scheduler its source prescribes (LCMScheduler,
+    TCDScheduler, or Euler / DDIM with trailing spacing) with the preset's step counts and timesteps pinned.
+
+    Guidance stays a per-call argument of diffusers pipelines (their own default is 7.5): pass the returned
+    ``guidance``, and for TCD its ``gamma`` as ``eta`` (harmless for the other samplers)::
+
+        info = load_student(pipe, "Hyper-SD15-8steps-lora.safetensors", preset="hyper-sd15-8step")
+        image = pipe(prompt, guidance_scale=info.guidance, eta=getattr(info, "gamma", 0.0)).images[0]
+
+    Everything is checked before the pipeline is touched: a malformed file raises FileFormatError; a LoRA made for
+    another UNet (an SDXL LoRA on SD1.5, ...), a preset of another family, a taken ``adapter_name``, ValueError.
 
     Args:
         pipe: a diffusers pipeline with a UNet and LoRA loading (SD, SDXL, ...).
-        path: the student ``.safetensors`` file.
+        path: the ``.safetensors`` file.
+        preset: for a LoRA from elsewhere, the name of its few-step preset; None uses the one stamped in the file.
         adapter_name: the name of the LoRA adapter in ``pipe`` (to disable or delete it later).
         scale: strength of the LoRA (1.0 = as trained; ComfyUI's ``strength_model``).
 
     Returns:
-        the student's metadata: method, schedules, recommended sampler and guidance, ...
+        our student's metadata (method, schedules, sampler, guidance, ...), or the few-step preset applied.
     """
+    tensors, metadata = read_safetensors(path)
+    if is_direct_distill_file(metadata):
+        if preset is not None:
+            raise ValueError(f"{path}: a Direct Distill student's file says how it samples; preset= is for "
+                             "few-step LoRAs from elsewhere")
+        return _load_own_student(pipe, path, adapter_name, scale)
+    return _load_preset_lora(pipe, path, tensors, metadata, preset, adapter_name, scale)
+
+
+def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInfo:
     lora, info = read_student(path)
     problems = unet_mismatches(info, lora, pipe.unet)
     if problems:
         raise ValueError(f"{path}: this student was made for another UNet: " + "; ".join(problems))
-    if adapter_name in (getattr(pipe.unet, "peft_config", None) or {}):
-        raise ValueError(f"{path}: the pipeline's UNet already has an adapter named {adapter_name!r}; "
-                         "pass another adapter_name or delete it first (pipe.delete_adapters)")
+    _check_adapter_name(pipe, path, adapter_name)
     try:
         scheduler = StudentScheduler.from_config(
             pipe.scheduler.config, nfe_schedules={str(k): v for k, v in info.nfe_schedules.items()},
@@ -53,9 +78,84 @@ def load_student(pipe, path: str | os.PathLike, *, adapter_name: str = "student"
     with _quiet_text_encoder_notice():
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     if scale != 1.0:
-        _set_adapter_scale(pipe.unet, adapter_name, scale)
+        _set_adapter_scale(pipe, adapter_name, scale)
     pipe.scheduler = scheduler
     return info
+
+
+def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: str, scale: float) -> FewStepPreset:
+    from ..schedulers.scheduling_presets import preset_scheduler
+
+    family = unet_family(name for name, _ in pipe.unet.named_parameters())
+    name = preset_name or stamped_preset(metadata)
+    if name is None:
+        raise ValueError(f"{path}: not a Direct Distill student and not stamped with a few-step preset; pass "
+                         f"preset=, one of the {_FAMILY_NAMES[family]} presets: "
+                         + ", ".join(p.name for p in presets_for(family)))
+    try:
+        preset = get_preset(name)
+        layers = parse_lora(tensors, metadata)
+    except LoraLayoutError as err:
+        raise FileFormatError(f"{path}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if preset.family != family:
+        raise ValueError(f"{path}: preset {preset.name} is for {_FAMILY_NAMES[preset.family]} models, this pipeline's "
+                         f"UNet is {_FAMILY_NAMES[family]}-style; its presets: "
+                         + ", ".join(p.name for p in presets_for(family)))
+    made_for = lora_family(layers)
+    if made_for not in (None, family):
+        raise ValueError(f"{path}: this LoRA was made for {_FAMILY_NAMES[made_for]} (the layers it changes), this "
+                         f"pipeline's UNet is {_FAMILY_NAMES[family]}-style")
+    resolved, problems = resolve_layers(layers, _lora_targets(pipe))
+    if problems:
+        raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
+    _check_adapter_name(pipe, path, adapter_name)
+    scheduler = preset_scheduler(preset, pipe.scheduler.config, _default_steps(pipe))
+
+    state = kohya_state_dict(resolved, two_text_encoders=getattr(pipe, "text_encoder_2", None) is not None)
+    with _quiet_text_encoder_notice():
+        pipe.load_lora_weights(state, adapter_name=adapter_name)
+    applied = sum(_adapted_layers(getattr(pipe, c, None), adapter_name) for c in ("unet", "text_encoder", "text_encoder_2"))
+    if applied != len(resolved):
+        pipe.delete_adapters(adapter_name)
+        raise ValueError(f"{path}: diffusers applied {applied} of the LoRA's {len(resolved)} layers; nothing was kept")
+    if scale != 1.0:
+        _set_adapter_scale(pipe, adapter_name, scale)
+    pipe.scheduler = scheduler
+    return preset
+
+
+def _lora_targets(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{component: {Linear/Conv2d module name: weight shape}} of the pipeline's UNet and text encoders."""
+    targets = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        layers = {}
+        for name, module in model.named_modules():
+            parts = name.split(".")
+            if any(part.startswith("lora_") for part in parts) or parts[-1] == "base_layer":
+                continue
+            module = getattr(module, "base_layer", module)
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                layers[name] = tuple(module.weight.shape)
+        targets[component] = layers
+    return targets
+
+
+def _adapted_layers(model, adapter_name: str) -> int:
+    if model is None:
+        return 0
+    return sum(1 for m in model.modules() if adapter_name in (getattr(m, "lora_A", None) or {}))
+
+
+def _check_adapter_name(pipe, path, adapter_name: str) -> None:
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        if adapter_name in (getattr(getattr(pipe, component, None), "peft_config", None) or {}):
+            raise ValueError(f"{path}: the pipeline's {component} already has an adapter named {adapter_name!r}; "
+                             "pass another adapter_name or delete it first (pipe.delete_adapters)")
 
 
 @contextlib.contextmanager
@@ -84,10 +184,12 @@ def _default_steps(pipe) -> int | None:
     return default if isinstance(default, int) else None
 
 
-def _set_adapter_scale(unet, adapter_name: str, scale: float) -> None:
+def _set_adapter_scale(pipe, adapter_name: str, scale: float) -> None:
     # What pipe.set_adapters does per layer, without re-weighting or deactivating the user's other adapters.
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for module in unet.modules():
-        if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "scaling", {}):
-            module.set_scale(adapter_name, scale)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        for module in model.modules() if model is not None else ():
+            if isinstance(module, BaseTunerLayer) and adapter_name in getattr(module, "scaling", {}):
+                module.set_scale(adapter_name, scale)

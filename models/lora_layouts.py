@@ -1,0 +1,229 @@
+"""LoRA files in the layouts few-step releases ship in, read into one form and written back in the one form that
+diffusers' ``load_lora_weights`` and ComfyUI's LoRA loader apply identically.
+
+Layouts read (a file may mix UNet and text-encoder tensors):
+
+- kohya: ``lora_unet_<module, '.' -> '_'>.lora_down.weight`` / ``.lora_up.weight``, with or without ``.alpha``
+  (without it both loaders scale by 1, i.e. alpha = rank); text encoders ``lora_te_`` (SD1.x), ``lora_te1_`` /
+  ``lora_te2_`` (SDXL).
+- diffusers / peft: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` or ``.lora.down.weight`` / ``.lora.up.weight``
+  (also ``.lora_linear_layer.down/up`` and the attention-processor spelling ``.processor.to_q_lora.down``), prefixes
+  ``unet.``, ``text_encoder.``, ``text_encoder_2.``; alpha from ``<module>.alpha`` tensors or the
+  ``lora_adapter_metadata`` entry diffusers writes (``<component>.lora_alpha``, ``.alpha_pattern``), else rank.
+
+Module names are kept in kohya's underscore spelling until they are resolved against the modules a model has
+(:func:`resolve_layers`): an underscore name is ambiguous on its own (``to_out_0``), the model's names are not.
+The form written (:func:`kohya_state_dict`) is ``models.student_file``'s: kohya names with an explicit ``.alpha``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import torch
+
+from .student_file import kohya_name
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+PRESET_METADATA_KEY = "direct_distill.preset"  # the few-step preset a file was stamped with (its name, plain text)
+
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                   "lora_te2_": "text_encoder_2"}
+_KOHYA_KEY = re.compile(r"^(?P<name>lora_(?:unet|te[12]?)_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_DIFFUSERS_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+?)"
+    r"(?:\.lora_(?P<peft>[AB])\.weight|\.lora\.(?P<dot>down|up)\.weight|\.lora_linear_layer\.(?P<linear>down|up)\.weight"
+    r"|_lora\.(?P<proc>down|up)\.weight|\.(?P<alpha>alpha))$")
+
+
+class LoraLayoutError(ValueError):
+    """A LoRA state dict has tensors in no known layout, or halves that do not pair up."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLayer:
+    """One layer's low-rank update ``(alpha / rank) * up @ down`` (for a Conv2d, ``down`` carries the kernel)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the weight this layer updates."""
+        return (self.up.shape[0], self.down.shape[1], *self.down.shape[2:])
+
+
+def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+               ) -> dict[tuple[str, str], LoraLayer]:
+    """Read any supported layout.
+
+    Returns:
+        ``{(component, module name in kohya's underscore spelling): LoraLayer}``, component one of COMPONENTS.
+
+    Raises:
+        LoraLayoutError naming the first tensor in no known layout, or a layer missing a half.
+    """
+    if not tensors:
+        raise LoraLayoutError("the file holds no tensors")
+    halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    alphas: dict[tuple[str, str], float] = {}
+    for key, tensor in tensors.items():
+        target, part = _split_key(key)
+        if part == "alpha":
+            if tensor.numel() != 1:
+                raise LoraLayoutError(f"{key} has {tensor.numel()} values; an alpha is one number")
+            alphas[target] = float(tensor.float().item())
+            continue
+        if part in halves.setdefault(target, {}):
+            raise LoraLayoutError(f"two {part} tensors for {target[1]} ({key})")
+        halves[target][part] = tensor
+    unpaired = sorted(t for t in set(halves) | set(alphas) if set(halves.get(t, ())) != {"down", "up"})
+    if unpaired:
+        component, name = unpaired[0]
+        raise LoraLayoutError(f"{component} layer {name} lacks its "
+                              f"{' and '.join(sorted({'down', 'up'} - set(halves.get(unpaired[0], ()))))} half")
+    adapter_alphas = _adapter_metadata_alphas(metadata or {})
+    layers = {}
+    for target, h in halves.items():
+        down, up = h["down"], h["up"]
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] or \
+                up.shape[2:] not in ((), (1, 1)):
+            raise LoraLayoutError(f"{target[0]} layer {target[1]}: shapes {tuple(down.shape)} (down) and "
+                                  f"{tuple(up.shape)} (up) are not a Linear or Conv2d LoRA")
+        alpha = alphas.get(target)
+        if alpha is None:
+            alpha = adapter_alphas(target)
+        layers[target] = LoraLayer(down=down, up=up, alpha=float(down.shape[0] if alpha is None else alpha))
+    return dict(sorted(layers.items()))
+
+
+def resolve_layers(layers: dict[tuple[str, str], LoraLayer], modules: dict[str, dict[str, tuple[int, ...]]]
+                   ) -> tuple[dict[tuple[str, str], LoraLayer], list[str]]:
+    """Put each layer on a module of a model.
+
+    Args:
+        layers: :func:`parse_lora`'s output.
+        modules: ``{component: {module name (diffusers' dotted spelling): weight shape}}``, the model's Linear and
+            Conv2d layers; a component the model lacks is absent.
+
+    Returns:
+        ``({(component, module name): layer}, problems)``: problems name, one line per kind, the layers that match
+        no module and those whose shape is not the module's; empty when every layer fits.
+    """
+    by_underscore = {component: _underscore_names(component, names) for component, names in modules.items()}
+    resolved, missing, wrong = {}, [], []
+    for (component, name), layer in layers.items():
+        module = by_underscore.get(component, {}).get(name)
+        if module is None:
+            missing.append(f"{component} {name}")
+        elif tuple(modules[component][module]) != layer.weight_shape:
+            wrong.append(f"{component} {module} (LoRA for {layer.weight_shape}, model has "
+                         f"{tuple(modules[component][module])})")
+        else:
+            resolved[(component, module)] = layer
+    problems = []
+    if wrong:
+        problems.append(f"{len(wrong)} of {len(layers)} layers have other shapes in this model, e.g. {wrong[0]}")
+    if missing:
+        problems.append(f"{len(missing)} of {len(layers)} layers name no layer of this model, e.g. {missing[0]}")
+    return resolved, problems
+
+
+def kohya_state_dict(layers: dict[tuple[str, str], LoraLayer], *, two_text_encoders: bool) -> dict[str, torch.Tensor]:
+    """Resolved layers (:func:`resolve_layers`) as kohya tensors with an explicit ``.alpha`` each: the form both
+    loaders read with the same effect. ``two_text_encoders`` names SDXL's ``lora_te1_`` / ``lora_te2_``."""
+    prefixes = {"text_encoder": "lora_te1_" if two_text_encoders else "lora_te_", "text_encoder_2": "lora_te2_"}
+    out = {}
+    for (component, module), layer in layers.items():
+        if component == "unet":
+            name = kohya_name(module)
+        elif component in prefixes:
+            name = prefixes[component] + module.replace(".", "_")
+        else:
+            raise ValueError(f"unknown LoRA component {component!r}")
+        out[f"{name}.lora_down.weight"] = layer.down
+        out[f"{name}.lora_up.weight"] = layer.up
+        out[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    return out
+
+
+def lora_family(layers: dict[tuple[str, str], LoraLayer]) -> str | None:
+    """"sd15" or "sdxl" from which modules a LoRA touches (SD1.x has attention in the first down block and a fourth
+    block; SDXL has neither, but transformer depths above one, an added embedding and a second text encoder);
+    None when the names say neither or both."""
+    names = [name for component, name in layers if component == "unet"]
+    sd15 = any(re.match(r"(down_blocks_0_attentions|down_blocks_3_|up_blocks_3_)", n) for n in names)
+    sdxl = (any(re.search(r"transformer_blocks_[1-9]", n) or n.startswith(("add_embedding", "label_emb"))
+                for n in names) or any(component == "text_encoder_2" for component, _ in layers))
+    if sd15 != sdxl:
+        return "sd15" if sd15 else "sdxl"
+    return None
+
+
+def unet_family(unet_parameter_names) -> str:
+    """"sdxl" for a UNet with SDXL's added (text and size) embedding, else "sd15" (SD1.x-style)."""
+    return "sdxl" if any(name.startswith("add_embedding.") for name in unet_parameter_names) else "sd15"
+
+
+def stamped_preset(metadata: dict[str, str]) -> str | None:
+    """The preset name ``python -m direct_distill stamp`` wrote into a file's metadata, if any."""
+    return metadata.get(PRESET_METADATA_KEY) or None
+
+
+def _split_key(key: str) -> tuple[tuple[str, str], str]:
+    """((component, underscore module name), "down" | "up" | "alpha") of one tensor key."""
+    match = _KOHYA_KEY.match(key)
+    if match:
+        name = match["name"]
+        prefix = next(p for p in sorted(_KOHYA_PREFIXES, key=len, reverse=True) if name.startswith(p))
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[match["part"]]
+        return (_KOHYA_PREFIXES[prefix], name[len(prefix):]), part
+    match = _DIFFUSERS_KEY.match(key)
+    if match:
+        module = match["module"]
+        if match["proc"]:  # attention-processor spelling: attn1.processor.to_q_lora.down
+            module = module.replace(".processor.", ".")
+            module = module[:-len("to_out")] + "to_out.0" if module.endswith(".to_out") else module
+        half = match["peft"] or match["dot"] or match["linear"] or match["proc"]
+        part = "alpha" if match["alpha"] else ("down" if half in ("A", "down") else "up")
+        return (match["component"], module.replace(".", "_")), part
+    raise LoraLayoutError(f"tensor {key!r} is in no LoRA layout this reads (kohya lora_unet_/lora_te*_ "
+                          "or diffusers/peft unet./text_encoder*. with lora_A/lora_B or lora.down/lora.up)")
+
+
+def _adapter_metadata_alphas(metadata: dict[str, str]):
+    """alpha of a layer from diffusers' ``lora_adapter_metadata`` entry (peft's lora_alpha and alpha_pattern)."""
+    raw = metadata.get("lora_adapter_metadata")
+    config = {}
+    if raw:
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError:
+            raise LoraLayoutError("metadata entry 'lora_adapter_metadata' is not valid JSON") from None
+
+    def alpha(target):
+        component, name = target
+        patterns = config.get(f"{component}.alpha_pattern") or {}
+        for pattern, value in patterns.items():
+            if name == pattern.replace(".", "_") or name.endswith("_" + pattern.replace(".", "_")):
+                return value
+        return config.get(f"{component}.lora_alpha")
+
+    return alpha
+
+
+def _underscore_names(component: str, names) -> dict[str, str]:
+    """{underscore spelling: module name}; a UNet module is also found under its kohya override (label_emb_0_0)."""
+    out = {}
+    for name in names:
+        out[name.replace(".", "_")] = name
+        if component == "unet":
+            out[kohya_name(name).removeprefix("lora_unet_")] = name
+    return out

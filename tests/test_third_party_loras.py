@@ -1,0 +1,345 @@
+"""Few-step LoRAs published by others, in diffusers: every layout they ship in applied fully with the effect of
+adding (alpha / rank) up @ down to each weight, each preset sampling as its source prescribes (the recipe written
+out here from the model cards, not read from the preset table), the refusals, and the stamp command."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import _tiny_text_encoder, _tiny_vae
+from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, TCDScheduler)
+from lora_releases import (LAYOUTS, REAL_SD15_UNET, REAL_SDXL_UNET, TEXT_ENCODER_TARGETS, TINY_SD15_UNET,
+                           TINY_SDXL_UNET, merged, meta_unet, random_layers, target_modules, unet, write_release)
+
+from direct_distill.__main__ import main as cli
+from direct_distill.models.io import FileFormatError, read_safetensors
+from direct_distill.models.stamp import stamp
+from direct_distill.pipelines import load_student
+from direct_distill.schedulers.few_step_presets import PRESETS, presets_for
+from direct_distill.schedulers.scheduling_presets import preset_scheduler
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+
+# The recipes of the sources, as their model cards write them: the diffusers scheduler and its config, the steps,
+# explicit timesteps, guidance_scale (0 = none), eta, and the ComfyUI sampler they name.
+_DDIM = (DDIMScheduler, dict(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False))
+_EULER = (EulerDiscreteScheduler, dict(timestep_spacing="trailing"))
+PUBLISHED = {
+    **{f"lcm-{f}": dict(scheduler=(LCMScheduler, {}), steps=4, range=(2, 8), guidance=(0.0, 1.0, 2.0), sampler="lcm")
+       for f in ("sd15", "sdxl")},  # "2 - 8 steps", "disable guidance_scale or use values between 1.0 and 2.0"
+    **{f"tcd-{f}": dict(scheduler=(TCDScheduler, {}), steps=4, range=(4, 50), guidance=(0.0,), eta=0.3, sampler="tcd")
+       for f in ("sd15", "sdxl")},  # num_inference_steps=4 (4 to 50), guidance_scale=0, eta=0.3
+    **{f"hyper-{f}-1step": dict(scheduler=(TCDScheduler, {}), steps=1, timesteps=[800], guidance=(0.0,), eta=1.0,
+                                sampler="tcd") for f in ("sd15", "sdxl")},
+    **{f"hyper-{f}-{n}step": dict(scheduler=_DDIM, steps=n, guidance=(0.0,), sampler="ddim")
+       for f in ("sd15", "sdxl") for n in (2, 4, 8)},
+    **{f"hyper-{f}-{n}step-cfg": dict(scheduler=_DDIM, steps=n, guidance=(5.0, 8.0), sampler="ddim")
+       for f in ("sd15", "sdxl") for n in (8, 12)},  # "support 5~8 guidance scales"
+    **{f"sdxl-lightning-{n}step": dict(scheduler=_EULER, steps=n, guidance=(0.0,), sampler="euler") for n in (2, 4, 8)},
+    "dmd2-sdxl-4step": dict(scheduler=(LCMScheduler, {}), steps=4, timesteps=[999, 749, 499, 249], guidance=(0.0,),
+                            sampler="lcm"),
+    **{f"pcm-{f}-smallcfg-{n}step": dict(scheduler=_DDIM, steps=n, guidance=(1.0, 2.0), sampler="ddim")
+       for f in ("sd15", "sdxl") for n in (2, 4, 8, 16)},  # "SmallCFG ... CFG value 1-2"
+    **{f"pcm-{f}-normalcfg-{n}step": dict(scheduler=_DDIM, steps=n, guidance=g, sampler="ddim")
+       for f in ("sd15", "sdxl") for n, g in ((4, (2.5, 3.5)), (8, (3.0, 6.0)), (16, (2.0, 9.0)))},
+}
+
+
+def published_timesteps(name, steps):
+    """The timesteps the source's own recipe runs: its diffusers scheduler, configured as the card does."""
+    recipe = PUBLISHED[name]
+    cls, config = recipe["scheduler"]
+    scheduler = cls.from_config(PNDMScheduler(**SD_SCHEDULER).config, **config)
+    if "timesteps" in recipe:
+        scheduler.set_timesteps(timesteps=recipe["timesteps"])
+    else:
+        scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def test_the_table_has_every_published_preset():
+    assert set(PRESETS) == set(PUBLISHED)
+    assert {p.name for p in presets_for("sd15")} | {p.name for p in presets_for("sdxl")} == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_each_preset_samples_as_its_source_prescribes(name):
+    recipe, preset = PUBLISHED[name], PRESETS[name]
+    cls, config = recipe["scheduler"]
+    scheduler = preset_scheduler(preset, PNDMScheduler(**SD_SCHEDULER).config, pipeline_default_steps=50)
+    assert isinstance(scheduler, cls) and all(scheduler.config[k] == v for k, v in config.items())
+    scheduler.set_timesteps(50)  # what a pipeline asks when its caller names no step count
+    assert scheduler.timesteps.tolist() == published_timesteps(name, recipe["steps"]) == preset.timesteps()
+    lo, hi = recipe.get("range", (recipe["steps"],) * 2)
+    for n in (lo, (lo + hi) // 2, min(hi, 49)):  # 50 reads as the pipeline's default
+        scheduler.set_timesteps(n)
+        assert scheduler.timesteps.tolist() == published_timesteps(name, n) == preset.timesteps(n)
+    with pytest.raises(ValueError, match=f"preset {name} samples with num_inference_steps"):
+        scheduler.set_timesteps(hi + 1)
+    guidance = recipe["guidance"]
+    assert preset.guidance == 1.0 if guidance == (0.0,) else guidance[0] <= preset.guidance <= guidance[-1]
+    assert preset.sampler == recipe["sampler"] and preset.gamma == recipe.get("eta", 0.0)
+
+
+# --- every layout, fully applied, with the merged effect ------------------------------------------------------
+
+
+def sd15_tree_pipeline(tokenizer):
+    """A StableDiffusionPipeline whose UNet has SD1.5's module tree (so a LoRA's real key names) at toy width."""
+    return StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet(TINY_SD15_UNET),
+        scheduler=PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def sdxl_tree_pipeline(tokenizer):
+    """A StableDiffusionXLPipeline whose UNet has SDXL's module tree (transformer depths 1, 2, 10) at toy width."""
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tokenizer),
+        text_encoder_2=_tiny_text_encoder(tokenizer, projection=True), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet(TINY_SDXL_UNET), scheduler=EulerDiscreteScheduler(**SD_SCHEDULER, timestep_spacing="leading"))
+
+
+@pytest.fixture(scope="module")
+def sd15_pipe(tiny_tokenizer):
+    pipe = sd15_tree_pipeline(tiny_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tiny_tokenizer):
+    pipe = sdxl_tree_pipeline(tiny_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def release_layers(pipe, seed=1):
+    """(unet, text_encoder, text_encoder_2) layers over the releases' modules of each model of ``pipe``."""
+    te2 = getattr(pipe, "text_encoder_2", None)
+    return (random_layers(target_modules(pipe.unet), seed=seed),
+            random_layers(target_modules(pipe.text_encoder, TEXT_ENCODER_TARGETS), seed=seed + 1),
+            random_layers(target_modules(te2, TEXT_ENCODER_TARGETS), seed=seed + 2) if te2 is not None else None)
+
+
+def unet_inputs(pipe, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    dim = pipe.unet.config.cross_attention_dim
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 321]), torch.randn(2, 7, dim, generator=g))
+    kwargs = {}
+    if pipe.unet.config.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g),
+                                       "time_ids": torch.randn(2, 6, generator=g)}
+    return args, kwargs
+
+
+@torch.no_grad()
+def assert_applied_as_merged(pipe, loaded, layers, layout):
+    """Every layer is an adapter layer of ``loaded`` and its outputs are those of the merged reference models."""
+    unet_layers, te_layers, te2_layers = layers
+    for component, component_layers in (("unet", unet_layers), ("text_encoder", te_layers),
+                                        ("text_encoder_2", te2_layers)):
+        if component_layers is None:
+            continue
+        model = getattr(loaded, component)
+        wrapped = {n for n, m in model.named_modules() if "student" in (getattr(m, "lora_A", None) or {})}
+        assert wrapped == set(component_layers), f"{component}: {len(wrapped)} of {len(component_layers)} applied"
+    args, kwargs = unet_inputs(pipe)
+    reference = merged(pipe.unet, unet_layers, layout)(*args, **kwargs).sample
+    out = loaded.unet(*args, **kwargs).sample
+    assert (out - pipe.unet(*args, **kwargs).sample).abs().max() > 1e-2  # the LoRA does something ...
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)  # ... what its weights say
+    ids = torch.tensor([[1, 5, 7, 2, 0, 0, 0]])
+    te_reference = merged(pipe.text_encoder, te_layers, layout)(ids)[0]
+    torch.testing.assert_close(loaded.text_encoder(ids)[0], te_reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_of_an_sd15_lora_applies_every_layer_in_diffusers(sd15_pipe, tmp_path, layout):
+    layers = release_layers(sd15_pipe)
+    path = write_release(tmp_path / "lora.safetensors", layers[0], layout, te_layers=layers[1])
+    pipe = copy.deepcopy(sd15_pipe)
+    preset = load_student(pipe, path, preset="lcm-sd15")
+    assert preset is PRESETS["lcm-sd15"] and type(pipe.scheduler).__name__ == "PresetLCMScheduler"
+    assert_applied_as_merged(sd15_pipe, pipe, layers, layout)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft-metadata-alpha"])
+def test_an_sdxl_lora_with_both_text_encoders_applies_every_layer_in_diffusers(sdxl_pipe, tmp_path, layout):
+    layers = release_layers(sdxl_pipe)
+    path = write_release(tmp_path / "lora.safetensors", layers[0], layout, te_layers=layers[1], te2_layers=layers[2])
+    pipe = copy.deepcopy(sdxl_pipe)
+    load_student(pipe, path, preset="dmd2-sdxl-4step")
+    assert_applied_as_merged(sdxl_pipe, pipe, layers, layout)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+    pipe("a shirt", output_type="latent", height=64, width=64, guidance_scale=PRESETS["dmd2-sdxl-4step"].guidance)
+    assert calls == [999, 749, 499, 249]  # the pipeline's own 50-step default became the preset's four
+
+
+def test_scale_and_a_tcd_preset_from_the_stamp_reach_the_pipeline(sd15_pipe, tmp_path):
+    layers = release_layers(sd15_pipe)
+    # what `stamp` writes (tested on real-width files below; it refuses these toy widths as not SD1.5's)
+    path = write_release(tmp_path / "tcd.safetensors", layers[0], "kohya", {"direct_distill.preset": "tcd-sd15"})
+    pipe = copy.deepcopy(sd15_pipe)
+    preset = load_student(pipe, path, scale=0.5)  # the stamped preset, no preset= needed
+    assert preset.name == "tcd-sd15" and isinstance(pipe.scheduler, TCDScheduler)
+    args, kwargs = unet_inputs(sd15_pipe)
+    with torch.no_grad():
+        reference = merged(sd15_pipe.unet, layers[0], "kohya", strength=0.5)(*args, **kwargs).sample
+        torch.testing.assert_close(pipe.unet(*args, **kwargs).sample, reference, atol=1e-4, rtol=0)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+    pipe("a shirt", output_type="latent", guidance_scale=preset.guidance, eta=preset.gamma)
+    assert calls == [999, 759, 499, 259]
+
+
+# --- refusals -----------------------------------------------------------------------------------------------
+
+
+def pipeline_state(pipe):
+    return pipe.scheduler, {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+
+
+def assert_unchanged(pipe, before):
+    scheduler, state = before
+    after = pipe.unet.state_dict()
+    assert pipe.scheduler is scheduler and after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
+def test_an_sdxl_lora_on_sd15_is_one_clear_error_before_anything_changes(sd15_pipe, sdxl_pipe, tmp_path):
+    path = write_release(tmp_path / "xl.safetensors", release_layers(sdxl_pipe)[0], "kohya")
+    pipe = copy.deepcopy(sd15_pipe)
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match="xl.safetensors: this LoRA was made for SDXL .*, this pipeline's UNet is "
+                                         "SD1.x-style"):
+        load_student(pipe, path, preset="lcm-sd15")
+    with pytest.raises(ValueError, match="preset lcm-sdxl is for SDXL models, this pipeline's UNet is SD1.x-style; "
+                                         "its presets: lcm-sd15, tcd-sd15, "):
+        load_student(pipe, path, preset="lcm-sdxl")
+    assert_unchanged(pipe, before)
+
+
+def test_a_lora_of_another_width_is_named_before_anything_changes(sd15_pipe, tmp_path):
+    wider = unet({**TINY_SD15_UNET, "block_out_channels": (32, 32, 64, 96)})
+    path = write_release(tmp_path / "wide.safetensors", random_layers(target_modules(wider)), "kohya")
+    pipe = copy.deepcopy(sd15_pipe)
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match=r"wide.safetensors: this LoRA does not fit this pipeline: \d+ of \d+ layers "
+                                         r"have other shapes in this model, e.g. unet "):
+        load_student(pipe, path, preset="lcm-sd15")
+    assert_unchanged(pipe, before)
+
+
+def test_no_preset_lists_the_presets_of_the_pipelines_family(sd15_pipe, tmp_path):
+    path = write_release(tmp_path / "lcm.safetensors", release_layers(sd15_pipe)[0], "kohya")
+    pipe = copy.deepcopy(sd15_pipe)
+    with pytest.raises(ValueError) as err:
+        load_student(pipe, path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a Direct Distill student and not stamped with a few-step preset; pass "
+                              "preset=, one of the SD1.x presets: lcm-sd15, tcd-sd15, hyper-sd15-1step, ")
+    assert all(p.name in message for p in presets_for("sd15")) and "sdxl" not in message
+    with pytest.raises(ValueError, match="'hyper-sd15-3step' is no preset; presets: lcm-sd15, lcm-sdxl, "):
+        load_student(pipe, path, preset="hyper-sd15-3step")
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3)}, "unet layer conv_in lacks its up half"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4)}, "is in no LoRA layout this reads"),
+])
+def test_a_malformed_lora_is_a_file_format_error(sd15_pipe, tmp_path, tensors, message):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(FileFormatError, match=message):
+        load_student(copy.deepcopy(sd15_pipe), tmp_path / "bad.safetensors", preset="lcm-sd15")
+
+
+def test_a_direct_distill_student_takes_no_preset(tmp_path):
+    from test_student_file import RANK, ALPHA, add_lora, student_info
+    from peft import get_peft_model_state_dict
+
+    from direct_distill.models.student_file import save_student
+
+    model = unet(TINY_SD15_UNET)
+    path = save_student(tmp_path / "ours.safetensors", get_peft_model_state_dict(add_lora(copy.deepcopy(model))),
+                        rank=RANK, alpha=ALPHA, metadata=student_info(model))
+    with pytest.raises(ValueError, match="ours.safetensors: a Direct Distill student's file says how it samples"):
+        load_student(None, path, preset="lcm-sd15")
+
+
+# --- stamp -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_shaped(tmp_path_factory):
+    """Rank-1 LoRAs with the real SD1.5's and SDXL's key names and widths (as the releases', kohya with alpha)."""
+    folder = tmp_path_factory.mktemp("real")
+    return {family: write_release(folder / f"{family}.safetensors",
+                                  random_layers(target_modules(meta_unet(config)), rank=1, dtype=torch.float16), "kohya")
+            for family, config in (("sd15", REAL_SD15_UNET), ("sdxl", REAL_SDXL_UNET))}
+
+
+def raw_tensors(path):
+    """{name: (dtype, shape, the bytes stored)}, read from the file's own header and data section."""
+    blob = path.read_bytes()
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    data = blob[8 + size:]
+    return {name: (entry["dtype"], tuple(entry["shape"]), data[entry["data_offsets"][0]:entry["data_offsets"][1]])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def test_stamp_writes_the_preset_and_keeps_every_tensor_byte_for_byte(real_shaped, tmp_path, capsys):
+    source = real_shaped["sdxl"]
+    out = tmp_path / "stamped.safetensors"
+    assert cli(["stamp", str(source), "--preset", "sdxl-lightning-4step", "--out", str(out)]) == 0
+    assert "stamped with preset sdxl-lightning-4step" in capsys.readouterr().out
+    assert raw_tensors(out) == raw_tensors(source)
+    before, after = read_safetensors(source)[1], read_safetensors(out)[1]
+    assert after == {**before, "direct_distill.preset": "sdxl-lightning-4step"} and before["format"] == "pt"
+    assert cli(["stamp", str(out), "--preset", "dmd2-sdxl-4step"]) == 0  # in place, a second stamp replaces the first
+    assert read_safetensors(out)[1]["direct_distill.preset"] == "dmd2-sdxl-4step"
+    assert raw_tensors(out) == raw_tensors(source) and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("family, preset, message", [
+    ("sdxl", "hyper-sd15-8step", "its layers are those of sdxl, not sd15"),
+    ("sd15", "sdxl-lightning-4step", "its layers are those of sd15, not sdxl"),
+])
+def test_stamp_refuses_a_lora_of_another_family_and_leaves_the_file(real_shaped, family, preset, message, capsys):
+    before = real_shaped[family].read_bytes()
+    assert cli(["stamp", str(real_shaped[family]), "--preset", preset]) == 1
+    assert message in capsys.readouterr().err and real_shaped[family].read_bytes() == before
+
+
+def test_stamp_refuses_an_sd2_lora_for_an_sd15_preset(tmp_path):
+    sd2 = {**REAL_SD15_UNET, "cross_attention_dim": 1024}
+    path = write_release(tmp_path / "sd2.safetensors",
+                         random_layers(target_modules(meta_unet(sd2)), rank=1, dtype=torch.float16), "kohya")
+    with pytest.raises(ValueError, match="layers have another width, e.g. unet .*attn2_to_k takes 1024 features, sd15 "
+                                         "has 768"):
+        stamp(path, "lcm-sd15")
+
+
+def test_stamp_list_prints_every_preset_name_first(capsys):
+    assert cli(["stamp", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(PRESETS)
+    assert all("huggingface.co" in line and "arXiv:" in line for line in lines)
+
+
+def test_stamp_refuses_our_own_files_and_unknown_presets(tmp_path, real_shaped):
+    with pytest.raises(ValueError, match="'lcm' is no preset; presets: lcm-sd15"):
+        stamp(real_shaped["sd15"], "lcm")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "shortcut.safetensors"),
+              metadata={"format": json.dumps("direct_distill.shortcut")})
+    with pytest.raises(ValueError, match="a Direct Distill file says how it samples"):
+        stamp(tmp_path / "shortcut.safetensors", "lcm-sd15")
