@@ -1,6 +1,7 @@
-"""Distilled students in ComfyUI: one loader that applies the student's LoRA and hands out how to sample it
-(the SIGMAS of the chosen NFE, its SAMPLER and the recommended cfg) for SamplerCustomAdvanced. The file and
-its metadata are models/student_file.py's; here is only the wiring."""
+"""Distilled students in ComfyUI: one loader that applies a student's LoRA (ours, or a few-step LoRA published by
+others with its preset) and hands out how to sample it (the SIGMAS of the chosen NFE, its SAMPLER and the
+recommended cfg) for SamplerCustomAdvanced, and the TCD sampler ComfyUI lacks. File formats and presets are
+models/' and schedulers/'; here is only the wiring."""
 
 import comfy.model_sampling
 import comfy.samplers
@@ -10,30 +11,133 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.student_file import read_student
+from ..models.io import FileFormatError, read_safetensors
+from ..models.lora_layouts import (LoraLayoutError, kohya_state_dict, lora_family, parse_lora, resolve_layers,
+                                   stamped_preset, unet_family)
+from ..models.student_file import is_direct_distill_file, read_student
+from ..schedulers.few_step_presets import PRESETS, describe_nfes, get_preset, presets_for
 from ..schedulers.noise import sigma_to_model_timestep
-from .model_identity import lora_mismatches
+from ..schedulers.tcd import sample_tcd
+from .model_identity import lora_mismatches, unet_parameter_shapes
 
 FOLDER_NAME = "loras"  # a student is a LoRA: it lives with the user's other LoRAs
+FROM_FILE = "from file"
 # ComfyUI's parameterisation classes, most derived first (V_PREDICTION and X0 subclass EPS).
 _PREDICTIONS = (("sample", comfy.model_sampling.X0), ("v_prediction", comfy.model_sampling.V_PREDICTION),
                 ("epsilon", comfy.model_sampling.EPS))
+_FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
+# ComfyUI's text-encoder prefixes (cond_stage_model's state dict) -> the diffusers component of a LoRA.
+_CLIP_COMPONENTS = {"sd15": {"clip_l.transformer.": "text_encoder"},
+                    "sdxl": {"clip_l.transformer.": "text_encoder", "clip_g.transformer.": "text_encoder_2"}}
 
 
-def _check_model(model, info, schedule, name: str) -> None:
-    """Refuses a model the student cannot have been distilled from: another parameterisation or noise table."""
+def _model_sampling(model, name: str, prediction_type: str):
+    """The model's ModelSamplingDiscrete, refused if it is not a discrete VP model of ``prediction_type``."""
     model_sampling = model.get_model_object("model_sampling")
     if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
         raise ValueError(f"{name}: a student samples a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                          f"model samples with {type(model_sampling).__name__}")
     predicts = next((kind for kind, cls in _PREDICTIONS if isinstance(model_sampling, cls)), None)
-    if predicts != info.prediction_type:
-        raise ValueError(f"{name}: the student predicts {info.prediction_type}, this model {predicts}: it was "
+    if predicts != prediction_type:
+        raise ValueError(f"{name}: the student predicts {prediction_type}, this model {predicts}: it was "
                          "distilled from another model")
+    return model_sampling
+
+
+def _check_model(model, info, schedule, name: str) -> None:
+    """Refuses a model the student cannot have been distilled from: another parameterisation or noise table."""
+    model_sampling = _model_sampling(model, name, info.prediction_type)
     timesteps = sigma_to_model_timestep(torch.tensor(schedule["sigmas"][:-1]), model_sampling.sigmas).tolist()
     if timesteps != schedule["timesteps"]:
         raise ValueError(f"{name}: its sigmas fall on timesteps {timesteps} of this model's noise schedule, not the "
                          f"{schedule['timesteps']} it was trained at: it was distilled from another model")
+
+
+def tcd_sampler(gamma: float, sigma_table) -> comfy.samplers.KSAMPLER:
+    """TCD's sampler (schedulers/tcd.py) as a ComfyUI SAMPLER; ``sigma_table`` None reads the model's at run time."""
+    def sample(model, x, sigmas, **kwargs):
+        table = sigma_table if sigma_table is not None else model.inner_model.inner_model.model_sampling.sigmas
+        return sample_tcd(model, x, sigmas, gamma=gamma, sigma_table=table, **kwargs)
+
+    return comfy.samplers.KSAMPLER(sample)
+
+
+def _own_student(model, clip, path, name, nfe, strength):
+    _, info = read_student(path)  # a malformed or foreign file raises FileFormatError naming it
+    n = nfe or info.default_nfe
+    if n not in info.nfe_schedules:
+        raise ValueError(f"{name}: trained for nfe {', '.join(map(str, info.nfe_schedules))} "
+                         f"(default {info.default_nfe}), not {nfe}")
+    schedule = info.nfe_schedules[n]
+    _check_model(model, info, schedule, name)
+    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    problems = lora_mismatches(model, lora)
+    if problems:
+        raise ValueError(f"{name}: this student was made for another UNet: " + "; ".join(problems))
+    if strength != 0:
+        model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+    return (model, torch.tensor(schedule["sigmas"], dtype=torch.float32),
+            comfy.samplers.sampler_object(info.comfy_sampler), info.guidance, clip)
+
+
+def _preset_lora(model, clip, tensors, metadata, name, preset_name, nfe, strength):
+    family = unet_family(unet_parameter_shapes(model))
+    chosen = stamped_preset(metadata) if preset_name == FROM_FILE else preset_name
+    if chosen is None:
+        raise ValueError(f"{name}: not a Direct Distill student and not stamped with a few-step preset; choose its "
+                         f"preset, one of the {_FAMILY_NAMES[family]} presets: "
+                         + ", ".join(p.name for p in presets_for(family)))
+    try:
+        preset = get_preset(chosen)
+        layers = parse_lora(tensors, metadata)
+    except LoraLayoutError as err:
+        raise FileFormatError(f"{name}: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    if preset.family != family:
+        raise ValueError(f"{name}: preset {preset.name} is for {_FAMILY_NAMES[preset.family]} models, this model is "
+                         f"{_FAMILY_NAMES[family]}-style; its presets: "
+                         + ", ".join(p.name for p in presets_for(family)))
+    made_for = lora_family(layers)
+    if made_for not in (None, family):
+        raise ValueError(f"{name}: this LoRA was made for {_FAMILY_NAMES[made_for]} (the layers it changes), this "
+                         f"model is {_FAMILY_NAMES[family]}-style")
+    n = nfe or preset.default_nfe
+    if n not in preset.nfes:
+        raise ValueError(f"{name}: preset {preset.name} samples with nfe {describe_nfes(preset.nfes)} "
+                         f"(default {preset.default_nfe}), not {nfe}")
+    model_sampling = _model_sampling(model, name, "epsilon")
+    if len(model_sampling.sigmas) != 1000:
+        raise ValueError(f"{name}: this model's noise table has {len(model_sampling.sigmas)} steps, not the 1000 of "
+                         "the checkpoint (a ModelSamplingDiscrete node set to lcm?): connect the checkpoint's MODEL")
+
+    resolved, problems = resolve_layers(layers, _lora_targets(model, clip, family))
+    if problems:
+        raise ValueError(f"{name}: this LoRA does not fit this model: " + "; ".join(problems))
+    lora = kohya_state_dict(resolved, two_text_encoders=family == "sdxl")
+    problems = lora_mismatches(model, lora, clip)
+    if problems:
+        raise ValueError(f"{name}: ComfyUI would not apply all of this LoRA: " + "; ".join(problems))
+    if strength != 0:
+        model, clip = comfy.sd.load_lora_for_models(model, clip, lora, strength, strength)
+    sigmas = preset.sigmas(n, model_sampling.sigmas).float()
+    if preset.sampler == "tcd":
+        sampler = tcd_sampler(preset.gamma, model_sampling.sigmas)
+    else:
+        sampler = comfy.samplers.sampler_object(preset.sampler)
+    return model, sigmas, sampler, preset.guidance, clip
+
+
+def _lora_targets(model, clip, family: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{component: {module name (diffusers' spelling): weight shape}} of the model's UNet and, if given, its CLIP."""
+    targets = {"unet": {k[:-len(".weight")]: tuple(v) for k, v in unet_parameter_shapes(model).items()
+                        if k.endswith(".weight") and len(v) in (2, 4)}}
+    if clip is not None:
+        for key, tensor in clip.cond_stage_model.state_dict().items():
+            for prefix, component in _CLIP_COMPONENTS[family].items():
+                if key.startswith(prefix) and key.endswith(".weight") and tensor.ndim == 2:
+                    targets.setdefault(component, {})[key[len(prefix):-len(".weight")]] = tuple(tensor.shape)
+    return targets
 
 
 class LoadStudent(io.ComfyNode):
@@ -43,45 +147,70 @@ class LoadStudent(io.ComfyNode):
             node_id="DirectDistillLoadStudent",
             display_name="Load Distilled Student",
             category="loaders",
-            description="Applies a Direct Distill student (a LoRA distilled from this checkpoint, in models/loras) "
-                        "and gives the exact sigmas, sampler and cfg it was trained for: wire them into "
-                        "SamplerCustomAdvanced (sigmas, sampler) and CFGGuider (model, cfg).",
+            description="Applies a few-step LoRA from models/loras, a Direct Distill student or one published by "
+                        "others (LCM-LoRA, TCD, Hyper-SD, SDXL-Lightning, DMD2, PCM: pick its preset), and gives "
+                        "the sigmas, sampler and cfg it is sampled with: wire them into SamplerCustomAdvanced "
+                        "(sigmas, sampler) and CFGGuider (model, cfg).",
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint the student was distilled from."),
+                io.Model.Input("model", tooltip="The checkpoint the LoRA was made for (or a fine-tune of it)."),
                 io.Combo.Input("student_name", options=folder_paths.get_filename_list(FOLDER_NAME),
-                               tooltip="The student file, from ComfyUI/models/loras."),
+                               tooltip="The LoRA file, from ComfyUI/models/loras."),
                 io.Int.Input("nfe", default=0, min=0, max=1000,
-                             tooltip="Sampling steps (model evaluations): one of the step counts the student was "
-                                     "trained for. 0 uses the student's default."),
+                             tooltip="Sampling steps (model evaluations): one of the step counts the LoRA was made "
+                                     "for. 0 uses its default."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="Strength of the student LoRA; 1.0 is as trained."),
+                               tooltip="Strength of the LoRA (on the model and, if connected, the CLIP); 1.0 is as "
+                                       "trained."),
+                io.Combo.Input("preset", options=[FROM_FILE, *PRESETS], default=FROM_FILE,
+                               tooltip="How a LoRA from elsewhere is sampled (python -m direct_distill stamp --list "
+                                       "shows the sources). 'from file': a Direct Distill student, or a file "
+                                       "stamped with its preset."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The checkpoint's CLIP, for LoRAs that also change the text encoder."),
             ],
             outputs=[
-                io.Model.Output(tooltip="The model with the student applied."),
-                io.Sigmas.Output(tooltip="The student's exact sigmas for this NFE."),
-                io.Sampler.Output(tooltip="The sampler whose update the student was trained for."),
+                io.Model.Output(tooltip="The model with the LoRA applied."),
+                io.Sigmas.Output(tooltip="The exact sigmas of this NFE."),
+                io.Sampler.Output(tooltip="The sampler the LoRA was made for."),
                 io.Float.Output(display_name="cfg", tooltip="The recommended classifier-free guidance scale."),
+                io.Clip.Output(tooltip="The CLIP with the LoRA's text-encoder layers applied (unchanged if it has "
+                                       "none; empty if none was connected)."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, student_name, nfe, strength) -> io.NodeOutput:
+    def execute(cls, model, student_name, nfe, strength, preset=FROM_FILE, clip=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER_NAME, student_name)
-        _, info = read_student(path)  # a malformed or foreign file raises FileFormatError naming it
-        n = nfe or info.default_nfe
-        if n not in info.nfe_schedules:
-            raise ValueError(f"{student_name}: trained for nfe {', '.join(map(str, info.nfe_schedules))} "
-                             f"(default {info.default_nfe}), not {nfe}")
-        schedule = info.nfe_schedules[n]
-        _check_model(model, info, schedule, student_name)
-        lora = comfy.utils.load_torch_file(path, safe_load=True)
-        problems = lora_mismatches(model, lora)
-        if problems:
-            raise ValueError(f"{student_name}: this student was made for another UNet: " + "; ".join(problems))
-        if strength != 0:
-            model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
-        return io.NodeOutput(model, torch.tensor(schedule["sigmas"], dtype=torch.float32),
-                             comfy.samplers.sampler_object(info.comfy_sampler), info.guidance)
+        tensors, metadata = read_safetensors(path)  # an unreadable file raises FileFormatError naming it
+        if is_direct_distill_file(metadata):
+            if preset != FROM_FILE:
+                raise ValueError(f"{student_name}: a Direct Distill student's file says how it samples; set preset "
+                                 f"to '{FROM_FILE}'")
+            return io.NodeOutput(*_own_student(model, clip, path, student_name, nfe, strength))
+        return io.NodeOutput(*_preset_lora(model, clip, tensors, metadata, student_name, preset, nfe, strength))
 
 
-NODES = [LoadStudent]
+class TCDSamplerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DirectDistillSamplerTCD",
+            display_name="TCD Sampler",
+            category="sampling/custom_sampling/samplers",
+            description="Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024): "
+                        "each step jumps to a point of the trajectory set by gamma, then adds back fresh noise. "
+                        "For TCD and Hyper-SD LoRAs; feed SamplerCustomAdvanced.",
+            inputs=[
+                io.Float.Input("gamma", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stochasticity of each step (diffusers' eta): 0 is deterministic, higher "
+                                       "values blur detail; 0.3 is TCD's recommendation."),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, gamma) -> io.NodeOutput:
+        return io.NodeOutput(tcd_sampler(gamma, None))
+
+
+NODES = [LoadStudent, TCDSamplerNode]

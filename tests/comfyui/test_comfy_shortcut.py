@@ -287,8 +287,11 @@ def check_links(workflow):
             continue
         sockets = {name: io_type for name, io_type, options in node_inputs(node["type"])
                    if io_type not in WIDGET_TYPES or options.get("forceInput")}
-        linked = {slot["name"]: slot for slot in node.get("inputs", []) if "widget" not in slot}
-        assert set(linked) == set(sockets), f"{node['type']} #{node['id']}: inputs {set(linked)} != {set(sockets)}"
+        optional = set(nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES().get("optional", {}))
+        linked = {slot["name"]: slot for slot in node.get("inputs", []) if "widget" not in slot
+                  and (slot["link"] is not None or slot["name"] not in optional)}
+        assert set(sockets) - optional <= set(linked) <= set(sockets), \
+            f"{node['type']} #{node['id']}: inputs {set(linked)} against {set(sockets)} ({optional} optional)"
         for name, slot in linked.items():
             assert slot["type"] == sockets[name] and slot["link"] is not None, f"{node['type']} #{node['id']} {name}"
         for slot in node.get("outputs", []):

@@ -57,14 +57,18 @@ def student(dd, tmp_path_factory):
 
 
 def load(model, nfe=0, strength=1.0, name="tiny_student.safetensors"):
-    return run_node(LOADER, model=model, student_name=name, nfe=nfe, strength=strength)
+    """(MODEL, SIGMAS, SAMPLER, cfg) of the loader; its CLIP output passes the unconnected input through."""
+    *outputs, clip = run_node(LOADER, model=model, student_name=name, nfe=nfe, strength=strength)
+    assert clip is None
+    return outputs
 
 
 def test_node_is_registered_with_a_description_and_tooltips(comfy_loaded, student):
     assert nodes.NODE_DISPLAY_NAME_MAPPINGS[LOADER] == "Load Distilled Student"
     info = nodes.NODE_CLASS_MAPPINGS[LOADER].GET_NODE_INFO_V1()
     assert info["description"] and all(opts.get("tooltip") for _, opts in info["input"]["required"].values())
-    assert info["output"] == ["MODEL", "SIGMAS", "SAMPLER", "FLOAT"] and info["output_name"][3] == "cfg"
+    assert info["output"] == ["MODEL", "SIGMAS", "SAMPLER", "FLOAT", "CLIP"] and info["output_name"][3] == "cfg"
+    assert all(opts.get("tooltip") for _, opts in info["input"]["optional"].values())
     options = nodes.NODE_CLASS_MAPPINGS[LOADER].INPUT_TYPES()["required"]["student_name"]
     assert "tiny_student.safetensors" in options[1]["options"]
 
@@ -142,7 +146,7 @@ def test_student_4step_workflow_is_valid_and_runs_the_students_4_steps(
     for node in workflow["nodes"]:
         if node["type"] not in FRONTEND_ONLY:
             widget_values(node)
-    assert widget_values(loader) == {"student_name": name, "nfe": 4, "strength": 1.0}
+    assert widget_values(loader) == {"student_name": name, "nfe": 4, "strength": 1.0, "preset": "from file"}
 
     (guider,) = [node for node in workflow["nodes"] if node["type"] == "CFGGuider"]
     guider["widgets_values"] = [1.0]  # were this used rather than the student's linked cfg, no uncond pass would run
