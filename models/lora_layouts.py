@@ -26,7 +26,6 @@ import torch
 
 from .student_file import kohya_name
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PRESET_METADATA_KEY = "direct_distill.preset"  # the few-step preset a file was stamped with (its name, plain text)
 
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -34,7 +33,8 @@ _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_"
 _KOHYA_KEY = re.compile(r"^(?P<name>lora_(?:unet|te[12]?)_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _DIFFUSERS_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+?)"
-    r"(?:\.lora_(?P<peft>[AB])\.weight|\.lora\.(?P<dot>down|up)\.weight|\.lora_linear_layer\.(?P<linear>down|up)\.weight"
+    r"(?:\.lora_(?P<peft>[AB])\.weight|\.lora\.(?P<dot>down|up)\.weight"
+    r"|\.lora_linear_layer\.(?P<linear>down|up)\.weight"
     r"|_lora\.(?P<proc>down|up)\.weight|\.(?P<alpha>alpha))$")
 
 
@@ -65,7 +65,8 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
     """Read any supported layout.
 
     Returns:
-        ``{(component, module name in kohya's underscore spelling): LoraLayer}``, component one of COMPONENTS.
+        ``{(component, module name in kohya's underscore spelling): LoraLayer}``, the component "unet",
+        "text_encoder" or "text_encoder_2".
 
     Raises:
         LoraLayoutError naming the first tensor in no known layout, or a layer missing a half.

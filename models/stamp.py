@@ -10,32 +10,9 @@ from pathlib import Path
 
 from ..schedulers.few_step_presets import PRESETS, describe_nfes, get_preset
 from .io import FileFormatError, atomic_save_file, read_safetensors
-from .lora_layouts import PRESET_METADATA_KEY, LoraLayoutError, lora_family, parse_lora
+from .few_step_lora import family_mismatches
+from .lora_layouts import PRESET_METADATA_KEY, LoraLayoutError, parse_lora
 from .student_file import is_direct_distill_file
-
-# Widths the real models' layers take in, where a LoRA says which family it was made for: the cross-attention
-# context (attn2's to_k / to_v) and each text encoder's hidden size.
-_FAMILY_WIDTHS = {
-    "sd15": {("unet", "attn2_to_k"): 768, ("unet", "attn2_to_v"): 768, ("text_encoder", "self_attn_q_proj"): 768},
-    "sdxl": {("unet", "attn2_to_k"): 2048, ("unet", "attn2_to_v"): 2048, ("text_encoder", "self_attn_q_proj"): 768,
-             ("text_encoder_2", "self_attn_q_proj"): 1280},
-}
-
-
-def family_mismatches(layers, family: str) -> list[str]:
-    """Why a LoRA (``parse_lora``'s layers) cannot be one for ``family`` ("sd15", "sdxl"): the family its layer
-    names say, and layers whose input width is not that of the family's real model. Empty when it fits."""
-    made_for = lora_family(layers)
-    if made_for is None:
-        return ["its layer names say neither SD1.x nor SDXL"]
-    if made_for != family:
-        return [f"its layers are those of {made_for}, not {family}"]
-    wrong = [f"{component} {name} takes {layer.down.shape[1]} features, {family} has {width}"
-             for (component, name), layer in layers.items()
-             for (where, suffix), width in _FAMILY_WIDTHS[family].items()
-             if component == where and name.endswith(suffix) and layer.down.shape[1] != width]
-    return [f"{len(wrong)} layers have another width, e.g. {wrong[0]}"] if wrong else []
-
 
 def stamp(path: str | os.PathLike, preset_name: str, out: str | os.PathLike | None = None) -> Path:
     """Write ``preset_name`` into the metadata of the LoRA file ``path`` (to ``out``, or in place), atomically;

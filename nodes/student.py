@@ -11,11 +11,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..models.io import FileFormatError, read_safetensors
-from ..models.lora_layouts import (LoraLayoutError, kohya_state_dict, lora_family, parse_lora, resolve_layers,
-                                   stamped_preset, unet_family)
+from ..models.few_step_lora import preset_and_layers
+from ..models.io import read_safetensors
+from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
 from ..models.student_file import is_direct_distill_file, read_student
-from ..schedulers.few_step_presets import PRESETS, describe_nfes, get_preset, presets_for
+from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.noise import sigma_to_model_timestep
 from ..schedulers.tcd import sample_tcd
 from .model_identity import lora_mismatches, unet_parameter_shapes
@@ -25,7 +25,6 @@ FROM_FILE = "from file"
 # ComfyUI's parameterisation classes, most derived first (V_PREDICTION and X0 subclass EPS).
 _PREDICTIONS = (("sample", comfy.model_sampling.X0), ("v_prediction", comfy.model_sampling.V_PREDICTION),
                 ("epsilon", comfy.model_sampling.EPS))
-_FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
 # ComfyUI's text-encoder prefixes (cond_stage_model's state dict) -> the diffusers component of a LoRA.
 _CLIP_COMPONENTS = {"sd15": {"clip_l.transformer.": "text_encoder"},
                     "sdxl": {"clip_l.transformer.": "text_encoder", "clip_g.transformer.": "text_encoder_2"}}
@@ -53,13 +52,15 @@ def _check_model(model, info, schedule, name: str) -> None:
                          f"{schedule['timesteps']} it was trained at: it was distilled from another model")
 
 
-def tcd_sampler(gamma: float, sigma_table) -> comfy.samplers.KSAMPLER:
-    """TCD's sampler (schedulers/tcd.py) as a ComfyUI SAMPLER; ``sigma_table`` None reads the model's at run time."""
-    def sample(model, x, sigmas, **kwargs):
-        table = sigma_table if sigma_table is not None else model.inner_model.inner_model.model_sampling.sigmas
-        return sample_tcd(model, x, sigmas, gamma=gamma, sigma_table=table, **kwargs)
+def _sample_tcd(model, x, sigmas, *, gamma: float, **kwargs):
+    # the noise table is the sampled model's own (KSamplerX0Inpaint -> CFGGuider -> BaseModel)
+    return sample_tcd(model, x, sigmas, gamma=gamma, sigma_table=model.inner_model.inner_model.model_sampling.sigmas,
+                      **kwargs)
 
-    return comfy.samplers.KSAMPLER(sample)
+
+def tcd_sampler(gamma: float) -> comfy.samplers.KSAMPLER:
+    """TCD's strategic stochastic sampler (schedulers/tcd.py) as a ComfyUI SAMPLER."""
+    return comfy.samplers.KSAMPLER(_sample_tcd, extra_options={"gamma": gamma})
 
 
 def _own_student(model, clip, path, name, nfe, strength):
@@ -82,26 +83,8 @@ def _own_student(model, clip, path, name, nfe, strength):
 
 def _preset_lora(model, clip, tensors, metadata, name, preset_name, nfe, strength):
     family = unet_family(unet_parameter_shapes(model))
-    chosen = stamped_preset(metadata) if preset_name == FROM_FILE else preset_name
-    if chosen is None:
-        raise ValueError(f"{name}: not a Direct Distill student and not stamped with a few-step preset; choose its "
-                         f"preset, one of the {_FAMILY_NAMES[family]} presets: "
-                         + ", ".join(p.name for p in presets_for(family)))
-    try:
-        preset = get_preset(chosen)
-        layers = parse_lora(tensors, metadata)
-    except LoraLayoutError as err:
-        raise FileFormatError(f"{name}: {err}") from None
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
-    if preset.family != family:
-        raise ValueError(f"{name}: preset {preset.name} is for {_FAMILY_NAMES[preset.family]} models, this model is "
-                         f"{_FAMILY_NAMES[family]}-style; its presets: "
-                         + ", ".join(p.name for p in presets_for(family)))
-    made_for = lora_family(layers)
-    if made_for not in (None, family):
-        raise ValueError(f"{name}: this LoRA was made for {_FAMILY_NAMES[made_for]} (the layers it changes), this "
-                         f"model is {_FAMILY_NAMES[family]}-style")
+    preset, layers = preset_and_layers(name, tensors, metadata, None if preset_name == FROM_FILE else preset_name,
+                                       family, how_to_choose="choose its preset", model="this model")
     n = nfe or preset.default_nfe
     if n not in preset.nfes:
         raise ValueError(f"{name}: preset {preset.name} samples with nfe {describe_nfes(preset.nfes)} "
@@ -111,6 +94,10 @@ def _preset_lora(model, clip, tensors, metadata, name, preset_name, nfe, strengt
         raise ValueError(f"{name}: this model's noise table has {len(model_sampling.sigmas)} steps, not the 1000 of "
                          "the checkpoint (a ModelSamplingDiscrete node set to lcm?): connect the checkpoint's MODEL")
 
+    text_encoder = [target for target in layers if target[0] != "unet"]
+    if text_encoder and clip is None:
+        raise ValueError(f"{name}: this LoRA also changes the text encoder ({len(text_encoder)} layers): connect the "
+                         "checkpoint's CLIP to the clip input")
     resolved, problems = resolve_layers(layers, _lora_targets(model, clip, family))
     if problems:
         raise ValueError(f"{name}: this LoRA does not fit this model: " + "; ".join(problems))
@@ -122,7 +109,7 @@ def _preset_lora(model, clip, tensors, metadata, name, preset_name, nfe, strengt
         model, clip = comfy.sd.load_lora_for_models(model, clip, lora, strength, strength)
     sigmas = preset.sigmas(n, model_sampling.sigmas).float()
     if preset.sampler == "tcd":
-        sampler = tcd_sampler(preset.gamma, model_sampling.sigmas)
+        sampler = tcd_sampler(preset.gamma)
     else:
         sampler = comfy.samplers.sampler_object(preset.sampler)
     return model, sigmas, sampler, preset.guidance, clip
@@ -210,7 +197,7 @@ class TCDSamplerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, gamma) -> io.NodeOutput:
-        return io.NodeOutput(tcd_sampler(gamma, None))
+        return io.NodeOutput(tcd_sampler(gamma))
 
 
 NODES = [LoadStudent, TCDSamplerNode]

@@ -9,15 +9,13 @@ import os
 
 import torch
 
-from ..models.io import FileFormatError, read_safetensors
-from ..models.lora_layouts import (LoraLayoutError, kohya_state_dict, lora_family, parse_lora, resolve_layers,
-                                   stamped_preset, unet_family)
+from ..models.few_step_lora import preset_and_layers
+from ..models.io import read_safetensors
+from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
 from ..models.student_file import StudentInfo, is_direct_distill_file, read_student, unet_mismatches
-from ..schedulers.few_step_presets import FewStepPreset, get_preset, presets_for
+from ..schedulers.few_step_presets import FewStepPreset
+from ..schedulers.scheduling_presets import preset_scheduler
 from ..schedulers.scheduling_student import StudentScheduler
-
-_FAMILY_NAMES = {"sd15": "SD1.x", "sdxl": "SDXL"}
-
 
 def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, adapter_name: str = "student",
                  scale: float = 1.0) -> StudentInfo | FewStepPreset:
@@ -84,29 +82,9 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
 
 
 def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: str, scale: float) -> FewStepPreset:
-    from ..schedulers.scheduling_presets import preset_scheduler
-
     family = unet_family(name for name, _ in pipe.unet.named_parameters())
-    name = preset_name or stamped_preset(metadata)
-    if name is None:
-        raise ValueError(f"{path}: not a Direct Distill student and not stamped with a few-step preset; pass "
-                         f"preset=, one of the {_FAMILY_NAMES[family]} presets: "
-                         + ", ".join(p.name for p in presets_for(family)))
-    try:
-        preset = get_preset(name)
-        layers = parse_lora(tensors, metadata)
-    except LoraLayoutError as err:
-        raise FileFormatError(f"{path}: {err}") from None
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    if preset.family != family:
-        raise ValueError(f"{path}: preset {preset.name} is for {_FAMILY_NAMES[preset.family]} models, this pipeline's "
-                         f"UNet is {_FAMILY_NAMES[family]}-style; its presets: "
-                         + ", ".join(p.name for p in presets_for(family)))
-    made_for = lora_family(layers)
-    if made_for not in (None, family):
-        raise ValueError(f"{path}: this LoRA was made for {_FAMILY_NAMES[made_for]} (the layers it changes), this "
-                         f"pipeline's UNet is {_FAMILY_NAMES[family]}-style")
+    preset, layers = preset_and_layers(str(path), tensors, metadata, preset_name, family, how_to_choose="pass preset=",
+                                       model="this pipeline's UNet")
     resolved, problems = resolve_layers(layers, _lora_targets(pipe))
     if problems:
         raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
@@ -116,7 +94,8 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     state = kohya_state_dict(resolved, two_text_encoders=getattr(pipe, "text_encoder_2", None) is not None)
     with _quiet_text_encoder_notice():
         pipe.load_lora_weights(state, adapter_name=adapter_name)
-    applied = sum(_adapted_layers(getattr(pipe, c, None), adapter_name) for c in ("unet", "text_encoder", "text_encoder_2"))
+    applied = sum(_adapted_layers(getattr(pipe, component, None), adapter_name)
+                  for component in ("unet", "text_encoder", "text_encoder_2"))
     if applied != len(resolved):
         pipe.delete_adapters(adapter_name)
         raise ValueError(f"{path}: diffusers applied {applied} of the LoRA's {len(resolved)} layers; nothing was kept")

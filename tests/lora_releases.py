@@ -20,7 +20,11 @@ import copy
 import json
 
 import torch
+from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, TCDScheduler,
+                       UNet2DConditionModel)
 from safetensors.torch import save_file
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 # peft target_modules of the LCM-LoRA, PCM and DMD2 writers (suffix match on module names)
 RELEASE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -32,7 +36,7 @@ LAYOUTS = ("kohya", "kohya-no-alpha", "peft", "diffusers", "peft-metadata-alpha"
 TINY_SD15_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=8,
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=32, attention_head_dim=2,
     norm_num_groups=32)
 TINY_SDXL_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
@@ -54,16 +58,12 @@ REAL_SDXL_UNET = dict(
 
 
 def unet(config, seed=0):
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(**config).eval()
 
 
 def meta_unet(config):
     """A UNet with the config's real names and shapes and no storage."""
-    from diffusers import UNet2DConditionModel
-
     with torch.device("meta"):
         return UNet2DConditionModel(**config)
 
@@ -145,3 +145,40 @@ def merged(model, layers, layout, strength=1.0):
         delta = (up.double().flatten(1) @ down.double().flatten(1)).reshape(weight.shape)
         weight += (strength * effective_alpha(layout, alpha, rank) / rank * delta).to(weight.dtype)
     return model
+
+
+# The recipes of the sources, as their model cards write them: the diffusers scheduler and its config, the steps,
+# explicit timesteps, guidance_scale (0 = none), eta, and the ComfyUI sampler they name.
+_DDIM = (DDIMScheduler, dict(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False))
+_EULER = (EulerDiscreteScheduler, dict(timestep_spacing="trailing"))
+PUBLISHED = {
+    **{f"lcm-{f}": dict(scheduler=(LCMScheduler, {}), steps=4, range=(2, 8), guidance=(0.0, 1.0, 2.0), sampler="lcm")
+       for f in ("sd15", "sdxl")},  # "2 - 8 steps", "disable guidance_scale or use values between 1.0 and 2.0"
+    **{f"tcd-{f}": dict(scheduler=(TCDScheduler, {}), steps=4, range=(4, 50), guidance=(0.0,), eta=0.3, sampler="tcd")
+       for f in ("sd15", "sdxl")},  # num_inference_steps=4 (4 to 50), guidance_scale=0, eta=0.3
+    **{f"hyper-{f}-1step": dict(scheduler=(TCDScheduler, {}), steps=1, timesteps=[800], guidance=(0.0,), eta=1.0,
+                                sampler="tcd") for f in ("sd15", "sdxl")},
+    **{f"hyper-{f}-{n}step": dict(scheduler=_DDIM, steps=n, guidance=(0.0,), sampler="ddim")
+       for f in ("sd15", "sdxl") for n in (2, 4, 8)},
+    **{f"hyper-{f}-{n}step-cfg": dict(scheduler=_DDIM, steps=n, guidance=(5.0, 8.0), sampler="ddim")
+       for f in ("sd15", "sdxl") for n in (8, 12)},  # "support 5~8 guidance scales"
+    **{f"sdxl-lightning-{n}step": dict(scheduler=_EULER, steps=n, guidance=(0.0,), sampler="euler") for n in (2, 4, 8)},
+    "dmd2-sdxl-4step": dict(scheduler=(LCMScheduler, {}), steps=4, timesteps=[999, 749, 499, 249], guidance=(0.0,),
+                            sampler="lcm"),
+    **{f"pcm-{f}-smallcfg-{n}step": dict(scheduler=_DDIM, steps=n, guidance=(1.0, 2.0), sampler="ddim")
+       for f in ("sd15", "sdxl") for n in (2, 4, 8, 16)},  # "SmallCFG ... CFG value 1-2"
+    **{f"pcm-{f}-normalcfg-{n}step": dict(scheduler=_DDIM, steps=n, guidance=g, sampler="ddim")
+       for f in ("sd15", "sdxl") for n, g in ((4, (2.5, 3.5)), (8, (3.0, 6.0)), (16, (2.0, 9.0)))},
+}
+
+
+def published_timesteps(name, steps):
+    """The timesteps the source's own recipe runs: its diffusers scheduler, configured as the card does."""
+    recipe = PUBLISHED[name]
+    cls, config = recipe["scheduler"]
+    scheduler = cls.from_config(PNDMScheduler(**SD_SCHEDULER).config, **config)
+    if "timesteps" in recipe:
+        scheduler.set_timesteps(timesteps=recipe["timesteps"])
+    else:
+        scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]

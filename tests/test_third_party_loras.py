@@ -8,56 +8,19 @@ import json
 import pytest
 import torch
 from conftest import _tiny_text_encoder, _tiny_vae
-from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, TCDScheduler)
-from lora_releases import (LAYOUTS, REAL_SD15_UNET, REAL_SDXL_UNET, TEXT_ENCODER_TARGETS, TINY_SD15_UNET,
-                           TINY_SDXL_UNET, merged, meta_unet, random_layers, target_modules, unet, write_release)
+from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       TCDScheduler)
+from lora_releases import (LAYOUTS, PUBLISHED, REAL_SD15_UNET, REAL_SDXL_UNET, SD_SCHEDULER, TEXT_ENCODER_TARGETS,
+                           TINY_SD15_UNET, TINY_SDXL_UNET, merged, meta_unet, published_timesteps, random_layers,
+                           target_modules, unet, write_release)
 
 from direct_distill.__main__ import main as cli
 from direct_distill.models.io import FileFormatError, read_safetensors
+from direct_distill.models.lora_layouts import parse_lora, resolve_layers
 from direct_distill.models.stamp import stamp
 from direct_distill.pipelines import load_student
 from direct_distill.schedulers.few_step_presets import PRESETS, presets_for
 from direct_distill.schedulers.scheduling_presets import preset_scheduler
-
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-
-# The recipes of the sources, as their model cards write them: the diffusers scheduler and its config, the steps,
-# explicit timesteps, guidance_scale (0 = none), eta, and the ComfyUI sampler they name.
-_DDIM = (DDIMScheduler, dict(timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False))
-_EULER = (EulerDiscreteScheduler, dict(timestep_spacing="trailing"))
-PUBLISHED = {
-    **{f"lcm-{f}": dict(scheduler=(LCMScheduler, {}), steps=4, range=(2, 8), guidance=(0.0, 1.0, 2.0), sampler="lcm")
-       for f in ("sd15", "sdxl")},  # "2 - 8 steps", "disable guidance_scale or use values between 1.0 and 2.0"
-    **{f"tcd-{f}": dict(scheduler=(TCDScheduler, {}), steps=4, range=(4, 50), guidance=(0.0,), eta=0.3, sampler="tcd")
-       for f in ("sd15", "sdxl")},  # num_inference_steps=4 (4 to 50), guidance_scale=0, eta=0.3
-    **{f"hyper-{f}-1step": dict(scheduler=(TCDScheduler, {}), steps=1, timesteps=[800], guidance=(0.0,), eta=1.0,
-                                sampler="tcd") for f in ("sd15", "sdxl")},
-    **{f"hyper-{f}-{n}step": dict(scheduler=_DDIM, steps=n, guidance=(0.0,), sampler="ddim")
-       for f in ("sd15", "sdxl") for n in (2, 4, 8)},
-    **{f"hyper-{f}-{n}step-cfg": dict(scheduler=_DDIM, steps=n, guidance=(5.0, 8.0), sampler="ddim")
-       for f in ("sd15", "sdxl") for n in (8, 12)},  # "support 5~8 guidance scales"
-    **{f"sdxl-lightning-{n}step": dict(scheduler=_EULER, steps=n, guidance=(0.0,), sampler="euler") for n in (2, 4, 8)},
-    "dmd2-sdxl-4step": dict(scheduler=(LCMScheduler, {}), steps=4, timesteps=[999, 749, 499, 249], guidance=(0.0,),
-                            sampler="lcm"),
-    **{f"pcm-{f}-smallcfg-{n}step": dict(scheduler=_DDIM, steps=n, guidance=(1.0, 2.0), sampler="ddim")
-       for f in ("sd15", "sdxl") for n in (2, 4, 8, 16)},  # "SmallCFG ... CFG value 1-2"
-    **{f"pcm-{f}-normalcfg-{n}step": dict(scheduler=_DDIM, steps=n, guidance=g, sampler="ddim")
-       for f in ("sd15", "sdxl") for n, g in ((4, (2.5, 3.5)), (8, (3.0, 6.0)), (16, (2.0, 9.0)))},
-}
-
-
-def published_timesteps(name, steps):
-    """The timesteps the source's own recipe runs: its diffusers scheduler, configured as the card does."""
-    recipe = PUBLISHED[name]
-    cls, config = recipe["scheduler"]
-    scheduler = cls.from_config(PNDMScheduler(**SD_SCHEDULER).config, **config)
-    if "timesteps" in recipe:
-        scheduler.set_timesteps(timesteps=recipe["timesteps"])
-    else:
-        scheduler.set_timesteps(steps)
-    return [int(t) for t in scheduler.timesteps]
-
 
 def test_the_table_has_every_published_preset():
     assert set(PRESETS) == set(PUBLISHED)
@@ -196,6 +159,27 @@ def test_scale_and_a_tcd_preset_from_the_stamp_reach_the_pipeline(sd15_pipe, tmp
     assert calls == [999, 759, 499, 259]
 
 
+def test_older_diffusers_spellings_and_per_layer_alphas_are_read():
+    down, up = torch.ones(2, 8), torch.ones(8, 2)
+    tensors = {
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight": down,
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight": up,
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": down,
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": up,
+        "unet.mid_block.attentions.0.proj_in.lora_A.weight": down,
+        "unet.mid_block.attentions.0.proj_in.lora_B.weight": up,
+    }
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4, "unet.alpha_pattern": {"proj_in": 1}})}
+    layers = parse_lora(tensors, metadata)
+    assert {k: v.alpha for k, v in layers.items()} == {
+        ("text_encoder", "text_model_encoder_layers_0_self_attn_q_proj"): 2.0,  # no alpha given: the rank
+        ("unet", "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"): 4.0,
+        ("unet", "mid_block_attentions_0_proj_in"): 1.0}
+    resolved, problems = resolve_layers(layers, {"unet": {"mid_block.attentions.0.proj_in": (8, 8)}})
+    assert list(resolved) == [("unet", "mid_block.attentions.0.proj_in")] and problems == [
+        "2 of 3 layers name no layer of this model, e.g. text_encoder text_model_encoder_layers_0_self_attn_q_proj"]
+
+
 # --- refusals -----------------------------------------------------------------------------------------------
 
 
@@ -280,9 +264,11 @@ def test_a_direct_distill_student_takes_no_preset(tmp_path):
 def real_shaped(tmp_path_factory):
     """Rank-1 LoRAs with the real SD1.5's and SDXL's key names and widths (as the releases', kohya with alpha)."""
     folder = tmp_path_factory.mktemp("real")
-    return {family: write_release(folder / f"{family}.safetensors",
-                                  random_layers(target_modules(meta_unet(config)), rank=1, dtype=torch.float16), "kohya")
-            for family, config in (("sd15", REAL_SD15_UNET), ("sdxl", REAL_SDXL_UNET))}
+    files = {}
+    for family, config in (("sd15", REAL_SD15_UNET), ("sdxl", REAL_SDXL_UNET)):
+        layers = random_layers(target_modules(meta_unet(config)), rank=1, dtype=torch.float16)
+        files[family] = write_release(folder / f"{family}.safetensors", layers, "kohya")
+    return files
 
 
 def raw_tensors(path):
