@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from .grids import trailing_timesteps
+
 SAMPLERS = ("lcm", "tcd", "euler", "ddim")
 SPACINGS = ("trailing", "lcm", "fixed")
 TRAIN_TIMESTEPS = 1000
@@ -73,13 +75,6 @@ class FewStepPreset:
         """VE sigmas of those timesteps in the model's noise table (ascending per-timestep sigmas), then 0."""
         table = torch.as_tensor(table).detach().to("cpu", torch.float64)
         return torch.cat([table[torch.tensor(self.timesteps(nfe))], table.new_zeros(1)])
-
-
-def trailing_timesteps(n: int, train_timesteps: int = TRAIN_TIMESTEPS) -> list[int]:
-    """diffusers' "trailing" spacing (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
-    flawed", Table 2): round(T - i T / n) - 1 for i = 0 .. n-1, i.e. 999, ... ending one step short of 0."""
-    _check_nfe(n, train_timesteps)
-    return [round(train_timesteps - i * train_timesteps / n) - 1 for i in range(n)]
 
 
 def lcm_timesteps(n: int, original_steps: int = LCM_ORIGINAL_STEPS, train_timesteps: int = TRAIN_TIMESTEPS
