@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..models.io import read_safetensors
-from ..training.data import LatentData, encode_images, read_latents_file, vae_checksum, write_latents_file
+from ..models.io import atomic_save_file, read_safetensors
+from ..training.data import LatentData, encode_images, vae_checksum
 from ..training.runner import Preset
 from . import SHORTCUT_PATH, STUDENTS_DIR, TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
@@ -25,17 +25,18 @@ def lab_work(method: str) -> Path:
 
 
 def lab_latents(pipe, work: Path, accelerator) -> LatentData:
-    """Fashion-MNIST (train) encoded by the teacher's VAE, with class-name prompts; cached in ``work`` as a
-    latents file until the VAE changes."""
-    cache = work / "fashion_mnist_latents.safetensors"
+    """Fashion-MNIST (train) encoded by the teacher's VAE, with class-name prompts; cached in ``work`` (with the
+    labels) until the VAE changes."""
+    cache = work / "data_latents.safetensors"
     checksum = vae_checksum(pipe.vae)
-    if cache.is_file() and read_safetensors(cache)[1].get("vae_checksum") == checksum:
-        return read_latents_file(cache)
-    images, labels = load_fashion_mnist("train")
-    mean, std = encode_images(pipe.vae.to(accelerator.device).float(), images.to(accelerator.device))
-    prompts = [CLASS_NAMES[i] for i in labels.tolist()]
-    write_latents_file(cache, mean, std, prompts, {"vae_checksum": checksum})
-    return LatentData(mean.cpu(), prompts, latent_std=std.cpu())
+    tensors, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
+    if meta.get("vae_checksum") != checksum:
+        images, labels = load_fashion_mnist("train")
+        mean, std = encode_images(pipe.vae.to(accelerator.device).float(), images.to(accelerator.device))
+        tensors = {"latents": mean.cpu(), "std": std.cpu(), "labels": labels}
+        atomic_save_file(tensors, cache, {"vae_checksum": checksum})
+    return LatentData(tensors["latents"], [CLASS_NAMES[i] for i in tensors["labels"].tolist()],
+                      latent_std=tensors["std"])
 
 
 def lab_evaluation(pipe, samples: int = 1000):

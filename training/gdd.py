@@ -47,7 +47,7 @@ from .config import LoraSpec, RunConfig, Settings, SettingError, run_config, set
 from .data import DataSource, drop_prompts
 from .lora import LoraStudent
 from .loop import Player, cost_record
-from .one_step import BEST_FILE, BestGenerator, EvalConfig, Evaluate, one_step_sample, write_one_step_student
+from .one_step import BEST_FILE, BestGenerator, EvalConfig, one_step_sample, write_one_step_student
 from .runner import Job, MethodEntry, settle
 
 VARIANTS = ("gdd-i", "gdd")

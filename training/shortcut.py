@@ -196,10 +196,11 @@ def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
     scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
     size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
     folder = capture_trajectories(
-        pipe, job.work / "trajectories", list(job.prompts), config.trajectories, num_inference_steps=config.teacher_steps,
-        capture_steps=config.capture_steps, guidance_scale=config.guidance, seed=config.run.seed, scheduler=scheduler,
-        shard_size=config.shard_size, batch_size=config.sample_batch_size, teacher=job.teacher, pipe_kwargs=size,
-        process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+        pipe, job.work / "trajectories", list(job.prompts), config.trajectories,
+        num_inference_steps=config.teacher_steps, capture_steps=config.capture_steps, guidance_scale=config.guidance,
+        seed=config.run.seed, scheduler=scheduler, shard_size=config.shard_size, batch_size=config.sample_batch_size,
+        teacher=job.teacher, pipe_kwargs=size, process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes)
     accelerator.wait_for_everyone()
     job.pipe = pipe = None  # training needs the trajectories alone: the teacher's memory is freed
     return train_shortcut(job, config, folder)
