@@ -26,6 +26,15 @@ def handoff_timestep(sigma: torch.Tensor | float, sigma_table: torch.Tensor) -> 
     return int(sigma_to_model_timestep(sigma, torch.as_tensor(sigma_table).detach().cpu()))
 
 
+def check_teacher(shortcut: TwoStageShortcut, unet_fingerprint: str, model: str = "this model") -> None:
+    """Refuse (ValueError) a model other than the one the shortcut was distilled from, told apart by
+    ``student_file.unet_fingerprint`` (a shortcut that records no teacher, freshly built, is not checked)."""
+    expected = shortcut.teacher_unet_fingerprint
+    if expected is not None and unet_fingerprint != expected:
+        raise ValueError(f"this shortcut was distilled from {shortcut.teacher} (UNet fingerprint {expected}), but "
+                         f"{model} has UNet fingerprint {unet_fingerprint}: a shortcut only works on its own teacher")
+
+
 def check_handoff_at_sigma(shortcut: TwoStageShortcut, sigma: torch.Tensor | float, sigma_table: torch.Tensor,
                            force: bool = False) -> int:
     """Refuse (ValueError) a hand-off at ``sigma`` outside the shortcut's trained band unless ``force``;
@@ -35,9 +44,11 @@ def check_handoff_at_sigma(shortcut: TwoStageShortcut, sigma: torch.Tensor | flo
     return t
 
 
-def handoff_steps_in_band(shortcut: TwoStageShortcut, sigmas: torch.Tensor, sigma_table: torch.Tensor) -> list[int]:
-    """The hand-off steps K (1 .. len(sigmas) - 2) of a run on ``sigmas`` that lie in the shortcut's band."""
-    lo, hi = shortcut.t_band or (float("-inf"), float("inf"))
+def handoff_steps_in_band(t_band: tuple[float, float] | None, sigmas: torch.Tensor,
+                          sigma_table: torch.Tensor) -> list[int]:
+    """The hand-off steps K (1 .. len(sigmas) - 2) of a run on ``sigmas`` whose timestep lies in ``t_band``
+    (a shortcut's ``t_band``; None: every step)."""
+    lo, hi = t_band or (float("-inf"), float("inf"))
     return [k for k in range(1, len(sigmas) - 1) if lo <= handoff_timestep(sigmas[k], sigma_table) <= hi]
 
 

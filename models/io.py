@@ -124,16 +124,23 @@ def read_safetensors(path: str | os.PathLike, select: Callable[[str], bool] | No
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read the tensors (those whose name ``select`` accepts, or all) and the metadata of a safetensors file,
     with one clear error if it is unreadable."""
+    return _read(path, lambda f: {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)})
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and the metadata of a safetensors file, without reading any tensor."""
+    return _read(path, lambda f: list(f.keys()))
+
+
+def _read(path, contents):
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys() if select is None or select(k)}
+            return contents(f), dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise FileFormatError(f"{path}: not a readable safetensors file ({err})") from None
-    return tensors, metadata
 
 
 def json_metadata(metadata: dict[str, str], key: str, path: str | os.PathLike, default=None):

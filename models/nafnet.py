@@ -144,8 +144,9 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, temb: torch.Tensor) -> to
 class TwoStageShortcut(nn.Module):
     """Seed 000's shortcut: stage 1 denoises (x_t, t) -> x0, optional stage 2 deblurs that x0.
 
-    ``t_band`` (training timesteps the shortcut was trained for), ``teacher``, ``latent_channels``
-    and ``metadata`` are filled in by ``load_shortcut``; a freshly built shortcut has no band.
+    ``t_band`` (training timesteps the shortcut was trained for), ``teacher``,
+    ``teacher_unet_fingerprint``, ``latent_channels`` and ``metadata`` are filled in by
+    ``load_shortcut``; a freshly built shortcut has no band and no teacher to check.
     """
 
     def __init__(self, stage1: TimeEmbedNAFNet, stage2: TimeEmbedNAFNet | None = None):
@@ -157,6 +158,7 @@ class TwoStageShortcut(nn.Module):
         self.latent_channels = stage1.config["in_channels"]
         self.t_band: tuple[float, float] | None = None
         self.teacher: str | None = None
+        self.teacher_unet_fingerprint: str | None = None
         self.metadata: dict = {}
 
     @classmethod

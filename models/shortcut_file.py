@@ -2,7 +2,8 @@
 
 Tensors are the state dict of a TwoStageShortcut (``stage1.*``, ``stage2.*``). Metadata (JSON
 strings): format name and version, both architecture configs, the t-band the shortcut was trained
-for (training timesteps), the teacher, the latent channels, and free-form ``extra``.
+for (training timesteps), the teacher's name and UNet fingerprint (``student_file.unet_fingerprint``,
+the identity students carry too), the latent channels, and free-form ``extra``.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .io import FileFormatError, atomic_save_file, json_metadata, read_safetensors
+from .io import FileFormatError, atomic_save_file, json_metadata, read_safetensors, read_safetensors_header
 from .nafnet import TimeEmbedNAFNet, TwoStageShortcut
 
 FORMAT_NAME = "direct_distill.shortcut"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEYS = ("format", "format_version", "stage1_config", "stage2_config", "t_band", "teacher",
-                 "latent_channels", "extra")
+                 "teacher_unet_fingerprint", "latent_channels", "extra")
 
 
 def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: tuple[float, float], teacher: str,
-                  latent_channels: int, extra: dict | None = None) -> Path:
+                  teacher_unet_fingerprint: str, latent_channels: int, extra: dict | None = None) -> Path:
     """Write ``model`` and its metadata to one safetensors file, atomically.
 
     Args:
@@ -31,12 +32,15 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
         model: the trained shortcut (stage 2 may be absent).
         t_band: (t_lo, t_hi), the training timesteps the shortcut may take over at.
         teacher: the teacher it was distilled from (a hub id or path).
+        teacher_unet_fingerprint: ``unet_fingerprint(teacher.unet)``; both samplers refuse other models.
         latent_channels: channels of the teacher's latents; must match the model.
         extra: any further JSON-serialisable facts (training steps, schedule, ...).
     """
     lo, hi = (float(v) for v in t_band)
     if not 0 <= lo <= hi <= 1000:
         raise ValueError(f"t_band must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1000, got {tuple(t_band)}")
+    if not isinstance(teacher_unet_fingerprint, str) or not teacher_unet_fingerprint:
+        raise ValueError(f"teacher_unet_fingerprint must be a non-empty string, got {teacher_unet_fingerprint!r}")
     if latent_channels != model.stage1.config["in_channels"]:
         raise ValueError(f"latent_channels={latent_channels} but stage 1 takes {model.stage1.config['in_channels']}")
     metadata = {
@@ -46,6 +50,7 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
         "stage2_config": model.stage2.config if model.stage2 is not None else None,
         "t_band": [lo, hi],
         "teacher": teacher,
+        "teacher_unet_fingerprint": teacher_unet_fingerprint,
         "latent_channels": latent_channels,
         "extra": extra or {},
     }
@@ -56,20 +61,12 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
 def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:
     """Read a file written by ``save_shortcut``; any mismatch raises one FileFormatError naming it.
 
-    The returned shortcut carries ``t_band``, ``teacher``, ``latent_channels`` and ``metadata``
-    (every metadata entry, decoded), and is in eval mode with the dtype stored in the file.
+    The returned shortcut carries ``t_band``, ``teacher``, ``teacher_unet_fingerprint``,
+    ``latent_channels`` and ``metadata`` (every metadata entry, decoded), and is in eval mode with the
+    dtype stored in the file.
     """
     tensors, raw = read_safetensors(path)
-    fmt = raw.get("format")
-    if fmt != json.dumps(FORMAT_NAME):
-        # Other writers store a plain string here (safetensors itself writes "pt").
-        found = "no 'format' metadata entry" if fmt is None else "format " + repr(fmt.strip('"'))
-        hint = " (it looks like a LoRA)" if any("lora" in k.lower() for k in tensors) else ""
-        raise FileFormatError(f"{path}: not a Direct Distill shortcut file: {found}{hint}")
-    meta = {k: json_metadata(raw, k, path) for k in METADATA_KEYS}  # raises on a missing or corrupt entry
-    if meta["format_version"] != FORMAT_VERSION:
-        raise FileFormatError(f"{path}: shortcut format version {meta['format_version']!r}; "
-                              f"this code reads version {FORMAT_VERSION}")
+    meta = _checked_metadata(raw, tensors, path)
     with torch.device("meta"):
         stage1 = _build(meta["stage1_config"], "stage1_config", path)
         stage2 = _build(meta["stage2_config"], "stage2_config", path) if meta["stage2_config"] is not None else None
@@ -77,9 +74,6 @@ def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:
             model = TwoStageShortcut(stage1, stage2)
         except ValueError as err:
             raise FileFormatError(f"{path}: {err}") from None
-    band = meta["t_band"]
-    if not (isinstance(band, list) and len(band) == 2 and all(isinstance(v, (int, float)) for v in band)):
-        raise FileFormatError(f"{path}: metadata 't_band' must be [t_lo, t_hi], got {band!r}")
     if meta["latent_channels"] != stage1.config["in_channels"]:
         raise FileFormatError(f"{path}: metadata says {meta['latent_channels']} latent channels "
                               f"but stage 1 takes {stage1.config['in_channels']}")
@@ -87,11 +81,38 @@ def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:
     # clone: fresh, aligned storage (views into the read buffer can take slower, differently-rounding kernels)
     model.load_state_dict({k: v.clone() for k, v in tensors.items()}, assign=True)
     model.eval()
-    model.t_band = (float(band[0]), float(band[1]))
+    model.t_band = tuple(meta["t_band"])
     model.teacher = meta["teacher"]
+    model.teacher_unet_fingerprint = meta["teacher_unet_fingerprint"]
     model.latent_channels = meta["latent_channels"]
     model.metadata = meta
     return model
+
+
+def read_shortcut_metadata(path: str | os.PathLike) -> dict:
+    """The decoded metadata of a shortcut file (``t_band`` as two floats), read from its header alone."""
+    names, raw = read_safetensors_header(path)
+    return _checked_metadata(raw, names, path)
+
+
+def _checked_metadata(raw: dict[str, str], tensor_names, path) -> dict:
+    fmt = raw.get("format")
+    if fmt != json.dumps(FORMAT_NAME):
+        # Other writers store a plain string here (safetensors itself writes "pt").
+        found = "no 'format' metadata entry" if fmt is None else "format " + repr(fmt.strip('"'))
+        hint = " (it looks like a LoRA)" if any("lora" in k.lower() for k in tensor_names) else ""
+        raise FileFormatError(f"{path}: not a Direct Distill shortcut file: {found}{hint}")
+    version = json_metadata(raw, "format_version", path)
+    if version != FORMAT_VERSION:
+        raise FileFormatError(f"{path}: shortcut format version {version!r}; this code reads version {FORMAT_VERSION}")
+    meta = {k: json_metadata(raw, k, path) for k in METADATA_KEYS}  # raises on a missing or corrupt entry
+    band = meta["t_band"]
+    if not (isinstance(band, list) and len(band) == 2 and all(isinstance(v, (int, float)) for v in band)):
+        raise FileFormatError(f"{path}: metadata 't_band' must be [t_lo, t_hi], got {band!r}")
+    meta["t_band"] = [float(band[0]), float(band[1])]
+    if not isinstance(meta["teacher_unet_fingerprint"], str) or not meta["teacher_unet_fingerprint"]:
+        raise FileFormatError(f"{path}: metadata 'teacher_unet_fingerprint' must be a non-empty string")
+    return meta
 
 
 def _build(config, key: str, path) -> TimeEmbedNAFNet:

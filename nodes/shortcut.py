@@ -55,7 +55,7 @@ def shortcut_sampler(base, shortcut, handoff_step: int, force: bool = False) -> 
         try:  # before any step, so a hand-off outside the trained band costs nothing
             check_handoff_at_sigma(shortcut, sigmas[handoff_step], model_sampling.sigmas, force)
         except ValueError as err:
-            fits = handoff_steps_in_band(shortcut, sigmas, model_sampling.sigmas)
+            fits = handoff_steps_in_band(shortcut.t_band, sigmas, model_sampling.sigmas)
             hint = (f"with these {steps} steps, handoff_step {fits[0]} to {fits[-1]} lies in the band" if fits
                     else f"no step of these {steps} steps lies in the band: change steps or scheduler")
             raise ValueError(f"{err} ({hint})") from None

@@ -9,6 +9,9 @@ from safetensors.torch import save_file
 from direct_distill.models import (FileFormatError, TimeEmbedNAFNet, TwoStageShortcut, load_shortcut,
                                    save_shortcut)
 from direct_distill.models.nafnet import PRESETS, TimeNAFBlock, count_macs, main
+from direct_distill.models.shortcut_file import read_shortcut_metadata
+
+FINGERPRINT = "0123456789abcdef"  # stands for unet_fingerprint(teacher.unet)
 
 
 def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -113,12 +116,14 @@ def test_cli_prints_params_gmacs_and_the_sum_of_both_stages(capsys):
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     model = lab_shortcut()
     path = save_shortcut(tmp_path / "shortcut.safetensors", model, t_band=(30, 160), teacher="lab/fashion-ldm",
-                         latent_channels=4, extra={"steps": 123})
+                         teacher_unet_fingerprint=FINGERPRINT, latent_channels=4, extra={"steps": 123})
     loaded = load_shortcut(path)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([40.0, 150.0])
     with torch.no_grad():
         assert torch.equal(loaded(x, t), model(x, t))
     assert loaded.t_band == (30.0, 160.0) and loaded.teacher == "lab/fashion-ldm" and loaded.latent_channels == 4
+    assert loaded.teacher_unet_fingerprint == FINGERPRINT
+    assert read_shortcut_metadata(path) == loaded.metadata  # the header alone says the same
     assert loaded.metadata["extra"] == {"steps": 123}
     assert loaded.stage2.config == model.stage2.config
     assert all(p.requires_grad for p in loaded.parameters())  # fine-tunable after loading
@@ -126,15 +131,21 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 
 def test_round_trip_without_stage2(tmp_path):
     model = lab_shortcut(stage2=False)
-    save_shortcut(tmp_path / "s1.safetensors", model, t_band=(0, 999), teacher="t", latent_channels=4)
+    save_shortcut(tmp_path / "s1.safetensors", model, t_band=(0, 999), teacher="t",
+                  teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
     assert load_shortcut(tmp_path / "s1.safetensors").stage2 is None
 
 
 def test_save_refuses_wrong_latent_channels_or_band(tmp_path):
     with pytest.raises(ValueError, match="latent_channels"):
-        save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(30, 160), teacher="t", latent_channels=16)
+        save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(30, 160), teacher="t",
+                      teacher_unet_fingerprint=FINGERPRINT, latent_channels=16)
     with pytest.raises(ValueError, match="t_band"):
-        save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(160, 30), teacher="t", latent_channels=4)
+        save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(160, 30), teacher="t",
+                      teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
+    with pytest.raises(ValueError, match="teacher_unet_fingerprint"):
+        save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(30, 160), teacher="t",
+                      teacher_unet_fingerprint="", latent_channels=4)
 
 
 def rewrite(src, dst, edit_metadata=None, edit_tensors=None):
@@ -162,6 +173,8 @@ MALFORMED = {
     "other_format": "format 'direct_distill.student'",
     "corrupt_config": "'stage1_config' is not valid JSON",
     "missing_band": "no 't_band' entry",
+    "missing_fingerprint": "no 'teacher_unet_fingerprint' entry",
+    "older_version": "shortcut format version 1; this code reads version 2",
     "bad_config": "not a valid TimeEmbedNAFNet config",
     "shape_mismatch": "wrong shape",
     "missing_tensor": "missing 1 tensors",
@@ -171,7 +184,7 @@ MALFORMED = {
 @pytest.mark.parametrize("case", MALFORMED)
 def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case):
     good = save_shortcut(tmp_path / "good.safetensors", lab_shortcut(), t_band=(30, 160), teacher="t",
-                         latent_channels=4)
+                         teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
     bad = tmp_path / f"{case}.safetensors"
     if case == "not_safetensors":
         bad.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
@@ -185,6 +198,10 @@ def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case)
         rewrite(good, bad, lambda m: m.update(stage1_config="{width: 32"))
     elif case == "missing_band":
         rewrite(good, bad, lambda m: m.pop("t_band"))
+    elif case == "missing_fingerprint":
+        rewrite(good, bad, lambda m: m.pop("teacher_unet_fingerprint"))
+    elif case == "older_version":
+        rewrite(good, bad, lambda m: m.update(format_version="1"))
     elif case == "bad_config":
         rewrite(good, bad, lambda m: m.update(stage1_config=json.dumps({"depth": 3})))
     elif case == "shape_mismatch":
@@ -194,10 +211,14 @@ def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case)
     with pytest.raises(FileFormatError, match=MALFORMED[case]) as err:
         load_shortcut(bad)
     assert bad.name in str(err.value)
+    if case not in ("bad_config", "shape_mismatch", "missing_tensor"):  # what only the tensors can tell
+        with pytest.raises(FileFormatError, match=MALFORMED[case]):
+            read_shortcut_metadata(bad)
 
 
 def test_check_handoff_refuses_timesteps_outside_the_band_unless_forced(tmp_path):
-    save_shortcut(tmp_path / "s.safetensors", lab_shortcut(), t_band=(30, 160), teacher="lab", latent_channels=4)
+    save_shortcut(tmp_path / "s.safetensors", lab_shortcut(), t_band=(30, 160), teacher="lab",
+                  teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
     shortcut = load_shortcut(tmp_path / "s.safetensors")
     for t in (30.0, 95.5, 160):
         shortcut.check_handoff(t)

@@ -10,6 +10,7 @@ import torch
 
 from direct_distill.models import load_shortcut, save_shortcut
 from direct_distill.models.nafnet import PRESETS, TwoStageShortcut
+from direct_distill.models.student_file import unet_fingerprint
 from direct_distill.pipelines import ShortcutCallback
 from direct_distill.schedulers import ExpKarrasScheduler
 from direct_distill.training.config import RunConfig
@@ -120,6 +121,7 @@ def test_both_stages_train_and_the_file_round_trips(pipe, tmp_path):
 
     loaded = load_shortcut(out)
     assert loaded.t_band == pytest.approx(result.t_band) and loaded.teacher == "tiny-sd"
+    assert loaded.teacher_unet_fingerprint == unet_fingerprint(pipe.unet)
     assert loaded.latent_channels == 4 and loaded.stage2 is not None
     extra = loaded.metadata["extra"]
     assert extra["captured_timesteps"] == data.timesteps.tolist() and extra["capture_steps"] == list(CAPTURE)
@@ -184,7 +186,8 @@ def test_out_of_band_handoff_raises_before_more_steps_unless_forced(pipe, shortc
 
 
 def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe, shortcut, tmp_path):
-    path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny", latent_channels=4)
+    path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
+                         teacher_unet_fingerprint=unet_fingerprint(pipe.unet), latent_channels=4)
     callback = ShortcutCallback(str(path), handoff_step=2)
     assert callback.shortcut.teacher == "tiny"
     assert run(pipe, "bag", 0, output_type="latent", callback_on_step_end=callback).shape == (1, 4, 16, 16)
@@ -192,6 +195,18 @@ def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe
         run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, STEPS))
     with pytest.raises(ValueError, match="handoff_step"):
         ShortcutCallback(shortcut, 0)
+
+
+def test_callback_refuses_a_pipeline_of_another_teacher_at_the_first_step(pipe, tiny_sdxl_pipeline, shortcut,
+                                                                         tmp_path):
+    path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny-sdxl",
+                         teacher_unet_fingerprint=unet_fingerprint(tiny_sdxl_pipeline.unet), latent_channels=4)
+    with unet_calls(pipe) as calls, pytest.raises(ValueError) as err:
+        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(str(path), 4))
+    assert len(calls) == 1
+    assert str(err.value) == (f"this shortcut was distilled from tiny-sdxl (UNet fingerprint "
+                              f"{unet_fingerprint(tiny_sdxl_pipeline.unet)}), but the pipeline's UNet has UNet "
+                              f"fingerprint {unet_fingerprint(pipe.unet)}: a shortcut only works on its own teacher")
 
 
 def test_callback_on_sdxl_with_a_ve_scheduler_feeds_the_vp_unet_input(tiny_sdxl_pipeline, shortcut):
@@ -230,5 +245,6 @@ def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, 
                  "--holdout", "0.5"]) == 0
     loaded = load_shortcut(out)
     assert loaded.teacher == str(tmp_path / "teacher") and loaded.metadata["extra"]["guidance_scale"] == 7.5
+    assert loaded.teacher_unet_fingerprint == unet_fingerprint(tiny_sd_pipeline.unet)
     assert (tmp_path / "shortcut.work" / "trajectories" / "index.json").is_file()
     assert "held-out PSNR after stage 1+2" in capsys.readouterr().out

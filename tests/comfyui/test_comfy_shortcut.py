@@ -58,9 +58,10 @@ def twin_unets():
 
 
 @pytest.fixture(scope="module")
-def shortcut_dir(comfy_loaded, tmp_path_factory):
-    """A shortcuts folder registered with folder_paths, holding a random lab-preset shortcut."""
+def shortcut_dir(comfy_loaded, twin_unets, tmp_path_factory):
+    """A shortcuts folder registered with folder_paths, holding a random lab-preset shortcut of the twin UNets."""
     nafnet, shortcut_file = dd(comfy_loaded, "models.nafnet"), dd(comfy_loaded, "models.shortcut_file")
+    fingerprint = dd(comfy_loaded, "models.student_file").unet_fingerprint(twin_unets[1])
     stage = lambda name: {**nafnet.PRESETS[name], "in_channels": 4, "out_channels": 4}  # noqa: E731
     model = nafnet.TwoStageShortcut.from_configs(stage("lab_stage1"), stage("lab_stage2"))
     generator = torch.Generator().manual_seed(1)
@@ -69,7 +70,7 @@ def shortcut_dir(comfy_loaded, tmp_path_factory):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     folder = tmp_path_factory.mktemp("shortcuts")
     shortcut_file.save_shortcut(folder / "tiny_shortcut.safetensors", model, t_band=T_BAND, teacher="tiny-sd15",
-                                latent_channels=4)
+                                teacher_unet_fingerprint=fingerprint, latent_channels=4)
     (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     folder_paths.add_model_folder_path("direct_distill_shortcuts", str(folder))
     return folder
