@@ -54,11 +54,15 @@ class ExpKarrasSchedulerNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps, p, denoise) -> io.NodeOutput:
-        if denoise <= 0.0:
-            return io.NodeOutput(torch.zeros(0))
-        table = model.get_model_object("model_sampling").sigmas
-        sigmas = sigmas_for_denoise(lambda n: exp_karras_sigmas_from_table(n, p, table=table), steps, denoise)
-        return io.NodeOutput(sigmas.float())
+        return io.NodeOutput(exp_karras_node_sigmas(model.get_model_object("model_sampling"), steps, p, denoise))
+
+
+def exp_karras_node_sigmas(model_sampling, steps: int, p: float, denoise: float) -> torch.Tensor:
+    """What the ExpKarras Scheduler node outputs (also what the frontend plots for it)."""
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    table = model_sampling.sigmas
+    return sigmas_for_denoise(lambda n: exp_karras_sigmas_from_table(n, p, table=table), steps, denoise).float()
 
 
 NODES = [ExpKarrasSchedulerNode]

@@ -34,10 +34,12 @@ class TinySD15(comfy.supported_models_base.BASE):
     memory_usage_factor = 1.0
 
 
-def tiny_sd15_model(seed: int = 0, model_type=comfy.model_base.ModelType.EPS) -> comfy.model_patcher.ModelPatcher:
-    """A MODEL (ModelPatcher) as a checkpoint loader would return it, with small random weights."""
+def tiny_sd15_model(seed: int = 0, model_type=comfy.model_base.ModelType.EPS,
+                    manual_cast_dtype=None) -> comfy.model_patcher.ModelPatcher:
+    """A MODEL (ModelPatcher) as a checkpoint loader would return it, with small random weights (float32, computing
+    in ``manual_cast_dtype`` when given, as ComfyUI runs weights its device cannot compute in)."""
     model_config = TinySD15(dict(TINY_UNET_CONFIG))
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(torch.float32, manual_cast_dtype)
     model = comfy.model_base.BaseModel(model_config, model_type=model_type, device=None)
     # comfy's layers skip weight initialisation (checkpoints overwrite them), so fill them here.
     generator = torch.Generator().manual_seed(seed)
@@ -53,3 +55,38 @@ def tiny_conditioning(seed: int = 0, tokens: int = 7):
     """CONDITIONING for the tiny model: one random text embedding."""
     generator = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, tokens, CONTEXT_DIM, generator=generator), {}]]
+
+
+def write_sd15_shaped_checkpoint(path, seed: int = 0):
+    """A single-file SD1.5 checkpoint in LDM layout, as ComfyUI's checkpoint loaders read it, with random weights;
+    returns its UNet as a diffusers UNet2DConditionModel (the twin a shortcut or student is made for).
+
+    As small as ComfyUI still detects as SD1.5 (model_channels 320, context 768, conv attention projections): a
+    one-level UNet (26 M parameters). CLIP-L and the VAE keep their real sizes, because ComfyUI builds both from
+    fixed configs. Stored in float16 (465 MB); keys converted by ComfyUI's own diffusers->LDM maps.
+    """
+    import comfy.diffusers_convert
+    import comfy.utils
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320,),
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+            cross_attention_dim=768, attention_head_dim=8).eval()
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+    to_ldm = comfy.utils.unet_to_diffusers(dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
+                                                transformer_depth_output=[1, 1], transformer_depth_middle=1))
+    state = {f"model.diffusion_model.{to_ldm[k]}": v for k, v in unet.state_dict().items()}
+    state.update({f"cond_stage_model.transformer.{k}": v for k, v in text_encoder.state_dict().items()})
+    state.update({f"first_stage_model.{k}": v
+                  for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items()})
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(path))
+    return unet
