@@ -1,26 +1,68 @@
 """The NAFNet shortcut in ComfyUI: a loader, a KSampler that hands off after K steps, and a SAMPLER for
-SamplerCustomAdvanced. The hand-off maths is models/handoff.py; here is only the wiring."""
+SamplerCustomAdvanced. The hand-off maths is models/handoff.py; here is only the wiring, and the shortcut's
+place in ComfyUI's model management (loaded, moved and offloaded like the teacher, in the teacher's dtype)."""
 
+import copy
+import logging
 import os
 
+import comfy.model_management
+import comfy.model_patcher
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import folder_paths
 import latent_preview
+import torch
 from comfy_api.latest import io
 
 from ..models.handoff import check_handoff_at_sigma, handoff_steps_in_band, shortcut_from_ve
+from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut
 
 FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
+ADDITIONAL_MODELS_KEY = "direct_distill_shortcut"
 Shortcut = io.Custom("DD_SHORTCUT")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ComfyShortcut:
+    """What Load Shortcut outputs: the shortcut as read from its file (on the CPU, in the file's dtype), handed to
+    ComfyUI's model management as one ModelPatcher per (device, dtype) of the teachers it runs with (usually one).
+    """
+
+    def __init__(self, shortcut: TwoStageShortcut):
+        self.shortcut = shortcut
+        self._patchers: dict[tuple[torch.device, torch.dtype], comfy.model_patcher.ModelPatcher] = {}
+
+    def patcher(self, device, dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
+        key = (torch.device(device), dtype)
+        if key not in self._patchers:
+            shared = any(p.model is self.shortcut for p in self._patchers.values())
+            model = self.shortcut
+            if shared or dtype != next(self.shortcut.parameters()).dtype:
+                model = copy.deepcopy(self.shortcut).to(dtype)
+            self._patchers[key] = comfy.model_patcher.ModelPatcher(
+                model, load_device=key[0], offload_device=comfy.model_management.unet_offload_device())
+        return self._patchers[key]
+
+
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype a teacher's UNet computes in (BaseModel._apply_model's rule); float32 for any other kind."""
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    return dtype if dtype in _DTYPES else torch.float32
 
 
 def register():
-    """Adds ComfyUI/models/shortcuts to folder_paths (once; paths a user added in extra_model_paths stay)."""
-    folder_paths.add_model_folder_path(FOLDER_NAME, os.path.join(folder_paths.models_dir, "shortcuts"))
+    """Adds ComfyUI/models/shortcuts to folder_paths (once; paths a user added in extra_model_paths stay) and
+    creates it, so that Load Shortcut shows where its files go."""
+    default = os.path.join(folder_paths.models_dir, "shortcuts")
+    folder_paths.add_model_folder_path(FOLDER_NAME, default)
+    try:
+        os.makedirs(default, exist_ok=True)
+    except OSError as err:  # a read-only install: the folder list still works with the user's own paths
+        logging.warning("Direct Distill: cannot create %s (%s)", default, err)
     extensions = folder_paths.folder_names_and_paths[FOLDER_NAME][1]
     if ".safetensors" in extensions:
         return
@@ -30,13 +72,15 @@ def register():
         extensions.append(".safetensors")
 
 
-def shortcut_sampler(base, shortcut, handoff_step: int, force: bool = False) -> comfy.samplers.KSAMPLER:
+def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
+                     force: bool = False) -> comfy.samplers.KSAMPLER:
     """A KSAMPLER that runs ``base`` over the first ``handoff_step`` steps of its sigmas, then the shortcut.
 
     Inside a KSAMPLER function x is the k-diffusion latent (VE, ``x0 + sigma eps``) after the latent
     format's process_in, i.e. VAE latent times scaling factor, exactly what diffusers' latents hold
     before VP scaling; the shortcut's x0 is returned for the remaining steps (the sampler's
-    inverse_noise_scaling and process_out then apply as usual).
+    inverse_noise_scaling and process_out then apply as usual). The shortcut is loaded through
+    comfy.model_management onto x's device, in the teacher's compute dtype.
     """
     if not isinstance(base, comfy.samplers.KSAMPLER):
         raise TypeError(f"Shortcut Sampler wraps a k-diffusion sampler (KSAMPLER, e.g. from KSamplerSelect); "
@@ -47,21 +91,25 @@ def shortcut_sampler(base, shortcut, handoff_step: int, force: bool = False) -> 
         if not 1 <= handoff_step < steps:
             raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
                              f"{steps} sampling steps")
-        model_sampling = model.inner_model.inner_model.model_sampling  # KSamplerX0Inpaint -> guider -> BaseModel
+        teacher = model.inner_model.inner_model  # KSamplerX0Inpaint -> guider -> BaseModel
+        model_sampling = teacher.model_sampling
         if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
                 and isinstance(model_sampling, comfy.model_sampling.EPS)):
             raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                              f"model samples with {type(model_sampling).__name__}")
         try:  # before any step, so a hand-off outside the trained band costs nothing
-            check_handoff_at_sigma(shortcut, sigmas[handoff_step], model_sampling.sigmas, force)
+            check_handoff_at_sigma(shortcut.shortcut, sigmas[handoff_step], model_sampling.sigmas, force)
         except ValueError as err:
-            fits = handoff_steps_in_band(shortcut.t_band, sigmas, model_sampling.sigmas)
+            fits = handoff_steps_in_band(shortcut.shortcut.t_band, sigmas, model_sampling.sigmas)
             hint = (f"with these {steps} steps, handoff_step {fits[0]} to {fits[-1]} lies in the band" if fits
                     else f"no step of these {steps} steps lies in the band: change steps or scheduler")
             raise ValueError(f"{err} ({hint})") from None
         x = base.sampler_function(model, x, sigmas[:handoff_step + 1], extra_args=extra_args, callback=callback,
                                   disable=disable, **options)
-        x0 = shortcut_from_ve(shortcut, x, sigmas[handoff_step], model_sampling.sigmas, force=force)
+        patcher = shortcut.patcher(x.device, compute_dtype(teacher))
+        # Fully: its layers are plain torch ones, which cannot run partly offloaded (a no-op once loaded).
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        x0 = shortcut_from_ve(patcher.model, x, sigmas[handoff_step], model_sampling.sigmas, force=force)
         if callback is not None:  # the shortcut stands for all remaining steps: finish the progress bar on x0
             callback({"x": x0, "i": steps - 1, "sigma": sigmas[-2], "sigma_hat": sigmas[-2], "denoised": x0})
         return x0
@@ -101,7 +149,8 @@ class LoadShortcut(io.ComfyNode):
     @classmethod
     def execute(cls, shortcut_name) -> io.NodeOutput:
         # A malformed or foreign file raises FileFormatError naming the file.
-        return io.NodeOutput(load_shortcut(folder_paths.get_full_path_or_raise(FOLDER_NAME, shortcut_name)))
+        return io.NodeOutput(ComfyShortcut(load_shortcut(folder_paths.get_full_path_or_raise(FOLDER_NAME,
+                                                                                             shortcut_name))))
 
 
 class ShortcutKSampler(io.ComfyNode):
@@ -145,6 +194,10 @@ class ShortcutKSampler(io.ComfyNode):
         latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))
         sampler = shortcut_sampler(comfy.samplers.sampler_object(sampler_name), shortcut, handoff_step, force)
+        # Loaded with the teacher before the first step, its memory counted with the teacher's.
+        model = model.clone()
+        model.set_additional_models(ADDITIONAL_MODELS_KEY,
+                                    [shortcut.patcher(model.load_device, compute_dtype(model.model))])
         latent["samples"] = comfy.sample.sample_custom(
             model, noise, cfg, sampler, sigmas, positive, negative, latent["samples"],
             noise_mask=latent.get("noise_mask"), callback=latent_preview.prepare_callback(model, len(sigmas) - 1),

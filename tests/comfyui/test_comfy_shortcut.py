@@ -110,7 +110,9 @@ def test_nodes_and_the_shortcuts_folder_are_registered(comfy_loaded, load_repo, 
 
 
 def test_loader_gives_the_shortcut_and_names_a_malformed_file(comfy_loaded, shortcut, shortcut_dir):
-    assert shortcut.t_band == T_BAND and shortcut.teacher == "tiny-sd15" and shortcut.latent_channels == 4
+    assert type(shortcut).__name__ == "ComfyShortcut"
+    loaded = shortcut.shortcut
+    assert loaded.t_band == T_BAND and loaded.teacher == "tiny-sd15" and loaded.latent_channels == 4
     with pytest.raises(ValueError, match="broken.safetensors") as err:
         run_node(LOADER, shortcut_name="broken.safetensors")
     assert type(err.value).__name__ == "FileFormatError"
@@ -130,7 +132,8 @@ def test_shortcut_ksampler_is_comfy_sampling_then_the_handoff(comfy_loaded, twin
     noise = comfy.sample.prepare_noise(latent, SEED)
     after_k = comfy.sample.sample_custom(model, noise, CFG, comfy.samplers.sampler_object("dpmpp_2m"), sigmas[:K + 1],
                                          tiny_conditioning(0), tiny_conditioning(1), latent, seed=SEED)
-    x0 = handoff.shortcut_from_ve(shortcut, latent_format.process_in(after_k), sigmas[K], model_sampling.sigmas)
+    x0 = handoff.shortcut_from_ve(shortcut.shortcut, latent_format.process_in(after_k), sigmas[K],
+                                  model_sampling.sigmas)
     expected = latent_format.process_out(x0)
     assert out.shape == (1, 4, 8, 8) and bool(torch.isfinite(out).all())
     # Only the process_out/process_in round trip of the reference's latent differs (float rounding).
@@ -155,7 +158,7 @@ def test_shortcut_ksampler_equals_the_diffusers_side(comfy_loaded, twin_unets, s
             eps_uncond, eps_cond = unet(scheduler.scale_model_input(torch.cat([latents] * 2), t), t,
                                         encoder_hidden_states=context).sample.chunk(2)
             latents = scheduler.step(eps_uncond + CFG * (eps_cond - eps_uncond), t, latents).prev_sample
-    x0 = handoff.shortcut_from_vp(shortcut, latents, scheduler.timesteps[K])
+    x0 = handoff.shortcut_from_vp(shortcut.shortcut, latents, scheduler.timesteps[K])
     scale = model.get_model_object("latent_format").scale_factor  # ComfyUI returns VAE-space latents
     torch.testing.assert_close(out * scale, x0, rtol=1e-4, atol=1e-4)
 
@@ -209,6 +212,43 @@ def test_a_handoff_outside_the_band_is_refused_before_any_step_unless_forced(
 def test_handoff_step_must_leave_steps_to_replace(comfy_loaded, twin_unets, shortcut):
     with pytest.raises(ValueError, match="handoff_step=20: the shortcut takes over after 1 to 19 of the 20"):
         shortcut_ksampler(twin_unets[0], shortcut, handoff_step=STEPS)
+
+
+def loaded_models():
+    return [loaded.model for loaded in comfy.model_management.current_loaded_models]
+
+
+def test_comfys_model_management_loads_and_offloads_the_shortcut_with_the_teacher(comfy_loaded, twin_unets, shortcut):
+    management = comfy.model_management
+    management.unload_all_models()
+    model = twin_unets[0]
+    shortcut_ksampler(model, shortcut)
+    patcher = shortcut.patcher(model.load_device, torch.float32)
+    assert patcher.model is shortcut.shortcut  # the file's own weights: same dtype, nothing copied
+    assert patcher in loaded_models() and patcher.loaded_size() == patcher.model_size() > 0
+    assert patcher.load_device == model.load_device and patcher.offload_device == management.unet_offload_device()
+    assert {p.device for p in patcher.model.parameters()} == {torch.device(model.load_device)}
+    management.unload_all_models()
+    assert patcher not in loaded_models() and patcher.loaded_size() == 0
+    assert {p.device for p in patcher.model.parameters()} == {torch.device(patcher.offload_device)}
+    # The next run loads it again, through the same patcher.
+    shortcut_ksampler(model, shortcut)
+    assert patcher in loaded_models()
+
+
+def test_the_shortcut_runs_in_the_teachers_compute_dtype(comfy_loaded, shortcut):
+    model = tiny_sd15_model(manual_cast_dtype=torch.bfloat16)  # float32 weights computing in bfloat16
+    dtypes = []
+    patcher = shortcut.patcher(model.load_device, torch.bfloat16)
+    hook = patcher.model.register_forward_pre_hook(lambda module, args: dtypes.append(args[0].dtype))
+    try:
+        out = shortcut_ksampler(model, shortcut)
+    finally:
+        hook.remove()
+    assert dtypes == [torch.bfloat16] and bool(torch.isfinite(out).all()) and out.dtype == torch.float32
+    assert {p.dtype for p in patcher.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in shortcut.shortcut.parameters()} == {torch.float32}  # the file's weights are kept
+    assert patcher in loaded_models()
 
 
 def test_shortcut_sampler_refuses_a_non_ksampler(comfy_loaded, shortcut):
