@@ -26,13 +26,15 @@ def handoff_timestep(sigma: torch.Tensor | float, sigma_table: torch.Tensor) -> 
     return int(sigma_to_model_timestep(sigma, torch.as_tensor(sigma_table).detach().cpu()))
 
 
-def check_teacher(shortcut: TwoStageShortcut, unet_fingerprint: str, model: str = "this model") -> None:
-    """Refuse (ValueError) a model other than the one the shortcut was distilled from, told apart by
-    ``student_file.unet_fingerprint`` (a shortcut that records no teacher, freshly built, is not checked)."""
-    expected = shortcut.teacher_unet_fingerprint
-    if expected is not None and unet_fingerprint != expected:
-        raise ValueError(f"this shortcut was distilled from {shortcut.teacher} (UNet fingerprint {expected}), but "
-                         f"{model} has UNet fingerprint {unet_fingerprint}: a shortcut only works on its own teacher")
+def check_teacher(shortcut: TwoStageShortcut, unet_shape_fingerprint: str, model: str = "this model") -> None:
+    """Refuse (ValueError) a model other than the one the shortcut was distilled from, told apart by the
+    fingerprint of its UNet's parameter shapes (``student_file.shape_fingerprint``; a shortcut that records no
+    teacher, freshly built, is not checked)."""
+    expected = shortcut.teacher_unet_shape_fingerprint
+    if expected is not None and unet_shape_fingerprint != expected:
+        raise ValueError(f"this shortcut was distilled from {shortcut.teacher} (UNet shape fingerprint {expected}), "
+                         f"but {model} has UNet shape fingerprint {unet_shape_fingerprint}: a shortcut only works on "
+                         "its own teacher")
 
 
 def check_handoff_at_sigma(shortcut: TwoStageShortcut, sigma: torch.Tensor | float, sigma_table: torch.Tensor,

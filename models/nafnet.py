@@ -145,7 +145,7 @@ class TwoStageShortcut(nn.Module):
     """Seed 000's shortcut: stage 1 denoises (x_t, t) -> x0, optional stage 2 deblurs that x0.
 
     ``t_band`` (training timesteps the shortcut was trained for), ``teacher``,
-    ``teacher_unet_fingerprint``, ``latent_channels`` and ``metadata`` are filled in by
+    ``teacher_unet_shape_fingerprint``, ``latent_channels`` and ``metadata`` are filled in by
     ``load_shortcut``; a freshly built shortcut has no band and no teacher to check.
     """
 
@@ -158,7 +158,7 @@ class TwoStageShortcut(nn.Module):
         self.latent_channels = stage1.config["in_channels"]
         self.t_band: tuple[float, float] | None = None
         self.teacher: str | None = None
-        self.teacher_unet_fingerprint: str | None = None
+        self.teacher_unet_shape_fingerprint: str | None = None
         self.metadata: dict = {}
 
     @classmethod

@@ -2,8 +2,9 @@
 
 Tensors are the state dict of a TwoStageShortcut (``stage1.*``, ``stage2.*``). Metadata (JSON
 strings): format name and version, both architecture configs, the t-band the shortcut was trained
-for (training timesteps), the teacher's name and UNet fingerprint (``student_file.unet_fingerprint``,
-the identity students carry too), the latent channels, and free-form ``extra``.
+for (training timesteps), the teacher's name and the fingerprint of its UNet's parameter shapes
+(``student_file.shape_fingerprint``, which ComfyUI's side computes too), the latent channels, and free-form
+``extra``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from .nafnet import TimeEmbedNAFNet, TwoStageShortcut
 FORMAT_NAME = "direct_distill.shortcut"
 FORMAT_VERSION = 2
 METADATA_KEYS = ("format", "format_version", "stage1_config", "stage2_config", "t_band", "teacher",
-                 "teacher_unet_fingerprint", "latent_channels", "extra")
+                 "teacher_unet_shape_fingerprint", "latent_channels", "extra")
 
 
 def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: tuple[float, float], teacher: str,
-                  teacher_unet_fingerprint: str, latent_channels: int, extra: dict | None = None) -> Path:
+                  teacher_unet_shape_fingerprint: str, latent_channels: int, extra: dict | None = None) -> Path:
     """Write ``model`` and its metadata to one safetensors file, atomically.
 
     Args:
@@ -32,15 +33,16 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
         model: the trained shortcut (stage 2 may be absent).
         t_band: (t_lo, t_hi), the training timesteps the shortcut may take over at.
         teacher: the teacher it was distilled from (a hub id or path).
-        teacher_unet_fingerprint: ``unet_fingerprint(teacher.unet)``; both samplers refuse other models.
+        teacher_unet_shape_fingerprint: ``shape_fingerprint(unet_parameter_shapes(teacher.unet))`` (both in
+            ``student_file``); both samplers refuse a model of other UNet shapes.
         latent_channels: channels of the teacher's latents; must match the model.
         extra: any further JSON-serialisable facts (training steps, schedule, ...).
     """
     lo, hi = (float(v) for v in t_band)
     if not 0 <= lo <= hi <= 1000:
         raise ValueError(f"t_band must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1000, got {tuple(t_band)}")
-    if not isinstance(teacher_unet_fingerprint, str) or not teacher_unet_fingerprint:
-        raise ValueError(f"teacher_unet_fingerprint must be a non-empty string, got {teacher_unet_fingerprint!r}")
+    if not isinstance(teacher_unet_shape_fingerprint, str) or not teacher_unet_shape_fingerprint:
+        raise ValueError(f"teacher_unet_shape_fingerprint must be a non-empty string, got {teacher_unet_shape_fingerprint!r}")
     if latent_channels != model.stage1.config["in_channels"]:
         raise ValueError(f"latent_channels={latent_channels} but stage 1 takes {model.stage1.config['in_channels']}")
     metadata = {
@@ -50,7 +52,7 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
         "stage2_config": model.stage2.config if model.stage2 is not None else None,
         "t_band": [lo, hi],
         "teacher": teacher,
-        "teacher_unet_fingerprint": teacher_unet_fingerprint,
+        "teacher_unet_shape_fingerprint": teacher_unet_shape_fingerprint,
         "latent_channels": latent_channels,
         "extra": extra or {},
     }
@@ -61,7 +63,7 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
 def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:
     """Read a file written by ``save_shortcut``; any mismatch raises one FileFormatError naming it.
 
-    The returned shortcut carries ``t_band``, ``teacher``, ``teacher_unet_fingerprint``,
+    The returned shortcut carries ``t_band``, ``teacher``, ``teacher_unet_shape_fingerprint``,
     ``latent_channels`` and ``metadata`` (every metadata entry, decoded), and is in eval mode with the
     dtype stored in the file.
     """
@@ -83,7 +85,7 @@ def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:
     model.eval()
     model.t_band = tuple(meta["t_band"])
     model.teacher = meta["teacher"]
-    model.teacher_unet_fingerprint = meta["teacher_unet_fingerprint"]
+    model.teacher_unet_shape_fingerprint = meta["teacher_unet_shape_fingerprint"]
     model.latent_channels = meta["latent_channels"]
     model.metadata = meta
     return model
@@ -110,8 +112,8 @@ def _checked_metadata(raw: dict[str, str], tensor_names, path) -> dict:
     if not (isinstance(band, list) and len(band) == 2 and all(isinstance(v, (int, float)) for v in band)):
         raise FileFormatError(f"{path}: metadata 't_band' must be [t_lo, t_hi], got {band!r}")
     meta["t_band"] = [float(band[0]), float(band[1])]
-    if not isinstance(meta["teacher_unet_fingerprint"], str) or not meta["teacher_unet_fingerprint"]:
-        raise FileFormatError(f"{path}: metadata 'teacher_unet_fingerprint' must be a non-empty string")
+    if not isinstance(meta["teacher_unet_shape_fingerprint"], str) or not meta["teacher_unet_shape_fingerprint"]:
+        raise FileFormatError(f"{path}: metadata 'teacher_unet_shape_fingerprint' must be a non-empty string")
     return meta
 
 

@@ -17,9 +17,10 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..models.handoff import check_handoff_at_sigma, handoff_steps_in_band, shortcut_from_ve
+from ..models.handoff import check_handoff_at_sigma, check_teacher, handoff_steps_in_band, shortcut_from_ve
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut
+from .model_identity import unet_shape_fingerprint
 
 FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
 ADDITIONAL_MODELS_KEY = "direct_distill_shortcut"
@@ -91,13 +92,16 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
         if not 1 <= handoff_step < steps:
             raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
                              f"{steps} sampling steps")
-        teacher = model.inner_model.inner_model  # KSamplerX0Inpaint -> guider -> BaseModel
+        guider = model.inner_model  # KSamplerX0Inpaint -> guider -> BaseModel
+        teacher = guider.inner_model
         model_sampling = teacher.model_sampling
         if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
                 and isinstance(model_sampling, comfy.model_sampling.EPS)):
             raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                              f"model samples with {type(model_sampling).__name__}")
-        try:  # before any step, so a hand-off outside the trained band costs nothing
+        # Before any step, so a wrong model or a hand-off outside the trained band costs nothing.
+        check_teacher(shortcut.shortcut, unet_shape_fingerprint(guider.model_patcher), "the MODEL sampled here")
+        try:
             check_handoff_at_sigma(shortcut.shortcut, sigmas[handoff_step], model_sampling.sigmas, force)
         except ValueError as err:
             fits = handoff_steps_in_band(shortcut.shortcut.t_band, sigmas, model_sampling.sigmas)

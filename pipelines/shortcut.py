@@ -9,7 +9,7 @@ import torch
 from ..models.handoff import check_teacher, shortcut_from_vp
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut
-from ..models.student_file import unet_fingerprint
+from ..models.student_file import shape_fingerprint, unet_parameter_shapes
 
 
 def next_unet_input(pipe, steps_done: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,8 @@ class ShortcutCallback:
         force: hand off even when the timestep lies outside the band the shortcut was trained for
             (otherwise a ValueError is raised at the first step, before any more UNet calls).
 
-    A pipeline whose UNet is not the shortcut's teacher (``unet_fingerprint``) is refused at the first step.
+    A pipeline whose UNet is not the shortcut's teacher (by the shapes of its parameters) is refused at the first
+    step.
 
     The hand-off itself is ``models.handoff.shortcut_from_vp``, the same code ComfyUI's nodes run.
     """
@@ -73,7 +74,7 @@ class ShortcutCallback:
         if steps_done > self.handoff_step:
             return callback_kwargs
         if step_index == 0:
-            check_teacher(self.shortcut, unet_fingerprint(pipe.unet), "the pipeline's UNet")
+            check_teacher(self.shortcut, shape_fingerprint(unet_parameter_shapes(pipe.unet)), "the pipeline's UNet")
         latents = callback_kwargs["latents"]
         # The hand-off timestep is known from the first step on, so a bad band fails before any wasted step.
         ahead = self.handoff_step - steps_done

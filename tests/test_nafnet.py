@@ -11,7 +11,7 @@ from direct_distill.models import (FileFormatError, TimeEmbedNAFNet, TwoStageSho
 from direct_distill.models.nafnet import PRESETS, TimeNAFBlock, count_macs, main
 from direct_distill.models.shortcut_file import read_shortcut_metadata
 
-FINGERPRINT = "0123456789abcdef"  # stands for unet_fingerprint(teacher.unet)
+FINGERPRINT = "0123456789abcdef"  # stands for shape_fingerprint(unet_parameter_shapes(teacher.unet))
 
 
 def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -116,13 +116,13 @@ def test_cli_prints_params_gmacs_and_the_sum_of_both_stages(capsys):
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     model = lab_shortcut()
     path = save_shortcut(tmp_path / "shortcut.safetensors", model, t_band=(30, 160), teacher="lab/fashion-ldm",
-                         teacher_unet_fingerprint=FINGERPRINT, latent_channels=4, extra={"steps": 123})
+                         teacher_unet_shape_fingerprint=FINGERPRINT, latent_channels=4, extra={"steps": 123})
     loaded = load_shortcut(path)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([40.0, 150.0])
     with torch.no_grad():
         assert torch.equal(loaded(x, t), model(x, t))
     assert loaded.t_band == (30.0, 160.0) and loaded.teacher == "lab/fashion-ldm" and loaded.latent_channels == 4
-    assert loaded.teacher_unet_fingerprint == FINGERPRINT
+    assert loaded.teacher_unet_shape_fingerprint == FINGERPRINT
     assert read_shortcut_metadata(path) == loaded.metadata  # the header alone says the same
     assert loaded.metadata["extra"] == {"steps": 123}
     assert loaded.stage2.config == model.stage2.config
@@ -132,20 +132,20 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 def test_round_trip_without_stage2(tmp_path):
     model = lab_shortcut(stage2=False)
     save_shortcut(tmp_path / "s1.safetensors", model, t_band=(0, 999), teacher="t",
-                  teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
+                  teacher_unet_shape_fingerprint=FINGERPRINT, latent_channels=4)
     assert load_shortcut(tmp_path / "s1.safetensors").stage2 is None
 
 
 def test_save_refuses_wrong_latent_channels_or_band(tmp_path):
     with pytest.raises(ValueError, match="latent_channels"):
         save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(30, 160), teacher="t",
-                      teacher_unet_fingerprint=FINGERPRINT, latent_channels=16)
+                      teacher_unet_shape_fingerprint=FINGERPRINT, latent_channels=16)
     with pytest.raises(ValueError, match="t_band"):
         save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(160, 30), teacher="t",
-                      teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
-    with pytest.raises(ValueError, match="teacher_unet_fingerprint"):
+                      teacher_unet_shape_fingerprint=FINGERPRINT, latent_channels=4)
+    with pytest.raises(ValueError, match="teacher_unet_shape_fingerprint"):
         save_shortcut(tmp_path / "a.safetensors", lab_shortcut(), t_band=(30, 160), teacher="t",
-                      teacher_unet_fingerprint="", latent_channels=4)
+                      teacher_unet_shape_fingerprint="", latent_channels=4)
 
 
 def rewrite(src, dst, edit_metadata=None, edit_tensors=None):
@@ -173,7 +173,7 @@ MALFORMED = {
     "other_format": "format 'direct_distill.student'",
     "corrupt_config": "'stage1_config' is not valid JSON",
     "missing_band": "no 't_band' entry",
-    "missing_fingerprint": "no 'teacher_unet_fingerprint' entry",
+    "missing_fingerprint": "no 'teacher_unet_shape_fingerprint' entry",
     "older_version": "shortcut format version 1; this code reads version 2",
     "bad_config": "not a valid TimeEmbedNAFNet config",
     "shape_mismatch": "wrong shape",
@@ -184,7 +184,7 @@ MALFORMED = {
 @pytest.mark.parametrize("case", MALFORMED)
 def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case):
     good = save_shortcut(tmp_path / "good.safetensors", lab_shortcut(), t_band=(30, 160), teacher="t",
-                         teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
+                         teacher_unet_shape_fingerprint=FINGERPRINT, latent_channels=4)
     bad = tmp_path / f"{case}.safetensors"
     if case == "not_safetensors":
         bad.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
@@ -199,7 +199,7 @@ def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case)
     elif case == "missing_band":
         rewrite(good, bad, lambda m: m.pop("t_band"))
     elif case == "missing_fingerprint":
-        rewrite(good, bad, lambda m: m.pop("teacher_unet_fingerprint"))
+        rewrite(good, bad, lambda m: m.pop("teacher_unet_shape_fingerprint"))
     elif case == "older_version":
         rewrite(good, bad, lambda m: m.update(format_version="1"))
     elif case == "bad_config":
@@ -218,7 +218,7 @@ def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case)
 
 def test_check_handoff_refuses_timesteps_outside_the_band_unless_forced(tmp_path):
     save_shortcut(tmp_path / "s.safetensors", lab_shortcut(), t_band=(30, 160), teacher="lab",
-                  teacher_unet_fingerprint=FINGERPRINT, latent_channels=4)
+                  teacher_unet_shape_fingerprint=FINGERPRINT, latent_channels=4)
     shortcut = load_shortcut(tmp_path / "s.safetensors")
     for t in (30.0, 95.5, 160):
         shortcut.check_handoff(t)

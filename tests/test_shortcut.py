@@ -10,7 +10,7 @@ import torch
 
 from direct_distill.models import load_shortcut, save_shortcut
 from direct_distill.models.nafnet import PRESETS, TwoStageShortcut
-from direct_distill.models.student_file import unet_fingerprint
+from direct_distill.models.student_file import shape_fingerprint, unet_parameter_shapes
 from direct_distill.pipelines import ShortcutCallback
 from direct_distill.schedulers import ExpKarrasScheduler
 from direct_distill.training.config import RunConfig
@@ -20,6 +20,11 @@ from direct_distill.training.trajectories import capture_trajectories, load_traj
 
 PROMPTS = ["t-shirt", "bag", "ankle boot"]
 STEPS, CAPTURE = 8, (4, 5, 6)
+
+
+def identity(unet) -> str:
+    """What a shortcut records of its teacher's UNet."""
+    return shape_fingerprint(unet_parameter_shapes(unet))
 
 
 @pytest.fixture
@@ -121,7 +126,7 @@ def test_both_stages_train_and_the_file_round_trips(pipe, tmp_path):
 
     loaded = load_shortcut(out)
     assert loaded.t_band == pytest.approx(result.t_band) and loaded.teacher == "tiny-sd"
-    assert loaded.teacher_unet_fingerprint == unet_fingerprint(pipe.unet)
+    assert loaded.teacher_unet_shape_fingerprint == identity(pipe.unet)
     assert loaded.latent_channels == 4 and loaded.stage2 is not None
     extra = loaded.metadata["extra"]
     assert extra["captured_timesteps"] == data.timesteps.tolist() and extra["capture_steps"] == list(CAPTURE)
@@ -187,7 +192,7 @@ def test_out_of_band_handoff_raises_before_more_steps_unless_forced(pipe, shortc
 
 def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe, shortcut, tmp_path):
     path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
-                         teacher_unet_fingerprint=unet_fingerprint(pipe.unet), latent_channels=4)
+                         teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4)
     callback = ShortcutCallback(str(path), handoff_step=2)
     assert callback.shortcut.teacher == "tiny"
     assert run(pipe, "bag", 0, output_type="latent", callback_on_step_end=callback).shape == (1, 4, 16, 16)
@@ -200,13 +205,13 @@ def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe
 def test_callback_refuses_a_pipeline_of_another_teacher_at_the_first_step(pipe, tiny_sdxl_pipeline, shortcut,
                                                                          tmp_path):
     path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny-sdxl",
-                         teacher_unet_fingerprint=unet_fingerprint(tiny_sdxl_pipeline.unet), latent_channels=4)
+                         teacher_unet_shape_fingerprint=identity(tiny_sdxl_pipeline.unet), latent_channels=4)
     with unet_calls(pipe) as calls, pytest.raises(ValueError) as err:
         run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(str(path), 4))
     assert len(calls) == 1
-    assert str(err.value) == (f"this shortcut was distilled from tiny-sdxl (UNet fingerprint "
-                              f"{unet_fingerprint(tiny_sdxl_pipeline.unet)}), but the pipeline's UNet has UNet "
-                              f"fingerprint {unet_fingerprint(pipe.unet)}: a shortcut only works on its own teacher")
+    assert str(err.value) == (f"this shortcut was distilled from tiny-sdxl (UNet shape fingerprint "
+                              f"{identity(tiny_sdxl_pipeline.unet)}), but the pipeline's UNet has UNet shape "
+                              f"fingerprint {identity(pipe.unet)}: a shortcut only works on its own teacher")
 
 
 def test_callback_on_sdxl_with_a_ve_scheduler_feeds_the_vp_unet_input(tiny_sdxl_pipeline, shortcut):
@@ -245,6 +250,6 @@ def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, 
                  "--holdout", "0.5"]) == 0
     loaded = load_shortcut(out)
     assert loaded.teacher == str(tmp_path / "teacher") and loaded.metadata["extra"]["guidance_scale"] == 7.5
-    assert loaded.teacher_unet_fingerprint == unet_fingerprint(tiny_sd_pipeline.unet)
+    assert loaded.teacher_unet_shape_fingerprint == identity(tiny_sd_pipeline.unet)
     assert (tmp_path / "shortcut.work" / "trajectories" / "index.json").is_file()
     assert "held-out PSNR after stage 1+2" in capsys.readouterr().out

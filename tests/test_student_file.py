@@ -287,7 +287,7 @@ def shortcut_file(path):
     tiny = dict(width=8, enc_blocks=(1,), middle_blocks=1, dec_blocks=(1,), in_channels=4, out_channels=4)
     out = path.with_name("shortcut.safetensors")
     save_shortcut(out, TwoStageShortcut(TimeEmbedNAFNet(**tiny)), t_band=(30, 160), teacher="t",
-                  teacher_unet_fingerprint="0123456789abcdef", latent_channels=4)
+                  teacher_unet_shape_fingerprint="0123456789abcdef", latent_channels=4)
     return out
 
 

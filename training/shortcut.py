@@ -257,7 +257,7 @@ def train_shortcut(job: Job, config: ShortcutConfig, trajectories: Trajectories 
     shortcut = shortcut.float().cpu().eval()
     shortcut.t_band, shortcut.teacher = band, job.teacher or capture.get("teacher", "unknown")
     job.on_main(lambda: save_shortcut(job.out, shortcut, t_band=band, teacher=shortcut.teacher,
-                                      teacher_unet_fingerprint=capture["teacher_unet_fingerprint"],
+                                      teacher_unet_shape_fingerprint=capture["teacher_unet_shape_fingerprint"],
                                       latent_channels=channels, extra=extra))
     return ShortcutResult(path=job.out, t_band=band, shortcut=shortcut, heldout_psnr=psnr)
 

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.io import FileFormatError, atomic_save_file, atomic_write_text, read_safetensors
-from ..models.student_file import unet_fingerprint
+from ..models.student_file import shape_fingerprint, unet_parameter_shapes
 from ..pipelines.shortcut import next_unet_input
 
 INDEX_NAME = "index.json"
@@ -99,7 +99,7 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
     config = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
         "teacher": teacher or str(getattr(pipe, "name_or_path", None) or type(pipe).__name__),
-        "teacher_unet_fingerprint": unet_fingerprint(pipe.unet),
+        "teacher_unet_shape_fingerprint": shape_fingerprint(unet_parameter_shapes(pipe.unet)),
         "pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__,
         "scheduler_config": _settings(scheduler.config), "num_inference_steps": num_inference_steps,
         "capture_steps": capture_steps, "guidance_scale": guidance_scale, "seed": seed,

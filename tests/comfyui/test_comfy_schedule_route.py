@@ -94,7 +94,7 @@ def shortcut(dd, tmp_path_factory):
     stage = {**nafnet.PRESETS["lab_stage1"], "in_channels": 4, "out_channels": 4}
     folder = tmp_path_factory.mktemp("shortcuts")
     shortcut_file.save_shortcut(folder / "route_shortcut.safetensors", nafnet.TwoStageShortcut.from_configs(stage),
-                                t_band=T_BAND, teacher="tiny", teacher_unet_fingerprint="0123456789abcdef",
+                                t_band=T_BAND, teacher="tiny", teacher_unet_shape_fingerprint="0123456789abcdef",
                                 latent_channels=4)
     folder_paths.add_model_folder_path("direct_distill_shortcuts", str(folder))
     return "route_shortcut.safetensors"

@@ -61,7 +61,8 @@ def twin_unets():
 def shortcut_dir(comfy_loaded, twin_unets, tmp_path_factory):
     """A shortcuts folder registered with folder_paths, holding a random lab-preset shortcut of the twin UNets."""
     nafnet, shortcut_file = dd(comfy_loaded, "models.nafnet"), dd(comfy_loaded, "models.shortcut_file")
-    fingerprint = dd(comfy_loaded, "models.student_file").unet_fingerprint(twin_unets[1])
+    student_file = dd(comfy_loaded, "models.student_file")
+    fingerprint = student_file.shape_fingerprint(student_file.unet_parameter_shapes(twin_unets[1]))
     stage = lambda name: {**nafnet.PRESETS[name], "in_channels": 4, "out_channels": 4}  # noqa: E731
     model = nafnet.TwoStageShortcut.from_configs(stage("lab_stage1"), stage("lab_stage2"))
     generator = torch.Generator().manual_seed(1)
@@ -70,7 +71,7 @@ def shortcut_dir(comfy_loaded, twin_unets, tmp_path_factory):
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     folder = tmp_path_factory.mktemp("shortcuts")
     shortcut_file.save_shortcut(folder / "tiny_shortcut.safetensors", model, t_band=T_BAND, teacher="tiny-sd15",
-                                teacher_unet_fingerprint=fingerprint, latent_channels=4)
+                                teacher_unet_shape_fingerprint=fingerprint, latent_channels=4)
     (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     folder_paths.add_model_folder_path("direct_distill_shortcuts", str(folder))
     return folder
@@ -207,6 +208,28 @@ def test_a_handoff_outside_the_band_is_refused_before_any_step_unless_forced(
     finally:
         hook.remove()
     assert len(calls) == handoff_step and bool(torch.isfinite(forced).all())
+
+
+def test_a_model_of_another_unet_is_refused_before_any_step(comfy_loaded, shortcut):
+    other = tiny_sd15_model(model_channels=64)
+    calls = []
+    hook = other.model.diffusion_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"^this shortcut was distilled from tiny-sd15 \(UNet shape fingerprint "
+                                             r"\w+\), but the MODEL sampled here has UNet shape fingerprint \w+: a "
+                                             r"shortcut only works on its own teacher$"):
+            shortcut_ksampler(other, shortcut)
+        (sampler,) = run_node(SAMPLER, sampler=comfy.samplers.sampler_object("euler"), shortcut=shortcut,
+                              handoff_step=K, force=True)
+        guider = comfy.samplers.CFGGuider(other)
+        guider.set_conds(tiny_conditioning(0), tiny_conditioning(1))
+        sigmas = comfy.samplers.calculate_sigmas(other.get_model_object("model_sampling"), "exp_karras", STEPS)
+        with pytest.raises(ValueError, match="a shortcut only works on its own teacher"):  # force is for the band
+            custom_sampler.SamplerCustomAdvanced().sample(custom_sampler.Noise_RandomNoise(SEED), guider, sampler,
+                                                          sigmas, empty_latent())
+    finally:
+        hook.remove()
+    assert not calls
 
 
 def test_handoff_step_must_leave_steps_to_replace(comfy_loaded, twin_unets, shortcut):

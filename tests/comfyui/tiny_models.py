@@ -34,11 +34,12 @@ class TinySD15(comfy.supported_models_base.BASE):
     memory_usage_factor = 1.0
 
 
-def tiny_sd15_model(seed: int = 0, model_type=comfy.model_base.ModelType.EPS,
-                    manual_cast_dtype=None) -> comfy.model_patcher.ModelPatcher:
+def tiny_sd15_model(seed: int = 0, model_type=comfy.model_base.ModelType.EPS, manual_cast_dtype=None,
+                    **unet_config) -> comfy.model_patcher.ModelPatcher:
     """A MODEL (ModelPatcher) as a checkpoint loader would return it, with small random weights (float32, computing
-    in ``manual_cast_dtype`` when given, as ComfyUI runs weights its device cannot compute in)."""
-    model_config = TinySD15(dict(TINY_UNET_CONFIG))
+    in ``manual_cast_dtype`` when given, as ComfyUI runs weights its device cannot compute in); ``unet_config``
+    entries replace those of TINY_UNET_CONFIG."""
+    model_config = TinySD15({**TINY_UNET_CONFIG, **unet_config})
     model_config.set_inference_dtype(torch.float32, manual_cast_dtype)
     model = comfy.model_base.BaseModel(model_config, model_type=model_type, device=None)
     # comfy's layers skip weight initialisation (checkpoints overwrite them), so fill them here.

@@ -108,13 +108,14 @@ def write_shortcut(path: Path, unet):
     package = _package()
     nafnet = importlib.import_module(f"{package}.models.nafnet")
     shortcut_file = importlib.import_module(f"{package}.models.shortcut_file")
-    fingerprint = importlib.import_module(f"{package}.models.student_file").unet_fingerprint(unet)
+    student_file = importlib.import_module(f"{package}.models.student_file")
+    fingerprint = student_file.shape_fingerprint(student_file.unet_parameter_shapes(unet))
     stage = lambda name: {**nafnet.PRESETS[name], "in_channels": 4, "out_channels": 4}  # noqa: E731
     with torch.random.fork_rng():
         torch.manual_seed(3)
         model = nafnet.TwoStageShortcut.from_configs(stage("lab_stage1"), stage("lab_stage2"))
     shortcut_file.save_shortcut(path, model, t_band=SHORTCUT_BAND, teacher="tests/sd15-shaped",
-                                teacher_unet_fingerprint=fingerprint, latent_channels=4)
+                                teacher_unet_shape_fingerprint=fingerprint, latent_channels=4)
 
 
 def _package() -> str:
