@@ -1,5 +1,6 @@
-"""A real ComfyUI server (started once per session, the repository installed as a custom node) and headless
-Chromium driven by playwright. Skipped with the reason when playwright or Chromium is missing.
+"""A real ComfyUI server (started once, the repository installed as a custom node) and headless Chromium driven by
+playwright, both for this folder's tests only (playwright's event loop must not outlive them: the in-process
+tests beside them run asyncio themselves). Skipped with the reason when playwright or Chromium is missing.
 
 The server runs on a base directory of its own (models, user, output under a temporary folder), holding the
 files the example workflows name: a random-weights SD1.5-shaped checkpoint, and a student made for it by the
@@ -61,7 +62,7 @@ def file_widgets() -> dict[str, set[str]]:
     return wanted
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def comfy_base(tmp_path_factory, comfy_loaded):
     """The server's base directory, with the repository linked into custom_nodes and the model files."""
     base = tmp_path_factory.mktemp("comfy_base")
@@ -135,9 +136,9 @@ def get_json(url: str):
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def comfy_server(comfy_base):
-    """{"url", "base", "log", ...}: ComfyUI's main.py on the CPU, on a free loopback port, for the whole session."""
+    """{"url", "path", "log", ...}: ComfyUI's main.py on the CPU, on a free loopback port."""
     base = comfy_base["path"]
     port = _free_port()
     log = base / "server.log"
@@ -168,7 +169,7 @@ def comfy_server(comfy_base):
             process.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def shortcut_names(comfy_server):
     """The shortcut files the workflows name, written into the models/shortcuts folder the server created."""
     folder = comfy_server["path"] / "models" / "shortcuts"
@@ -178,7 +179,7 @@ def shortcut_names(comfy_server):
     return comfy_server["shortcuts"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -221,7 +222,7 @@ class Frontend:
         return [e for e in self.errors if "/extensions/comfyui-direct-distill/" in e]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def frontend(comfy_server, shortcut_names, browser):  # comfy_loaded runs asyncio before playwright starts its loop
     page = Frontend(browser, comfy_server["url"])
     yield page
