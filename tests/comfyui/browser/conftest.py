@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from ..conftest import COMFYUI_PATH, REPO_ROOT
-from ..tiny_models import write_sd15_shaped_checkpoint
 
 CHROMIUM = os.environ.get("DD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -65,6 +64,8 @@ def file_widgets() -> dict[str, set[str]]:
 @pytest.fixture(scope="package")
 def comfy_base(tmp_path_factory, comfy_loaded):
     """The server's base directory, with the repository linked into custom_nodes and the model files."""
+    from ..tiny_models import write_sd15_shaped_checkpoint  # comfy is importable only once COMFYUI_PATH is set
+
     base = tmp_path_factory.mktemp("comfy_base")
     user = base / "user" / "default"
     user.mkdir(parents=True)
