@@ -118,8 +118,9 @@ def test_a_student_gives_its_own_sigmas(dd, route, tmp_path_factory):
     lora.add_lora(unet, lora.LoraSpec(rank=2, alpha=2.0))
     folder = tmp_path_factory.mktemp("route_loras")
     sd = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    grid = dd("schedulers.grids").trailing_timesteps
     path = lora.write_student(folder / "route_student.safetensors", unet, scheduler_config=sd, method="sfd",
-                              teacher="tiny", nfe_timesteps={n: lora.trailing_timesteps(n) for n in (2, 4)},
+                              teacher="tiny", nfe_timesteps={n: grid(n) for n in (2, 4)},
                               default_nfe=4, comfy_sampler="euler", guidance=1.0)
     folder_paths.add_model_folder_path("loras", str(folder))
     info = dd("models.student_file").read_student(path)[1]

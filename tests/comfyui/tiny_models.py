@@ -64,11 +64,10 @@ def write_sd15_shaped_checkpoint(path, seed: int = 0):
 
     As small as ComfyUI still detects as SD1.5 (model_channels 320, context 768, conv attention projections): a
     one-level UNet (26 M parameters). CLIP-L and the VAE keep their real sizes, because ComfyUI builds both from
-    fixed configs. Stored in float16 (465 MB); keys converted by ComfyUI's own diffusers->LDM maps.
+    fixed configs. Stored in float16 (465 MB), under the LDM names of tests/ldm_layout.py.
     """
-    import comfy.diffusers_convert
-    import comfy.utils
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from ldm_layout import clip_to_ldm, unet_to_ldm, vae_to_ldm
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -83,11 +82,6 @@ def write_sd15_shaped_checkpoint(path, seed: int = 0):
             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
         vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
-    to_ldm = comfy.utils.unet_to_diffusers(dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
-                                                transformer_depth_output=[1, 1], transformer_depth_middle=1))
-    state = {f"model.diffusion_model.{to_ldm[k]}": v for k, v in unet.state_dict().items()}
-    state.update({f"cond_stage_model.transformer.{k}": v for k, v in text_encoder.state_dict().items()})
-    state.update({f"first_stage_model.{k}": v
-                  for k, v in comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict()).items()})
-    save_file({k: v.half().contiguous() for k, v in state.items()}, str(path))
+    state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **clip_to_ldm(text_encoder, "cond_stage_model.transformer.")}
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path))
     return unet

@@ -92,6 +92,7 @@ def write_student(path: Path, unet):
     import copy
 
     lora = importlib.import_module(f"{_package()}.training.lora")
+    grid = importlib.import_module(f"{_package()}.schedulers.grids").trailing_timesteps
     student = copy.deepcopy(unet)
     adapters = lora.add_lora(student, lora.LoraSpec(rank=4, alpha=4.0))
     generator = torch.Generator().manual_seed(2)
@@ -101,7 +102,7 @@ def write_student(path: Path, unet):
     sd = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
               prediction_type="epsilon")
     lora.write_student(path, student, scheduler_config=sd, method="sfd", teacher="tests/sd15-shaped",
-                       nfe_timesteps={n: lora.trailing_timesteps(n) for n in STUDENT_NFES}, default_nfe=4,
+                       nfe_timesteps={n: grid(n) for n in STUDENT_NFES}, default_nfe=4,
                        comfy_sampler="euler", guidance=1.0)
 
 
