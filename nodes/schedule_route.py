@@ -20,9 +20,11 @@ from aiohttp import web
 from safetensors import SafetensorError, safe_open
 
 from ..models.handoff import handoff_steps_in_band
-from ..models.io import FileFormatError
+from ..models.io import FileFormatError, read_safetensors_header
+from ..models.lora_layouts import stamped_preset
 from ..models.shortcut_file import read_shortcut_metadata
-from ..models.student_file import read_student
+from ..models.student_file import is_direct_distill_file, read_student
+from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.noise import t_to_sigma
 from . import shortcut as shortcut_nodes
 from . import student as student_nodes
@@ -32,7 +34,8 @@ ROUTE = "/direct_distill/sigmas"
 MAX_STEPS = 1000
 MAX_SCHEDULE = 10000  # steps / denoise: the length of the schedule computed before denoise cuts it
 P_RANGE = (0.0, 10.0)  # the ExpKarras Scheduler node's p widget
-PARAMETERS = ("scheduler", "steps", "p", "denoise", "sampler", "model", "shortcut", "student", "nfe")
+PARAMETERS = ("scheduler", "steps", "p", "denoise", "sampler", "model", "shortcut", "student", "nfe", "preset")
+STUDENT_PARAMETERS = ("student", "nfe", "preset", "model")
 SMALL_TENSOR = 4096  # header reads load tensors up to this size (detection reads a few biases), others stay shapes
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
@@ -69,7 +72,8 @@ def answer(query) -> dict:
     """The route's JSON answer for a query mapping (the parameters as strings); raises BadQuery.
 
     ``{"sigmas": [...], "schedulers": [names], "model": name or null}``, plus ``"shortcut": {"t_band",
-    "sigma_band", "handoff_steps"}`` when a shortcut is named, and ``"nfe", "nfes"`` for a student.
+    "sigma_band", "handoff_steps"}`` when a shortcut is named, and ``"nfe", "nfes"`` for a student (Load Distilled
+    Student's sigmas: a Direct Distill student's own, or those of a few-step LoRA's preset on the model's table).
     """
     unknown = sorted(set(query) - set(PARAMETERS))
     if unknown:
@@ -209,19 +213,49 @@ def _shortcut_band(name: str, sigmas: torch.Tensor, table: torch.Tensor) -> dict
 
 
 def _student_answer(query) -> dict:
-    extra = sorted(set(query) - {"student", "nfe"})
+    extra = sorted(set(query) - set(STUDENT_PARAMETERS))
     if extra:
-        raise BadQuery(f"a student's sigmas are its own: {extra[0]!r} does not apply (only student and nfe)")
+        raise BadQuery(f"{extra[0]!r} does not apply to a student (only {', '.join(STUDENT_PARAMETERS)})")
     name = query["student"]
     path = _listed(student_nodes.FOLDER_NAME, name, "student")
-    stat = os.stat(path)
-    info = _student_info(path, stat.st_size, stat.st_mtime_ns)
     nfe = _integer(query, "nfe", 0, MAX_STEPS) if "nfe" in query else 0
-    n = nfe or info.default_nfe
-    if n not in info.nfe_schedules:
-        raise BadQuery(f"student {name!r} was trained for nfe {', '.join(map(str, info.nfe_schedules))}, not {nfe}")
-    return {"sigmas": info.nfe_schedules[n]["sigmas"], "nfe": n, "nfes": list(info.nfe_schedules),
-            "schedulers": list(comfy.samplers.SCHEDULER_NAMES), "model": None}
+    preset_name = query.get("preset", student_nodes.FROM_FILE)
+    if preset_name != student_nodes.FROM_FILE and preset_name not in PRESETS:
+        raise BadQuery(f"unknown preset {preset_name[:40]!r}: not in Load Distilled Student's preset list")
+    stat = os.stat(path)
+    metadata = _header(path, stat.st_size, stat.st_mtime_ns)
+    if is_direct_distill_file(metadata):
+        if preset_name != student_nodes.FROM_FILE:
+            raise BadQuery(f"student {name!r}: a Direct Distill student's file says how it samples; set preset to "
+                           f"'{student_nodes.FROM_FILE}'")
+        info = _student_info(path, stat.st_size, stat.st_mtime_ns)
+        n = nfe or info.default_nfe
+        if n not in info.nfe_schedules:
+            raise BadQuery(f"student {name!r} was trained for nfe {', '.join(map(str, info.nfe_schedules))}, "
+                           f"not {nfe}")
+        sigmas, nfes = info.nfe_schedules[n]["sigmas"], list(info.nfe_schedules)
+    else:  # a few-step LoRA from elsewhere: its preset's sigmas on the model's noise table, as the node takes them
+        chosen = stamped_preset(metadata) if preset_name == student_nodes.FROM_FILE else preset_name
+        if chosen not in PRESETS:
+            raise BadQuery(f"student {name!r}: not a Direct Distill student and not stamped with a few-step preset; "
+                           "choose its preset")
+        preset = PRESETS[chosen]
+        n = nfe or preset.default_nfe
+        if n not in preset.nfes:
+            raise BadQuery(f"student {name!r}: preset {preset.name} samples with nfe {describe_nfes(preset.nfes)} "
+                           f"(default {preset.default_nfe}), not {nfe}")
+        model_sampling = _checkpoint_model_sampling(query["model"]) if "model" in query else _sd_model_sampling()
+        sigmas, nfes = [float(s) for s in preset.sigmas(n, model_sampling.sigmas)], list(preset.nfes)
+    return {"sigmas": sigmas, "nfe": n, "nfes": nfes, "schedulers": list(comfy.samplers.SCHEDULER_NAMES),
+            "model": query.get("model")}
+
+
+@functools.lru_cache(maxsize=8)
+def _header(path: str, size: int, mtime_ns: int) -> dict[str, str]:
+    try:
+        return read_safetensors_header(path)[1]
+    except FileFormatError as err:
+        raise BadQuery(f"student {os.path.basename(path)!r}: {str(err).removeprefix(path + ': ')}") from None
 
 
 @functools.lru_cache(maxsize=8)

@@ -52,9 +52,9 @@ const SOURCES = {
     handoff: value(n, "handoff_step"),
   }),
   DirectDistillLoadStudent: (n) => ({
-    query: { student: value(n, "student_name"), nfe: value(n, "nfe") },
+    query: { student: value(n, "student_name"), nfe: value(n, "nfe"), preset: value(n, "preset"),
+             model: upstream(n, "model", "ckpt_name") },
     label: `student ${value(n, "student_name")}`,
-    model: upstream(n, "model", "ckpt_name"),
   }),
 };
 
@@ -132,11 +132,11 @@ class ScheduleOverlay {
         // A missing model or shortcut file still leaves a schedule to show (on SD's noise table).
         if (spec.query.model === undefined && spec.query.shortcut === undefined) throw err;
         problem = err.message;
-        spec = { ...spec, query: { ...spec.query, model: undefined, shortcut: undefined }, model: undefined };
+        spec = { ...spec, query: { ...spec.query, model: undefined, shortcut: undefined } };
         main = await fetchSigmas(spec.query);
       }
       const base = spec.query.student !== undefined
-        ? { steps: main.nfe, model: spec.model }
+        ? { steps: main.nfe, model: spec.query.model }
         : { steps: spec.query.steps, denoise: spec.query.denoise, sampler: spec.query.sampler,
             model: spec.query.model };
       const selected = spec.query.student !== undefined ? null : spec.query.scheduler;
@@ -229,7 +229,7 @@ class ScheduleOverlay {
       : "";
     this.status.textContent = `${main.sigmas.length - 1} steps, σ ${first.toPrecision(4)} → ${last.toPrecision(3)}` +
       `${handoff}${failed.length ? " · " + failed.join("; ") : ""}`;
-    this.element.title = `noise table: ${main.model ?? spec.model ?? "SD1.5's (no checkpoint upstream)"}`;
+    this.element.title = `noise table: ${main.model ?? "SD1.5's (no checkpoint upstream)"}`;
   }
 
   drawTicks(schedulers) {

@@ -10,8 +10,10 @@ import comfy.samplers
 import comfy_extras.nodes_custom_sampler as custom_sampler
 import folder_paths
 import pytest
+import torch
 from aiohttp.test_utils import make_mocked_request
 from multidict import MultiDict
+from safetensors.torch import save_file
 
 from .test_comfy_shortcut import T_BAND, run_node
 from .tiny_models import tiny_sd15_model, write_sd15_shaped_checkpoint
@@ -130,6 +132,32 @@ def test_a_student_gives_its_own_sigmas(dd, route, tmp_path_factory):
         assert got["nfes"] == [2, 4]
     status, text = reply(route, f"student={path.name}&nfe=3")
     assert status == 400 and text == "student 'route_student.safetensors' was trained for nfe 2, 4, not 3"
+    status, text = reply(route, f"student={path.name}&preset=lcm-sd15")
+    assert status == 400 and "a Direct Distill student's file says how it samples" in text
+
+
+def test_a_few_step_lora_from_elsewhere_gives_its_presets_sigmas_on_the_models_table(dd, route, checkpoint,
+                                                                                    tmp_path_factory):
+    """As Load Distilled Student takes them: the preset chosen on the node, else the one stamped in the file."""
+    presets, layouts = dd("schedulers.few_step_presets").PRESETS, dd("models.lora_layouts")
+    folder = tmp_path_factory.mktemp("preset_loras")
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{layer}.lora_down.weight": torch.zeros(4, 768), f"{layer}.lora_up.weight": torch.zeros(320, 4)}
+    save_file(tensors, str(folder / "lcm_like.safetensors"))
+    save_file(tensors, str(folder / "stamped.safetensors"), metadata={layouts.PRESET_METADATA_KEY: "tcd-sd15"})
+    folder_paths.add_model_folder_path("loras", str(folder))
+    loaded, *_ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=False)
+    table = loaded.get_model_object("model_sampling").sigmas
+    got = answer(route, student="lcm_like.safetensors", preset="lcm-sd15", model=checkpoint.name)
+    assert got["sigmas"] == presets["lcm-sd15"].sigmas(4, table).tolist() and got["nfe"] == 4
+    got = answer(route, student="stamped.safetensors", nfe=6, model=checkpoint.name)
+    assert got["sigmas"] == presets["tcd-sd15"].sigmas(6, table).tolist() and got["nfes"] == list(range(4, 51))
+    for query, reason in (("student=lcm_like.safetensors", "not stamped with a few-step preset; choose its preset"),
+                          ("student=lcm_like.safetensors&preset=nope", "unknown preset 'nope'"),
+                          ("student=lcm_like.safetensors&preset=hyper-sd15-2step&nfe=4",
+                           "preset hyper-sd15-2step samples with nfe 2 (default 2), not 4")):
+        status, text = reply(route, query)
+        assert status == 400 and reason in text, text
 
 
 BAD_QUERIES = {
@@ -154,7 +182,7 @@ BAD_QUERIES = {
     "scheduler=karras&steps=12&model=broken.safetensors": "model 'broken.safetensors': not a readable safetensors",
     "scheduler=karras&steps=12&shortcut=nope.safetensors": "unknown shortcut 'nope.safetensors'",
     "student=nope.safetensors": "unknown student 'nope.safetensors'",
-    "student=x.safetensors&scheduler=karras": "a student's sigmas are its own",
+    "student=x.safetensors&scheduler=karras": "'scheduler' does not apply to a student",
     "scheduler=karras&steps=12&path=/etc": "unknown parameter 'path'",
     "scheduler=karras&steps=12&steps=13": "each parameter may be given once",
 }

@@ -3,8 +3,9 @@ playwright, both for this folder's tests only (playwright's event loop must not 
 tests beside them run asyncio themselves). Skipped with the reason when playwright or Chromium is missing.
 
 The server runs on a base directory of its own (models, user, output under a temporary folder), holding the
-files the example workflows name: a random-weights SD1.5-shaped checkpoint, and a student made for it by the
-project's own LoRA writer; the shortcut is written once the server has created models/shortcuts.
+files the example workflows name: a random-weights SD1.5-shaped checkpoint, a student made for it by the
+project's own LoRA writer or a few-step LoRA as the releases write them (tests/lora_releases.py); the shortcut is
+written once the server has created models/shortcuts.
 """
 
 import importlib
@@ -48,16 +49,19 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=f"browser tests: {reason}"))
 
 
-def file_widgets() -> dict[str, set[str]]:
-    """{"checkpoints" | "shortcuts" | "loras": file names} that the example workflows ask for."""
-    wanted = {"checkpoints": set(), "shortcuts": set(), "loras": set()}
-    where = {("CheckpointLoaderSimple", 0): "checkpoints", ("DirectDistillLoadShortcut", 0): "shortcuts",
-             ("DirectDistillLoadStudent", 0): "loras", ("LoraLoader", 0): "loras"}
+def file_widgets() -> dict[str, dict[str, str | None]]:
+    """{"checkpoints" | "shortcuts" | "loras": {file name: preset}} that the example workflows ask for; the preset
+    (Load Distilled Student's widget: "from file" for a Direct Distill student) only for loras."""
+    wanted = {"checkpoints": {}, "shortcuts": {}, "loras": {}}
     for path in sorted(WORKFLOWS.glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
-            for (kind, index), folder in where.items():
-                if node["type"] == kind:
-                    wanted[folder].add(node["widgets_values"][index])
+            values = node.get("widgets_values") or []
+            if node["type"] == "CheckpointLoaderSimple":
+                wanted["checkpoints"][values[0]] = None
+            elif node["type"] == "DirectDistillLoadShortcut":
+                wanted["shortcuts"][values[0]] = None
+            elif node["type"] == "DirectDistillLoadStudent":
+                wanted["loras"][values[0]] = values[3]
     return wanted
 
 
@@ -82,8 +86,13 @@ def comfy_base(tmp_path_factory, comfy_loaded):
         os.link(checkpoints / first, checkpoints / name)
     loras = base / "models" / "loras"
     loras.mkdir()
-    for name in sorted(wanted["loras"]):
-        write_student(loras / name, unet)
+    for name, preset in sorted(wanted["loras"].items()):
+        if preset == "from file":
+            write_student(loras / name, unet)
+        else:  # a few-step LoRA as the releases ship them (kohya names, LCM-LoRA's modules)
+            from lora_releases import random_layers, target_modules, write_release
+
+            write_release(loras / name, random_layers(target_modules(unet), scale=0.01), "kohya")
     return {"path": base, "unet": unet, "shortcuts": sorted(wanted["shortcuts"])}
 
 

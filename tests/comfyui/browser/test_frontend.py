@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 
-from .conftest import SHORTCUT_BAND, WORKFLOWS, copy_if_asked, get_json
+from .conftest import SHORTCUT_BAND, WORKFLOWS, copy_if_asked, file_widgets, get_json
 
 REPO_ROOT = WORKFLOWS.parent
 OVERLAY = {  # node type -> its position in the overlay test graph
@@ -101,7 +101,7 @@ def query_of(series) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def overlay_graph(frontend, comfy_server, shortcut_names):
     checkpoint = sorted(p.name for p in (comfy_server["path"] / "models" / "checkpoints").iterdir())[0]
-    student = sorted(p.name for p in (comfy_server["path"] / "models" / "loras").iterdir())[0]
+    student = next(name for name, preset in file_widgets()["loras"].items() if preset == "from file")
     frontend.page.reload()
     frontend.page.wait_for_function("window.comfyAPI?.app?.app?.graph?.nodes?.length > 0", timeout=120_000)
     ids = frontend.js(BUILD_GRAPH, {"nodes": OVERLAY, "checkpoint": checkpoint, "shortcut": shortcut_names[0],
@@ -127,7 +127,8 @@ def test_overlay_plots_the_routes_sigmas_on_every_node_it_serves(frontend, comfy
             check_series(url, state, series)
         query, values = query_of(selected), widgets[node_type]
         if node_type == "DirectDistillLoadStudent":
-            assert query == {"student": overlay_graph["student"], "nfe": str(values["nfe"])}
+            assert query == {"student": overlay_graph["student"], "nfe": str(values["nfe"]), "preset": "from file",
+                             "model": overlay_graph["checkpoint"]}
             assert len(selected["sigmas"]) == 4 + 1  # the student's default NFE
             assert query_of(karras) == {"scheduler": "karras", "steps": "4", "model": overlay_graph["checkpoint"]}
             continue
