@@ -142,6 +142,16 @@ def test_overlay_plots_the_routes_sigmas_on_every_node_it_serves(frontend, comfy
             assert state["handoff"] == str(values["handoff_step"])
             assert state["band"] == ",".join(f"{v:g}" for v in SHORTCUT_BAND)
             assert f"hand-off {values['handoff_step']} in the shortcut's band" in state["status"]
+    # The plot is no widget value: saved workflows and queued prompts hold exactly the node's own inputs.
+    saved = frontend.js("""async (app, ids) => {
+        const workflow = app.graph.serialize(), prompt = (await app.graphToPrompt()).output;
+        return Object.fromEntries(Object.values(ids).map((id) => [id, {
+            saved: workflow.nodes.find((n) => n.id === id).widgets_values.length,
+            widgets: app.graph.getNodeById(id).widgets.filter((w) => w.name !== "dd_schedule").length,
+            queued: Object.keys(prompt[id]?.inputs ?? {}) }]));
+    }""", ids)
+    for node_id, found in saved.items():
+        assert found["saved"] == found["widgets"] and "dd_schedule" not in found["queued"], (node_id, found)
     assert not frontend.our_errors()
 
     # The README's picture: the Shortcut KSampler with its hand-off, band and the karras comparison, zoomed in.
