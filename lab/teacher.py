@@ -1,51 +1,34 @@
-"""The lab teacher: a class-conditional latent diffusion model built from SD1.5's diffusers classes.
+"""The lab teacher: a class-conditional latent diffusion model built from SD1.5's diffusers classes, trained
+here through the project's shared training loop (progress, checkpoints, exact resume).
 
-Stages, each one command with progress, checkpoints and resume:
-``vae`` (AutoencoderKL on 32x32 Fashion-MNIST -> 4x8x8 latents), ``unet`` (UNet2DConditionModel
-plus a tiny CLIP text encoder, epsilon prediction, SD's noise schedule, prompt dropout for CFG),
-``export`` (a diffusers folder that StableDiffusionPipeline.from_pretrained loads).
+Stages, each one command: ``vae`` (AutoencoderKL, 1x32x32 Fashion-MNIST -> 4x8x8 latents, reconstruction + KL +
+a patch discriminator, as SD's own autoencoder is trained), ``unet`` (UNet2DConditionModel plus a tiny CLIP text
+encoder on those latents: epsilon prediction, SD's noise schedule, prompt dropout for CFG, min-SNR weighting, EMA),
+``export`` (a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import string
 import tempfile
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..models.io import atomic_save_file, read_safetensors
-from ..training.checkpoint import load_training_state, save_training_state
+from ..training.checkpoint import load_training_state
+from ..training.loop import CHECKPOINT_NAME, Player, TrainConfig, train
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
 
-WORK_DIR = Path(__file__).resolve().parent / "work"
+WORK_DIR = Path(__file__).resolve().parent / "work" / "teacher"
 MAX_TOKENS = 16
-VAE_STEPS, VAE_BATCH = 2000, 64      # what the committed teacher was trained with (the CLI's defaults)
-UNET_STEPS, UNET_BATCH = 4500, 128
-
-
-class StepTimer:
-    """Mean wall-clock of the training steps after the first (which pays for allocation and warm-up)."""
-
-    def __init__(self):
-        self.last, self.total, self.count = None, 0.0, 0
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        if self.last is not None:
-            self.total, self.count = self.total + now - self.last, self.count + 1
-        self.last = now
-
-    @property
-    def seconds_per_step(self) -> float | None:
-        return self.total / self.count if self.count else None
+COST_FILE = "training_cost.json"  # in the exported folder: what each stage's training loop took
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -97,11 +80,12 @@ def build_text_encoder(tokenizer):
 
 
 def build_vae():
+    """1 -> 4 channels, 32x32 -> 8x8 (two downsamplings), 32 GroupNorm groups."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=1, out_channels=1, latent_channels=4, sample_size=32, layers_per_block=1,
-        block_out_channels=(16, 32, 64), norm_num_groups=8,
+        block_out_channels=(32, 64, 128), norm_num_groups=32,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
 
 
@@ -123,211 +107,283 @@ def sd_noise_scheduler_config() -> dict:
                 skip_prk_steps=True, steps_offset=1, trained_betas=None, timestep_spacing="leading")
 
 
-# --- training helpers ------------------------------------------------------------------------
-
-def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-@torch.no_grad()
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
-
-
-def _resume(ckpt: Path, modules, optimizers) -> int:
-    if ckpt.is_file():
-        step, _ = load_training_state(ckpt, modules, optimizers)
-        print(f"resumed from {ckpt} at step {step}")
-        return step
-    return 0
-
-
-# --- stage: vae ------------------------------------------------------------------------------
-
-def train_vae(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: int, seed: int = 0) -> float | None:
-    """Train the VAE to ``steps`` (resuming from ``work``), save it to ``work/vae``; returns the mean seconds per
-    step of this run (None if it ran fewer than two)."""
-    torch.manual_seed(seed)
-    images, _ = load_fashion_mnist("train")
-    vae = build_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    ckpt = work / "vae_state.safetensors"
-    step = _resume(ckpt, {"vae": vae}, {"vae": opt})
-    bar = tqdm(total=steps, initial=step, desc="vae")
-    timer = StepTimer()
-    while step < steps:
-        timer.tick()
-        x = images[torch.randint(0, len(images), (batch_size,))]
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, 200)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        kl = post.kl().mean()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.0f}")
-        if step % ckpt_every == 0 or step == steps:
-            save_training_state(ckpt, {"vae": vae}, {"vae": opt}, step)
-    bar.close()
-    # SD's convention: latents are multiplied by a scaling factor that gives them unit variance.
-    with torch.no_grad():
-        mean = torch.cat([vae.encode(images[i:i + 1000]).latent_dist.mean for i in range(0, 10000, 1000)])
-    scale = float(1.0 / mean.std())
-    vae.register_to_config(scaling_factor=scale)
-    vae.save_pretrained(work / "vae")
-    print(f"vae saved to {work / 'vae'} (scaling_factor={scale:.4f})")
-    return timer.seconds_per_step
-
-
-# --- stage: unet -----------------------------------------------------------------------------
-
 @torch.no_grad()
 def encode_dataset(vae, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image, already multiplied by the scaling factor."""
     means, stds = [], []
-    for i in tqdm(range(0, len(images), batch), desc="encode", leave=False):
-        post = vae.encode(images[i:i + batch]).latent_dist
-        means.append(post.mean)
-        stds.append(post.std)
+    for i in range(0, len(images), batch):
+        post = vae.encode(images[i:i + batch].to(vae.device, vae.dtype)).latent_dist
+        means.append(post.mean.float().cpu())
+        stds.append(post.std.float().cpu())
     s = vae.config.scaling_factor
     return torch.cat(means) * s, torch.cat(stds) * s
 
 
-def train_unet(steps: int, batch_size: int, lr: float, work: Path, ckpt_every: int,
-               p_uncond: float = 0.1, ema_decay: float = 0.999, seed: int = 0) -> float | None:
-    """Train the UNet and text encoder to ``steps`` (resuming from ``work``, which holds the VAE); returns the
-    mean seconds per step of this run (None if it ran fewer than two)."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
-    images, labels = load_fashion_mnist("train")
-    cache = work / "latents.safetensors"
-    if cache.is_file():
-        cached, _ = read_safetensors(cache)
-        lat_mean, lat_std = cached["mean"], cached["std"]
-    else:
-        lat_mean, lat_std = encode_dataset(vae, images)
-        atomic_save_file({"mean": lat_mean, "std": lat_std}, cache)
-    tokenizer = build_tokenizer(work / "tokenizer")
-    prompts = list(CLASS_NAMES) + [""]
-    ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                    return_tensors="pt").input_ids
-    text_encoder = build_text_encoder(tokenizer)
-    unet = build_unet(text_encoder.config.hidden_size)
-    ema_unet = build_unet(text_encoder.config.hidden_size).requires_grad_(False)
-    ema_text = build_text_encoder(tokenizer).requires_grad_(False)
-    ema_unet.load_state_dict(unet.state_dict())
-    ema_text.load_state_dict(text_encoder.state_dict())
-    noise_sched = DDPMScheduler(**{k: v for k, v in sd_noise_scheduler_config().items()
-                                   if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
-    alphas_cumprod = noise_sched.alphas_cumprod
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    modules = {"unet": unet, "text": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
-    ckpt = work / "unet_state.safetensors"
-    step = _resume(ckpt, modules, {"unet": opt})
-    print(f"unet parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M")
-    bar = tqdm(total=steps, initial=step, desc="unet")
-    timer = StepTimer()
-    while step < steps:
-        timer.tick()
-        idx = torch.randint(0, len(lat_mean), (batch_size,))
-        x0 = lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])
-        cls = labels[idx].clone()
-        cls[torch.rand(batch_size) < p_uncond] = len(CLASS_NAMES)  # the empty prompt
-        t = torch.randint(0, 1000, (batch_size,))
-        eps = torch.randn_like(x0)
-        xt = noise_sched.add_noise(x0, eps, t)
-        cond = text_encoder(ids[cls])[0]
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
-        # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction: faster, steadier convergence.
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        weight = snr.clamp(max=5.0) / snr
-        loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, 500)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % ckpt_every == 0 or step == steps:
-            save_training_state(ckpt, modules, {"unet": opt}, step)
-    bar.close()
-    return timer.seconds_per_step
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    return float(10 * torch.log10(4 / (a.float() - b.float()).pow(2).mean()))
 
 
-def measure_training_cost(steps: int = 20, encode_images: int = 2560) -> dict:
-    """What training the teacher costs on this machine: the two stages' seconds per step, timed on short runs of
-    the very training code in a scratch folder, times the steps the committed teacher was trained for.
+# --- stage: vae ------------------------------------------------------------------------------
 
-    The UNet run reads latents of the first ``encode_images`` training images (a step's cost does not depend on
-    how many there are to draw from)."""
+@dataclass
+class VAEConfig:
+    """The autoencoder's training: per-pixel L1 + L2 reconstruction, a KL term on the per-image sum, and from
+    ``disc_start`` on a hinge patch-GAN term weighted adaptively against the reconstruction (Esser et al. 2021,
+    the loss SD's autoencoder was trained with, without the perceptual term: no pretrained network here)."""
+
+    steps: int = 8000
+    batch_size: int = 32
+    lr: float = 4e-4
+    disc_lr: float = 4e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    warmup_steps: int = 200
+    final_lr_fraction: float = 0.05
+    kl_weight: float = 1e-6
+    disc_start: int = 3000
+    disc_weight: float = 0.5
+    disc_channels: int = 64
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+class PatchDiscriminator(torch.nn.Module):
+    """A PatchGAN (Isola et al. 2017) for 1x32x32 images: a logit per overlapping patch."""
+
+    def __init__(self, channels: int = 64):
+        super().__init__()
+        c = channels
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, c, 4, 2, 1), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(c, 2 * c, 4, 2, 1), torch.nn.GroupNorm(32, 2 * c), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(2 * c, 4 * c, 3, 1, 1), torch.nn.GroupNorm(32, 4 * c), torch.nn.LeakyReLU(0.2),
+            torch.nn.Conv2d(4 * c, 1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VAETraining:
+    """The loop's method: players ``vae`` (reconstruction + KL + adversarial) and ``discriminator`` (hinge)."""
+
+    def __init__(self, vae, discriminator: PatchDiscriminator, images: torch.Tensor, config: VAEConfig,
+                 held_out: torch.Tensor | None = None):
+        self.vae, self.discriminator, self.images, self.config = vae, discriminator, images, config
+        self.held_out = held_out
+        self.modules = {"vae": vae, "discriminator": discriminator}
+        self.players = {"vae": Player(("vae",)), "discriminator": Player(("discriminator",), lr=config.disc_lr)}
+
+    def batch(self, step: int) -> torch.Tensor:
+        return self.images[torch.randint(len(self.images), (self.config.batch_size,))]
+
+    def _adaptive_weight(self, reconstruction: torch.Tensor, adversarial: torch.Tensor) -> torch.Tensor:
+        """|grad rec| / |grad adv| at the decoder's last layer: the adversarial term never outweighs the
+        reconstruction it refines."""
+        last = self.vae.decoder.conv_out.weight
+        g_rec = torch.autograd.grad(reconstruction, last, retain_graph=True)[0]
+        g_adv = torch.autograd.grad(adversarial, last, retain_graph=True)[0]
+        return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+    def loss(self, step: int, x: torch.Tensor):
+        cfg = self.config
+        posterior = self.vae.encode(x).latent_dist
+        rec = self.vae.decode(posterior.sample()).sample
+        reconstruction = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = reconstruction + cfg.kl_weight * posterior.kl().mean()
+        adversarial_on = step >= cfg.disc_start
+        if adversarial_on:
+            adversarial = -self.discriminator(rec).mean()
+            loss = loss + cfg.disc_weight * self._adaptive_weight(reconstruction, adversarial) * adversarial
+        yield "vae", loss
+        if adversarial_on:
+            real, fake = self.discriminator(x), self.discriminator(rec.detach())
+            yield "discriminator", 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> dict[str, float] | None:
+        if self.held_out is None or not self.config.eval_every or (step + 1) % self.config.eval_every:
+            return None
+        self.vae.eval()
+        rec = torch.cat([self.vae.decode(self.vae.encode(x).latent_dist.mean).sample
+                         for x in self.held_out.split(250)]).clamp(-1, 1)
+        self.vae.train()
+        return {"held_out_psnr": psnr(rec, self.held_out)}
+
+
+def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
+    """Train the VAE (resuming from ``work/vae``), set its scaling factor and save it to ``work/vae/model``;
+    returns the training loop's seconds (summed over resumed runs)."""
+    torch.manual_seed(config.seed)
+    vae, disc = build_vae(), PatchDiscriminator(config.disc_channels)
+    images, _ = load_fashion_mnist("train")
+    held_out = load_fashion_mnist("test")[0][:1000]
+    result = train(VAETraining(vae, disc, images, config, held_out), TrainConfig(
+        steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
+        final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed, run_dir=work / "vae",
+        checkpoint_every=config.checkpoint_every, desc="vae"))
+    vae.eval()
+    # SD's convention: latents are multiplied by the factor that gives them unit variance.
+    mean, _ = encode_dataset(vae, images[:10000])
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    vae.save_pretrained(work / "vae" / "model")
+    _record_cost(work, "vae", result.seconds, config)
+    print(f"vae saved to {work / 'vae' / 'model'} (scaling_factor={vae.config.scaling_factor:.4f})")
+    return result.seconds
+
+
+# --- stage: unet -----------------------------------------------------------------------------
+
+@dataclass
+class UNetConfig:
+    """The diffusion model's training: epsilon prediction, min-SNR-gamma weighting (Hang et al. 2023), prompt
+    dropout for classifier-free guidance, an EMA of the weights (the exported model)."""
+
+    steps: int = 4500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 500
+    final_lr_fraction: float = 0.02
+    weight_decay: float = 1e-4
+    p_uncond: float = 0.1
+    snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+class UNetTraining:
+    """The loop's method: the UNet and the text encoder learn to predict the noise of VAE latents; their EMA
+    copies (checkpointed, never trained) follow after every step through diffusers' ``EMAModel``."""
+
+    def __init__(self, unet, text_encoder, input_ids: torch.Tensor, latent_mean: torch.Tensor,
+                 latent_std: torch.Tensor, labels: torch.Tensor, config: UNetConfig):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        self.unet, self.text_encoder, self.config = unet, text_encoder, config
+        self.input_ids, self.latent_mean, self.latent_std, self.labels = input_ids, latent_mean, latent_std, labels
+        self.noise = DDPMScheduler(**{k: v for k, v in sd_noise_scheduler_config().items()
+                                      if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
+        self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+        self.modules = {"unet": unet, "text": text_encoder, "ema_unet": self.ema_unet, "ema_text": self.ema_text}
+        self.live = [*unet.parameters(), *text_encoder.parameters()]
+        self.ema = EMAModel(self.live, decay=config.ema_decay)
+        # The EMA's shadow weights are the copies' own parameters: the loop checkpoints and moves them.
+        self.ema.shadow_params = [*self.ema_unet.parameters(), *self.ema_text.parameters()]
+
+    def batch(self, step: int) -> dict:
+        n = self.config.batch_size
+        idx = torch.randint(len(self.latent_mean), (n,))
+        x0 = self.latent_mean[idx] + self.latent_std[idx] * torch.randn(n, *self.latent_mean.shape[1:])
+        prompt = self.labels[idx].clone()
+        prompt[torch.rand(n) < self.config.p_uncond] = len(CLASS_NAMES)  # the empty prompt
+        return {"x0": x0, "ids": self.input_ids[prompt], "t": torch.randint(0, len(self.noise.alphas_cumprod), (n,)),
+                "eps": torch.randn(n, *self.latent_mean.shape[1:])}
+
+    def loss(self, step: int, batch: dict) -> torch.Tensor:
+        from diffusers.training_utils import compute_snr
+
+        t, eps = batch["t"], batch["eps"]
+        noisy = self.noise.add_noise(batch["x0"], eps, t)
+        pred = self.unet(noisy, t, encoder_hidden_states=self.text_encoder(batch["ids"])[0]).sample
+        snr = compute_snr(self.noise, t)
+        weight = snr.clamp(max=self.config.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+        return (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    def after_step(self, step: int) -> None:
+        self.ema.optimization_step = step  # the decay ramp follows the loop's step, also across a resume
+        self.ema.step(self.live)
+
+
+def prompt_ids(tokenizer) -> torch.Tensor:
+    """Token ids of the ten class prompts and, last, the empty prompt."""
+    return tokenizer(list(CLASS_NAMES) + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_unet(config: UNetConfig, work: Path = WORK_DIR) -> float:
+    """Train the UNet and text encoder (resuming from ``work/unet``) on latents of ``work/vae/model``; returns the
+    training loop's seconds (summed over resumed runs)."""
     from diffusers import AutoencoderKL
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        vae_spp = train_vae(steps, VAE_BATCH, 1e-3, work, ckpt_every=10 ** 9)
-        images, _ = load_fashion_mnist("train")
-        mean, std = encode_dataset(AutoencoderKL.from_pretrained(work / "vae").eval(), images[:encode_images])
-        atomic_save_file({"mean": mean, "std": std}, work / "latents.safetensors")
-        unet_spp = train_unet(steps, UNET_BATCH, 1e-3, work, ckpt_every=10 ** 9)
-    return {"vae_seconds_per_step": vae_spp, "vae_steps": VAE_STEPS, "vae_batch": VAE_BATCH,
-            "unet_seconds_per_step": unet_spp, "unet_steps": UNET_STEPS, "unet_batch": UNET_BATCH,
-            "seconds": vae_spp * VAE_STEPS + unet_spp * UNET_STEPS, "threads": torch.get_num_threads()}
+    vae_dir = work / "vae" / "model"
+    if not (vae_dir / "config.json").is_file():
+        raise SystemExit(f"no trained VAE in {vae_dir}: run `python -m direct_distill teacher vae` first")
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    images, labels = load_fashion_mnist("train")
+    cache = work / "unet" / "latents.safetensors"
+    checksum = str(float(sum(p.double().sum() for p in vae.parameters())))
+    cached, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
+    if meta.get("vae_checksum") != checksum:
+        mean, std = encode_dataset(vae, images)
+        cached = {"mean": mean, "std": std}
+        atomic_save_file(cached, cache, {"vae_checksum": checksum})
+    tokenizer = build_tokenizer(work / "tokenizer")
+    text_encoder = build_text_encoder(tokenizer)
+    unet = build_unet(text_encoder.config.hidden_size)
+    print(f"unet parameters: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M")
+    method = UNetTraining(unet, text_encoder, prompt_ids(tokenizer), cached["mean"], cached["std"], labels, config)
+    result = train(method, TrainConfig(
+        steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
+        final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay, seed=config.seed,
+        run_dir=work / "unet", checkpoint_every=config.checkpoint_every, desc="unet"))
+    _record_cost(work, "unet", result.seconds, config)
+    return result.seconds
+
+
+def _record_cost(work: Path, stage: str, seconds: float, config) -> None:
+    path = work / COST_FILE
+    costs = json.loads(path.read_text()) if path.is_file() else {}
+    costs[stage] = {"seconds": round(seconds, 1), "threads": torch.get_num_threads(), "config": asdict(config)}
+    path.write_text(json.dumps(costs, indent=1))
+
+
+def training_cost(teacher: Path = TEACHER_DIR) -> dict:
+    """What training ``teacher`` took: ``{stage: {"seconds", "threads", "config"}}`` as the loop timed it."""
+    path = teacher / COST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training cost recorded (the teacher is exported with it)")
+    return json.loads(path.read_text())
 
 
 # --- stage: export ---------------------------------------------------------------------------
 
-def export_teacher(work: Path, out: Path):
-    """Assemble the EMA weights into a diffusers StableDiffusionPipeline folder."""
+def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
+    """Assemble the VAE and the EMA weights of the UNet and text encoder into a diffusers pipeline folder."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet(text_encoder.config.hidden_size)
-    load_training_state(work / "unet_state.safetensors",
-                        {"ema_unet": unet, "ema_text": text_encoder}, {})
+    load_training_state(work / "unet" / CHECKPOINT_NAME, {"ema_unet": unet, "ema_text": text_encoder}, {})
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / "vae"), text_encoder=text_encoder,
+        vae=AutoencoderKL.from_pretrained(work / "vae" / "model"), text_encoder=text_encoder,
         tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**sd_noise_scheduler_config()),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    (out / COST_FILE).write_text((work / COST_FILE).read_text())
     print(f"teacher written to {out}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m direct_distill.lab.teacher", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m direct_distill teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["vae", "unet", "export"])
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=UNET_BATCH)
-    parser.add_argument("--vae-batch-size", type=int, default=VAE_BATCH)
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the stage's config)")
     parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and intermediate files")
-    parser.add_argument("--out", type=Path, default=TEACHER_DIR)
-    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--out", type=Path, default=TEACHER_DIR, help="the exported diffusers folder")
     args = parser.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be >= 1")
+    steps = {"steps": args.steps} if args.steps else {}
     if args.stage == "vae":
-        train_vae(args.steps or VAE_STEPS, args.vae_batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
+        train_vae(VAEConfig(**steps), args.work)
     elif args.stage == "unet":
-        train_unet(args.steps or UNET_STEPS, args.batch_size, args.lr or 1e-3, args.work, args.checkpoint_every)
+        train_unet(UNetConfig(**steps), args.work)
     else:
         export_teacher(args.work, args.out)
 

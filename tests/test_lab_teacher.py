@@ -1,0 +1,95 @@
+"""The lab teacher's training runs on the shared loop: the VAE (with its patch discriminator) and the UNet (with its
+EMA) each resume bit-exactly, and the adversarial term switches on when configured."""
+
+import torch
+
+from direct_distill.lab.teacher import (PatchDiscriminator, UNetConfig, UNetTraining, VAEConfig, VAETraining,
+                                        build_text_encoder, build_tokenizer, build_unet, build_vae, prompt_ids)
+from direct_distill.training.loop import TrainConfig, train
+
+
+def _images(n=16):
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(n, 1, 32, 32, generator=g) * 2 - 1).round()  # binary-ish "garments"
+
+
+def _vae_method(config):
+    torch.manual_seed(0)
+    return VAETraining(build_vae(), PatchDiscriminator(32), _images(), config, held_out=_images(8))
+
+
+class Killed(Exception):
+    pass
+
+
+def _run(method, steps, run_dir, kill_at=None):
+    """Train ``steps`` steps (checkpointing every 2); with ``kill_at``, die as the step of that index starts."""
+    if kill_at is not None:
+        draw = method.batch
+
+        def batch(step):
+            if step == kill_at:
+                raise Killed
+            return draw(step)
+
+        method.batch = batch
+    try:
+        return train(method, TrainConfig(steps=steps, lr=1e-3, run_dir=run_dir, checkpoint_every=2, desc="test"))
+    except Killed:
+        return None
+
+
+def _states(method):
+    return {f"{name}.{k}": v.clone() for name, m in method.modules.items() for k, v in m.state_dict().items()}
+
+
+def test_vae_training_resumes_bit_exactly_across_the_adversarial_start(tmp_path):
+    config = VAEConfig(steps=4, batch_size=4, disc_start=2, disc_channels=32, eval_every=2)
+    untrained = _vae_method(config).discriminator.net[0].weight
+    before = _vae_method(config)
+    _run(before, 4, tmp_path / "before", kill_at=2)
+    assert torch.equal(before.discriminator.net[0].weight, untrained), "before disc_start it is not trained"
+    whole = _vae_method(config)
+    _run(whole, 4, tmp_path / "whole")
+    killed = _vae_method(config)
+    _run(killed, 4, tmp_path / "killed", kill_at=3)
+    resumed = _vae_method(config)
+    _run(resumed, 4, tmp_path / "killed")
+    for key, value in _states(whole).items():
+        assert torch.equal(value, _states(resumed)[key]), key
+    assert not torch.equal(whole.discriminator.net[0].weight, untrained), "after disc_start it learns"
+
+
+def test_vae_reports_held_out_psnr_every_eval_steps():
+    method = _vae_method(VAEConfig(batch_size=4, eval_every=3))
+    assert method.after_step(1) is None
+    scores = method.after_step(2)
+    assert set(scores) == {"held_out_psnr"} and 0 < scores["held_out_psnr"] < 60
+
+
+def _unet_method(tmp_path, config):
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    text = build_text_encoder(tokenizer)
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.randn(20, 4, 8, 8, generator=g), torch.rand(20, 4, 8, 8, generator=g) * 0.1
+    return UNetTraining(build_unet(text.config.hidden_size), text, prompt_ids(tokenizer), mean, std,
+                        torch.arange(20) % 10, config)
+
+
+def test_unet_training_and_its_ema_resume_bit_exactly(tmp_path):
+    config = UNetConfig(batch_size=4, ema_decay=0.9)
+    whole = _unet_method(tmp_path, config)
+    start = _states(whole)
+    _run(whole, 4, tmp_path / "whole")
+    _run(_unet_method(tmp_path, config), 4, tmp_path / "killed", kill_at=3)
+    resumed = _unet_method(tmp_path, config)
+    _run(resumed, 4, tmp_path / "killed")
+    end, end_resumed = _states(whole), _states(resumed)
+    for key in end:
+        assert torch.equal(end[key], end_resumed[key]), key
+    # The EMA moved toward the trained weights, and stayed between start and end (decay ramp (1+s)/(10+s)).
+    key = next(k for k in end if k.startswith("ema_unet.") and k.endswith("conv_in.weight"))
+    live = "unet." + key.removeprefix("ema_unet.")
+    assert not torch.equal(end[key], start[key])
+    assert (end[key] - start[live]).abs().sum() < (end[live] - start[live]).abs().sum()
