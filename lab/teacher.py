@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import string
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,6 @@ from .data import CLASS_NAMES, load_fashion_mnist
 
 WORK_DIR = Path(__file__).resolve().parent / "work" / "teacher"
 MAX_TOKENS = 16
-COST_FILE = "training_cost.json"  # in the exported folder: what each stage's training loop took
 
 
 # --- building blocks -------------------------------------------------------------------------
@@ -213,7 +213,7 @@ class VAETraining:
 
 def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     """Train the VAE (resuming from ``work/vae``), set its scaling factor and save it to ``work/vae/model``;
-    returns the training loop's seconds (summed over resumed runs)."""
+    returns the training loop's wall-clock seconds (summed over resumed runs)."""
     torch.manual_seed(config.seed)
     vae, disc = build_vae(), PatchDiscriminator(config.disc_channels)
     images, _ = load_fashion_mnist("train")
@@ -227,7 +227,6 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     mean, _ = encode_dataset(vae, images[:10000])
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     vae.save_pretrained(work / "vae" / "model")
-    _record_cost(work, "vae", result.seconds, config)
     print(f"vae saved to {work / 'vae' / 'model'} (scaling_factor={vae.config.scaling_factor:.4f})")
     return result.seconds
 
@@ -330,23 +329,40 @@ def train_unet(config: UNetConfig, work: Path = WORK_DIR) -> float:
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay, seed=config.seed,
         run_dir=work / "unet", checkpoint_every=config.checkpoint_every, desc="unet"))
-    _record_cost(work, "unet", result.seconds, config)
     return result.seconds
 
 
-def _record_cost(work: Path, stage: str, seconds: float, config) -> None:
-    path = work / COST_FILE
-    costs = json.loads(path.read_text()) if path.is_file() else {}
-    costs[stage] = {"seconds": round(seconds, 1), "threads": torch.get_num_threads(), "config": asdict(config)}
-    path.write_text(json.dumps(costs, indent=1))
+def measure_training_cost(steps: int = 20) -> dict:
+    """What training the teacher costs on this machine, measured the same way whatever else runs beside it: each
+    stage's seconds per step, timed on a short run of the very training code (the VAE in both of its phases) in a
+    scratch folder, times the steps the committed teacher's configs train for."""
+    vae_config, unet_config = VAEConfig(), UNetConfig()
+    images = load_fashion_mnist("train")[0][:2560]
 
+    def seconds_per_step(method, run_dir: Path, lr: float) -> float:
+        result = train(method, TrainConfig(steps=steps, lr=lr, run_dir=run_dir, checkpoint_every=0, desc="timing"))
+        return result.seconds / steps
 
-def training_cost(teacher: Path = TEACHER_DIR) -> dict:
-    """What training ``teacher`` took: ``{stage: {"seconds", "threads", "config"}}`` as the loop timed it."""
-    path = teacher / COST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no training cost recorded (the teacher is exported with it)")
-    return json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        phases = {}
+        for name, disc_start in (("reconstruction", steps), ("adversarial", 0)):
+            config = dataclasses.replace(vae_config, disc_start=disc_start, eval_every=0)
+            phases[name] = seconds_per_step(VAETraining(build_vae(), PatchDiscriminator(config.disc_channels), images,
+                                                        config), tmp / name, config.lr)
+        adversarial_steps = vae_config.steps - vae_config.disc_start
+        vae_spp = (phases["reconstruction"] * vae_config.disc_start + phases["adversarial"] * adversarial_steps) \
+            / vae_config.steps
+        tokenizer = build_tokenizer(tmp / "tokenizer")
+        text_encoder = build_text_encoder(tokenizer)
+        latents = torch.randn(len(images), 4, 8, 8)
+        unet_spp = seconds_per_step(UNetTraining(
+            build_unet(text_encoder.config.hidden_size), text_encoder, prompt_ids(tokenizer), latents,
+            torch.full_like(latents, 0.05), torch.arange(len(images)) % len(CLASS_NAMES), unet_config),
+            tmp / "unet", unet_config.lr)
+    return {"vae_seconds_per_step": vae_spp, "vae_steps": vae_config.steps, "vae_batch": vae_config.batch_size,
+            "unet_seconds_per_step": unet_spp, "unet_steps": unet_config.steps, "unet_batch": unet_config.batch_size,
+            "seconds": vae_spp * vae_config.steps + unet_spp * unet_config.steps, "threads": torch.get_num_threads()}
 
 
 # --- stage: export ---------------------------------------------------------------------------
@@ -365,7 +381,6 @@ def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
         tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**sd_noise_scheduler_config()),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / COST_FILE).write_text((work / COST_FILE).read_text())
     print(f"teacher written to {out}")
 
 

@@ -1,10 +1,12 @@
 """The lab teacher's training runs on the shared loop: the VAE (with its patch discriminator) and the UNet (with its
 EMA) each resume bit-exactly, and the adversarial term switches on when configured."""
 
+import pytest
 import torch
 
 from direct_distill.lab.teacher import (PatchDiscriminator, UNetConfig, UNetTraining, VAEConfig, VAETraining,
                                         build_text_encoder, build_tokenizer, build_unet, build_vae, prompt_ids)
+from direct_distill.lab.data import DATA_DIR
 from direct_distill.training.loop import TrainConfig, train
 
 
@@ -93,3 +95,16 @@ def test_unet_training_and_its_ema_resume_bit_exactly(tmp_path):
     live = "unet." + key.removeprefix("ema_unet.")
     assert not torch.equal(end[key], start[key])
     assert (end[key] - start[live]).abs().sum() < (end[live] - start[live]).abs().sum()
+
+
+@pytest.mark.skipif(not (DATA_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
+def test_training_cost_is_timed_on_the_training_code_and_fits_the_report():
+    from direct_distill.lab.benchmark import TeacherCost
+    from direct_distill.lab.teacher import measure_training_cost
+
+    cost = TeacherCost(**measure_training_cost(steps=2))
+    config = VAEConfig()
+    assert cost.vae_steps == config.steps and cost.unet_steps == UNetConfig().steps
+    assert cost.vae_seconds_per_step > 0 and cost.unet_seconds_per_step > 0
+    assert cost.seconds == pytest.approx(cost.vae_seconds_per_step * cost.vae_steps
+                                         + cost.unet_seconds_per_step * cost.unet_steps)
