@@ -28,7 +28,8 @@ def data(n=8, seed=0):
 
 def config(**kw):
     run = RunConfig(batch_size=2, lr=1e-2, checkpoint_every=2, lora=LoraSpec(rank=2, alpha=4.0))
-    return ProgressiveConfig(**{**dict(run=run, teacher_steps=4, student_steps=1, steps_per_round=3), **kw})
+    return ProgressiveConfig(**{**dict(run=run, teacher_steps=4, student_steps=1, steps_per_round=3, guidance=1.0),
+                                **kw})
 
 
 def job(pipe, out, work=None, accelerator=None):
@@ -194,6 +195,16 @@ def test_cli_distills_a_teacher_folder_on_given_latents(tiny_sd_pipeline, tmp_pa
     assert main(args + ["--latents", str(tmp_path / "latents.safetensors"), "--prompts",
                         str(tmp_path / "prompts.txt")]) == 0
     _, info = read_student(out)
-    assert info.nfe_schedules[2]["timesteps"] == [999, 499] and info.guidance == 7.5
+    assert info.nfe_schedules[2]["timesteps"] == [999, 499]
+    assert info.guidance == 1.0 and info.extra["distilled_at_guidance"] == 7.5  # SD's CFG, distilled in
     assert not (tmp_path / "student_nfe2.safetensors").exists()  # one round: its file is the final one
     assert f"2-step student written to {out}" in capsys.readouterr().out
+
+
+def test_only_the_first_rounds_teacher_samples_with_cfg(tiny_sd_pipeline):
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0), frozen_adapters=["teacher"])
+    sample = LatentData(*data())
+    assert ProgressiveRound(student, sample, 2, config(guidance=2.5), None).teacher_guidance == 2.5
+    assert ProgressiveRound(student, sample, 1, config(guidance=2.5), "teacher").teacher_guidance == 1.0
+    assert ProgressiveRound(student, sample, 2, config(guidance=2.5, sample_with_cfg=True),
+                            None).teacher_guidance == 1.0

@@ -21,7 +21,7 @@ PROMPTS = ["t-shirt", "trouser", "bag"]
 
 def config(**kw):
     run = RunConfig(batch_size=2, lr=1e-2, checkpoint_every=2, lora=LoraSpec(rank=2, alpha=4.0))
-    return SFDConfig(**{**dict(run=run, nfes=(2, 3), default_nfe=3, teacher_substeps=2, steps=4), **kw})
+    return SFDConfig(**{**dict(run=run, nfes=(2, 3), default_nfe=3, teacher_substeps=2, steps=4, guidance=1.0), **kw})
 
 
 def job(pipe, out, work=None, accelerator=None):
@@ -153,6 +153,33 @@ def test_cli_distills_a_teacher_folder(tiny_sd_pipeline, tmp_path, capsys):
         main(args)
     assert main(args + ["--prompts", str(tmp_path / "prompts.txt")]) == 0
     _, info = read_student(out)
-    assert sorted(info.nfe_schedules) == [1, 2] and info.guidance == 7.5 and info.rank == 2
+    assert sorted(info.nfe_schedules) == [1, 2] and info.rank == 2
+    assert info.guidance == 1.0 and info.extra["distilled_at_guidance"] == 7.5  # SD's CFG, distilled in
     assert info.teacher == str(tmp_path / "teacher") and (tmp_path / "sfd.work" / "checkpoint.safetensors").is_file()
     assert "SFD student (NFE 1, 2) written to" in capsys.readouterr().out
+
+
+def test_the_teachers_guidance_is_distilled_into_the_student_unless_left_to_sampling(tiny_sd_pipeline):
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
+    noise, cond = inputs()[0], student.embed(["bag", "coat"])
+    guided = SFD(student, PROMPTS, config(teacher_substeps=1, guidance=2.0))
+    with torch.no_grad():
+        uncond = student.unet_output(noise, 999, student.embed(["", ""]), None)
+        conditional = student.unet_output(noise, 999, cond, None)
+        torch.testing.assert_close(student.unet_output(noise, 999, cond, None, guidance=2.0),
+                                   uncond + 2.0 * (conditional - uncond), atol=1e-5, rtol=1e-5)
+        x0, eps = student.denoise(noise, 999, cond, None, guidance=2.0)
+    a, s = student.alpha_sigma(torch.tensor([332]))
+    torch.testing.assert_close(guided.teacher_segment(noise, 999, 332, cond), a * x0 + s * eps, atol=1e-4, rtol=1e-4)
+    # An untrained student (the bare UNet without CFG) is off the guided teacher, on the unguided one.
+    torch.manual_seed(0)
+    batch = guided.batch(0)
+    assert guided.loss(0, batch).item() > 1e-3
+    unguided = SFD(student, PROMPTS, config(teacher_substeps=1, guidance=2.0, sample_with_cfg=True))
+    assert unguided.loss(0, batch).item() < 1e-4
+
+
+def test_a_guidance_distilled_file_samples_at_guidance_1(tiny_sd_pipeline, tmp_path, accelerator):
+    _, info = read_student(train_sfd(job(tiny_sd_pipeline, tmp_path / "g.safetensors", accelerator=accelerator),
+                                     config(guidance=3.0, steps=1)).path)
+    assert info.guidance == 1.0 and info.extra["distilled_at_guidance"] == 3.0

@@ -16,8 +16,12 @@ from typing import Any, ClassVar
 
 from .loop import TrainConfig
 
-# The attention projections and the feed-forward of every transformer block (SD1.x/2.x/XL module names).
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+# Every transformer block (attention projections, feed-forward, its input and output projections) and every
+# resnet (both convolutions, the shortcut, the time projection) and resampler: the modules few-step LoRAs for
+# SD1.x/2.x/XL adapt (LCM-LoRA's set), named as diffusers names them.
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                          "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv",
+                          "upsamplers.0.conv")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
@@ -79,6 +83,30 @@ class LoraSpec(Settings):
     alpha: float = setting(16.0, help="LoRA alpha (the update is alpha/rank B A)", gt=0)
     target_modules: tuple[str, ...] = setting(DEFAULT_TARGET_MODULES,
                                               help="UNet modules that get the LoRA (peft name matching)")
+
+
+def guidance_setting(what: str) -> Any:
+    """A few-step method's ``guidance``: the CFG its students (``what``) reproduce."""
+    return setting(None, ge=1, preset="guidance", fallback=7.5,
+                   help=f"the classifier-free guidance the {what} reproduce: the teacher's trajectories are distilled "
+                        "at this CFG and the student samples without it (guidance 1)")
+
+
+def sample_with_cfg_setting(what: str) -> Any:
+    """A few-step method's ``sample_with_cfg``: leave the guidance to sampling instead of distilling it."""
+    return setting(False, help=f"distil at guidance 1 and leave CFG to sampling instead (the papers' setting; the "
+                               f"{what} then recommend --guidance)")
+
+
+def sampling_guidance(config) -> float:
+    """The CFG a few-step student samples at: 1 where the teacher's guidance was distilled into it."""
+    return config.guidance if config.sample_with_cfg else 1.0
+
+
+def distilled_guidance(config) -> float:
+    """The CFG of the teacher trajectories a few-step student learnt."""
+    return 1.0 if config.sample_with_cfg else config.guidance
+
 
 
 @dataclass

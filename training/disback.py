@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
-from ..schedulers.prediction import denoising_target, split_prediction
+from ..schedulers.prediction import denoising_target
 from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .data import drop_prompts, sample_prompts
 from .lora import LoraAdapters, LoraStudent
@@ -216,16 +216,7 @@ class DistributionBacktracking:
 
     def real_x0(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, adapter: str | None) -> torch.Tensor:
         """The real score's clean-latent prediction, with classifier-free guidance ``real_guidance``."""
-        g = self.config.real_guidance
-        a, s = self.student.alpha_sigma(t)
-        if g == 1.0:
-            out = self.student.unet_output(z, t, cond, adapter)
-        else:
-            uncond = self.student.embed([""] * len(z))
-            out_u, out_c = self.student.unet_output(torch.cat([z, z]), torch.cat([t, t]), torch.cat([uncond, cond]),
-                                                    adapter).chunk(2)
-            out = out_u + g * (out_c - out_u)
-        return split_prediction(out, z.float(), a, s, self.student.prediction_type)[0]
+        return self.student.denoise(z, t, cond, adapter, self.config.real_guidance)[0]
 
     def loss(self, step: int, batch: dict):
         node = self.config.node_at(step)

@@ -210,26 +210,38 @@ class LoraStudent:
             self._embeddings.update(zip(missing, embeds.float()))
         return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
 
-    def denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
-                adapter: str | None = STUDENT) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x0, eps)`` from one UNet call at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone."""
+    def denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, adapter: str | None = STUDENT,
+                guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, eps)`` from the UNet at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone (and
+        classifier-free ``guidance``, see :meth:`unet_output`)."""
         t = torch.as_tensor(t, device=z.device).long().expand(z.shape[0])
         a, s = self.alpha_sigma(t)
-        return split_prediction(self.unet_output(z, t, cond, adapter), z.float(), a, s, self.prediction_type)
+        return split_prediction(self.unet_output(z, t, cond, adapter, guidance), z.float(), a, s,
+                                self.prediction_type)
 
     def unet_output(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
-                    adapter: str | None = STUDENT) -> torch.Tensor:
-        """The UNet's own output (float32) at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone."""
+                    adapter: str | None = STUDENT, guidance: float = 1.0) -> torch.Tensor:
+        """The UNet's own output (float32) at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone.
+
+        ``guidance`` other than 1 applies classifier-free guidance against the empty prompt, as the pipelines do
+        (``uncond + guidance (cond - uncond)`` on the output, one batched call)."""
         t = torch.as_tensor(t, device=z.device).long().expand(z.shape[0])
         if int(t.min()) < 0:
             raise ValueError("the UNet is not called at the clean end (t = -1)")
+        if guidance != 1.0:
+            z, t, cond = torch.cat([z, z]), torch.cat([t, t]), torch.cat([self.embed([""] * len(z)), cond])
         with active_adapter(self.unet, adapter, self._layers):
-            return self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype)).sample.float()
+            out = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype)).sample.float()
+        if guidance == 1.0:
+            return out
+        uncond, conditional = out.chunk(2)
+        return uncond + guidance * (conditional - uncond)
 
-    def ddim_step(self, z: torch.Tensor, t, t_next, cond: torch.Tensor, adapter: str | None = STUDENT):
+    def ddim_step(self, z: torch.Tensor, t, t_next, cond: torch.Tensor, adapter: str | None = STUDENT,
+                  guidance: float = 1.0):
         """One deterministic DDIM step from ``t`` to ``t_next`` (``-1``: to the clean latent): the update of the
         first-order samplers (diffusers' DDIM / DPM-Solver++ order 1, ComfyUI's euler and ddim)."""
-        x0, eps = self.denoise(z, t, cond, adapter)
+        x0, eps = self.denoise(z, t, cond, adapter, guidance)
         a, s = self.alpha_sigma(t_next)
         return a * x0 + s * eps
 

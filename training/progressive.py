@@ -17,8 +17,11 @@ identity and both front doors sample it with the model's own parameterisation; i
 the clean latent x^ and the loss is ``w(t) |x^ - x~|^2`` with truncated-SNR weighting ``w = max(SNR, 1)``
 (Table 1's best with x and v targets) or ``w = SNR + 1``, which is exactly the MSE of the implied v.
 
-Guidance: the teacher runs at guidance 1 on the conditional prompt, with a fraction ``p_uncond`` of empty
-prompts, so the student learns both branches and classifier-free guidance still applies when sampling.
+Guidance: by default the first round's teacher samples with classifier-free guidance ``guidance`` and every
+student samples without it, one UNet call per step (guided distillation, as Meng et al. 2023 distil guided
+models; later rounds' teachers are guided students already). With ``sample_with_cfg`` the teacher runs at
+guidance 1 instead, with a fraction ``p_uncond`` of empty prompts, so the student learns both branches and CFG
+is applied when sampling, as in the paper.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pathlib import Path
 import torch
 
 from ..schedulers.grids import CLEAN, trailing_timesteps
-from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
+from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
+                     sample_with_cfg_setting, sampling_guidance, setting, training_record)
 from .data import DataSource, drop_prompts
 from .lora import STUDENT, LoraStudent, copy_adapter
 from .loop import cost_record
@@ -55,8 +59,8 @@ class ProgressiveConfig(Settings):
                              help="loss weight on the x-space error: max(SNR, 1), or SNR + 1 (the v-space MSE)")
     p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (the unconditional branch, so that "
                                                     "CFG stays usable)")
-    guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5,
-                                     help="the CFG the files recommend; distillation itself runs at guidance 1")
+    guidance: float | None = guidance_setting("files")
+    sample_with_cfg: bool = sample_with_cfg_setting("files")
     save_rounds: bool = setting(True, flag="--no-save-rounds", changeable=True,
                                 help="write the final student only, not every round's (<out>_nfe<N>)")
 
@@ -99,6 +103,8 @@ class ProgressiveRound:
                  teacher_adapter: str | None):
         self.student, self.data, self.n, self.config = student, data, n, config
         self.teacher_adapter = teacher_adapter
+        # The bare UNet samples with CFG; a previous round's student has the guidance in it already.
+        self.teacher_guidance = 1.0 if config.sample_with_cfg or teacher_adapter is not None else config.guidance
         self.modules = {"lora": student.adapters}
         # The teacher's 2n-step grid, noisiest first, ending at the clean latent; the student's is every other point.
         self.grid = torch.tensor(trailing_timesteps(2 * n, num_train_timesteps=student.num_train_timesteps) + [CLEAN])
@@ -119,8 +125,8 @@ class ProgressiveRound:
     def target(self, z: torch.Tensor, k: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x~ from two DDIM steps of the round's teacher, from ``z`` at the start of student step ``k``."""
         t, t_mid, t_next = self.timesteps(k)
-        z_mid = self.student.ddim_step(z, t, t_mid, cond, self.teacher_adapter)
-        z_next = self.student.ddim_step(z_mid, t_mid, t_next, cond, self.teacher_adapter)
+        z_mid = self.student.ddim_step(z, t, t_mid, cond, self.teacher_adapter, self.teacher_guidance)
+        z_next = self.student.ddim_step(z_mid, t_mid, t_next, cond, self.teacher_adapter, self.teacher_guidance)
         return ddim_x0_target(z, z_next, *self.student.alpha_sigma(t), *self.student.alpha_sigma(t_next))
 
     def loss(self, step: int, batch: dict) -> torch.Tensor:
@@ -146,7 +152,8 @@ def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
 
     The final student goes to ``job.out``; with ``config.save_rounds`` each earlier round's is written beside it
     as ``<stem>_nfe<N>.safetensors``. Each file samples at its round's N trailing timesteps (N = 4: 999, 749, 499,
-    249) with the first-order sampler ("ddim"; DDIM is ComfyUI's euler), at the recommended guidance. Round
+    249) with the first-order sampler ("ddim"; DDIM is ComfyUI's euler), at guidance 1 (or ``config.guidance``
+    with ``sample_with_cfg``). Round
     checkpoints go to ``<work>/round_<2N>to<N>``.
     """
     config = settle(config)
@@ -168,9 +175,10 @@ def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
             job.on_main(lambda: student.write(
                 paths[n], method="progressive", teacher=job.teacher,
                 nfe_timesteps={n: trailing_timesteps(n, num_train_timesteps=student.num_train_timesteps)},
-                default_nfe=n, comfy_sampler="ddim", guidance=config.guidance, extra={
+                default_nfe=n, comfy_sampler="ddim", guidance=sampling_guidance(config), extra={
                     "round": f"{2 * n}->{n}", "rounds": [f"{2 * m}->{m}" for m in rounds],
-                    "teacher_sampler": "ddim", "distilled_at_guidance": 1.0, "final_loss": result.loss,
+                    "teacher_sampler": "ddim", "distilled_at_guidance": distilled_guidance(config),
+                    "final_loss": result.loss,
                     "training": training_record(config), **cost_record(seconds, job.accelerator)}))
     return ProgressiveResult(path=paths[rounds[-1]], round_paths=paths, losses=losses)
 

@@ -16,8 +16,10 @@ from the same noise over the student's ``n`` timesteps (``trailing_timesteps(n, 
 Departures from the paper, on purpose: one optimizer update per whole trajectory (the ``n`` step losses are
 averaged) rather than one per step, so that each loop step is a pure function of the weights and the step
 number and resume stays exact; and no NFE conditioning (SFD-v): a LoRA file read by the stock loaders cannot
-add an input, so one LoRA serves every NFE through its timesteps alone. Distillation is at guidance 1 with a
-fraction of empty prompts, as the paper does for Stable Diffusion: CFG still applies when sampling.
+add an input, so one LoRA serves every NFE through its timesteps alone; and by default the teacher samples
+with classifier-free guidance and the student learns the guided trajectories, sampling at guidance 1 with one
+UNet call per step. ``sample_with_cfg`` distils at guidance 1 with a fraction of empty prompts instead, as the
+paper does for Stable Diffusion, and leaves CFG to sampling.
 
 Timesteps: the paper tunes t_min (its Figure 5); the trailing grid (p = 0: 999, 749, 499, 249 for 4 steps)
 puts the last student call at t = T/n - 1 and ends on the clean latent, the convention of few-step SD
@@ -33,7 +35,8 @@ from pathlib import Path
 import torch
 
 from ..schedulers.grids import CLEAN, trailing_timesteps
-from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
+from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
+                     sample_with_cfg_setting, sampling_guidance, setting, training_record)
 from .data import drop_prompts, sample_prompts
 from .lora import STUDENT, LoraStudent
 from .loop import cost_record
@@ -61,8 +64,8 @@ class SFDConfig(Settings):
     steps: int = setting(2000, ge=1, help="training steps")
     p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (the unconditional branch, so that "
                                                     "CFG stays usable)")
-    guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5,
-                                     help="the CFG the file recommends; distillation itself runs at guidance 1")
+    guidance: float | None = guidance_setting("file")
+    sample_with_cfg: bool = sample_with_cfg_setting("file")
     latent_size: int | None = setting(None, ge=1, help="latent height = width (default: the UNet's)")
 
     def check(self) -> None:
@@ -116,7 +119,7 @@ class SFD:
             a, s = self.student.alpha_sigma(torch.tensor([t_to]))
             self.solver.sigmas[-1] = float(s / a)
         for t in self.solver.timesteps:
-            out = self.student.unet_output(z, t, cond, adapter=None)
+            out = self.student.unet_output(z, t, cond, None, distilled_guidance(self.config))
             z = self.solver.step(out, t, z).prev_sample
         return z
 
@@ -150,7 +153,7 @@ def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
     """Distil ``job.pipe`` into one LoRA student for every NFE of ``config.nfes``, on trajectories from
     ``job.prompts`` (no data is needed: SFD follows the teacher's ODE), and write it to ``job.out``: every NFE's
     exact timesteps and sigmas, default ``config.default_nfe``, sampler "euler" (the first-order step it was
-    trained as), the recommended guidance."""
+    trained as), the guidance it samples at."""
     config = settle(config)
     run = config.run
     student = job.student(run.lora, run.seed)
@@ -158,9 +161,10 @@ def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
     result = job.train(method, run, config.steps, "sfd")
     job.on_main(lambda: student.write(
         job.out, method="sfd", teacher=job.teacher, nfe_timesteps=method.timesteps, default_nfe=config.default_nfe,
-        comfy_sampler="euler", guidance=config.guidance, extra={
+        comfy_sampler="euler", guidance=sampling_guidance(config), extra={
             "teacher_solver": "dpmpp_2m", "teacher_substeps": config.teacher_substeps,
-            "teacher_from": config.teacher_from, "distance": config.distance, "distilled_at_guidance": 1.0,
+            "teacher_from": config.teacher_from, "distance": config.distance,
+            "distilled_at_guidance": distilled_guidance(config),
             "nfe_conditioning": False, "final_loss": result.loss, "training": training_record(config),
             **cost_record(result.seconds, job.accelerator)}))
     return SFDResult(path=job.out, nfes=sorted(method.timesteps), loss=result.loss)
@@ -171,4 +175,4 @@ METHOD = MethodEntry(
     summary="SFD: one LoRA student for a set of NFEs, along its own trajectory (seed 004)",
     description="The student takes one first-order step where the teacher takes --teacher-substeps DPM-Solver++ "
                 "steps, at the few timesteps it samples at, along its own trajectory; one student for every NFE "
-                "of --nfe. Distils at guidance 1 on --prompts. Re-running resumes.")
+                "of --nfe, on --prompts, with the teacher at --guidance. Re-running resumes.")
