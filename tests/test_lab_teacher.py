@@ -4,7 +4,7 @@ EMA) each resume bit-exactly, and the adversarial term switches on when configur
 import pytest
 import torch
 
-from direct_distill.lab.teacher import (PatchDiscriminator, UNetConfig, UNetTraining, VAEConfig, VAETraining,
+from direct_distill.lab.teacher import (UNetConfig, UNetTraining, VAEConfig, VAETraining,
                                         build_text_encoder, build_tokenizer, build_unet, build_vae, prompt_ids)
 from direct_distill.lab.data import DATA_DIR
 from direct_distill.training.loop import TrainConfig, train
@@ -17,7 +17,7 @@ def _images(n=16):
 
 def _vae_method(config):
     torch.manual_seed(0)
-    return VAETraining(build_vae(), PatchDiscriminator(32), _images(), config, held_out=_images(8))
+    return VAETraining(build_vae(), _images(), config, held_out=_images(8))
 
 
 class Killed(Exception):
@@ -60,6 +60,17 @@ def test_vae_training_resumes_bit_exactly_across_the_adversarial_start(tmp_path)
     for key, value in _states(whole).items():
         assert torch.equal(value, _states(resumed)[key]), key
     assert not torch.equal(whole.discriminator.net[0].weight, untrained), "after disc_start it learns"
+
+
+def test_vae_training_without_the_adversarial_term_has_no_discriminator(tmp_path):
+    whole = _vae_method(VAEConfig(steps=4, batch_size=4, eval_every=0))
+    assert set(whole.modules) == {"vae"} and not hasattr(whole, "players")
+    _run(whole, 4, tmp_path / "whole")
+    _run(_vae_method(VAEConfig(batch_size=4, eval_every=0)), 4, tmp_path / "killed", kill_at=3)
+    resumed = _vae_method(VAEConfig(batch_size=4, eval_every=0))
+    _run(resumed, 4, tmp_path / "killed")
+    for key, value in _states(whole).items():
+        assert torch.equal(value, _states(resumed)[key]), key
 
 
 def test_vae_reports_held_out_psnr_every_eval_steps():
