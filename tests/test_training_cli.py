@@ -131,7 +131,7 @@ def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, 
             "--teacher-substeps", "1"]
     assert main(args, preset) == 0
     _, info = read_student(tmp_path / "sfd.safetensors")
-    assert (info.teacher, info.guidance) == ("toy-teacher", 3.0)
+    assert (info.teacher, info.extra["distilled_at_guidance"], info.guidance) == ("toy-teacher", 3.0, 1.0)
     training = info.extra["training"]  # the settings that made it, not where files lay
     assert (training["nfes"], training["guidance"]) == ([1], 3.0) and not {"teacher", "out", "work"} & set(training)
     assert (tmp_path / "work" / "sfd" / "checkpoint.safetensors").is_file()
@@ -144,7 +144,7 @@ def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, 
     assert main(args + ["--teacher", str(tmp_path / "copy"), "--out", str(mine), "--prompts",
                         str(tmp_path / "prompts.txt")], preset) == 0
     _, info = read_student(mine)
-    assert (info.teacher, info.guidance) == (str(tmp_path / "copy"), 7.5)
+    assert (info.teacher, info.extra["distilled_at_guidance"]) == (str(tmp_path / "copy"), 7.5)
     assert (tmp_path / "mine.work" / "checkpoint.safetensors").is_file()
 
 
