@@ -13,7 +13,7 @@ common = ["--teacher", str(teacher), "--prompts", str(root / "prompts.txt"), "--
 lora = ["--rank", "2"]
 runs = {
     "shortcut": ["--trajectories", "4", "--shard-size", "1", "--sample-batch-size", "1", "--teacher-steps", "4",
-                 "--capture-steps", "2", "--stage1-steps", "2", "--stage2-steps", "1", "--holdout", "0.25"],
+                 "--capture-band", "200", "260", "--stage1-steps", "2", "--stage2-steps", "1", "--holdout", "0.25"],
     "progressive": [*lora, "--latents", str(root / "latents.safetensors"), "--teacher-steps", "2",
                     "--student-steps", "1", "--steps-per-round", "2"],
     "sfd": [*lora, "--nfe", "1", "--default-nfe", "1", "--steps", "2", "--teacher-substeps", "1"],

@@ -151,7 +151,7 @@ def test_single_file_teachers_run_the_real_model_commands(family, image_folder, 
                      "--teacher-substeps", "1", "--latent-size", "8"]) == 0
     else:
         assert main(["distill", "shortcut", *common, "--prompts", str(tmp_path / "prompts.txt"),
-                     "--trajectories", "6", "--teacher-steps", "4", "--capture-steps", "2", "--height", "64",
+                     "--trajectories", "6", "--teacher-steps", "4", "--capture-band", "200", "260", "--height", "64",
                      "--width", "64", "--sample-batch-size", "3", "--stage1-steps", "2", "--stage2-steps", "2",
                      "--batch-size", "2"]) == 0
     assert f"{dict(sd1='SD1.x', sd2='SD2.x', sdxl='SDXL')[family]} checkpoint" in capsys.readouterr().out

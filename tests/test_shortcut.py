@@ -129,7 +129,8 @@ def test_both_stages_train_and_the_file_round_trips(pipe, tmp_path):
     assert loaded.teacher_unet_shape_fingerprint == identity(pipe.unet)
     assert loaded.latent_channels == 4 and loaded.stage2 is not None
     extra = loaded.metadata["extra"]
-    assert extra["captured_timesteps"] == data.timesteps.tolist() and extra["capture_steps"] == list(CAPTURE)
+    assert extra["captured"] == [{"num_inference_steps": STEPS, "capture_steps": list(CAPTURE),
+                                  "timesteps": data.timesteps.tolist()}]
     x, t = data.latents[:2, 0], data.timesteps[0]
     with torch.no_grad():
         assert torch.equal(loaded(x, t), result.shortcut(x, t))
@@ -238,6 +239,34 @@ def test_capture_metadata_is_plain_json(pipe, tmp_path):
     assert index["capture_steps"] == list(CAPTURE) and index["scheduler"] == "ExpKarrasScheduler"
 
 
+def test_one_shortcut_learns_the_hand_off_latents_of_runs_of_several_lengths(pipe, tmp_path):
+    long = load_trajectories(capture(pipe, tmp_path / "long", n=4))
+    short = load_trajectories(capture(pipe, tmp_path / "short", n=4, num_inference_steps=5, capture_steps=(2,)))
+    config = ShortcutConfig(run=RunConfig(batch_size=4, lr=1e-3), stage1_steps=2, stage2=False, holdout=0.25)
+    result = train_shortcut(Job(None, tmp_path / "shortcut.safetensors", None), config, [long, short])
+    scores = result.heldout_psnr["stage1"]
+    labels = [f"{STEPS} steps, t={t:.1f}" for t in long.timesteps.tolist()] + \
+             [f"5 steps, t={float(short.timesteps[0]):.1f}"]
+    assert list(scores) == ["all", *labels]
+    assert result.t_band == handoff_band(torch.cat([long.timesteps, short.timesteps]), config.band_margin)
+    # The same noise is held out of both captures: no held-out trajectory is trained on through the other.
+    other_seeds = load_trajectories(capture(pipe, tmp_path / "other", n=4, seed=11, num_inference_steps=5,
+                                            capture_steps=(2,)))
+    with pytest.raises(ValueError, match="same seeds"):
+        train_shortcut(Job(None, tmp_path / "x.safetensors", None), config, [long, other_seeds])
+
+
+def test_the_capture_band_picks_the_hand_off_steps_of_each_run_length():
+    from direct_distill.training.shortcut import band_steps
+
+    assert band_steps([999, 918, 841, 768, 699, 633, 571, 512, 456, 403, 352, 304, 259, 216, 175, 136, 99, 65, 31, 0],
+                      (250, 360)) == [10, 11, 12]  # the paper's steps of a 20-step run
+    assert band_steps([999, 862, 736, 622, 517, 422, 335, 255, 182, 116, 55, 0], (250, 360)) == [6, 7]  # 7+1
+    assert band_steps([999, 500, 0], (250, 360)) == []
+    with pytest.raises(Exception, match="capture_band: no step of a 4-step run"):
+        ShortcutConfig(teacher_steps=(20, 4))
+
+
 def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, tmp_path, capsys):
     from direct_distill.__main__ import main
 
@@ -246,10 +275,11 @@ def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, 
     out = tmp_path / "shortcut.safetensors"
     assert main(["distill", "shortcut", "--teacher", str(tmp_path / "teacher"), "--out", str(out),
                  "--prompts", str(tmp_path / "prompts.txt"), "--trajectories", "2", "--teacher-steps", "5",
-                 "--capture-steps", "2", "3", "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2",
+                 "--capture-band", "150", "400", "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2",
                  "--holdout", "0.5"]) == 0
     loaded = load_shortcut(out)
     assert loaded.teacher == str(tmp_path / "teacher") and loaded.metadata["extra"]["guidance_scale"] == 7.5
     assert loaded.teacher_unet_shape_fingerprint == identity(tiny_sd_pipeline.unet)
-    assert (tmp_path / "shortcut.work" / "trajectories" / "index.json").is_file()
+    assert (tmp_path / "shortcut.work" / "trajectories" / "steps5" / "index.json").is_file()
+    assert loaded.metadata["extra"]["captured"][0]["capture_steps"] == [2, 3]  # t = 377, 165 of 999, 649, 377, 165, 0
     assert "held-out PSNR after stage 1+2" in capsys.readouterr().out

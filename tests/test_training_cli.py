@@ -68,7 +68,9 @@ def test_help_lists_the_registry_and_every_setting_of_each_method_once(capsys):
     ("gdd", ["--batch-size", "0"], "distill gdd: --batch-size: must be >= 1, got 0"),
     ("disback", ["--latent-size", "0"], "distill disback: --latent-size: must be >= 1, got 0"),
     ("shortcut", ["--trajectories", "0"], "distill shortcut: --trajectories: must be >= 1, got 0"),
-    ("shortcut", ["--capture-steps", "10", "20"], "distill shortcut: --capture-steps: must lie in 1 .. 19"),
+    ("shortcut", ["--capture-band", "380", "400"], "distill shortcut: --capture-band: no step of a 20-step run hands "
+                                                   "off in [380.0, 400.0]"),
+    ("shortcut", ["--capture-band", "300", "200"], "distill shortcut: --capture-band: need LO <= HI"),
     ("shortcut", ["--trajectories", "1", "--holdout", "0.5"], "distill shortcut: --holdout: 0.5 of 1 trajectories "
                                                                "leaves none to train on"),
     ("shortcut", ["--height", "100"], "distill shortcut: --height: must be a multiple of 8"),

@@ -40,5 +40,5 @@ def test_every_method_runs_and_resumes_in_two_processes_on_a_cpu(tiny_sd_pipelin
         extra = load_shortcut(path).metadata["extra"] if method == "shortcut" else read_student(path)[1].extra
         assert extra["processes"] == 2, method
     # The capture's four shards were shared out, and one process printed each result, twice (run, then resumed).
-    assert len(list((tmp_path / "shortcut.work" / "trajectories").glob("shard-*.safetensors"))) == 4
+    assert len(list((tmp_path / "shortcut.work" / "trajectories" / "steps4").glob("shard-*.safetensors"))) == 4
     assert done.stdout.count("SFD student (NFE 1) written to") == 2

@@ -1,9 +1,12 @@
 """The shortcut method (seed 000, §3.4 and §4.2): two TimeEmbedNAFNets trained on teacher trajectories.
 
-The teacher's trajectories are captured first (``trajectories.capture_trajectories``). Stage 1 learns
-(x_t, t) -> final latent from the captured pairs, L1 for the first 5/6 of its steps and L2 after; stage 2 learns
-(frozen stage 1's output, t) -> final latent with L2. Both run in the shared loop (cosine LR, checkpoints, exact
-resume) and end in one file written by ``save_shortcut``.
+The teacher's trajectories are captured first (``trajectories.capture_trajectories``): runs of one or more
+lengths from the same noise, keeping the latent after every step whose next UNet call falls in the hand-off band,
+so the shortcut sees the very latents a K+1 run of each length hands it (7 of 12 steps and 12 of 20 hand off at
+the same noise level, from different latents). Stage 1 learns (x_t, t) -> final latent from the captured pairs,
+L1 for the first 5/6 of its steps and L2 after; stage 2 learns (frozen stage 1's output, t) -> final latent with
+L2. Both run in the shared loop (cosine LR, checkpoints, exact resume) and end in one file written by
+``save_shortcut``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from ..models.nafnet import PRESETS, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
+from ..schedulers.sigmas import exp_karras_timesteps
 from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .loop import cost_record
 from .runner import Job, MethodEntry, settle
@@ -30,10 +34,15 @@ class ShortcutConfig(Settings):
     annealing, L1 for 5/6)."""
 
     run: RunConfig = run_config(batch_size=64, lr=1e-3)
-    trajectories: int = setting(2000, ge=1, help="teacher runs to capture")
-    teacher_steps: int = setting(20, ge=2, help="teacher steps per run (exp-Karras DPM++ 2M)")
-    capture_steps: tuple[int, ...] = setting((10, 11, 12), ge=1, metavar="K",
-                                             help="keep the latent after this many teacher steps")
+    trajectories: int = setting(2000, ge=1, help="teacher runs to capture, of each length")
+    teacher_steps: tuple[int, ...] = setting((20,), ge=2, metavar="N",
+                                             help="steps of the teacher's runs (exp-Karras DPM++ 2M); with several "
+                                                  "lengths (e.g. 20 12) one run of each from the same noise, and the "
+                                                  "shortcut learns the hand-off latents of each")
+    capture_band: tuple[float, float] = setting((250.0, 360.0), ge=0, metavar=("LO", "HI"),
+                                                help="keep the latent after every step whose next UNet call's "
+                                                     "timestep lies in [LO, HI] (of 20 steps: steps 10, 11 and 12, "
+                                                     "the paper's)")
     exp_karras_p: float = setting(1.0, ge=0, help="p of the teacher's exp-Karras schedule")
     guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5, help="the teacher's CFG")
     height: int | None = setting(None, ge=8, help="image height of the teacher runs (default: the pipeline's)")
@@ -51,9 +60,15 @@ class ShortcutConfig(Settings):
                                                  "each side")
 
     def check(self) -> None:
-        if max(self.capture_steps) >= self.teacher_steps:
-            raise SettingError("capture_steps", f"must lie in 1 .. {self.teacher_steps - 1} (a later teacher step "
-                                                f"must follow each), got {list(self.capture_steps)}")
+        lo, hi = self.capture_band
+        if lo > hi:
+            raise SettingError("capture_band", f"need LO <= HI, got {list(self.capture_band)}")
+        if len(set(self.teacher_steps)) != len(self.teacher_steps):
+            raise SettingError("teacher_steps", f"each length once, got {list(self.teacher_steps)}")
+        for n in self.teacher_steps:
+            if not band_steps(exp_karras_timesteps(n, self.exp_karras_p).round(), self.capture_band):
+                raise SettingError("capture_band", f"no step of a {n}-step run hands off in {list(self.capture_band)} "
+                                                   f"(its timesteps: {exp_karras_timesteps(n, self.exp_karras_p).round().int().tolist()})")
         for name in ("height", "width"):
             if getattr(self, name) is not None and getattr(self, name) % 8:
                 raise SettingError(name, f"must be a multiple of 8 (the VAE's scale), got {getattr(self, name)}")
@@ -74,18 +89,30 @@ class ShortcutResult:
 
 
 class PairSet:
-    """(x_t, t) -> x0 pairs: every capture step of every trajectory, indexed flat."""
+    """(x_t, t) -> x0 pairs, flat: every capture step of every trajectory of every run length, each labelled with
+    the run it comes from (``"20 steps, t=259"``) for per-run scores."""
 
-    def __init__(self, latents: torch.Tensor, timesteps: torch.Tensor, final: torch.Tensor):
-        self.latents, self.timesteps, self.final = latents, timesteps, final
-        self.steps = len(timesteps)
+    def __init__(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, labels: list[str]):
+        self.x_t, self.t, self.x0, self.labels = x_t, t, x0, labels
+
+    @classmethod
+    def of(cls, captures: list[Trajectories], ids: torch.Tensor) -> PairSet:
+        """The pairs of trajectories ``ids`` of every capture."""
+        x_t, t, x0, labels = [], [], [], []
+        for data in captures:
+            steps = data.config["num_inference_steps"]
+            for k, timestep in enumerate(data.timesteps.tolist()):
+                x_t.append(data.latents[ids, k])
+                t.append(torch.full((len(ids),), timestep))
+                x0.append(data.final[ids])
+                labels += [f"{steps} steps, t={timestep:.1f}"] * len(ids)
+        return cls(torch.cat(x_t), torch.cat(t), torch.cat(x0), labels)
 
     def __len__(self) -> int:
-        return len(self.final) * self.steps
+        return len(self.x0)
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        traj, k = idx // self.steps, idx % self.steps
-        return self.latents[traj, k], self.timesteps[k], self.final[traj]
+        return self.x_t[idx], self.t[idx], self.x0[idx]
 
 
 class _PairMethod:
@@ -130,27 +157,27 @@ class DeblurStage(_PairMethod):
 
 @torch.no_grad()
 def heldout_psnr(model, pairs: PairSet, device, batch_size: int = 256) -> dict[str, float]:
-    """PSNR of ``model(x_t, t)`` against x0 on held-out pairs, in latent space, overall and per timestep.
+    """PSNR of ``model(x_t, t)`` against x0 on held-out pairs, in latent space, overall and per run length and
+    timestep.
 
     PSNR = 10 log10(R^2 / MSE), where R = max - min over all held-out target latents (their data
     range; latents have no fixed peak like 255) and MSE is over every element. ``model=None`` scores
     the input x_t itself, a baseline.
     """
-    peak = float(pairs.final.max() - pairs.final.min())
-    sq_err = torch.zeros(pairs.steps, dtype=torch.float64)
+    peak = float(pairs.x0.max() - pairs.x0.min())
+    err = []
     for start in range(0, len(pairs), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(pairs)))
-        x_t, t, x0 = (v.to(device) for v in pairs.take(idx))
+        x_t, t, x0 = (v.to(device) for v in pairs.take(torch.arange(start, min(start + batch_size, len(pairs)))))
         pred = x_t if model is None else model(x_t, t)
-        err = (pred.float() - x0).pow(2).flatten(1).sum(1).double().cpu()
-        sq_err.index_add_(0, idx % pairs.steps, err)
-    per_step = pairs.final.numel()  # elements scored at each capture step
+        err.append((pred.float() - x0).pow(2).flatten(1).mean(1).double().cpu())
+    err = torch.cat(err)
 
-    def psnr(sq: torch.Tensor, count: int) -> float:
-        return float(10 * torch.log10(peak**2 / (sq / count)))
+    def psnr(mse: torch.Tensor) -> float:
+        return float(10 * torch.log10(peak**2 / mse.mean()))
 
-    scores = {"all": psnr(sq_err.sum(), per_step * pairs.steps)}
-    scores.update({f"t={float(t):.1f}": psnr(sq_err[k], per_step) for k, t in enumerate(pairs.timesteps)})
+    scores = {"all": psnr(err)}
+    for label in dict.fromkeys(pairs.labels):
+        scores[label] = psnr(err[torch.tensor([lab == label for lab in pairs.labels])])
     return scores
 
 
@@ -168,6 +195,13 @@ def split_trajectories(n: int, holdout: float, seed: int) -> tuple[torch.Tensor,
     return perm[:n - n_held], perm[n - n_held:]
 
 
+def band_steps(timesteps, band: tuple[float, float]) -> list[int]:
+    """The steps k (1 .. n-1 of an n-step run with these ``timesteps``, noisiest first) after which the next UNet
+    call's timestep lies in ``band``: where the run may hand off to the shortcut."""
+    lo, hi = band
+    return [k for k in range(1, len(timesteps)) if lo <= float(timesteps[k]) <= hi]
+
+
 def handoff_band(timesteps: torch.Tensor, margin: float) -> tuple[float, float]:
     """The captured timesteps' range, widened on both sides by ``margin`` times its width."""
     lo, hi = float(timesteps.min()), float(timesteps.max())
@@ -183,9 +217,9 @@ def build_shortcut(config: ShortcutConfig, latent_channels: int) -> TwoStageShor
 
 
 def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
-    """Capture ``config.trajectories`` runs of the teacher ``job.pipe`` on ``job.prompts`` in
-    ``<work>/trajectories`` (resumed shard by shard; under several processes each captures its share), then
-    train both stages on them (:func:`train_shortcut`)."""
+    """Capture ``config.trajectories`` runs of each length of the teacher ``job.pipe`` on ``job.prompts`` in
+    ``<work>/trajectories/steps<N>`` (resumed shard by shard; under several processes each captures its share),
+    then train both stages on them (:func:`train_shortcut`)."""
     from ..schedulers import ExpKarrasScheduler
 
     config = settle(config)
@@ -193,33 +227,49 @@ def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
         raise ValueError("the shortcut keeps its trajectories in the work folder: give the job one")
     accelerator = job.accelerator
     pipe = job.pipe.to(accelerator.device)
-    scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
     size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
-    folder = capture_trajectories(
-        pipe, job.work / "trajectories", list(job.prompts), config.trajectories,
-        num_inference_steps=config.teacher_steps, capture_steps=config.capture_steps, guidance_scale=config.guidance,
-        seed=config.run.seed, scheduler=scheduler, shard_size=config.shard_size, batch_size=config.sample_batch_size,
-        teacher=job.teacher, pipe_kwargs=size, process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes)
+    folders = []
+    for n in config.teacher_steps:
+        scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
+        scheduler.set_timesteps(n)
+        steps = band_steps(scheduler.timesteps, config.capture_band)
+        if not steps:
+            raise SettingError("capture_band", f"no step of a {n}-step run of this teacher hands off in "
+                                               f"{list(config.capture_band)} (its timesteps: "
+                                               f"{scheduler.timesteps.tolist()})")
+        folders.append(capture_trajectories(
+            pipe, job.work / "trajectories" / f"steps{n}", list(job.prompts), config.trajectories,
+            num_inference_steps=n, capture_steps=steps, guidance_scale=config.guidance, seed=config.run.seed,
+            scheduler=scheduler, shard_size=config.shard_size, batch_size=config.sample_batch_size,
+            teacher=job.teacher, pipe_kwargs=size, process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes))
     accelerator.wait_for_everyone()
     job.pipe = pipe = None  # training needs the trajectories alone: the teacher's memory is freed
-    return train_shortcut(job, config, folder)
+    return train_shortcut(job, config, folders)
 
 
-def train_shortcut(job: Job, config: ShortcutConfig, trajectories: Trajectories | str | Path) -> ShortcutResult:
-    """Train both stages on a capture folder (or loaded ``Trajectories``) and write the shortcut file ``job.out``;
-    stage checkpoints go to ``<work>/stage1`` and ``<work>/stage2``. ``job.pipe`` is not used; the teacher named
-    in the file is ``job.teacher``, else the one recorded with the trajectories.
+def train_shortcut(job: Job, config: ShortcutConfig,
+                   trajectories: Trajectories | str | Path | list[Trajectories | str | Path]) -> ShortcutResult:
+    """Train both stages on one or more capture folders (or loaded ``Trajectories``: runs of several lengths from
+    the same seeds) and write the shortcut file ``job.out``; stage checkpoints go to ``<work>/stage1`` and
+    ``<work>/stage2``. ``job.pipe`` is not used; the teacher named in the file is ``job.teacher``, else the one
+    recorded with the trajectories. The same trajectory ids (the same noise) are held out of every capture.
 
     The t-band written is the captured timesteps' range widened by ``config.band_margin`` of its width on each
     side (a single capture step gives a band of one timestep).
     """
     config = settle(config)
     run, accelerator = config.run, job.accelerator
-    data = trajectories if isinstance(trajectories, Trajectories) else load_trajectories(trajectories)
+    captures = [t if isinstance(t, Trajectories) else load_trajectories(t)
+                for t in (trajectories if isinstance(trajectories, list) else [trajectories])]
+    data = captures[0]
+    for other in captures[1:]:
+        if not torch.equal(other.seeds, data.seeds) or \
+                other.config["teacher_unet_shape_fingerprint"] != data.config["teacher_unet_shape_fingerprint"]:
+            raise ValueError("the captures to train one shortcut on must hold runs of one teacher from the same seeds")
     train_ids, held_ids = split_trajectories(len(data.final), config.holdout, run.seed)
-    train_pairs = PairSet(data.latents[train_ids], data.timesteps, data.final[train_ids])
-    held_pairs = PairSet(data.latents[held_ids], data.timesteps, data.final[held_ids])
+    train_pairs = PairSet.of(captures, train_ids)
+    held_pairs = PairSet.of(captures, held_ids)
     channels = data.final.shape[1]
     torch.manual_seed(run.seed)
     shortcut = build_shortcut(config, channels)
@@ -242,11 +292,12 @@ def train_shortcut(job: Job, config: ShortcutConfig, trajectories: Trajectories 
             psnr["stage1+2"] = heldout_psnr(shortcut, held_pairs, accelerator.device)
             _report("stage 1+2", psnr["stage1+2"], accelerator)
 
-    band = handoff_band(data.timesteps, config.band_margin)
+    band = handoff_band(torch.cat([c.timesteps for c in captures]), config.band_margin)
     capture = data.config
     extra = {
-        "method": "shortcut", "captured_timesteps": data.timesteps.tolist(),
-        "capture_steps": capture.get("capture_steps"), "num_inference_steps": capture.get("num_inference_steps"),
+        "method": "shortcut",
+        "captured": [{"num_inference_steps": c.config["num_inference_steps"], "capture_steps": c.config["capture_steps"],
+                      "timesteps": c.timesteps.tolist()} for c in captures],
         "scheduler": capture.get("scheduler"),
         "exp_karras_p": capture.get("scheduler_config", {}).get("exp_karras_p"),
         "guidance_scale": capture.get("guidance_scale"), "num_trajectories": len(data.final),
