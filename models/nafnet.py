@@ -188,7 +188,10 @@ PRESETS: dict[str, dict] = {
     "paper_stage2": dict(width=64, enc_blocks=[1, 1, 1], middle_blocks=3, dec_blocks=[3, 11, 16]),  # 13.5 M
     "lab_stage1": dict(width=32, enc_blocks=[1, 1], middle_blocks=2, dec_blocks=[1, 1]),
     "lab_stage2": dict(width=32, enc_blocks=[1, 1], middle_blocks=1, dec_blocks=[2, 4]),
+    "lab_wide_stage1": dict(width=64, enc_blocks=[1, 1], middle_blocks=2, dec_blocks=[1, 1]),
+    "lab_wide_stage2": dict(width=64, enc_blocks=[1, 1], middle_blocks=1, dec_blocks=[2, 4]),
 }
+SIZES = tuple(dict.fromkeys(name.rsplit("_stage", 1)[0] for name in PRESETS))  # both stages of a size: "lab", ...
 
 
 def count_macs(module: nn.Module, example_inputs: tuple) -> int:
@@ -220,13 +223,13 @@ def count_macs(module: nn.Module, example_inputs: tuple) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Parameters and MACs of TimeEmbedNAFNet presets.")
     parser.add_argument("--preset", nargs="+", default=["paper"],
-                        help=f"one or more of {', '.join(PRESETS)}; 'paper' or 'lab' for both stages")
+                        help=f"one or more of {', '.join(PRESETS)}; a size ({', '.join(SIZES)}) for both stages")
     parser.add_argument("--latent", default="4x64x64", help="CxHxW of the latent (batch 1)")
     args = parser.parse_args(argv)
-    names = [n for p in args.preset for n in ([f"{p}_stage1", f"{p}_stage2"] if p in ("paper", "lab") else [p])]
+    names = [n for p in args.preset for n in ([f"{p}_stage1", f"{p}_stage2"] if p in SIZES else [p])]
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
-        parser.error(f"unknown preset {unknown[0]!r}; choose from {', '.join(PRESETS)}, paper, lab")
+        parser.error(f"unknown preset {unknown[0]!r}; choose from {', '.join([*PRESETS, *SIZES])}")
     c, h, w = (int(v) for v in args.latent.lower().split("x"))
     total_params = total_macs = 0
     for name in names:

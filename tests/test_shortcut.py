@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from direct_distill.models import load_shortcut, save_shortcut
 from direct_distill.models.nafnet import PRESETS, TwoStageShortcut
@@ -254,6 +255,39 @@ def test_one_shortcut_learns_the_hand_off_latents_of_runs_of_several_lengths(pip
                                             capture_steps=(2,)))
     with pytest.raises(ValueError, match="same seeds"):
         train_shortcut(Job(None, tmp_path / "x.safetensors", None), config, [long, other_seeds])
+
+
+def test_the_whitened_loss_weighs_each_frequency_by_the_targets_power_there():
+    from direct_distill.training.shortcut import WhitenedL2, spectral_power
+
+    torch.manual_seed(0)
+    # Smooth targets, as latents are: nearly all their power at the lowest frequencies.
+    targets = F.interpolate(torch.randn(256, 4, 2, 2), size=(8, 8), mode="bilinear", align_corners=False)
+    loss = WhitenedL2(spectral_power(targets))
+    pred = targets[:8]
+    coarse = pred + 0.1                                                   # an offset: frequency 0 only
+    fine = pred + 0.1 * (-1.0) ** (torch.arange(8)[:, None] + torch.arange(8))  # a checkerboard: the highest
+    assert F.mse_loss(coarse, pred) == pytest.approx(F.mse_loss(fine, pred).item())
+    assert loss(fine, pred) > 100 * loss(coarse, pred)  # the same L2, but where the targets have no power
+    assert loss(pred, pred) == 0
+    # White targets: every frequency has the same power, and the loss is L2 times a constant.
+    white = WhitenedL2(spectral_power(torch.randn(20000, 1, 8, 8)))
+    e1, e2 = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    zero = torch.zeros(4, 1, 8, 8)
+    ratio = [float(white(e, zero) / F.mse_loss(e, zero)) for e in (e1, e2, coarse[:4, :1] - pred[:4, :1])]
+    assert ratio == pytest.approx([ratio[0]] * 3, rel=0.1)
+
+
+def test_the_paper_loss_is_kept_and_the_choice_recorded(pipe, tmp_path):
+    data = load_trajectories(capture(pipe, tmp_path / "trajectories", n=2))
+    files = {}
+    for loss in ("paper", "whitened"):
+        config = ShortcutConfig(run=RunConfig(batch_size=2), stage2=False, stage1_steps=2, holdout=0.5, loss=loss)
+        files[loss] = train_shortcut(Job(None, tmp_path / f"{loss}.safetensors"), config, data).shortcut
+        assert load_shortcut(tmp_path / f"{loss}.safetensors").metadata["extra"]["training"]["loss"] == loss
+    x, t = data.latents[:2, 0], data.timesteps[0]
+    with torch.no_grad():
+        assert not torch.equal(files["paper"](x, t), files["whitened"](x, t))
 
 
 def test_the_capture_band_picks_the_hand_off_steps_of_each_run_length():

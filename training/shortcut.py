@@ -3,9 +3,11 @@
 The teacher's trajectories are captured first (``trajectories.capture_trajectories``): runs of one or more
 lengths from the same noise, keeping the latent after every step whose next UNet call falls in the hand-off band,
 so the shortcut sees the very latents a K+1 run of each length hands it (7 of 12 steps and 12 of 20 hand off at
-the same noise level, from different latents). Stage 1 learns (x_t, t) -> final latent from the captured pairs,
-L1 for the first 5/6 of its steps and L2 after; stage 2 learns (frozen stage 1's output, t) -> final latent with
-L2. Both run in the shared loop (cosine LR, checkpoints, exact resume) and end in one file written by
+the same noise level, from different latents). Stage 1 learns (x_t, t) -> final latent from the captured pairs;
+stage 2 learns (frozen stage 1's output, t) -> final latent. The paper's losses are L1 for the first 5/6 of stage
+1 and L2 after, L2 for stage 2. Plain L2 spends itself on the few low latent frequencies that hold nearly all the
+energy, and its error is the fine detail the VAE decodes as texture: the default ``whitened`` loss divides each
+frequency's squared error by the targets' mean power there, so every frequency counts alike. Both run in the shared loop (cosine LR, checkpoints, exact resume) and end in one file written by
 ``save_shortcut``.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.nafnet import PRESETS, TimeEmbedNAFNet, TwoStageShortcut
+from ..models.nafnet import PRESETS, SIZES as NAFNET_SIZES, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
 from ..schedulers.sigmas import exp_karras_timesteps
 from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
@@ -25,13 +27,13 @@ from .loop import cost_record
 from .runner import Job, MethodEntry, settle
 from .trajectories import Trajectories, capture_trajectories, load_trajectories
 
-NAFNET_SIZES = ("lab", "paper")
+LOSSES = ("whitened", "paper")
 
 
 @dataclass
 class ShortcutConfig(Settings):
     """The teacher runs to capture and the settings of both stages (the paper: Adam, weight decay 0, cosine
-    annealing, L1 for 5/6)."""
+    annealing, L1 for 5/6 of stage 1; here the whitened loss unless ``loss="paper"``)."""
 
     run: RunConfig = run_config(batch_size=64, lr=1e-3)
     trajectories: int = setting(2000, ge=1, help="teacher runs to capture, of each length")
@@ -53,7 +55,11 @@ class ShortcutConfig(Settings):
     stage2: bool = setting(True, flag="--no-stage2", help="train stage 1 only")
     stage1_steps: int = setting(3000, ge=1, help="training steps of stage 1")
     stage2_steps: int = setting(1500, ge=1, help="training steps of stage 2")
-    l1_fraction: float = setting(5 / 6, ge=0, le=1, help="fraction of stage 1 trained with L1 (then L2)")
+    loss: str = setting("whitened", choices=LOSSES,
+                        help="whitened: each latent frequency's squared error over the targets' mean power there "
+                             "(both stages); paper: L1 for --l1-fraction of stage 1, then L2, and L2 for stage 2")
+    l1_fraction: float = setting(5 / 6, ge=0, le=1, help="with --loss paper, the fraction of stage 1 trained with "
+                                                         "L1 (then L2)")
     holdout: float = setting(1 / 6, ge=0, lt=1, help="fraction of trajectories held out for PSNR (the paper: "
                                                      "20k of 120k)")
     band_margin: float = setting(0.1, ge=0, help="widen the captured t-range by this fraction of its width on "
@@ -125,34 +131,58 @@ class _PairMethod:
         return self.pairs.take(torch.randint(len(self.pairs), (self.batch_size,)))
 
 
-class DenoiseStage(_PairMethod):
-    """Stage 1: (x_t, t) -> x0, L1 for the first ``l1_steps`` steps, then L2 (Zhao et al., via §3.4)."""
+def spectral_power(x0: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The mean power of ``x0``'s 2-D spectrum (``fft2``) per channel and frequency: the whitened loss's scale,
+    floored at a millionth of its mean so that no frequency divides by zero."""
+    total = sum(torch.fft.fft2(part.float()).abs().pow(2).sum(0) for part in x0.split(chunk))
+    power = total / len(x0)
+    return power.clamp_min(1e-6 * float(power.mean()))
 
-    def __init__(self, net: TimeEmbedNAFNet, pairs: PairSet, batch_size: int, l1_steps: int):
+
+class WhitenedL2:
+    """Squared error per latent frequency over the targets' mean power there, averaged: for white targets it is
+    L2 (up to a constant); for latents, whose power falls steeply with frequency, the fine detail counts as much
+    as the coarse shape."""
+
+    def __init__(self, power: torch.Tensor):
+        self.power = power
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.power = self.power.to(pred.device)
+        return (torch.fft.fft2((pred - target).float()).abs().pow(2) / self.power).mean()
+
+
+class DenoiseStage(_PairMethod):
+    """Stage 1: (x_t, t) -> x0 with ``loss``; the paper's: L1 for the first ``l1_steps`` steps, then L2 (Zhao et
+    al., via §3.4)."""
+
+    def __init__(self, net: TimeEmbedNAFNet, pairs: PairSet, batch_size: int, l1_steps: int,
+                 loss: WhitenedL2 | None = None):
         super().__init__(pairs, batch_size)
         self.modules = {"stage1": net}
-        self.net, self.l1_steps = net, l1_steps
+        self.net, self.l1_steps, self.whitened = net, l1_steps, loss
 
     def loss(self, step: int, batch) -> torch.Tensor:
         x_t, t, x0 = batch
-        loss_fn = F.l1_loss if step < self.l1_steps else F.mse_loss
+        loss_fn = self.whitened or (F.l1_loss if step < self.l1_steps else F.mse_loss)
         return loss_fn(self.net(x_t, t), x0)
 
 
 class DeblurStage(_PairMethod):
-    """Stage 2: frozen stage 1's output -> x0 with L2."""
+    """Stage 2: frozen stage 1's output -> x0 with ``loss`` (the paper's: L2)."""
 
-    def __init__(self, stage1: TimeEmbedNAFNet, net: TimeEmbedNAFNet, pairs: PairSet, batch_size: int):
+    def __init__(self, stage1: TimeEmbedNAFNet, net: TimeEmbedNAFNet, pairs: PairSet, batch_size: int,
+                 loss: WhitenedL2 | None = None):
         super().__init__(pairs, batch_size)
         self.stage1 = stage1.requires_grad_(False).eval()
         self.modules = {"stage2": net}
-        self.net = net
+        self.net, self.loss_fn = net, loss or F.mse_loss
 
     def loss(self, step: int, batch) -> torch.Tensor:
         x_t, t, x0 = batch
         with torch.no_grad():
             rough = self.stage1(x_t, t)
-        return F.mse_loss(self.net(rough, t), x0)
+        return self.loss_fn(self.net(rough, t), x0)
 
 
 @torch.no_grad()
@@ -279,14 +309,15 @@ def train_shortcut(job: Job, config: ShortcutConfig,
     if evaluate:
         psnr["input"] = heldout_psnr(None, held_pairs, accelerator.device)
         _report("nothing (x_t itself, the baseline)", psnr["input"], accelerator)
+    loss = WhitenedL2(spectral_power(train_pairs.x0)) if config.loss == "whitened" else None
     seconds = job.train(DenoiseStage(shortcut.stage1, train_pairs, run.batch_size,
-                                     round(config.stage1_steps * config.l1_fraction)),
+                                     round(config.stage1_steps * config.l1_fraction), loss),
                         run, config.stage1_steps, "shortcut stage1", stage="stage1").seconds
     if evaluate:
         psnr["stage1"] = heldout_psnr(shortcut.stage1, held_pairs, accelerator.device)
         _report("stage 1", psnr["stage1"], accelerator)
     if shortcut.stage2 is not None:
-        seconds += job.train(DeblurStage(shortcut.stage1, shortcut.stage2, train_pairs, run.batch_size),
+        seconds += job.train(DeblurStage(shortcut.stage1, shortcut.stage2, train_pairs, run.batch_size, loss),
                              run, config.stage2_steps, "shortcut stage2", stage="stage2").seconds
         if evaluate:
             psnr["stage1+2"] = heldout_psnr(shortcut, held_pairs, accelerator.device)
