@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
 from ..training.checkpoint import load_training_state
+from ..training.data import vae_checksum
 from ..training.loop import CHECKPOINT_NAME, Player, TrainConfig, train
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
@@ -236,7 +237,8 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
         final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed, run_dir=work / "vae",
         checkpoint_every=config.checkpoint_every, desc="vae"))
     vae.eval()
-    # SD's convention: latents are multiplied by the factor that gives them unit variance.
+    # SD's convention: latents are multiplied by the factor that gives them unit variance (measured unscaled).
+    vae.register_to_config(scaling_factor=1.0)
     mean, _ = encode_dataset(vae, images[:10000])
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     vae.save_pretrained(work / "vae" / "model")
@@ -327,7 +329,7 @@ def train_unet(config: UNetConfig, work: Path = WORK_DIR) -> float:
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     images, labels = load_fashion_mnist("train")
     cache = work / "unet" / "latents.safetensors"
-    checksum = str(float(sum(p.detach().double().sum() for p in vae.parameters())))
+    checksum = vae_checksum(vae)
     cached, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
     if meta.get("vae_checksum") != checksum:
         mean, std = encode_dataset(vae, images)

@@ -204,8 +204,10 @@ def encode_images(vae, images: torch.Tensor, batch_size: int = 1000,
 
 
 def vae_checksum(vae) -> str:
-    """A fingerprint of a VAE's weights (the sum of every parameter), keying cached encodings."""
-    return str(float(sum(p.detach().double().sum() for p in vae.parameters())))
+    """A fingerprint of a VAE's weights (the sum of every parameter) and of its scaling factor, keying cached
+    encodings (which are scaled)."""
+    weights = float(sum(p.detach().double().sum() for p in vae.parameters()))
+    return f"{weights} x{float(vae.config.scaling_factor)!r}"
 
 
 def encode_image_folder(vae, folder: str | os.PathLike, size: int, cache: str | os.PathLike | None = None,
