@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
 from ..training.checkpoint import load_training_state
-from ..training.data import vae_checksum
+from ..training.data import encode_images, vae_checksum
 from ..training.loop import CHECKPOINT_NAME, Player, TrainConfig, train
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
@@ -106,18 +106,6 @@ def sd_noise_scheduler_config() -> dict:
     return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear", prediction_type="epsilon", set_alpha_to_one=False,
                 skip_prk_steps=True, steps_offset=1, trained_betas=None, timestep_spacing="leading")
-
-
-@torch.no_grad()
-def encode_dataset(vae, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image, already multiplied by the scaling factor."""
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        post = vae.encode(images[i:i + batch].to(vae.device, vae.dtype)).latent_dist
-        means.append(post.mean.float().cpu())
-        stds.append(post.std.float().cpu())
-    s = vae.config.scaling_factor
-    return torch.cat(means) * s, torch.cat(stds) * s
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -239,7 +227,7 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     vae.eval()
     # SD's convention: latents are multiplied by the factor that gives them unit variance (measured unscaled).
     vae.register_to_config(scaling_factor=1.0)
-    mean, _ = encode_dataset(vae, images[:10000])
+    mean, _ = encode_images(vae, images[:10000])
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     vae.save_pretrained(work / "vae" / "model")
     print(f"vae saved to {work / 'vae' / 'model'} (scaling_factor={vae.config.scaling_factor:.4f})")
@@ -332,7 +320,7 @@ def train_unet(config: UNetConfig, work: Path = WORK_DIR) -> float:
     checksum = vae_checksum(vae)
     cached, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
     if meta.get("vae_checksum") != checksum:
-        mean, std = encode_dataset(vae, images)
+        mean, std = encode_images(vae, images)
         cached = {"mean": mean, "std": std}
         atomic_save_file(cached, cache, {"vae_checksum": checksum})
     tokenizer = build_tokenizer(work / "tokenizer")

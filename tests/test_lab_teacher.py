@@ -125,13 +125,13 @@ def test_the_saved_vae_scales_its_latents_to_unit_variance_and_caches_know_the_s
     from diffusers import AutoencoderKL
 
     import direct_distill.lab.teacher as teacher
-    from direct_distill.training.data import vae_checksum
+    from direct_distill.training.data import encode_images, vae_checksum
 
     images = _images(24)
     monkeypatch.setattr(teacher, "load_fashion_mnist", lambda split: (images, torch.arange(24) % 10))
     teacher.train_vae(VAEConfig(steps=2, batch_size=4, eval_every=0), tmp_path)
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae" / "model").eval()
-    latents, _ = teacher.encode_dataset(vae, images)
+    latents, _ = encode_images(vae, images)
     assert float(latents.std()) == pytest.approx(1.0, rel=1e-4)
     before = vae_checksum(vae)
     vae.register_to_config(scaling_factor=vae.config.scaling_factor * 2)

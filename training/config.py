@@ -108,7 +108,6 @@ def distilled_guidance(config) -> float:
     return 1.0 if config.sample_with_cfg else config.guidance
 
 
-
 @dataclass
 class RunConfig(Settings):
     """What every method's run shares: its files, optimisation, checkpoints, logging and (for a LoRA student)

@@ -153,8 +153,7 @@ def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
     The final student goes to ``job.out``; with ``config.save_rounds`` each earlier round's is written beside it
     as ``<stem>_nfe<N>.safetensors``. Each file samples at its round's N trailing timesteps (N = 4: 999, 749, 499,
     249) with the first-order sampler ("ddim"; DDIM is ComfyUI's euler), at guidance 1 (or ``config.guidance``
-    with ``sample_with_cfg``). Round
-    checkpoints go to ``<work>/round_<2N>to<N>``.
+    with ``sample_with_cfg``). Round checkpoints go to ``<work>/round_<2N>to<N>``.
     """
     config = settle(config)
     run, rounds = config.run, config.rounds()

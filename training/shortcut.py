@@ -7,8 +7,8 @@ the same noise level, from different latents). Stage 1 learns (x_t, t) -> final 
 stage 2 learns (frozen stage 1's output, t) -> final latent. The paper's losses are L1 for the first 5/6 of stage
 1 and L2 after, L2 for stage 2. Plain L2 spends itself on the few low latent frequencies that hold nearly all the
 energy, and its error is the fine detail the VAE decodes as texture: the default ``whitened`` loss divides each
-frequency's squared error by the targets' mean power there, so every frequency counts alike. Both run in the shared loop (cosine LR, checkpoints, exact resume) and end in one file written by
-``save_shortcut``.
+frequency's squared error by the targets' mean power there, so every frequency counts alike. Both stages run in
+the shared loop (cosine LR, checkpoints, exact resume) and end in one file written by ``save_shortcut``.
 """
 
 from __future__ import annotations
