@@ -1,5 +1,6 @@
 """The lab's defaults for `distill`, which the entry point hands the training runner: the lab teacher and where
-its students go, the class names as prompts, guidance 2, Fashion-MNIST latents, and FD evaluations."""
+its students go, the class names as prompts, guidance 3 (the teacher's lowest-FD guidance in the report's sweep),
+Fashion-MNIST latents, and FD evaluations."""
 
 from __future__ import annotations
 
@@ -59,6 +60,6 @@ def lab_evaluation(pipe, samples: int = 1000):
 
 LAB = Preset(
     name="lab", teacher=TEACHER_DIR, teacher_name="lab/assets/teacher", out=lab_out, work=lab_work,
-    prompts=CLASS_NAMES, values={"guidance": 2.0, "eval_every": 500}, latents=lab_latents,
+    prompts=CLASS_NAMES, values={"guidance": 3.0, "eval_every": 500}, latents=lab_latents,
     evaluation=lab_evaluation,
     describe={"prompts": "the ten class names", "data": "Fashion-MNIST (train) encoded by the teacher's VAE"})
