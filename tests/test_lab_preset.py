@@ -1,5 +1,6 @@
 """The lab as a preset of the training CLI: its Fashion-MNIST latents (the teacher's VAE, cached), and the README's
-commands for the committed lab students, which must still mean the settings those students were trained with."""
+commands for the committed lab shortcut and students, which must still mean the settings those files were trained
+with."""
 
 import re
 import shlex
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from direct_distill.lab import STUDENTS_DIR, TEACHER_DIR
+from direct_distill.lab import SHORTCUT_PATH, STUDENTS_DIR, TEACHER_DIR
 from direct_distill.lab.distill_preset import LAB, lab_latents
+from direct_distill.models import load_shortcut
 from direct_distill.models.student_file import read_student
 from direct_distill.training.cli import build_parser
 from direct_distill.training.config import replace_settings, training_record
@@ -41,8 +43,8 @@ def test_lab_data_is_the_dataset_encoded_by_the_teachers_vae_and_cached(tmp_path
 
 
 def readme_lab_commands() -> list[list[str]]:
-    """The `distill` commands the README gives for the committed lab students."""
-    section = README.read_text().split("The committed lab students", 1)[1].split("```bash", 1)[1].split("```")[0]
+    """The `distill` commands the README gives for the committed lab shortcut and students."""
+    section = README.read_text().split("The committed lab shortcut and students", 1)[1].split("```bash", 1)[1].split("```")[0]
     lines = re.sub(r"\\\n\s*", " ", section).splitlines()
     return [shlex.split(line.split("#")[0])[4:] for line in lines if "distill" in line]
 
@@ -56,9 +58,9 @@ def flat(training: dict) -> dict:
 
 
 @pytest.mark.skipif(not (TEACHER_DIR / "model_index.json").is_file(), reason="the lab teacher is not built")
-def test_the_readme_commands_of_the_committed_students_still_mean_their_recorded_settings():
+def test_the_readme_commands_of_the_committed_files_still_mean_their_recorded_settings():
     commands = readme_lab_commands()
-    assert [c[0] for c in commands] == ["progressive", "sfd", "gdd", "disback", "disback"]
+    assert [c[0] for c in commands] == ["shortcut", "progressive", "sfd", "gdd", "disback", "disback"]
     parser = build_parser(LAB)
     for args in commands:
         values = vars(parser.parse_args(args))
@@ -66,8 +68,12 @@ def test_the_readme_commands_of_the_committed_students_still_mean_their_recorded
         plan = prepare(method, replace_settings(entry(method).config(), **values), LAB)
         assert plan.preset is LAB
         out = README.parent / plan.run.out  # the README's paths are relative to the repository
-        assert out.parent == STUDENTS_DIR and out.is_file()
-        recorded = flat(read_student(out)[1].extra["training"])
+        if method == "shortcut":
+            assert out == SHORTCUT_PATH
+            recorded = load_shortcut(out).metadata["extra"]["training"]
+        else:
+            assert out.parent == STUDENTS_DIR and out.is_file()
+            recorded = flat(read_student(out)[1].extra["training"])
         now = training_record(plan.config)
         shared = sorted(recorded.keys() & now.keys() - {"target_modules"} if method == "gdd" else
                         recorded.keys() & now.keys())
