@@ -448,16 +448,13 @@ REAL_FLOOR, VAE_FLOOR = "real train vs test", "VAE reconstruction"
 def run_floors(bench: Bench, repeats: int):
     """Per seed set: ``n`` real training images (the floor any sampler can reach at that n) and the same images
     through the VAE (the floor of any latent sampler), FD and class accuracy of both."""
-    from .data import load_fashion_mnist
+    from .evaluator import floor_images
     from .sampling import decode
 
-    x, y = load_fashion_mnist("train")
     vae = bench.pipe.vae
     floors = []
     for s in range(repeats):
-        # The images Evaluator.real_floor(n, seed=s) draws.
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(s))[:bench.n]
-        real, labels = x[idx], y[idx]
+        real, labels = floor_images(bench.n, s)
         latents = torch.cat([vae.encode(real[i:i + 500]).latent_dist.mean for i in range(0, bench.n, 500)])
         round_trip = decode(bench.pipe, latents * vae.config.scaling_factor)
         floors += [Floor(REAL_FLOOR, s, bench.n, bench.evaluator.fd(real), bench.evaluator.accuracy(real, labels)),
