@@ -489,28 +489,65 @@ def run_schedules(bench: Bench, guidance: float, repeats: int, schedules=SCHEDUL
                 bench.schedule(sched, nfe, guidance, s)
 
 
-# "K+1": K teacher steps of an N-step exp-Karras (p=1) run, then the shortcut. N puts step K inside the
-# band the lab shortcut was trained on (steps 10-12 of 20, t ~ 259-352).
-SHORTCUT_RUNS = {"7+1": (12, 7), "10+1": (20, 10), "12+1": (20, 12)}
+@dataclass(frozen=True)
+class ShortcutRun:
+    """K teacher steps of an N-step run on ``schedule``, then the shortcut: K + 1 UNet-sized calls."""
+
+    schedule: Schedule
+    steps: int  # N
+    handoff: int  # K
+
+    @property
+    def name(self) -> str:
+        base = f"{self.handoff}+1"
+        return base if self.schedule == EXP_KARRAS else f"{base}, {self.schedule.label} {self.steps} steps"
+
+    @property
+    def config(self) -> Config:
+        return Config("shortcut", self.name, self.handoff + 1)
+
+    @property
+    def finishes(self) -> Config:
+        """The teacher's whole N-step run from the same noise: the end the shortcut was trained to reach (for runs
+        of the schedule it was trained on)."""
+        return teacher_on(self.schedule, self.steps)
+
+
+# On exp_karras p=1, the schedule the lab shortcut was trained on, N puts step K inside its band (steps 10-12 of
+# 20, t ~ 259-352): 7+1 and 12+1 are the runs it learnt.
+SHORTCUT_RUNS = (ShortcutRun(EXP_KARRAS, 12, 7), ShortcutRun(EXP_KARRAS, 20, 10), ShortcutRun(EXP_KARRAS, 20, 12))
+# The same hand-offs from runs of the teacher's best schedules at 8 and 20 steps, N again putting step K in the
+# band (t = 314 and 320 for beta, 301 and 307 for align_your_steps): does the shortcut carry over to latents of
+# a schedule it was not trained on?
+SHORTCUT_TRANSFER_RUNS = tuple(ShortcutRun(schedule(name), n, k) for name in ("beta", "align_your_steps")
+                               for n, k in ((11, 7), (19, 12)))
 SHORTCUT_TEACHER_NFES = (8, 11, 13, 20)
 
 
 def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
-    """The K+1 runs, and the teacher's exp-Karras runs at their NFEs where the schedule grid has none."""
+    """The K+1 runs (each sampled again only when the shortcut file changed), the teacher's exp-Karras runs at
+    their NFEs where the schedule grid has none, and the whole runs each K+1 cuts short."""
     from ..models.shortcut_file import load_shortcut
     from ..pipelines import ShortcutCallback
     from . import SHORTCUT_PATH
     from .sampling import sample_teacher
 
     shortcut = load_shortcut(SHORTCUT_PATH)
+    digest = file_digest(SHORTCUT_PATH)
     ac = bench.pipe.scheduler.alphas_cumprod
     for s in range(repeats):
         for nfe in SHORTCUT_TEACHER_NFES:
             bench.schedule_once(EXP_KARRAS, nfe, guidance, s)
-        for name, (steps, k) in SHORTCUT_RUNS.items():
-            samples = sample_teacher(bench.pipe, EXP_KARRAS.sigmas(steps, ac), guidance, bench.n, SEED_BASE + s,
-                                     callback=ShortcutCallback(shortcut, handoff_step=k), desc=f"shortcut {name}")
-            bench.record("shortcut", name, k + 1, s, samples, guidance=guidance, teacher_steps=steps)
+        for run in (*SHORTCUT_RUNS, *SHORTCUT_TRANSFER_RUNS):
+            bench.schedule_once(run.schedule, run.steps, guidance, s)
+            done = bench.results.has(run.config, s)
+            if done and done.sha256 == digest:
+                continue
+            samples = sample_teacher(bench.pipe, run.schedule.sigmas(run.steps, ac), guidance, bench.n, SEED_BASE + s,
+                                     callback=ShortcutCallback(shortcut, handoff_step=run.handoff),
+                                     desc=f"shortcut {run.name}")
+            bench.record("shortcut", run.name, run.handoff + 1, s, samples, guidance=guidance,
+                         teacher_steps=run.steps, file=SHORTCUT_PATH.name, sha256=digest)
 
 
 STUDENT_NFES = (1, 2, 4, 8)
@@ -697,7 +734,7 @@ def paired_goal(results: Results, topic: str, goal: str, rows: list[Config], nfe
                 f"({p.gap_percent:+.1f} %), paired {p.describe()}", met(p))
 
 
-SEVEN_PLUS_ONE, TWELVE_PLUS_ONE = Config("shortcut", "7+1", 8), Config("shortcut", "12+1", 13)
+SEVEN_PLUS_ONE, TWELVE_PLUS_ONE = SHORTCUT_RUNS[0].config, SHORTCUT_RUNS[2].config
 
 
 def shortcut_goals(results: Results) -> dict[str, Goal]:
@@ -876,40 +913,78 @@ def best_schedule_section(results: Results) -> list[str]:
 
 
 def shortcut_section(results: Results) -> list[str]:
-    rows = [(name, Config("shortcut", name, k + 1)) for name, (_, k) in SHORTCUT_RUNS.items()]
-    if not any(results.stats(c) for _, c in rows):
+    if not any(results.stats(run.config) for run in SHORTCUT_RUNS):
         return []
     from ..models.io import read_safetensors
     from . import SHORTCUT_PATH
 
     lines = ["## The NAFNet shortcut (K teacher steps + 1 shortcut call)", "",
-             "K steps of an exp_karras p=1 run (the schedule the shortcut was trained on), then the shortcut; "
-             "against the teacher's best schedule at the same NFE, paired over the seed sets both ran.", ""]
+             f"K steps of an N-step {EXP_KARRAS.label} run (the schedule the shortcut was trained on), then the "
+             "shortcut; against the whole N-step run it cuts short (whose final latent the shortcut learnt to "
+             "predict) and against the teacher's best schedule at the same NFE, each paired over the seed sets "
+             "both ran.", ""]
     if SHORTCUT_PATH.is_file():
         psnr = json.loads(read_safetensors(SHORTCUT_PATH)[1].get("extra", "{}")).get("heldout_psnr", {})
         if psnr:
-            lines += ["Held-out PSNR against the 20-step teacher's final latent (latent space, peak = the range "
-                      "of the held-out targets; `input` is x_t itself):", "", "| held-out pairs | " +
+            lines += ["Held-out PSNR against the final latent of the run each pair comes from (latent space, peak = "
+                      "the range of the held-out targets; `input` is x_t itself):", "", "| held-out pairs | " +
                       " | ".join(k for k in psnr) + " |", "|---|" + "---|" * len(psnr)]
             for key in sorted({t for v in psnr.values() for t in v}):
                 lines.append(f"| {key} | " + " | ".join(f"{v.get(key, float('nan')):.2f} dB" for v in psnr.values())
                              + " |")
             lines.append("")
     goals_by_run = shortcut_goals(results)
-    lines += ["| run | NFE | FD | accuracy | teacher's best at that NFE: FD | run − teacher (paired) | goal |",
-              "|---|---|---|---|---|---|---|"]
-    for name, config in rows:
-        st = results.stats(config)
+
+    def whole_run(run: ShortcutRun) -> tuple[str, str]:
+        p = results.paired(run.config, run.finishes)
+        return (f"{run.steps} steps: {fmt_fd(results.stats(run.finishes))}" if results.stats(run.finishes) else "–",
+                p.describe() if p else "–")
+
+    lines += ["| run | NFE | FD | accuracy | the whole run: FD | run − whole run (paired) | "
+              "teacher's best at that NFE: FD | run − teacher's best (paired) | goal |", "|---|" + "---|" * 8]
+    for run in SHORTCUT_RUNS:
+        st = results.stats(run.config)
         if not st:
             continue
-        ref = reference(results, config.nfe)
-        p = results.paired(config, ref[0]) if ref else None
+        ref = reference(results, run.config.nfe)
+        p = results.paired(run.config, ref[0]) if ref else None
         ref_cell = f"{ref[1]}: {fmt_fd(results.stats(ref[0]))}" if ref else "–"
-        goal = goals_by_run.get(name)
+        goal = goals_by_run.get(run.name)
         goal_cell = f"{goal.goal}: {goal.status}" if goal else "–"
-        lines.append(f"| {name} | {config.nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | {ref_cell} | "
-                     f"{p.describe() if p else '–'} | {goal_cell} |")
-    return lines + ["", *goal_lines(list(goals_by_run.values())), ""]
+        lines.append(f"| {run.name} | {run.config.nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | "
+                     + " | ".join(whole_run(run)) + f" | {ref_cell} | {p.describe() if p else '–'} | {goal_cell} |")
+    lines += ["", *goal_lines(list(goals_by_run.values())), "", *shortcut_limits(results)]
+    transfer = [run for run in SHORTCUT_TRANSFER_RUNS if results.stats(run.config)]
+    if transfer:
+        lines += ["### The same hand-offs from runs of other schedules", "",
+                  "K steps of an N-step run of a schedule the shortcut was not trained on, N putting step K in its "
+                  "band; against that whole run, and against the same K+1 on its own schedule.", "",
+                  "| run | NFE | FD | accuracy | the whole run: FD | run − whole run (paired) | "
+                  "run − the same K+1 on exp_karras (paired) |", "|---|" + "---|" * 6]
+        own = {run.handoff: run for run in SHORTCUT_RUNS}
+        for run in transfer:
+            st = results.stats(run.config)
+            p = results.paired(run.config, own[run.handoff].config)
+            lines.append(f"| {run.name} | {run.config.nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | "
+                         + " | ".join(whole_run(run)) + f" | {p.describe() if p else '–'} |")
+        lines.append("")
+    return lines
+
+
+def shortcut_limits(results: Results) -> list[str]:
+    """Each goal's gap split in two, paired: what the whole run the shortcut learnt to finish loses to the
+    teacher's best schedule, and what the jump loses to that whole run."""
+    lines = []
+    for run, goal_nfe in ((SHORTCUT_RUNS[0], 8), (SHORTCUT_RUNS[2], 20)):
+        ref = reference(results, goal_nfe)
+        schedule_part = results.paired(run.finishes, ref[0]) if ref else None
+        jump_part = results.paired(run.config, run.finishes)
+        if schedule_part and jump_part:
+            lines.append(f"- {run.name} against {ref[1].split(',')[0]} at {goal_nfe} steps: the whole {run.steps}-step "
+                         f"{EXP_KARRAS.label} run it learnt to finish is {schedule_part.describe()} (FD "
+                         f"{schedule_part.fd_a:.3f} against {schedule_part.fd_b:.3f}); the jump adds "
+                         f"{jump_part.describe()}.")
+    return ["What limits it:", "", *lines, ""] if lines else []
 
 
 def student_section(results: Results) -> list[str]:

@@ -155,9 +155,27 @@ def test_the_report_states_every_goal_with_its_figure(tmp_path):
         assert any(where in line and goal.status in line for line in before_summary), goal.goal
         assert any(goal.goal in line and goal.measured in line and goal.status in line for line in lines)
     shortcut = {r[0]: r for r in table_rows(text, "## The NAFNet shortcut", first_column="run")}
-    assert "gits, best of 2 schedules" in shortcut["7+1"][4] and shortcut["12+1"][6].endswith("**missed**")
+    assert "gits, best of 2 schedules" in shortcut["7+1"][6] and shortcut["12+1"][8].endswith("**missed**")
     students = {r[0]: r for r in table_rows(text, "## LoRA students")}
     assert students["teacher, its best schedule"][3].endswith("(gits)")  # NFE 4
+
+
+def test_shortcut_gap_splits_into_the_run_it_cuts_short_and_the_jump(tmp_path):
+    res = goal_results(seven=1.2)
+    for s in range(3):
+        res.runs += [run("schedule", "exp_karras p=1", 12, s, 1.1 + 0.01 * s),
+                     run("schedule", "exp_karras p=1", 20, s, 0.82 + 0.01 * s),
+                     run("schedule", "beta", 11, s, 1.0), run("shortcut", "7+1, beta 11 steps", 8, s, 1.5)]
+    text = write_report(res, tmp_path / "REPORT.md")
+    shortcut = {r[0]: r for r in table_rows(text, "## The NAFNet shortcut", first_column="run")}
+    assert shortcut["7+1"][4] == "12 steps: 1.100 (3 sets: 1.110 ± 0.010)"
+    assert shortcut["7+1"][5] == "+0.100 ± 0.000 over 3 seed sets, significant"
+    assert ("- 7+1 against gits at 8 steps: the whole 12-step exp_karras p=1 run it learnt to finish is +0.100 ± "
+            "0.000 over 3 seed sets, significant (FD 1.110 against 1.010); the jump adds +0.100") in text
+    assert "- 12+1 against gits at 20 steps: the whole 20-step exp_karras p=1 run it learnt to finish is +0.020" in text
+    (transfer,) = table_rows(text, "### The same hand-offs from runs of other schedules", first_column="run")
+    assert transfer[0] == "7+1, beta 11 steps" and transfer[4] == "11 steps: 1.000 (3 sets: 1.000 ± 0.000)"
+    assert transfer[6] == "+0.290 ± 0.010 over 3 seed sets, significant"
 
 
 def test_floors_table_gives_fd_and_accuracy_over_seed_sets(tmp_path):
