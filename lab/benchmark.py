@@ -790,10 +790,27 @@ def cost_goals(results: Results) -> dict[str, Goal]:
     return goals
 
 
+GDD_DRIFT_GOAL = 0.05  # the last evaluation's FD at most this fraction above the run's best
+
+
+def gdd_goal(results: Results) -> Goal:
+    """GDD must not get worse as it trains: its last evaluated FD against its best."""
+    goal = f"GDD does not get worse as it trains (last FD within {100 * GDD_DRIFT_GOAL:.0f} % of its best)"
+    run = next((f for f in sorted(results.students, key=lambda f: f.key) if f.method == "gdd" and f.evaluations), None)
+    if run is None:
+        return Goal("students", goal, "no GDD run evaluated along training (`--eval-every`)", None)
+    best = min(run.evaluations, key=lambda e: e.fd)
+    last = max(run.evaluations, key=lambda e: e.step)
+    held = f"; the file holds step {run.selected.step}" if run.selected else ""
+    return Goal("students", goal, f"`{run.name}`: best FD {best.fd:.2f} at step {best.step}, last {last.fd:.2f} at "
+                f"step {last.step} ({100 * (last.fd / best.fd - 1):+.1f} %){held}",
+                last.fd <= (1 + GDD_DRIFT_GOAL) * best.fd)
+
+
 def goals(results: Results) -> list[Goal]:
     """Every goal of issue 11 the benchmark measures."""
     return (vae_goals(results) + list(shortcut_goals(results).values()) + student_goals(results)
-            + list(cost_goals(results).values()))
+            + [gdd_goal(results)] + list(cost_goals(results).values()))
 
 
 # --- the sections -------------------------------------------------------------------------------------
@@ -1073,7 +1090,7 @@ def curve_section(results: Results, plots: Path) -> list[str]:
         for name in sorted(names):
             reached = next((e.step for e in runs[name] if e.fd <= target), None)
             lines.append(f"| `{name}` | {reached if reached is not None else 'not reached'} |")
-    return lines + [""]
+    return lines + ["", *goal_lines([gdd_goal(results)]), ""]
 
 
 def goals_section(results: Results) -> list[str]:

@@ -90,7 +90,7 @@ def test_best_schedule_table_says_whether_the_best_is_separable(tmp_path):
 def goal_results(**overrides):
     """A full set of results in which every goal of issue 11 is met, then ``overrides`` applied."""
     fd = dict(real=0.5, vae=0.9, real_acc=0.95, vae_acc=0.945, best8=1.0, seven=0.95, best20=0.80, twelve=0.83,
-              best4=1.2, student4=1.1, student2=0.98, student1=1.15, share=0.2)
+              best4=1.2, student4=1.1, student2=0.98, student1=1.15, share=0.2, gdd_last=5.2)
     fd.update(overrides)
     res = Results(teacher_cost=TeacherCost(0.5, 2000, 64, 0.6, 4500, 128, seconds=1000.0, threads=1))
     for s in range(3):
@@ -103,7 +103,10 @@ def goal_results(**overrides):
                      run("shortcut", "7+1", 8, s, fd["seven"] + jitter), run("shortcut", "12+1", 13, s, fd["twelve"]),
                      run("student", "sfd", 4, s, fd["student4"] + jitter), run("student", "sfd", 2, s, fd["student2"]),
                      run("student", "disback", 1, s, fd["student1"]), run("student", "gdd", 1, s, 5.0)]
-    res.students = [StudentFile("sfd", "sfd.safetensors", "sfd", [2, 4], 1000.0 * fd["share"], 1, "cpu")]
+    res.students = [StudentFile("sfd", "sfd.safetensors", "sfd", [2, 4], 1000.0 * fd["share"], 1, "cpu"),
+                    StudentFile("gdd", "gdd.safetensors", "gdd", [1], 100.0, 1, "cpu",
+                                evaluations=[Evaluation(100, 6.0), Evaluation(200, 5.0), Evaluation(300, fd["gdd_last"])],
+                                selected=Evaluation(200, 5.0))]
     return res
 
 
@@ -112,7 +115,7 @@ def status(res):
 
 
 def test_every_goal_met():
-    assert set(status(goal_results()).values()) == {True} and len(goals(goal_results())) == 8
+    assert set(status(goal_results()).values()) == {True} and len(goals(goal_results())) == 10
 
 
 @pytest.mark.parametrize("override, missed", [
@@ -124,6 +127,7 @@ def test_every_goal_met():
     (dict(student2=1.03), "a 2-NFE student within 25 % of the teacher's best 20 steps"),
     (dict(student1=1.25), "the best one-step student within 1.5x of the teacher's best 20 steps"),
     (dict(share=0.3), "`sfd.safetensors` distilled in at most 25 % of the teacher's training"),
+    (dict(gdd_last=5.3), "GDD does not get worse as it trains (last FD within 5 % of its best)"),
 ])
 def test_each_goal_is_missed_past_its_bound(override, missed):
     assert {goal for goal, met in status(goal_results(**override)).items() if not met} == {missed}
@@ -143,6 +147,8 @@ def test_goals_are_measured_against_the_teachers_best_schedule():
     assert "against 1.010 (gits, best of 2 schedules)" in seven.measured and "3 seed sets, significant" in seven.measured
     one_step = next(g for g in goals(goal_results()) if "one-step" in g.goal)
     assert one_step.measured.startswith("`disback` FD 1.150 against 0.810") and "1.42x" in one_step.measured
+    gdd = next(g for g in goals(goal_results()) if g.goal.startswith("GDD"))
+    assert gdd.measured == "`gdd`: best FD 5.00 at step 200, last 5.20 at step 300 (+4.0 %); the file holds step 200"
 
 
 def test_unmeasured_goals_say_so():
@@ -234,8 +240,8 @@ def test_results_file_round_trip_and_merge():
     again = Results.from_json(json.loads(json.dumps(res.to_json())))
     assert sorted(again.runs, key=lambda r: r.key) == sorted(res.runs, key=lambda r: r.key)
     assert sorted(again.floors, key=lambda f: f.key) == sorted(res.floors, key=lambda f: f.key)
-    assert (again.students, again.teacher_cost, again.best_guidance, again.teacher) == (
-        res.students, res.teacher_cost, 2.0, "abc")
+    assert sorted(again.students, key=lambda f: f.key) == sorted(res.students, key=lambda f: f.key)
+    assert (again.teacher_cost, again.best_guidance, again.teacher) == (res.teacher_cost, 2.0, "abc")
     again.merge(Results(runs=[run("schedule", "gits", 8, 0, 9.0)], best_guidance=3.0))
     assert again.has(teacher_on(GITS, 8), 0).fd == 9.0 and len(again.runs) == len(res.runs)
     assert again.best_guidance == 3.0 and again.teacher == "abc"
