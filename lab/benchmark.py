@@ -1003,7 +1003,7 @@ def shortcut_limits(results: Results) -> list[str]:
         schedule_part = results.paired(run.finishes, ref[0]) if ref else None
         jump_part = results.paired(run.config, run.finishes)
         if schedule_part and jump_part:
-            lines.append(f"- {run.name} against {ref[1].split(',')[0]} at {goal_nfe} steps: the whole {run.steps}-step "
+            lines.append(f"- {run.name} against {ref[0].name} at {goal_nfe} steps: the whole {run.steps}-step "
                          f"{EXP_KARRAS.label} run it learnt to finish is {schedule_part.describe()} (FD "
                          f"{schedule_part.fd_a:.3f} against {schedule_part.fd_b:.3f}); the jump adds "
                          f"{jump_part.describe()}.")
