@@ -218,3 +218,77 @@ def test_the_file_holds_the_generator_of_the_lowest_fd_also_after_a_resume(tiny_
     train_gdd(job(pipes[1], tmp_path / "last.safetensors", accelerator=accelerator,
                   evaluate=lambda step, generate: {"fd": fds[step]}), config(steps=6, eval_every=2, keep_best=False))
     assert read_student(tmp_path / "last.safetensors")[1].extra["selected"] == {"step": 6, "fd": None}
+
+
+def test_ema_update_and_applied_restore_the_generators_own_weights():
+    from direct_distill.training.one_step import GeneratorEMA
+
+    layer = torch.nn.Linear(2, 2)
+    own = layer.weight.detach().clone()
+    ema = GeneratorEMA(layer, 0.5)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update()  # first update: d = min(0.5, 1/10) = 0.1
+    with ema.applied():
+        assert torch.allclose(layer.weight, own + 0.9)
+    assert torch.equal(layer.weight, own + 1.0)
+    assert set(dict(ema.named_buffers())) == {"w0", "w1", "updates"} and int(ema.updates) == 1
+    with pytest.raises(ValueError, match="decay"):
+        GeneratorEMA(layer, 1.0)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.0])
+def test_the_generator_is_evaluated_and_written_as_its_moving_average(tiny_sd_pipeline, tmp_path, accelerator,
+                                                                      monkeypatch, decay):
+    """With ema_decay the hook sees, and the file holds, the EMA of the generator's weights after each update
+    (d = min(decay, (1 + n) / (10 + n)) at update n), replayed here from its own weights; with 0, its last
+    weights."""
+    from peft.utils import get_peft_model_state_dict
+
+    from direct_distill.training import one_step
+    from direct_distill.training.lora import STUDENT
+
+    held = {}  # the generator's LoRA module and its weights when training starts
+    seen = []  # the generator's own weights after each update
+    real_init, real_update = one_step.BestGenerator.__init__, one_step.GeneratorEMA.update
+
+    def trainable(module):
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    def init(self, student, *args, **kwargs):
+        held["module"], held["initial"] = student.adapters, trainable(student.adapters)
+        real_init(self, student, *args, **kwargs)
+
+    def update(self):
+        seen.append(trainable(self.source[0]))
+        real_update(self)
+
+    monkeypatch.setattr(one_step.BestGenerator, "__init__", init)
+    monkeypatch.setattr(one_step.GeneratorEMA, "update", update)
+    evaluated = {}
+
+    def evaluate(step, generate):
+        evaluated[step] = trainable(held["module"])
+        return {"fd": float(step)}
+
+    out = tmp_path / "s.safetensors"
+    train_gdd(job(tiny_sd_pipeline, out, accelerator=accelerator, evaluate=evaluate),
+              config(steps=4, eval_every=2, keep_best=False, ema_decay=decay))
+    final = trainable(held["module"])
+    assert set(evaluated) == {2, 4}
+    if not decay:
+        assert not seen and all(torch.equal(final[n], evaluated[4][n]) for n in final)
+        return
+    assert len(seen) == 4
+    average, averages = dict(held["initial"]), []
+    for n, weights in enumerate(seen):
+        d = min(decay, (1 + n) / (10 + n))
+        average = {k: d * average[k] + (1 - d) * weights[k] for k in average}
+        averages.append(average)
+    for step in (2, 4):
+        assert all(torch.allclose(evaluated[step][k], averages[step - 1][k], atol=1e-6) for k in final), step
+    assert all(torch.allclose(final[k], averages[-1][k], atol=1e-6) for k in final)  # what the file holds
+    assert any(not torch.allclose(final[k], seen[-1][k]) for k in final)  # ... not the last weights
+    written = read_student(out)[0]
+    unet_lora = get_peft_model_state_dict(tiny_sd_pipeline.unet, adapter_name=STUDENT)
+    assert len(written) == len(unet_lora)

@@ -3,8 +3,9 @@ timestep), its student file, and the periodic evaluation that keeps its weights 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,58 @@ def write_one_step_student(student: LoraStudent, out: str | os.PathLike, *, meth
                          default_nfe=1, comfy_sampler="euler", guidance=1.0, extra=extra)
 
 
+class GeneratorEMA(torch.nn.Module):
+    """An exponential moving average of a module's trainable weights (the generator's LoRA): after each update,
+    ``ema <- d * ema + (1 - d) * w`` with ``d = min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so that the
+    average follows the first steps closely. A GAN generator's weights keep circling around where the two
+    players balance; their average is the usual sample of it (StyleGAN's code evaluates an EMA).
+
+    The averages and the update count are buffers: the training loop checkpoints them with the other modules,
+    so a resumed run goes on with the same average.
+    """
+
+    def __init__(self, source: torch.nn.Module, decay: float):
+        super().__init__()
+        if not 0 < decay < 1:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay}")
+        self.source, self.decay = [source], decay  # a list: not a submodule, so its weights stay out of this state
+        self.names = [name for name, p in source.named_parameters() if p.requires_grad]
+        params = dict(source.named_parameters())
+        for i, name in enumerate(self.names):
+            self.register_buffer(f"w{i}", params[name].detach().clone())
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def _pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        params = dict(self.source[0].named_parameters())
+        for i, name in enumerate(self.names):
+            yield getattr(self, f"w{i}"), params[name]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        n = int(self.updates)
+        d = min(self.decay, (1 + n) / (10 + n))
+        for average, weight in self._pairs():
+            average.lerp_(weight.detach().to(average.dtype), 1 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_source(self) -> None:
+        for average, weight in self._pairs():
+            weight.copy_(average)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The source holds the averaged weights inside the block, its own again after it."""
+        saved = [weight.detach().clone() for _, weight in self._pairs()]
+        self.copy_to_source()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, weight), own in zip(self._pairs(), saved):
+                    weight.copy_(own)
+
+
 @dataclass
 class EvalConfig(Settings):
     """Evaluations of a one-step student along its training (by the evaluate hook a preset brings)."""
@@ -71,10 +124,11 @@ class EvalConfig(Settings):
 
 
 class BestGenerator:
-    """The loop's ``after_step`` of a one-step method, composed into it: every ``every`` steps, hand ``evaluate``
-    a sampler of the current generator and log what it returns; keep the generator's weights at the lowest
-    ``fd`` seen, in ``best_file`` too (if set) so that a resumed run still knows them. Choosing the checkpoint by
-    FD rather than taking the last is the usual GAN practice.
+    """The loop's ``after_step`` of a one-step method, composed into it: update ``ema`` (if any); every ``every``
+    steps, hand ``evaluate`` a sampler of the current generator (its EMA weights, with ``ema``) and log what it
+    returns; keep the generator's weights at the lowest ``fd`` seen, in ``best_file`` too (if set) so that a
+    resumed run still knows them. Choosing the checkpoint by FD rather than taking the last is the usual GAN
+    practice.
 
     Args:
         student: the generator (its ``adapters`` are the weights kept).
@@ -83,11 +137,13 @@ class BestGenerator:
         every: steps between evaluations (0: none).
         best_file: where the best weights are kept across runs (None: in memory only).
         is_main_process: whether this process writes ``best_file``.
+        ema: the generator's moving average (None: the generator's own weights are evaluated and kept).
     """
 
     def __init__(self, student: LoraStudent, latent_shape: Sequence[int], batch_size: int,
-                 evaluate: Evaluate | None, every: int, best_file: Path | None = None, is_main_process: bool = True):
-        self.student, self.evaluate, self.every = student, evaluate, every
+                 evaluate: Evaluate | None, every: int, best_file: Path | None = None, is_main_process: bool = True,
+                 ema: GeneratorEMA | None = None):
+        self.student, self.evaluate, self.every, self.ema = student, evaluate, every, ema
         self.generate = sample_function(student, latent_shape, batch_size)
         self.best_file, self.is_main_process = best_file, is_main_process
         self.evaluations: list[tuple[int, dict[str, float]]] = []
@@ -96,21 +152,37 @@ class BestGenerator:
             weights, meta = read_safetensors(best_file)
             self.best = (int(meta["step"]), float(meta["fd"]), weights)
 
+    def _weights(self) -> contextlib.AbstractContextManager:
+        """Inside the block, the generator holds the weights that are evaluated and written."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
     def after_step(self, step: int) -> dict[str, float] | None:
+        if self.ema is not None:
+            self.ema.update()
         if self.evaluate is None or not self.every or (step + 1) % self.every:
             return None
-        scalars = self.evaluate(step + 1, self.generate)
+        with self._weights():
+            scalars = self.evaluate(step + 1, self.generate)
+            weights = {k: v.detach().cpu().clone() for k, v in self.student.adapters.state_dict().items()}
         if not scalars:
             return None
         scalars = {k: float(v) for k, v in scalars.items()}
         self.evaluations.append((step + 1, scalars))
         fd = scalars.get("fd")
         if fd is not None and (self.best is None or fd < self.best[1]):
-            weights = {k: v.detach().cpu().clone() for k, v in self.student.adapters.state_dict().items()}
             self.best = (step + 1, fd, weights)
             if self.best_file is not None and self.is_main_process:
                 atomic_save_file(weights, self.best_file, {"step": str(step + 1), "fd": repr(fd)})
         return scalars
+
+    def select(self, keep_best: bool) -> dict | None:
+        """Put the weights to write into the generator: the best-FD ones with ``keep_best`` (returns their
+        ``{"step", "fd"}``), else (or with no evaluation) the last ones, averaged with ``ema`` (returns None)."""
+        if keep_best and self.best is not None:
+            return self.select_best()
+        if self.ema is not None:
+            self.ema.copy_to_source()
+        return None
 
     def select_best(self) -> dict | None:
         """Load the best-FD weights into the generator; returns ``{"step", "fd"}`` of them, or None if none."""
