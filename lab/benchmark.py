@@ -1070,13 +1070,17 @@ def curve_section(results: Results, plots: Path) -> list[str]:
              "FD of 1,000 samples of the student at regular steps (its own seeds, guidance 1). DisBack's steps are "
              "those of stage two; with backtracking, stage one (the degradation path) comes before them. The last "
              "column is the step whose generator the student file holds (the lowest-FD one for runs made since "
-             "the training keeps it, the last one before).", "",
+             "the training keeps it, the last one before). The weights evaluated and kept are the generator's own, "
+             "or their exponential moving average for runs made with one (`--ema-decay`).", "",
              "![FD along training](plots/one_step_curves.png)", "",
-             "| run | first FD (step) | best FD (step) | last FD (step) | file holds step |", "|---|---|---|---|---|"]
+             "| run | weights | first FD (step) | best FD (step) | last FD (step) | file holds step |",
+             "|---|---|---|---|---|---|"]
     for name, evals in sorted(runs.items()):
         best = min(evals, key=lambda e: e.fd)
         held = files[name].selected.step if files[name].selected else evals[-1].step
-        lines.append(f"| `{name}` | {evals[0].fd:.2f} ({evals[0].step}) | {best.fd:.2f} ({best.step}) | "
+        decay = files[name].training.get("ema_decay")
+        weights = f"EMA, decay {decay:g}" if decay else "own"
+        lines.append(f"| `{name}` | {weights} | {evals[0].fd:.2f} ({evals[0].step}) | {best.fd:.2f} ({best.step}) | "
                      f"{evals[-1].fd:.2f} ({evals[-1].step}) | {held} |")
     by_method: dict[str, list[str]] = {}
     for name, f in files.items():

@@ -213,7 +213,8 @@ def test_student_costs_and_training_curves(tmp_path):
                     selected=Evaluation(400, 3.9),
                     evaluations=[Evaluation(200, 5.0), Evaluation(400, 3.9), Evaluation(600, 3.5)]),
         StudentFile(**meta, name="plain", file="plain.safetensors", train_seconds=800.0,
-                    evaluations=[Evaluation(200, 6.0), Evaluation(600, 4.5), Evaluation(1000, 4.0)]),
+                    evaluations=[Evaluation(200, 6.0), Evaluation(600, 4.5), Evaluation(1000, 4.0)],
+                    training={"ema_decay": 0.999}),
     ]
     text = write_report(res, tmp_path / "REPORT.md")
     assert "61.7 min" in text  # the teacher's 3700 s
@@ -221,8 +222,8 @@ def test_student_costs_and_training_curves(tmp_path):
     assert costs["`sfd.safetensors`"][1:] == ["2, 4", "6.2 min", "10 %", "**met**"]
     assert costs["`progressive_nfe2.safetensors`"][2:] == ["not recorded (4 threads)", "–", "not measured"]
     curves = {r[0]: r[1:] for r in table_rows(text, "## One-step students along training")}
-    assert curves["`disback`"] == ["5.00 (200)", "3.50 (600)", "3.50 (600)", "400"]  # the file holds the selected step
-    assert curves["`plain`"] == ["6.00 (200)", "4.00 (1000)", "4.00 (1000)", "1000"]
+    assert curves["`disback`"] == ["own", "5.00 (200)", "3.50 (600)", "3.50 (600)", "400"]  # the selected step
+    assert curves["`plain`"] == ["EMA, decay 0.999", "6.00 (200)", "4.00 (1000)", "4.00 (1000)", "1000"]
     assert dict(table_rows(text, "`disback`: steps to reach FD 4.00")) == {"`disback`": "400", "`plain`": "1000"}
     assert (tmp_path / "plots" / "one_step_curves.png").is_file()
 

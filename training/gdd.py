@@ -82,7 +82,8 @@ class GDDConfig(Settings):
     p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (real and fake alike)")
     ema_decay: float = setting(0.999, ge=0, lt=1,
                                help="decay of the generator's exponential moving average, which is what is evaluated "
-                                    "and written (0: none, the generator's own weights)")
+                                    "and written; after n updates it is min(decay, (1+n)/(10+n)), so 0.999 binds "
+                                    "only past ~9,000 steps (0: no average, the generator's own weights)")
 
     def check(self) -> None:
         lo, hi = self.disc_timesteps
