@@ -286,7 +286,7 @@ def train_disback(job: Job, config: DisBackConfig) -> DisBackResult:
     stage2 = job.train(backtracking, run, config.steps,
                        "disback: backtracking" if config.path_checkpoints else "disback: no backtracking",
                        stage="backtracking", seed=run.seed + 1)
-    selected = best.select_best() if evaluation.keep_best else None
+    selected = best.select(evaluation.keep_best)
     losses = {**({"degrade": stage1.loss} if stage1 is not None and stage1.loss is not None else {}),
               **stage2.losses}
     seconds = (stage1.seconds if stage1 is not None else 0.0) + stage2.seconds
