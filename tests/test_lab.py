@@ -120,7 +120,12 @@ STUDENT_FILES = sorted((TEACHER_DIR.parent / "students").glob("*.safetensors"))
 @pytest.mark.skipif(not STUDENT_FILES, reason="no lab student is committed yet")
 @pytest.mark.parametrize("path", STUDENT_FILES, ids=[p.stem for p in STUDENT_FILES])
 def test_committed_student_samples_the_prompted_classes_at_its_default_nfe(evaluator, path):
-    """load_student, then a plain pipe(prompt) call: the file's own NFE, schedule and guidance make the classes."""
+    """load_student, then a plain pipe(prompt) call: the file's own NFE, schedule and guidance make the classes.
+
+    A one-step student must beat what the same single call gives without it: the teacher's one call at t=999 scores
+    0.339 on the report's 1,000 samples, the committed one-step students 0.476-0.601. 400 samples (standard error
+    0.025) put the floor 0.42 more than two errors from both; few-step students (0.89 and up in the report) are held
+    to 0.8 on 80."""
     from diffusers import StableDiffusionPipeline
 
     from direct_distill.pipelines import load_student
@@ -130,14 +135,14 @@ def test_committed_student_samples_the_prompted_classes_at_its_default_nfe(evalu
     info = load_student(pipe, path)
     calls = []
     pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
-    prompts = [name for name in CLASS_NAMES for _ in range(8)]
+    per_class, floor = (40, 0.42) if info.default_nfe == 1 else (8, 0.8)
+    prompts = [name for name in CLASS_NAMES for _ in range(per_class)]
     out = pipe(prompts, guidance_scale=info.guidance, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert len(calls) == info.default_nfe  # CFG batches both branches into one call
     images = torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1
-    accuracy = evaluator.accuracy(images, torch.arange(10).repeat_interleave(8))
-    floor = 0.5 if info.default_nfe == 1 else 0.8  # chance is 0.10; REPORT.md has the 1,000-sample figures
-    assert accuracy >= floor, f"{path.name}: class accuracy {accuracy:.2f} at NFE {info.default_nfe}"
+    accuracy = evaluator.accuracy(images, torch.arange(10).repeat_interleave(per_class))
+    assert accuracy >= floor, f"{path.name}: class accuracy {accuracy:.3f} at NFE {info.default_nfe} (floor {floor})"
 
 
 def test_demo_writes_a_sheet_per_run_and_per_committed_student(tmp_path, capsys):
