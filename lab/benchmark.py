@@ -161,6 +161,8 @@ class TeacherCost:
     unet_batch: int
     seconds: float
     threads: int
+    decoder_seconds_per_step: float = 0.0  # the decoder's fine-tuning (batch vae_batch), 0 for teachers without
+    decoder_steps: int = 0
 
 
 @dataclass
@@ -621,9 +623,15 @@ def measure_teacher_cost() -> TeacherCost:
 def run_costs(bench: Bench):
     cost = measure_teacher_cost()
     bench.save(Results(teacher_cost=cost))
-    print(f"teacher training: VAE {cost.vae_seconds_per_step:.3f} s/step x {cost.vae_steps}, UNet "
-          f"{cost.unet_seconds_per_step:.3f} s/step x {cost.unet_steps} = {cost.seconds / 60:.1f} min "
-          f"on {cost.threads} thread(s)")
+    print(f"teacher training: {teacher_cost_terms(cost)} = {cost.seconds / 60:.1f} min on {cost.threads} thread(s)")
+
+
+def teacher_cost_terms(cost: TeacherCost) -> str:
+    """Each stage's seconds per step times its steps, as the report spells them."""
+    terms = f"VAE {cost.vae_seconds_per_step:.3f} s/step x {cost.vae_steps}"
+    if cost.decoder_steps:
+        terms += f" + decoder fine-tuning {cost.decoder_seconds_per_step:.3f} s/step x {cost.decoder_steps}"
+    return terms + f" + UNet {cost.unet_seconds_per_step:.3f} s/step x {cost.unet_steps} (batch {cost.unet_batch})"
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -1040,11 +1048,10 @@ def cost_section(results: Results) -> list[str]:
     goals_by_file = cost_goals(results)
     lines = ["## What distillation costs", "",
              "Seconds in the training loop, recorded in each student file (CPU, one thread unless noted). "
-             + (f"The teacher's training, timed on this machine with the same code: VAE "
-                f"{teacher_cost.vae_seconds_per_step:.3f} s/step x {teacher_cost.vae_steps} + UNet "
-                f"{teacher_cost.unet_seconds_per_step:.3f} s/step x {teacher_cost.unet_steps} (batch "
-                f"{teacher_cost.unet_batch}) = **{teacher_cost.seconds / 60:.1f} min** on {teacher_cost.threads} "
-                "thread(s)." if teacher_cost else "The teacher's cost is not measured yet (`--groups costs`)."), "",
+             + (f"The teacher's training, timed on this machine with the same code: "
+                f"{teacher_cost_terms(teacher_cost)} = **{teacher_cost.seconds / 60:.1f} min** on "
+                f"{teacher_cost.threads} thread(s)." if teacher_cost
+                else "The teacher's cost is not measured yet (`--groups costs`)."), "",
              f"| student file | NFE | training | share of the teacher's training | goal: at most "
              f"{100 * COST_SHARE_GOAL:.0f} % |", "|---|---|---|---|---|"]
     for f in files:
@@ -1071,7 +1078,7 @@ def curve_section(results: Results, plots: Path) -> list[str]:
              "those of stage two; with backtracking, stage one (the degradation path) comes before them. The last "
              "column is the step whose generator the student file holds (the lowest-FD one for runs made since "
              "the training keeps it, the last one before). The weights evaluated and kept are the generator's own, "
-             "or their exponential moving average for runs made with one (`--ema-decay`).", "",
+             "or their exponential moving average for runs made with one (`--ema-decay`). ", "",
              "![FD along training](plots/one_step_curves.png)", "",
              "| run | weights | first FD (step) | best FD (step) | last FD (step) | file holds step |",
              "|---|---|---|---|---|---|"]
@@ -1129,6 +1136,9 @@ def main(argv=None):
     parser.add_argument("--fresh", action="store_true",
                         help="start a new results file (needed after retraining the teacher: rows never mix teachers)")
     parser.add_argument("--guidance", type=float, default=None, help="skip the sweep and use this CFG")
+    parser.add_argument("--schedules", default=None,
+                        help="comma-separated schedule labels the schedules group runs (default: all of "
+                             "them); a way to share the group between processes, which write one results file")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from results.json")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -1141,6 +1151,13 @@ def main(argv=None):
     unknown = groups - set(GROUPS)
     if unknown:
         parser.error(f"unknown group(s) {', '.join(sorted(unknown))}; the groups are {', '.join(GROUPS)}")
+    picked = SCHEDULES
+    if args.schedules:
+        by_label = {sched.label: sched for sched in SCHEDULES}
+        names = args.schedules.split(",")
+        if unknown := [n for n in names if n not in by_label]:
+            parser.error(f"unknown schedule(s) {', '.join(unknown)}; the schedules are {', '.join(by_label)}")
+        picked = tuple(by_label[n] for n in names)
     bench = Bench(args.samples, fresh=args.fresh)
     if "floors" in groups:
         run_floors(bench, args.repeats)
@@ -1148,7 +1165,7 @@ def main(argv=None):
     if "cfg" in groups:
         guidance = run_cfg_sweep(bench)
     if "schedules" in groups:
-        run_schedules(bench, guidance or 2.0, args.repeats)
+        run_schedules(bench, guidance or 2.0, args.repeats, schedules=picked)
     if "shortcut" in groups:
         run_shortcut_rows(bench, guidance or 2.0, args.repeats)
     if "students" in groups:

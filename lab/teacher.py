@@ -4,7 +4,8 @@ here through the project's shared training loop (progress, checkpoints, exact re
 Stages, each one command: ``vae`` (AutoencoderKL, 1x32x32 Fashion-MNIST -> 4x8x8 latents, reconstruction + KL +
 a patch discriminator, as SD's own autoencoder is trained), ``unet`` (UNet2DConditionModel plus a tiny CLIP text
 encoder on those latents: epsilon prediction, SD's noise schedule, prompt dropout for CFG, min-SNR weighting, EMA),
-``export`` (a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads).
+``decoder`` (the VAE's decoder fine-tuned with the patch discriminator, its encoder frozen, so the latents the UNet
+learned keep their meaning), ``export`` (a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads).
 """
 
 from __future__ import annotations
@@ -131,10 +132,12 @@ class VAEConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 200
     final_lr_fraction: float = 0.05
+    max_grad_norm: float | None = 1.0
     kl_weight: float = 1e-6
     disc_start: int | None = None
     disc_weight: float = 0.5
     disc_channels: int = 64
+    disc_betas: tuple[float, float] = (0.5, 0.9)
     eval_every: int = 500
     checkpoint_every: int = 500
     seed: int = 0
@@ -168,7 +171,7 @@ class VAETraining:
             self.discriminator = PatchDiscriminator(config.disc_channels)
             self.modules["discriminator"] = self.discriminator
             self.players = {"vae": Player(("vae",)),
-                            "discriminator": Player(("discriminator",), lr=config.disc_lr)}
+                            "discriminator": Player(("discriminator",), lr=config.disc_lr, betas=config.disc_betas)}
 
     def batch(self, step: int) -> torch.Tensor:
         return self.images[torch.randint(len(self.images), (self.config.batch_size,))]
@@ -222,7 +225,8 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     held_out = load_fashion_mnist("test")[0][:1000]
     result = train(VAETraining(vae, images, config, held_out), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
-        final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed, run_dir=work / "vae",
+        final_lr_fraction=config.final_lr_fraction, betas=config.betas, max_grad_norm=config.max_grad_norm,
+        seed=config.seed, run_dir=work / "vae",
         checkpoint_every=config.checkpoint_every, desc="vae"))
     vae.eval()
     # SD's convention: latents are multiplied by the factor that gives them unit variance (measured unscaled).
@@ -231,6 +235,43 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     vae.save_pretrained(work / "vae" / "model")
     print(f"vae saved to {work / 'vae' / 'model'} (scaling_factor={vae.config.scaling_factor:.4f})")
+    return result.seconds
+
+
+# --- stage: decoder -------------------------------------------------------------------------
+
+def decoder_config(**overrides) -> VAEConfig:
+    """The decoder's fine-tuning: reconstruction and, from the first step, the hinge patch-GAN term at weight 0.1
+    (adaptive, as in ``VAEConfig``), at a fifth of the VAE's learning rate. With the encoder frozen the KL term has
+    nothing to act on. SD's released ft-EMA/ft-MSE autoencoders were made the same way: the decoder alone, so
+    every model trained on the original latents keeps working."""
+    return dataclasses.replace(VAEConfig(steps=1000, lr=2e-4, warmup_steps=100, final_lr_fraction=1.0,
+                                         max_grad_norm=None, kl_weight=0.0, disc_start=0, disc_weight=0.1),
+                               **overrides)
+
+
+def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> float:
+    """Fine-tune the decoder of ``work/vae/model`` (resuming from ``work/decoder``) and save the whole VAE, encoder
+    and scaling factor untouched, to ``work/decoder/model``; returns the loop's seconds (summed over resumed
+    runs)."""
+    from diffusers import AutoencoderKL
+
+    config = config or decoder_config()
+    vae_dir = work / "vae" / "model"
+    if not (vae_dir / "config.json").is_file():
+        raise SystemExit(f"no trained VAE in {vae_dir}: run `python -m direct_distill teacher vae` first")
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    images, _ = load_fashion_mnist("train")
+    held_out = load_fashion_mnist("test")[0][:1000]
+    result = train(VAETraining(vae, images, config, held_out), TrainConfig(
+        steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
+        final_lr_fraction=config.final_lr_fraction, betas=config.betas, max_grad_norm=config.max_grad_norm,
+        seed=config.seed, run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder"))
+    vae.eval().save_pretrained(work / "decoder" / "model")
+    print(f"vae with the fine-tuned decoder saved to {work / 'decoder' / 'model'}")
     return result.seconds
 
 
@@ -337,9 +378,10 @@ def train_unet(config: UNetConfig, work: Path = WORK_DIR) -> float:
 
 def measure_training_cost(steps: int = 20) -> dict:
     """What training the teacher costs on this machine, measured the same way whatever else runs beside it: each
-    stage's seconds per step, timed on a short run of the very training code (the VAE in each of its phases) in a
-    scratch folder, times the steps the committed teacher's configs train for."""
-    vae_config, unet_config = VAEConfig(), UNetConfig()
+    stage's seconds per step, timed on a short run of the very training code (the VAE in each of its phases, the
+    decoder's fine-tuning with its encoder frozen) in a scratch folder, times the steps the committed teacher's
+    configs train for."""
+    vae_config, unet_config, dec_config = VAEConfig(), UNetConfig(), decoder_config()
     images = load_fashion_mnist("train")[0][:2560]
 
     def seconds_per_step(method, run_dir: Path, lr: float) -> float:
@@ -356,6 +398,11 @@ def measure_training_cost(steps: int = 20) -> dict:
             adversarial_spp = seconds_per_step(VAETraining(build_vae(), images, config), tmp / "adversarial",
                                                config.lr)
             vae_spp += (adversarial_spp - vae_spp) * adversarial_steps / vae_config.steps
+        vae = build_vae()
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        config = dataclasses.replace(dec_config, eval_every=0)
+        decoder_spp = seconds_per_step(VAETraining(vae, images, config), tmp / "decoder", config.lr)
         tokenizer = build_tokenizer(tmp / "tokenizer")
         text_encoder = build_text_encoder(tokenizer)
         latents = torch.randn(len(images), 4, 8, 8)
@@ -365,22 +412,29 @@ def measure_training_cost(steps: int = 20) -> dict:
             tmp / "unet", unet_config.lr)
     return {"vae_seconds_per_step": vae_spp, "vae_steps": vae_config.steps, "vae_batch": vae_config.batch_size,
             "unet_seconds_per_step": unet_spp, "unet_steps": unet_config.steps, "unet_batch": unet_config.batch_size,
-            "seconds": vae_spp * vae_config.steps + unet_spp * unet_config.steps, "threads": torch.get_num_threads()}
+            "decoder_seconds_per_step": decoder_spp, "decoder_steps": dec_config.steps,
+            "seconds": vae_spp * vae_config.steps + unet_spp * unet_config.steps + decoder_spp * dec_config.steps,
+            "threads": torch.get_num_threads()}
 
 
 # --- stage: export ---------------------------------------------------------------------------
 
 def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
-    """Assemble the VAE and the EMA weights of the UNet and text encoder into a diffusers pipeline folder."""
+    """Assemble the VAE (with its fine-tuned decoder) and the EMA weights of the UNet and text encoder into a
+    diffusers pipeline folder."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+    vae_dir = work / "decoder" / "model"
+    if not (vae_dir / "config.json").is_file():
+        raise SystemExit(f"no fine-tuned decoder in {vae_dir}: "
+                         "run `python -m direct_distill teacher decoder` first")
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet(text_encoder.config.hidden_size)
     load_training_state(work / "unet" / CHECKPOINT_NAME, {"ema_unet": unet, "ema_text": text_encoder}, {})
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / "vae" / "model"), text_encoder=text_encoder,
+        vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder,
         tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**sd_noise_scheduler_config()),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
@@ -390,7 +444,7 @@ def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "export"])
+    parser.add_argument("stage", choices=["vae", "unet", "decoder", "export"])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the stage's config)")
     parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and intermediate files")
     parser.add_argument("--out", type=Path, default=TEACHER_DIR, help="the exported diffusers folder")
@@ -402,6 +456,8 @@ def main(argv=None):
         train_vae(VAEConfig(**steps), args.work)
     elif args.stage == "unet":
         train_unet(UNetConfig(**steps), args.work)
+    elif args.stage == "decoder":
+        train_decoder(decoder_config(**steps), args.work)
     else:
         export_teacher(args.work, args.out)
 

@@ -201,7 +201,8 @@ def test_floors_table_gives_fd_and_accuracy_over_seed_sets(tmp_path):
 
 def test_student_costs_and_training_curves(tmp_path):
     res = Results(runs=[run("student", "sfd", 4, 0, 1.05), run("student", ONE_STEP_START, 1, 0, 7.0)],
-                  teacher_cost=TeacherCost(0.5, 2000, 64, 0.6, 4500, 128, seconds=3700.0, threads=1))
+                  teacher_cost=TeacherCost(0.5, 2000, 64, 0.6, 4500, 128, seconds=3700.0, threads=1,
+                                           decoder_seconds_per_step=0.25, decoder_steps=400))
     meta = dict(method="disback", nfes=[1], threads=1, device="cpu")
     res.students = [
         StudentFile(**{**meta, "method": "sfd", "nfes": [2, 4]}, name="sfd", file="sfd.safetensors",
@@ -217,7 +218,8 @@ def test_student_costs_and_training_curves(tmp_path):
                     training={"ema_decay": 0.999}),
     ]
     text = write_report(res, tmp_path / "REPORT.md")
-    assert "61.7 min" in text  # the teacher's 3700 s
+    assert ("VAE 0.500 s/step x 2000 + decoder fine-tuning 0.250 s/step x 400 + UNet 0.600 s/step x 4500 "
+            "(batch 128) = **61.7 min**") in text  # the teacher's 3700 s, stage by stage
     costs = {r[0]: r for r in table_rows(text, "## What distillation costs")}
     assert costs["`sfd.safetensors`"][1:] == ["2, 4", "6.2 min", "10 %", "**met**"]
     assert costs["`progressive_nfe2.safetensors`"][2:] == ["not recorded (4 threads)", "–", "not measured"]
@@ -248,9 +250,12 @@ def test_results_file_round_trip_and_merge():
     assert again.best_guidance == 3.0 and again.teacher == "abc"
 
 
-def test_cli_refuses_an_unknown_group_before_loading_anything():
+def test_cli_refuses_an_unknown_group_or_schedule_before_loading_anything(capsys):
     with pytest.raises(SystemExit):
         main(["--groups", "floors,peers"])
+    with pytest.raises(SystemExit):
+        main(["--groups", "schedules", "--schedules", "karras,ays"])
+    assert "unknown schedule(s) ays; the schedules are karras, exponential" in capsys.readouterr().err
 
 
 def test_costs_come_from_the_teachers_cost_function(tmp_path, monkeypatch):

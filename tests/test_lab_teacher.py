@@ -111,14 +111,15 @@ def test_unet_training_and_its_ema_resume_bit_exactly(tmp_path):
 @pytest.mark.skipif(not (DATA_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
 def test_training_cost_is_timed_on_the_training_code_and_fits_the_report():
     from direct_distill.lab.benchmark import TeacherCost
-    from direct_distill.lab.teacher import measure_training_cost
+    from direct_distill.lab.teacher import decoder_config, measure_training_cost
 
     cost = TeacherCost(**measure_training_cost(steps=2))
-    config = VAEConfig()
-    assert cost.vae_steps == config.steps and cost.unet_steps == UNetConfig().steps
-    assert cost.vae_seconds_per_step > 0 and cost.unet_seconds_per_step > 0
+    assert cost.vae_steps == VAEConfig().steps and cost.unet_steps == UNetConfig().steps
+    assert cost.decoder_steps == decoder_config().steps
+    assert min(cost.vae_seconds_per_step, cost.unet_seconds_per_step, cost.decoder_seconds_per_step) > 0
     assert cost.seconds == pytest.approx(cost.vae_seconds_per_step * cost.vae_steps
-                                         + cost.unet_seconds_per_step * cost.unet_steps)
+                                         + cost.unet_seconds_per_step * cost.unet_steps
+                                         + cost.decoder_seconds_per_step * cost.decoder_steps)
 
 
 def test_the_saved_vae_scales_its_latents_to_unit_variance_and_caches_know_the_scale(tmp_path, monkeypatch):
@@ -136,3 +137,29 @@ def test_the_saved_vae_scales_its_latents_to_unit_variance_and_caches_know_the_s
     before = vae_checksum(vae)
     vae.register_to_config(scaling_factor=vae.config.scaling_factor * 2)
     assert vae_checksum(vae) != before  # scaled encodings cached under the old factor are not reused
+
+
+def test_the_decoder_stage_trains_the_decoder_alone_so_the_latents_keep_their_meaning(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    import direct_distill.lab.teacher as teacher
+
+    images = _images(24)
+    monkeypatch.setattr(teacher, "load_fashion_mnist", lambda split: (images, torch.arange(24) % 10))
+    with pytest.raises(SystemExit, match="teacher vae"):
+        teacher.train_decoder(teacher.decoder_config(steps=2), tmp_path)
+    teacher.train_vae(VAEConfig(steps=2, batch_size=4, eval_every=0), tmp_path)
+    teacher.train_decoder(teacher.decoder_config(steps=3, batch_size=4, eval_every=0, disc_channels=32), tmp_path)
+    before = AutoencoderKL.from_pretrained(tmp_path / "vae" / "model").state_dict()
+    after = AutoencoderKL.from_pretrained(tmp_path / "decoder" / "model")
+    assert after.config.scaling_factor == AutoencoderKL.load_config(tmp_path / "vae" / "model")["scaling_factor"]
+    for key, value in after.state_dict().items():
+        same = torch.equal(value, before[key])
+        assert same == key.startswith(("encoder.", "quant_conv.")), key
+
+
+def test_export_wants_the_fine_tuned_decoder(tmp_path):
+    import direct_distill.lab.teacher as teacher
+
+    with pytest.raises(SystemExit, match="teacher decoder"):
+        teacher.export_teacher(tmp_path, tmp_path / "out")
