@@ -132,7 +132,6 @@ class VAEConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 200
     final_lr_fraction: float = 0.05
-    max_grad_norm: float | None = 1.0
     kl_weight: float = 1e-6
     disc_start: int | None = None
     disc_weight: float = 0.5
@@ -225,8 +224,7 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     held_out = load_fashion_mnist("test")[0][:1000]
     result = train(VAETraining(vae, images, config, held_out), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
-        final_lr_fraction=config.final_lr_fraction, betas=config.betas, max_grad_norm=config.max_grad_norm,
-        seed=config.seed, run_dir=work / "vae",
+        final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed, run_dir=work / "vae",
         checkpoint_every=config.checkpoint_every, desc="vae"))
     vae.eval()
     # SD's convention: latents are multiplied by the factor that gives them unit variance (measured unscaled).
@@ -242,12 +240,17 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
 
 def decoder_config(**overrides) -> VAEConfig:
     """The decoder's fine-tuning: reconstruction and, from the first step, the hinge patch-GAN term at weight 0.1
-    (adaptive, as in ``VAEConfig``), at a fifth of the VAE's learning rate. With the encoder frozen the KL term has
-    nothing to act on. SD's released ft-EMA/ft-MSE autoencoders were made the same way: the decoder alone, so
-    every model trained on the original latents keeps working."""
-    return dataclasses.replace(VAEConfig(steps=1000, lr=2e-4, warmup_steps=100, final_lr_fraction=1.0,
-                                         max_grad_norm=None, kl_weight=0.0, disc_start=0, disc_weight=0.1),
-                               **overrides)
+    (adaptive, as in ``VAEConfig``), at a fifth of the VAE's learning rate, annealed. With the encoder frozen the KL
+    term has nothing to act on. SD's released ft-EMA/ft-MSE autoencoders were made the same way: the decoder alone,
+    so every model trained on the original latents keeps working.
+
+    Measured on the lab teacher (1,000 floor images per seed set, sets 0-2): round-trip FD 0.185 against 0.205
+    before (the images' own 0.095), held-out PSNR 30.33 dB against 30.35, class accuracy 0.918 unchanged; the
+    teacher's 20-step samples score 0.351 against 0.357. The same term without gradient clipping at a constant
+    learning rate reached 0.142 (1.5x the images) in 1,000 steps but raised the samples' FD to 0.393: sharper on
+    encoded latents, worse on sampled ones. At weight 0.3 the round trip worsened (FD 0.35 after 500 steps)."""
+    return dataclasses.replace(VAEConfig(steps=1500, lr=2e-4, warmup_steps=100, kl_weight=0.0, disc_start=0,
+                                         disc_weight=0.1), **overrides)
 
 
 def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> float:
@@ -268,8 +271,8 @@ def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> flo
     held_out = load_fashion_mnist("test")[0][:1000]
     result = train(VAETraining(vae, images, config, held_out), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
-        final_lr_fraction=config.final_lr_fraction, betas=config.betas, max_grad_norm=config.max_grad_norm,
-        seed=config.seed, run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder"))
+        final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed,
+        run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder"))
     vae.eval().save_pretrained(work / "decoder" / "model")
     print(f"vae with the fine-tuned decoder saved to {work / 'decoder' / 'model'}")
     return result.seconds
