@@ -1078,7 +1078,10 @@ def curve_section(results: Results, plots: Path) -> list[str]:
              "those of stage two; with backtracking, stage one (the degradation path) comes before them. The last "
              "column is the step whose generator the student file holds (the lowest-FD one for runs made since "
              "the training keeps it, the last one before). The weights evaluated and kept are the generator's own, "
-             "or their exponential moving average for runs made with one (`--ema-decay`). ", "",
+             "or their exponential moving average for runs made with one (`--ema-decay`). The training run "
+             "measured these FDs through the teacher's VAE as it was then; the committed one-step students were "
+             "trained before the lab's decoder was fine-tuned, so their curves compare with one another, not with "
+             "the rows above.", "",
              "![FD along training](plots/one_step_curves.png)", "",
              "| run | weights | first FD (step) | best FD (step) | last FD (step) | file holds step |",
              "|---|---|---|---|---|---|"]

@@ -73,9 +73,10 @@ def test_classifier_is_accurate_on_real_test_images(evaluator):
 @needs_data
 @torch.no_grad()
 def test_committed_vae_round_trip_is_close_to_the_real_images(evaluator):
-    """The committed VAE against the bounds the lab report states for it: 1,000 training images (the report's floor
-    images) encoded to their latent means and decoded keep 29.5 dB, FD within 3x the same images' own FD, and class
-    accuracy within 2 points (measured: 30.3 dB, 2.2x, 1.1 points; the first lab VAE: 25.4 dB, 12x, 6 points)."""
+    """The committed VAE against bounds it must keep: seed set 0's 1,000 floor images encoded to their latent means
+    and decoded keep 29.5 dB, FD within 2.5x the same images' own FD, and class accuracy within 2 points (measured:
+    30.8 dB, 2.4x, 1.3 points; before the decoder's fine-tuning 2.6x; the first lab VAE: 25.4 dB, 12x, 6 points).
+    The report gives the three seed sets' figures."""
     from diffusers import AutoencoderKL
 
     from direct_distill.lab.evaluator import floor_images
@@ -88,7 +89,7 @@ def test_committed_vae_round_trip_is_close_to_the_real_images(evaluator):
     psnr = image_psnr(round_trip, real)
     assert psnr >= 29.5, f"round-trip PSNR {psnr:.2f} dB"
     fd_real, fd_round_trip = evaluator.fd(real), evaluator.fd(round_trip)
-    assert fd_round_trip <= 3 * fd_real, f"round-trip FD {fd_round_trip:.3f} against {fd_real:.3f} for the images"
+    assert fd_round_trip <= 2.5 * fd_real, f"round-trip FD {fd_round_trip:.3f} against {fd_real:.3f} for the images"
     accuracy_real, accuracy = evaluator.accuracy(real, labels), evaluator.accuracy(round_trip, labels)
     assert accuracy >= accuracy_real - 0.02, f"round-trip accuracy {accuracy:.3f} against {accuracy_real:.3f}"
 
@@ -123,9 +124,9 @@ def test_committed_student_samples_the_prompted_classes_at_its_default_nfe(evalu
     """load_student, then a plain pipe(prompt) call: the file's own NFE, schedule and guidance make the classes.
 
     A one-step student must beat what the same single call gives without it: the teacher's one call at t=999 scores
-    0.339 on the report's 1,000 samples, the committed one-step students 0.476-0.601. 400 samples (standard error
-    0.025) put the floor 0.42 more than two errors from both; few-step students (0.89 and up in the report) are held
-    to 0.8 on 80."""
+    0.340 on the report's 1,000 samples (0.377 on these 400), the committed one-step students 0.467-0.597 (0.488
+    and up here). 400 samples put the floor 0.42 between them (a standard error is 0.025); few-step students (0.89
+    and up in the report) are held to 0.8 on 80."""
     from diffusers import StableDiffusionPipeline
 
     from direct_distill.pipelines import load_student
