@@ -161,7 +161,7 @@ class TeacherCost:
     unet_batch: int
     seconds: float
     threads: int
-    decoder_seconds_per_step: float = 0.0  # the decoder's fine-tuning (batch vae_batch), 0 for teachers without
+    decoder_seconds_per_step: float = 0.0  # the decoder's fine-tuning (batch vae_batch); 0 steps: no such stage
     decoder_steps: int = 0
 
 

@@ -253,6 +253,13 @@ def decoder_config(**overrides) -> VAEConfig:
                                          disc_weight=0.1), **overrides)
 
 
+def freeze_encoder(vae):
+    """The decoder stage's VAE: encoder and quant_conv frozen, the decoder side trainable."""
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    return vae
+
+
 def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> float:
     """Fine-tune the decoder of ``work/vae/model`` (resuming from ``work/decoder``) and save the whole VAE, encoder
     and scaling factor untouched, to ``work/decoder/model``; returns the loop's seconds (summed over resumed
@@ -264,9 +271,7 @@ def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> flo
     if not (vae_dir / "config.json").is_file():
         raise SystemExit(f"no trained VAE in {vae_dir}: run `python -m direct_distill teacher vae` first")
     torch.manual_seed(config.seed)
-    vae = AutoencoderKL.from_pretrained(vae_dir)
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
+    vae = freeze_encoder(AutoencoderKL.from_pretrained(vae_dir))
     images, _ = load_fashion_mnist("train")
     held_out = load_fashion_mnist("test")[0][:1000]
     result = train(VAETraining(vae, images, config, held_out), TrainConfig(
@@ -401,11 +406,9 @@ def measure_training_cost(steps: int = 20) -> dict:
             adversarial_spp = seconds_per_step(VAETraining(build_vae(), images, config), tmp / "adversarial",
                                                config.lr)
             vae_spp += (adversarial_spp - vae_spp) * adversarial_steps / vae_config.steps
-        vae = build_vae()
-        vae.encoder.requires_grad_(False)
-        vae.quant_conv.requires_grad_(False)
         config = dataclasses.replace(dec_config, eval_every=0)
-        decoder_spp = seconds_per_step(VAETraining(vae, images, config), tmp / "decoder", config.lr)
+        decoder_spp = seconds_per_step(VAETraining(freeze_encoder(build_vae()), images, config), tmp / "decoder",
+                                       config.lr)
         tokenizer = build_tokenizer(tmp / "tokenizer")
         text_encoder = build_text_encoder(tokenizer)
         latents = torch.randn(len(images), 4, 8, 8)
