@@ -105,7 +105,7 @@ def goal_results(**overrides):
                      run("student", "disback", 1, s, fd["student1"]), run("student", "gdd", 1, s, 5.0)]
     res.students = [StudentFile("sfd", "sfd.safetensors", "sfd", [2, 4], 1000.0 * fd["share"], 1, "cpu"),
                     StudentFile("gdd", "gdd.safetensors", "gdd", [1], 100.0, 1, "cpu",
-                                evaluations=[Evaluation(100, 6.0), Evaluation(200, 5.0), Evaluation(300, fd["gdd_last"])],
+                                evaluations=[Evaluation(100, 6.0), Evaluation(200, 5.0, 0.5), Evaluation(300, fd["gdd_last"], 0.4)],
                                 selected=Evaluation(200, 5.0))]
     return res
 
@@ -148,7 +148,8 @@ def test_goals_are_measured_against_the_teachers_best_schedule():
     one_step = next(g for g in goals(goal_results()) if "one-step" in g.goal)
     assert one_step.measured.startswith("`disback` FD 1.150 against 0.810") and "1.42x" in one_step.measured
     gdd = next(g for g in goals(goal_results()) if g.goal.startswith("GDD"))
-    assert gdd.measured == "`gdd`: best FD 5.00 at step 200, last 5.20 at step 300 (+4.0 %); the file holds step 200"
+    assert gdd.measured == ("`gdd`: best FD 5.00 at step 200 (class accuracy 0.500), last 5.20 at step 300 (class "
+                            "accuracy 0.400) (+4.0 %); the file holds step 200")
 
 
 def test_unmeasured_goals_say_so():

@@ -31,9 +31,8 @@ Adam with betas (0, 0.99) and constant learning rates. What is evaluated and wri
 average of the generator's weights (``ema_decay``), the usual way to sample a GAN's generator (StyleGAN's code
 evaluates its EMA): the generator keeps circling where the two players balance, and its last weights are one
 arbitrary point on that circle. In the lab, without it, FD swung between 8.5 and 9.7 from one evaluation to the
-next (every 100 steps), and with it stayed within 8.8-9.2; where an evaluator picks the checkpoint, though, the
-lowest of the swinging raw ones scored lower (8.63 against 8.97 on the report's seeds), so the lab's own command
-passes ``--ema-decay 0``.
+next (every 100 steps), and with it stayed within 8.9-9.3 over 1,500 steps (the lab's GDD file is such a run);
+``--ema-decay 0`` evaluates and keeps the raw weights instead, whose luckiest swing can score lower.
 
 Real data: latents with prompts (``data.LatentData``): a latents file, or a folder of captioned images encoded by
 the teacher's VAE (``data.encode_image_folder``).
