@@ -1080,8 +1080,8 @@ def curve_section(results: Results, plots: Path) -> list[str]:
     lines = ["## One-step students along training", "",
              "FD of 1,000 samples of the student at regular steps (its own seeds, guidance 1). DisBack's steps are "
              "those of stage two; with backtracking, stage one (the degradation path) comes before them. The last "
-             "column is the step whose generator the student file holds (the lowest-FD one for runs made since "
-             "the training keeps it, the last one before). The weights evaluated and kept are the generator's own, "
+             "column is the step whose generator the student file holds (the lowest-FD one, or the last for runs "
+             "made with `--keep-last`). The weights evaluated and kept are the generator's own, "
              "or their exponential moving average for runs made with one (`--ema-decay`). The training run "
              "measured these FDs through the teacher's VAE as it was then, on 1,000 samples of its own seeds: "
              "they compare runs with one another; the rows above are the report's.", "",

@@ -105,7 +105,8 @@ def goal_results(**overrides):
                      run("student", "disback", 1, s, fd["student1"]), run("student", "gdd", 1, s, 5.0)]
     res.students = [StudentFile("sfd", "sfd.safetensors", "sfd", [2, 4], 1000.0 * fd["share"], 1, "cpu"),
                     StudentFile("gdd", "gdd.safetensors", "gdd", [1], 100.0, 1, "cpu",
-                                evaluations=[Evaluation(100, 6.0), Evaluation(200, 5.0, 0.5), Evaluation(300, fd["gdd_last"], 0.4)],
+                                evaluations=[Evaluation(100, 6.0), Evaluation(200, 5.0, 0.5),
+                                             Evaluation(300, fd["gdd_last"], 0.4)],
                                 selected=Evaluation(200, 5.0))]
     return res
 
