@@ -103,6 +103,33 @@ def test_one_student_file_for_several_nfes_samples_as_it_was_trained(tiny_sd_pip
     assert calls == [999, 666, 332]  # the default NFE
 
 
+def test_a_student_stored_as_float16_is_half_the_file_and_samples_as_the_float32_one(tiny_sd_pipeline, tmp_path):
+    student = LoraStudent(copy.deepcopy(tiny_sd_pipeline), LoraSpec(rank=4, alpha=4.0))
+    with torch.no_grad():
+        for p in student.adapters.parameters():
+            p.normal_(0, 0.05)
+    info = dict(method="sfd", teacher="tests/tiny-sd", nfe_timesteps={2: [999, 499]}, default_nfe=2,
+                comfy_sampler="euler", guidance=1.0)
+    files = {}
+    for name in ("float32", "float16"):
+        student.spec.save_dtype = name
+        files[name] = student.write(tmp_path / f"{name}.safetensors", **info)
+    tensors, _ = read_safetensors(files["float16"])
+    assert {v.dtype for k, v in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert files["float16"].stat().st_size < 0.6 * files["float32"].stat().st_size
+    noise, cond = inputs()
+    latents = {}
+    for name, path in files.items():
+        pipe = copy.deepcopy(tiny_sd_pipeline)
+        load_student(pipe, path)
+        assert pipe.unet.dtype == torch.float32  # the stored dtype is cast to the model's
+        latents[name] = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0,
+                             output_type="latent").images
+    torch.testing.assert_close(latents["float16"], latents["float32"], atol=2e-3, rtol=2e-3)
+    assert not torch.equal(latents["float16"], latents["float32"])  # really rounded
+
+
+
 class Interrupted(Exception):
     pass
 

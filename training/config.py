@@ -83,6 +83,9 @@ class LoraSpec(Settings):
     alpha: float = setting(16.0, help="LoRA alpha (the update is alpha/rank B A)", gt=0)
     target_modules: tuple[str, ...] = setting(DEFAULT_TARGET_MODULES,
                                               help="UNet modules that get the LoRA (peft name matching)")
+    save_dtype: str = setting("float32", choices=DTYPE_NAMES, changeable=True,
+                              help="dtype of the LoRA weights in the written file (training stays float32; float16 "
+                                   "halves the file, as most published LoRAs are stored)")
 
 
 def guidance_setting(what: str) -> Any:

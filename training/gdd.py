@@ -41,6 +41,7 @@ the teacher's VAE (``data.encode_image_folder``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ def gdd_lora_spec(unet, variant: str, spec: LoraSpec) -> LoraSpec:
             raise SettingError("target_modules", f"GDD-I keeps the convolutions frozen, but the LoRA targets name "
                                                  f"{len(hit)} of them (e.g. {hit[0]}); use variant 'gdd' or other "
                                                  "targets")
-    return LoraSpec(rank=spec.rank, alpha=spec.alpha, target_modules=targets)
+    return dataclasses.replace(spec, target_modules=targets)
 
 
 # --- the discriminator -------------------------------------------------------------------------------------

@@ -102,18 +102,18 @@ def copy_adapter(unet, source: str, target: str) -> None:
         raise ValueError(f"the UNet has no LoRA adapter named {source!r}")
 
 
-def lora_state_dict(unet, adapter_name: str = STUDENT) -> dict[str, torch.Tensor]:
-    """One adapter's weights, peft-style (``<module>.lora_A.weight`` / ``.lora_B.weight``), float32 on the CPU."""
+def lora_state_dict(unet, adapter_name: str = STUDENT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One adapter's weights, peft-style (``<module>.lora_A.weight`` / ``.lora_B.weight``), as ``dtype`` on the CPU."""
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
 
 
 def write_student(path: str | os.PathLike, unet, *, adapter_name: str = STUDENT, scheduler_config,
                   method: str, teacher: str, nfe_timesteps: dict[int, Sequence[int]], default_nfe: int,
                   comfy_sampler: str, guidance: float, prediction_type: str | None = None,
-                  extra: dict | None = None) -> Path:
+                  extra: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write adapter ``adapter_name`` of ``unet`` as a student file: the one LoRA writer of every method.
 
     Args:
@@ -127,6 +127,7 @@ def write_student(path: str | os.PathLike, unet, *, adapter_name: str = STUDENT,
         guidance: recommended classifier-free guidance.
         prediction_type: what the adapted UNet predicts (default: the scheduler config's, the teacher's).
         extra: further JSON-serialisable facts (training settings, losses, ...).
+        dtype: the stored weights' dtype (the loaders cast them to the model's).
     """
     config = unet.peft_config[adapter_name]
     info = StudentInfo(
@@ -135,7 +136,7 @@ def write_student(path: str | os.PathLike, unet, *, adapter_name: str = STUDENT,
         prediction_type=prediction_type or _get(scheduler_config, "prediction_type", "epsilon"),
         nfe_schedules=student_schedules(nfe_timesteps, alphas_cumprod_from_config(scheduler_config)),
         default_nfe=default_nfe, comfy_sampler=comfy_sampler, guidance=guidance, extra=extra or {})
-    return save_student(path, lora_state_dict(unet, adapter_name), rank=config.r, alpha=float(config.lora_alpha),
+    return save_student(path, lora_state_dict(unet, adapter_name, dtype), rank=config.r, alpha=float(config.lora_alpha),
                         metadata=info)
 
 
@@ -246,8 +247,10 @@ class LoraStudent:
         return a * x0 + s * eps
 
     def write(self, path: str | os.PathLike, **info) -> Path:
-        """``write_student`` of the student adapter with the teacher's scheduler config."""
-        return write_student(path, self.unet, adapter_name=STUDENT, scheduler_config=self.scheduler_config, **info)
+        """``write_student`` of the student adapter with the teacher's scheduler config, stored as the spec's
+        ``save_dtype``."""
+        return write_student(path, self.unet, adapter_name=STUDENT, scheduler_config=self.scheduler_config,
+                             dtype=getattr(torch, self.spec.save_dtype), **info)
 
 
 def _tuner_layers(unet):

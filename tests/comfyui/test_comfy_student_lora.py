@@ -54,9 +54,12 @@ def dd(comfy_loaded):
     return lambda name: importlib.import_module(f"{comfy_loaded.__name__}.{name}")
 
 
-@pytest.fixture(scope="module", params=["ddim", "dpmpp_2m"])
+@pytest.fixture(scope="module", params=[("ddim", torch.float32), ("dpmpp_2m", torch.float16)],
+                ids=["ddim-float32", "dpmpp_2m-float16"])
 def student(request, dd, tmp_path_factory):
-    """(bare diffusers UNet, student file with a LoRA on every Linear and Conv2d, its info)."""
+    """(bare diffusers UNet, student file with a LoRA on every Linear and Conv2d, its info); the second stores
+    the LoRA as float16 (``--save-dtype``), which both loaders cast to the float32 model."""
+    sampler, dtype = request.param
     files, noise = dd("models.student_file"), dd("schedulers.noise")
     unet = diffusers_twin_of_tiny_sd15()
     targets = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
@@ -70,9 +73,10 @@ def student(request, dd, tmp_path_factory):
                  for n, t in timesteps.items()}
     info = files.StudentInfo(
         method="progressive", teacher="tests/tiny-sd15", teacher_unet_fingerprint=files.unet_fingerprint(unet),
-        prediction_type="epsilon", nfe_schedules=schedules, default_nfe=4, comfy_sampler=request.param, guidance=1.0)
-    path = files.save_student(tmp_path_factory.mktemp("student") / "student.safetensors",
-                              get_peft_model_state_dict(trained), rank=RANK, alpha=ALPHA, metadata=info)
+        prediction_type="epsilon", nfe_schedules=schedules, default_nfe=4, comfy_sampler=sampler, guidance=1.0)
+    lora = {k: v.to(dtype) for k, v in get_peft_model_state_dict(trained).items()}
+    path = files.save_student(tmp_path_factory.mktemp("student") / "student.safetensors", lora, rank=RANK,
+                              alpha=ALPHA, metadata=info)
     return unet, path, files.read_student(path)[1]
 
 
