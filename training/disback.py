@@ -108,7 +108,7 @@ class DisBackResult:
     node_files: list[Path]                              # nodes 1..K of the degradation path (with a work folder)
     schedule: list[tuple[int, int]]                     # (node, steps) of stage two, in order
     visited: list[int]                                  # the node of every stage-two step run here
-    losses: dict[str, float]                            # last losses run here ("degrade", "fake", "generator")
+    losses: dict[str, float]                            # last losses ("degrade", "fake", "generator")
     evaluations: list[tuple[int, dict[str, float]]]
 
     def summary(self) -> str:

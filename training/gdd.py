@@ -101,7 +101,7 @@ class GDDConfig(Settings):
 class GDDResult:
     path: Path
     variant: str
-    losses: dict[str, float]                            # last generator / discriminator loss run here
+    losses: dict[str, float]                            # last generator / discriminator loss
     evaluations: list[tuple[int, dict[str, float]]]     # (step, scalars) of the evaluate hook in this run
 
     def summary(self) -> str:

@@ -90,8 +90,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     step: int                 # steps done in total (== config.steps)
-    loss: float | None        # loss of the last step run here (None when nothing was left to run);
-                              # with players: the last loss applied
+    loss: float | None        # loss of the last step (kept in the checkpoint: a run resumed after its end
+                              # reports it too); with players: the last loss applied
     losses: dict[str, float] = field(default_factory=dict)  # with players: each one's last loss
     seconds: float = 0.0      # wall-clock of all config.steps, summed over resumed runs
 
@@ -149,12 +149,14 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
     run_dir = Path(config.run_dir) if config.run_dir is not None else None
     checkpoint = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     start, seconds_before = 0, 0.0
+    loss_value, losses = None, {}
     if checkpoint is not None and config.resume and checkpoint.is_file():
         start, extra = load_training_state(checkpoint, modules, optimizers)
         missing = [key for key in ("seed", "seconds") if extra.get(key) is None]
         if missing:
             raise FileFormatError(f"{checkpoint}: not a checkpoint of this loop (no {', '.join(missing)})")
         seconds_before = extra["seconds"]
+        loss_value, losses = extra.get("loss"), dict(extra.get("losses") or {})
         if extra["seed"] != config.seed:
             raise ValueError(f"{checkpoint}: written by a run with seed {extra.get('seed')}, this run has seed "
                              f"{config.seed}; resume with the same seed or use another run folder")
@@ -169,7 +171,8 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
     def save(step: int) -> None:
         if checkpoint is not None and accelerator.is_main_process:
             save_training_state(checkpoint, modules, {n: opt.optimizer for n, opt in optimizers.items()}, step,
-                                extra={"seed": config.seed, "steps": config.steps, "seconds": elapsed()})
+                                extra={"seed": config.seed, "steps": config.steps, "seconds": elapsed(),
+                                       "loss": loss_value, "losses": losses})
         accelerator.wait_for_everyone()
 
     def update(name: str, loss: torch.Tensor, step: int) -> tuple[float, float | None]:
@@ -196,7 +199,6 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
         m.train()
     bar = tqdm(total=config.steps, initial=start, desc=config.desc,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    loss_value, losses = None, {}
     for step in range(start, config.steps):
         seed_step(config.seed, step, accelerator.process_index)
         batch = send_to_device(method.batch(step), accelerator.device)
