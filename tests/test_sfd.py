@@ -129,7 +129,6 @@ def test_a_student_stored_as_float16_is_half_the_file_and_samples_as_the_float32
     assert not torch.equal(latents["float16"], latents["float32"])  # really rounded
 
 
-
 class Interrupted(Exception):
     pass
 
