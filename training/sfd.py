@@ -23,7 +23,8 @@ paper does for Stable Diffusion, and leaves CFG to sampling.
 
 Timesteps: the paper tunes t_min (its Figure 5); the trailing grid (p = 0: 999, 749, 499, 249 for 4 steps)
 puts the last student call at t = T/n - 1 and ends on the clean latent, the convention of few-step SD
-samplers; ``schedule_p > 0`` spaces the steps like exp-Karras.
+samplers; ``schedule_p > 0`` spaces the steps like exp-Karras. At NFE 1 the one step goes from pure noise to the
+clean latent, so the student learns the teacher's whole ``teacher_substeps``-step solution from that noise.
 """
 
 from __future__ import annotations
