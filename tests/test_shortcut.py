@@ -110,6 +110,27 @@ def test_capture_resumes_by_skipping_written_shards_and_refuses_other_settings(p
         capture(pipe, tmp_path / "other", capture_steps=(4, STEPS))
 
 
+def test_capture_runs_a_named_schedule_from_its_sigmas_and_records_it(pipe, tmp_path):
+    from direct_distill.schedulers.named import schedule_sigmas
+
+    sigmas = schedule_sigmas("beta", STEPS, pipe.scheduler._sigma_table)
+    folder = capture(pipe, tmp_path, n=2, sigmas=sigmas, schedule="beta")
+    data = load_trajectories(folder)
+    assert data.config["schedule"] == "beta" and data.config["sigmas"] == pytest.approx(sigmas.tolist())
+    with unet_calls(pipe) as calls:  # trajectory 1 alone, run on the beta sigmas by the pipeline itself
+        final = pipe("bag", sigmas=sigmas.tolist(), guidance_scale=2.0, generator=torch.Generator().manual_seed(11),
+                     output_type="latent").images
+    assert len(calls) == STEPS
+    for j, k in enumerate(CAPTURE):
+        torch.testing.assert_close(data.latents[1, j], calls[k][0][0], rtol=1e-4, atol=1e-4)
+        assert data.timesteps[j] == float(calls[k][1])
+    torch.testing.assert_close(data.final[1], final[0], rtol=1e-4, atol=1e-4)
+    # Not the exp-Karras run of the same length.
+    assert not torch.allclose(data.final[1], run(pipe, "bag", 11, output_type="latent")[0], atol=1e-3)
+    with pytest.raises(ValueError, match="5 sigmas given for a 8-step run"):
+        capture(pipe, tmp_path / "other", sigmas=sigmas[:5])
+
+
 # --- training --------------------------------------------------------------------------------
 
 def test_both_stages_train_and_the_file_round_trips(pipe, tmp_path):
@@ -202,6 +223,29 @@ def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe
         run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, STEPS))
     with pytest.raises(ValueError, match="handoff_step"):
         ShortcutCallback(shortcut, 0)
+
+
+def test_callback_gives_the_sigmas_of_the_schedule_the_shortcut_was_trained_on(pipe, shortcut, tmp_path):
+    from direct_distill.schedulers.named import schedule_sigmas
+    from direct_distill.schedulers.noise import sigma_table
+
+    table = sigma_table(pipe.scheduler.alphas_cumprod)
+    # Built in code, or a file from before the schedule was recorded: exp_karras p=1, the capture's default.
+    assert ShortcutCallback(shortcut, 3).sigmas(8, pipe.scheduler) == pytest.approx(
+        schedule_sigmas("exp_karras", 8, table, p=1.0)[:-1].tolist())
+    path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
+                         teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4,
+                         extra={"schedule": "beta", "exp_karras_p": 1.0})
+    callback = ShortcutCallback(str(path), handoff_step=3)
+    assert callback.schedule == ("beta", {})
+    sigmas = callback.sigmas(8, pipe.scheduler)
+    assert sigmas == pytest.approx(schedule_sigmas("beta", 8, table)[:-1].tolist())
+    with unet_calls(pipe) as calls:  # an 8-step beta run handed off after 3 steps
+        pipe("bag", sigmas=sigmas, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+             output_type="latent", callback_on_step_end=callback)
+    assert len(calls) == 3
+    pipe.scheduler.set_timesteps(sigmas=sigmas)
+    assert [float(t) for _, t in calls] == pipe.scheduler.timesteps[:3].tolist()
 
 
 def test_callback_refuses_a_pipeline_of_another_teacher_at_the_first_step(pipe, tiny_sdxl_pipeline, shortcut,
@@ -299,6 +343,37 @@ def test_the_capture_band_picks_the_hand_off_steps_of_each_run_length():
     assert band_steps([999, 500, 0], (250, 360)) == []
     with pytest.raises(Exception, match="capture_band: no step of a 4-step run"):
         ShortcutConfig(teacher_steps=(20, 4))
+
+
+def test_cli_captures_the_schedule_asked_for_and_records_it_in_the_file(tiny_sd_pipeline, tmp_path):
+    from direct_distill.__main__ import main
+    from direct_distill.schedulers.named import schedule_sigmas
+
+    tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("bag\ncoat\n")
+
+    def distill(name: str, band=("150", "600")) -> int:
+        return main(["distill", "shortcut", "--teacher", str(tmp_path / "teacher"), "--prompts",
+                     str(tmp_path / "prompts.txt"), "--out", str(tmp_path / f"{name}.safetensors"), "--schedule",
+                     "beta", "--trajectories", "2", "--teacher-steps", "6", "4", "--capture-band", *band,
+                     "--stage1-steps", "1", "--no-stage2", "--batch-size", "2", "--holdout", "0.5"])
+
+    assert distill("shortcut") == 0
+    extra = load_shortcut(tmp_path / "shortcut.safetensors").metadata["extra"]
+    assert extra["schedule"] == "beta" and extra["training"]["schedule"] == "beta"
+    scheduler = ExpKarrasScheduler.from_config(tiny_sd_pipeline.scheduler.config)
+    for captured in extra["captured"]:  # the timesteps of beta runs of each length, not of exp-Karras ones
+        n = captured["num_inference_steps"]
+        scheduler.set_timesteps(sigmas=schedule_sigmas("beta", n, scheduler._sigma_table).tolist())
+        assert captured["timesteps"] == [float(scheduler.timesteps[k]) for k in captured["capture_steps"]]
+        scheduler.set_timesteps(n)
+        assert captured["timesteps"] != [float(scheduler.timesteps[k]) for k in captured["capture_steps"]]
+    index = json.loads((tmp_path / "shortcut.work" / "trajectories" / "beta_steps6" / "index.json").read_text())
+    assert index["schedule"] == "beta" and len(index["sigmas"]) == 7
+    # A band no step of a beta run reaches is refused, naming the run, before anything is captured.
+    with pytest.raises(SystemExit, match=r"no step of a 6-step beta run of this teacher hands off in \[1.0, 2.0\]"):
+        distill("none", band=("1", "2"))
+    assert not (tmp_path / "none.work" / "trajectories").exists()
 
 
 def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, tmp_path, capsys):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..models.nafnet import PRESETS, SIZES as NAFNET_SIZES, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
+from ..schedulers.named import SCHEDULE_NAMES, schedule_sigmas
 from ..schedulers.sigmas import exp_karras_timesteps
 from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .loop import cost_record
@@ -38,14 +39,17 @@ class ShortcutConfig(Settings):
     run: RunConfig = run_config(batch_size=64, lr=1e-3)
     trajectories: int = setting(2000, ge=1, help="teacher runs to capture, of each length")
     teacher_steps: tuple[int, ...] = setting((20,), ge=2, metavar="N",
-                                             help="steps of the teacher's runs (exp-Karras DPM++ 2M); with several "
+                                             help="steps of the teacher's runs (DPM++ 2M on --schedule); with several "
                                                   "lengths (e.g. 20 12) one run of each from the same noise, and the "
                                                   "shortcut learns the hand-off latents of each")
     capture_band: tuple[float, float] = setting((250.0, 360.0), ge=0, metavar=("LO", "HI"),
                                                 help="keep the latent after every step whose next UNet call's "
                                                      "timestep lies in [LO, HI] (of 20 steps: steps 10, 11 and 12, "
                                                      "the paper's)")
-    exp_karras_p: float = setting(1.0, ge=0, help="p of the teacher's exp-Karras schedule")
+    schedule: str = setting("exp_karras", choices=SCHEDULE_NAMES,
+                            help="the teacher runs' schedule, by the name ComfyUI knows it by; the shortcut learns "
+                                 "to finish runs of this schedule, so sample with it")
+    exp_karras_p: float = setting(1.0, ge=0, help="p of the exp_karras schedule")
     guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5, help="the teacher's CFG")
     height: int | None = setting(None, ge=8, help="image height of the teacher runs (default: the pipeline's)")
     width: int | None = setting(None, ge=8, help="image width of the teacher runs (default: the pipeline's)")
@@ -71,7 +75,8 @@ class ShortcutConfig(Settings):
             raise SettingError("capture_band", f"need LO <= HI, got {list(self.capture_band)}")
         if len(set(self.teacher_steps)) != len(self.teacher_steps):
             raise SettingError("teacher_steps", f"each length once, got {list(self.teacher_steps)}")
-        for n in self.teacher_steps:
+        # Other schedules need the teacher's noise table: checked once it is loaded, before any capture.
+        for n in self.teacher_steps if self.schedule == "exp_karras" else ():
             if not band_steps(exp_karras_timesteps(n, self.exp_karras_p).round(), self.capture_band):
                 raise SettingError("capture_band", f"no step of a {n}-step run hands off in {list(self.capture_band)} "
                                                    f"(its timesteps: {exp_karras_timesteps(n, self.exp_karras_p).round().int().tolist()})")
@@ -259,20 +264,27 @@ def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
     pipe = job.pipe.to(accelerator.device)
     size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
     folders = []
-    for n in config.teacher_steps:
+    runs = []
+    for n in config.teacher_steps:  # every length checked before the first capture starts
         scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
-        scheduler.set_timesteps(n)
+        sigmas = None
+        if config.schedule != "exp_karras":
+            sigmas = schedule_sigmas(config.schedule, n, scheduler._sigma_table).tolist()
+        scheduler.set_timesteps(**({"sigmas": sigmas} if sigmas is not None else {"num_inference_steps": n}))
         steps = band_steps(scheduler.timesteps, config.capture_band)
         if not steps:
-            raise SettingError("capture_band", f"no step of a {n}-step run of this teacher hands off in "
-                                               f"{list(config.capture_band)} (its timesteps: "
+            raise SettingError("capture_band", f"no step of a {n}-step {config.schedule} run of this teacher hands "
+                                               f"off in {list(config.capture_band)} (its timesteps: "
                                                f"{scheduler.timesteps.tolist()})")
+        runs.append((n, scheduler, sigmas, steps))
+    for n, scheduler, sigmas, steps in runs:
+        folder = f"steps{n}" if config.schedule == "exp_karras" else f"{config.schedule}_steps{n}"
         folders.append(capture_trajectories(
-            pipe, job.work / "trajectories" / f"steps{n}", list(job.prompts), config.trajectories,
+            pipe, job.work / "trajectories" / folder, list(job.prompts), config.trajectories,
             num_inference_steps=n, capture_steps=steps, guidance_scale=config.guidance, seed=config.run.seed,
-            scheduler=scheduler, shard_size=config.shard_size, batch_size=config.sample_batch_size,
-            teacher=job.teacher, pipe_kwargs=size, process_index=accelerator.process_index,
-            num_processes=accelerator.num_processes))
+            scheduler=scheduler, sigmas=sigmas, schedule=config.schedule, shard_size=config.shard_size,
+            batch_size=config.sample_batch_size, teacher=job.teacher, pipe_kwargs=size,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes))
     accelerator.wait_for_everyone()
     job.pipe = pipe = None  # training needs the trajectories alone: the teacher's memory is freed
     return train_shortcut(job, config, folders)
@@ -330,6 +342,7 @@ def train_shortcut(job: Job, config: ShortcutConfig,
         "captured": [{"num_inference_steps": c.config["num_inference_steps"], "capture_steps": c.config["capture_steps"],
                       "timesteps": c.timesteps.tolist()} for c in captures],
         "scheduler": capture.get("scheduler"),
+        "schedule": capture.get("schedule", "exp_karras"),
         "exp_karras_p": capture.get("scheduler_config", {}).get("exp_karras_p"),
         "guidance_scale": capture.get("guidance_scale"), "num_trajectories": len(data.final),
         "heldout_trajectories": len(held_ids), "heldout_psnr": psnr,

@@ -63,7 +63,7 @@ class _Recorder:
 @torch.no_grad()
 def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], num_trajectories: int, *,
                          num_inference_steps: int = 20, capture_steps=(10, 11, 12), guidance_scale: float = 7.5,
-                         seed: int = 0, scheduler=None, shard_size: int = 256, batch_size: int = 16,
+                         seed: int = 0, scheduler=None, sigmas=None, schedule: str | None = None, shard_size: int = 256, batch_size: int = 16,
                          teacher: str | None = None, pipe_kwargs: dict | None = None,
                          process_index: int = 0, num_processes: int = 1) -> Path:
     """Run the teacher ``num_trajectories`` times and write the capture folder; returns it.
@@ -80,6 +80,11 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
         scheduler: the sampler; default an ``ExpKarrasScheduler`` (DPM-Solver++ 2M, exp-Karras
             sigmas) built from the pipeline's scheduler config. The pipeline's own scheduler is put
             back afterwards.
+        sigmas: the runs' own sigmas (descending, VE, one per step, with or without a trailing 0) for a
+            schedule the scheduler does not make itself (beta, align_your_steps, ...); the scheduler
+            must take them in ``set_timesteps(sigmas=...)``. Recorded in the index.
+        schedule: the name of the schedule ``sigmas`` come from, recorded in the index (default
+            ``"custom"``).
         shard_size, batch_size: trajectories per file and per pipeline call.
         teacher: the name stored with the data (default: the pipeline's ``name_or_path``).
         pipe_kwargs: further pipeline arguments (height, width, negative_prompt, ...).
@@ -90,6 +95,11 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
     if not capture_steps or capture_steps[0] < 1 or capture_steps[-1] >= num_inference_steps:
         raise ValueError(f"capture_steps {capture_steps} must lie in 1 .. {num_inference_steps - 1} "
                          f"(a later teacher step must follow each)")
+    if sigmas is not None:
+        sigmas = [float(x) for x in sigmas]
+        steps_given = len(sigmas) - (sigmas[-1] == 0.0)
+        if steps_given != num_inference_steps:
+            raise ValueError(f"{steps_given} sigmas given for a {num_inference_steps}-step run")
     if num_trajectories < 1 or not prompts:
         raise ValueError("need at least one trajectory and one prompt")
     if scheduler is None:
@@ -102,6 +112,7 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
         "teacher_unet_shape_fingerprint": shape_fingerprint(unet_parameter_shapes(pipe.unet)),
         "pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__,
         "scheduler_config": _settings(scheduler.config), "num_inference_steps": num_inference_steps,
+        **({"schedule": schedule or "custom", "sigmas": sigmas} if sigmas is not None else {}),
         "capture_steps": capture_steps, "guidance_scale": guidance_scale, "seed": seed,
         "num_trajectories": num_trajectories, "shard_size": shard_size, "prompts": list(prompts),
         "pipe_kwargs": pipe_kwargs or {},
@@ -140,7 +151,9 @@ def _run(pipe, prompts, first: int, n: int, capture_steps: list[int], config: di
     """One pipeline call over trajectories first .. first + n - 1."""
     ids = range(first, first + n)
     recorder = _Recorder(capture_steps)
-    out = pipe([prompts[i % len(prompts)] for i in ids], num_inference_steps=config["num_inference_steps"],
+    schedule = ({"sigmas": config["sigmas"]} if "sigmas" in config
+                else {"num_inference_steps": config["num_inference_steps"]})
+    out = pipe([prompts[i % len(prompts)] for i in ids], **schedule,
                guidance_scale=config["guidance_scale"], output_type="latent", callback_on_step_end=recorder,
                generator=[torch.Generator().manual_seed(config["seed"] + i) for i in ids], **config["pipe_kwargs"])
     bar.update(n)
