@@ -91,6 +91,16 @@ def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:
     return model
 
 
+def trained_schedule(shortcut) -> tuple[str, dict]:
+    """The schedule of the teacher runs a shortcut learnt to finish, as (name, parameters) for
+    ``schedulers.named.schedule_sigmas``: what ``distill shortcut --schedule`` recorded in its file's ``extra``;
+    exp_karras (p as recorded, else 1) for files from before the schedule was recorded and for shortcuts built in
+    code. ``shortcut``: a loaded shortcut, or its file's ``extra`` dict."""
+    extra = shortcut if isinstance(shortcut, dict) else ((getattr(shortcut, "metadata", None) or {}).get("extra") or {})
+    name = extra.get("schedule") or "exp_karras"
+    return name, ({"p": float(extra.get("exp_karras_p") or 1.0)} if name == "exp_karras" else {})
+
+
 def read_shortcut_metadata(path: str | os.PathLike) -> dict:
     """The decoded metadata of a shortcut file (``t_band`` as two floats), read from its header alone."""
     names, raw = read_safetensors_header(path)

@@ -19,7 +19,7 @@ from comfy_api.latest import io
 
 from ..models.handoff import check_handoff_at_sigma, check_teacher, handoff_steps_in_band, shortcut_from_ve
 from ..models.nafnet import TwoStageShortcut
-from ..models.shortcut_file import load_shortcut
+from ..models.shortcut_file import load_shortcut, trained_schedule
 from .model_identity import unet_shape_fingerprint
 
 FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
@@ -157,6 +157,16 @@ class LoadShortcut(io.ComfyNode):
                                                                                              shortcut_name))))
 
 
+def warn_other_schedule(shortcut: TwoStageShortcut, scheduler: str) -> None:
+    """One warning when the runs handed to ``shortcut`` are not of the schedule it learnt to finish: inside its band
+    it runs, but on latents unlike those it was trained on."""
+    trained, _ = trained_schedule(shortcut)
+    if scheduler != trained:
+        logging.warning("Direct Distill: this shortcut learnt to finish %s runs; the %s scheduler hands it latents "
+                        "it was not trained on (in the lab that costs 0.1-0.2 FD). Pick the %s scheduler.",
+                        trained, scheduler, trained)
+
+
 class ShortcutKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -179,7 +189,8 @@ class ShortcutKSampler(io.ComfyNode):
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="dpmpp_2m",
                                tooltip="The sampler of the model steps (the paper: DPM++ 2M)."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="exp_karras",
-                               tooltip="The schedule; exp_karras is the one the paper's shortcut was trained on."),
+                               tooltip="The schedule: the one the shortcut was trained on (exp_karras unless made with "
+                                       "distill shortcut --schedule; its file records it)."),
                 io.Conditioning.Input("positive", tooltip="What to include in the image."),
                 io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
                 io.Latent.Input("latent_image", tooltip="The latent image to denoise."),
@@ -194,6 +205,7 @@ class ShortcutKSampler(io.ComfyNode):
                 negative, latent_image, denoise) -> io.NodeOutput:
         # The sigmas the stock KSampler would run (denoise, and the samplers that drop the penultimate sigma).
         sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, denoise).sigmas
+        warn_other_schedule(shortcut.shortcut, scheduler)
         latent = latent_image.copy()
         latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(latent["samples"], seed, latent.get("batch_index"))

@@ -8,8 +8,10 @@ import torch
 
 from ..models.handoff import check_teacher, shortcut_from_vp
 from ..models.nafnet import TwoStageShortcut
-from ..models.shortcut_file import load_shortcut
+from ..models.shortcut_file import load_shortcut, trained_schedule
 from ..models.student_file import shape_fingerprint, unet_parameter_shapes
+from ..schedulers.named import schedule_sigmas
+from ..schedulers.noise import sigma_table
 
 
 def next_unet_input(pipe, steps_done: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +45,9 @@ class ShortcutCallback:
 
         cb = ShortcutCallback("shortcut.safetensors", handoff_step=12)
         image = pipe(prompt, num_inference_steps=20, callback_on_step_end=cb).images[0]
+
+    A shortcut learns to finish runs of one schedule (``distill shortcut --schedule``, exp_karras by default);
+    ``cb.sigmas(n, pipe.scheduler)`` gives an n-step run of it for ``pipe(..., sigmas=...)``.
 
     Args:
         shortcut: a ``TwoStageShortcut`` or the path of a shortcut file (read with ``load_shortcut``).
@@ -86,3 +91,16 @@ class ShortcutCallback:
         callback_kwargs["latents"] = shortcut_from_vp(self.shortcut, x_t, t, self.force)
         pipe._interrupt = True
         return callback_kwargs
+
+    @property
+    def schedule(self) -> tuple[str, dict]:
+        """The schedule of the runs the shortcut was trained on (``models.shortcut_file.trained_schedule``)."""
+        return trained_schedule(self.shortcut)
+
+    def sigmas(self, num_inference_steps: int, scheduler) -> list[float]:
+        """The ``num_inference_steps`` sigmas (without the final 0) of a run of the schedule the shortcut was trained
+        on, on ``scheduler``'s noise table: ``pipe(..., sigmas=cb.sigmas(11, pipe.scheduler))`` with a scheduler
+        that takes sigmas (``ExpKarrasScheduler``, ``EulerDiscreteScheduler``)."""
+        name, params = self.schedule
+        sigmas = schedule_sigmas(name, num_inference_steps, sigma_table(scheduler.alphas_cumprod), **params)
+        return sigmas[:-1].tolist()

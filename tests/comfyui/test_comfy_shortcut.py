@@ -5,6 +5,7 @@ t-band refusal, and the example workflows (structure, widget values, and a run o
 import asyncio
 import importlib
 import json
+import logging
 from pathlib import Path
 
 import comfy.sample
@@ -141,6 +142,18 @@ def test_shortcut_ksampler_is_comfy_sampling_then_the_handoff(comfy_loaded, twin
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     # The shortcut really took over: its output is not the latent it was handed.
     assert (out - after_k).abs().max() > 0.1
+
+
+def test_shortcut_ksampler_warns_once_when_the_scheduler_is_not_the_one_the_shortcut_learnt(
+        comfy_loaded, twin_unets, shortcut, caplog):
+    model, _ = twin_unets
+    with caplog.at_level(logging.WARNING):
+        shortcut_ksampler(model, shortcut)  # a file with no schedule recorded: exp_karras, as the capture's default
+    assert not [r for r in caplog.records if "learnt to finish" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        shortcut_ksampler(model, shortcut, scheduler="beta", handoff_step=10)
+    (warning,) = [r.getMessage() for r in caplog.records if "learnt to finish" in r.getMessage()]
+    assert "learnt to finish exp_karras runs; the beta scheduler" in warning and "Pick the exp_karras" in warning
 
 
 def test_shortcut_ksampler_equals_the_diffusers_side(comfy_loaded, twin_unets, shortcut, sd_scheduler_config):
