@@ -92,7 +92,8 @@ class Run:
     accuracy: float
     seconds_per_image: float
     guidance: float | None = None
-    teacher_steps: int | None = None  # shortcut: the steps of the run it hands off from
+    teacher_steps: int | None = None  # shortcut: the steps of the run it hands off from, and its schedule
+    schedule: str | None = None
     method: str | None = None  # student: its method, file, and the file's sha256
     file: str | None = None
     sha256: str | None = None
@@ -390,6 +391,22 @@ class Bench:
             save_grid(samples.images, samples.labels, self.plots / f"grid_{slug(group, name, nfe)}.png")
         return run
 
+    def discard(self, stale) -> None:
+        """Drops the rows for which ``stale(run)`` holds (those of a file that is no longer committed), and their
+        sample grids."""
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = Results.load(self.path)
+            dropped = [r for r in on_disk.runs if stale(r)]
+            on_disk.runs = [r for r in on_disk.runs if not stale(r)]
+            self._write(on_disk)
+            self.results = on_disk
+        for run in dropped:
+            if run.seed_set == 0:
+                (self.plots / f"grid_{slug(run.group, run.name, run.nfe)}.png").unlink(missing_ok=True)
+
     def save(self, new: Results) -> None:
         """Merges ``new`` into the results file under a lock, so row groups can run in parallel."""
         import fcntl
@@ -493,16 +510,22 @@ def run_schedules(bench: Bench, guidance: float, repeats: int, schedules=SCHEDUL
 
 @dataclass(frozen=True)
 class ShortcutRun:
-    """K teacher steps of an N-step run on ``schedule``, then the shortcut: K + 1 UNet-sized calls."""
+    """K teacher steps of an N-step run on ``schedule``, then the shortcut: K + 1 UNet-sized calls. ``trained``:
+    a hand-off the shortcut learnt (its schedule, a run length it was trained on); else the same hand-off from a
+    run of another schedule. ``tag`` tells apart two trained hand-offs at the same K."""
 
     schedule: Schedule
     steps: int  # N
     handoff: int  # K
+    trained: bool = True
+    tag: bool = False
 
     @property
     def name(self) -> str:
         base = f"{self.handoff}+1"
-        return base if self.schedule == EXP_KARRAS else f"{base}, {self.schedule.label} {self.steps} steps"
+        if not self.trained:
+            return f"{base}, {self.schedule.label} {self.steps} steps"
+        return f"{base} ({self.steps} steps)" if self.tag else base
 
     @property
     def config(self) -> Config:
@@ -515,20 +538,51 @@ class ShortcutRun:
         return teacher_on(self.schedule, self.steps)
 
 
-# On exp_karras p=1, the schedule the lab shortcut was trained on, N puts step K inside its band (steps 10-12 of
-# 20, t ~ 259-352): 7+1 and 12+1 are the runs it learnt.
-SHORTCUT_RUNS = (ShortcutRun(EXP_KARRAS, 12, 7), ShortcutRun(EXP_KARRAS, 20, 10), ShortcutRun(EXP_KARRAS, 20, 12))
-# The same hand-offs from runs of the teacher's best schedules at 8 and 20 steps, N again putting step K in the
-# band (t = 314 and 320 for beta, 301 and 307 for align_your_steps): does the shortcut carry over to latents of
-# a schedule it was not trained on?
-SHORTCUT_TRANSFER_RUNS = tuple(ShortcutRun(schedule(name), n, k) for name in ("beta", "align_your_steps")
-                               for n, k in ((11, 7), (19, 12)))
-SHORTCUT_TEACHER_NFES = (8, 11, 13, 20)
+def schedule_of(label: str) -> Schedule:
+    """The schedule a row label names (``"exp_karras p=1"``, ``"beta"``)."""
+    name, *params = label.split()
+    return schedule(name, **{k: float(v) for k, v in (param.split("=", 1) for param in params)})
+
+
+# Hand-offs from runs of schedules a shortcut was not trained on, N putting step K inside the lab shortcut's band
+# (t ~ 250-360): the project's default, exp_karras (t = 255 and 304), and the teacher's best schedules at 8 and 20
+# steps, beta (t = 314 and 320) and align_your_steps (t = 301 and 307). Does the shortcut carry over to them?
+TRANSFER_HANDOFFS = {EXP_KARRAS: ((12, 7), (20, 12)), schedule("beta"): ((11, 7), (19, 12)),
+                     schedule("align_your_steps"): ((11, 7), (19, 12))}
+
+
+def shortcut_plan(extra: dict) -> tuple[list[ShortcutRun], list[ShortcutRun]]:
+    """A shortcut file's rows: every hand-off it was trained on (each captured step K of each run length N, on its
+    schedule), and the transfer runs of :data:`TRANSFER_HANDOFFS` on the other schedules."""
+    from ..models.shortcut_file import trained_schedule
+
+    name, params = trained_schedule(extra)
+    trained = schedule(name, **params)
+    pairs = sorted((k, c["num_inference_steps"]) for c in extra["captured"] for k in c["capture_steps"])
+    ks = [k for k, _ in pairs]
+    own = [ShortcutRun(trained, n, k, tag=ks.count(k) > 1) for k, n in pairs]
+    transfer = [ShortcutRun(sched, n, k, trained=False) for sched, runs in TRANSFER_HANDOFFS.items()
+                if sched != trained for n, k in runs]
+    return own, transfer
+
+
+def shortcut_rows(results: Results) -> tuple[list[ShortcutRun], list[ShortcutRun]]:
+    """The shortcut rows of ``results`` as runs (trained, transfer), in hand-off order."""
+    runs = {}
+    for r in results.runs:
+        if r.group == "shortcut" and r.config not in runs:
+            trained = ", " not in r.name
+            label = r.schedule or (EXP_KARRAS.label if trained else r.name.split(", ", 1)[1].rsplit(" ", 2)[0])
+            runs[r.config] = ShortcutRun(schedule_of(label), r.teacher_steps, r.nfe - 1, trained,
+                                         tag=trained and r.name.endswith(" steps)"))
+    ordered = sorted(runs.values(), key=lambda run: (run.schedule.label, run.handoff, run.steps))
+    return [r for r in ordered if r.trained], [r for r in ordered if not r.trained]
 
 
 def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
-    """The K+1 runs (each sampled again only when the shortcut file changed), the teacher's exp-Karras runs at
-    their NFEs where the schedule grid has none, and the whole runs each K+1 cuts short."""
+    """The rows of the committed shortcut (:func:`shortcut_plan`; each sampled again only when the file changed,
+    and the rows of an earlier file dropped), the whole runs each K+1 cuts short, and the teacher on the
+    shortcut's schedule at each trained run's NFE."""
     from ..models.shortcut_file import load_shortcut
     from ..pipelines import ShortcutCallback
     from . import SHORTCUT_PATH
@@ -536,20 +590,22 @@ def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
 
     shortcut = load_shortcut(SHORTCUT_PATH)
     digest = file_digest(SHORTCUT_PATH)
+    own, transfer = shortcut_plan(shortcut.metadata["extra"])
+    bench.discard(lambda r: r.group == "shortcut" and r.sha256 != digest)
     ac = bench.pipe.scheduler.alphas_cumprod
     for s in range(repeats):
-        for nfe in SHORTCUT_TEACHER_NFES:
-            bench.schedule_once(EXP_KARRAS, nfe, guidance, s)
-        for run in (*SHORTCUT_RUNS, *SHORTCUT_TRANSFER_RUNS):
+        for run in own:
+            bench.schedule_once(run.schedule, run.handoff + 1, guidance, s)
+        for run in (*own, *transfer):
             bench.schedule_once(run.schedule, run.steps, guidance, s)
-            done = bench.results.has(run.config, s)
-            if done and done.sha256 == digest:
+            if bench.results.has(run.config, s):
                 continue
             samples = sample_teacher(bench.pipe, run.schedule.sigmas(run.steps, ac), guidance, bench.n, SEED_BASE + s,
                                      callback=ShortcutCallback(shortcut, handoff_step=run.handoff),
                                      desc=f"shortcut {run.name}")
             bench.record("shortcut", run.name, run.handoff + 1, s, samples, guidance=guidance,
-                         teacher_steps=run.steps, file=SHORTCUT_PATH.name, sha256=digest)
+                         teacher_steps=run.steps, schedule=run.schedule.label, file=SHORTCUT_PATH.name,
+                         sha256=digest)
 
 
 STUDENT_NFES = (1, 2, 4, 8)
@@ -748,7 +804,7 @@ def shown_better(p: Paired) -> bool:
     return p.mean < 0 and p.significant
 
 
-SEVEN_PLUS_ONE, TWELVE_PLUS_ONE = SHORTCUT_RUNS[0].config, SHORTCUT_RUNS[2].config
+SEVEN_PLUS_ONE, TWELVE_PLUS_ONE = Config("shortcut", "7+1", 8), Config("shortcut", "12+1", 13)
 
 
 def shortcut_goals(results: Results) -> dict[str, Goal]:
@@ -948,16 +1004,19 @@ def best_schedule_section(results: Results) -> list[str]:
 
 
 def shortcut_section(results: Results) -> list[str]:
-    if not any(results.stats(run.config) for run in SHORTCUT_RUNS):
+    own, transfer = shortcut_rows(results)
+    own = [run for run in own if run.steps]
+    if not own:
         return []
     from ..models.io import read_safetensors
     from . import SHORTCUT_PATH
 
+    trained = own[0].schedule.label
     lines = ["## The NAFNet shortcut (K teacher steps + 1 shortcut call)", "",
-             f"K steps of an N-step {EXP_KARRAS.label} run (the schedule the shortcut was trained on), then the "
-             "shortcut; against the whole N-step run it cuts short (whose final latent the shortcut learnt to "
-             "predict) and against the teacher's best schedule at the same NFE, each paired over the seed sets "
-             "both ran.", ""]
+             f"K steps of an N-step {trained} run (the schedule and the run lengths the shortcut was trained on), "
+             "then the shortcut; against the whole N-step run it cuts short (whose final latent the shortcut learnt "
+             f"to predict), against the teacher's {trained} run at the same NFE and against the teacher's best "
+             "schedule at that NFE, each paired over the seed sets both ran.", ""]
     if SHORTCUT_PATH.is_file():
         psnr = json.loads(read_safetensors(SHORTCUT_PATH)[1].get("extra", "{}")).get("heldout_psnr", {})
         if psnr:
@@ -976,47 +1035,53 @@ def shortcut_section(results: Results) -> list[str]:
                 p.describe() if p else "–")
 
     lines += ["| run | NFE | FD | accuracy | the whole run: FD | run − whole run (paired) | "
-              "teacher's best at that NFE: FD | run − teacher's best (paired) | goal |", "|---|" + "---|" * 8]
-    for run in SHORTCUT_RUNS:
+              f"run − {trained} at that NFE (paired) | teacher's best at that NFE: FD | run − teacher's best "
+              "(paired) | goal |", "|---|" + "---|" * 9]
+    for run in own:
         st = results.stats(run.config)
-        if not st:
-            continue
+        same_nfe = results.paired(run.config, teacher_on(run.schedule, run.config.nfe))
         ref = reference(results, run.config.nfe)
         p = results.paired(run.config, ref[0]) if ref else None
         ref_cell = f"{ref[1]}: {fmt_fd(results.stats(ref[0]))}" if ref else "–"
         goal = goals_by_run.get(run.name)
         goal_cell = f"{goal.goal}: {goal.status}" if goal else "–"
         lines.append(f"| {run.name} | {run.config.nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | "
-                     + " | ".join(whole_run(run)) + f" | {ref_cell} | {p.describe() if p else '–'} | {goal_cell} |")
-    lines += ["", *goal_lines(list(goals_by_run.values())), "", *shortcut_limits(results)]
-    transfer = [run for run in SHORTCUT_TRANSFER_RUNS if results.stats(run.config)]
+                     + " | ".join(whole_run(run)) + f" | {same_nfe.describe() if same_nfe else '–'} | {ref_cell} | "
+                     f"{p.describe() if p else '–'} | {goal_cell} |")
+    lines += ["", *goal_lines(list(goals_by_run.values())), "", *shortcut_limits(results, own)]
+    transfer = [run for run in transfer if run.steps]
     if transfer:
         lines += ["### The same hand-offs from runs of other schedules", "",
                   "K steps of an N-step run of a schedule the shortcut was not trained on, N putting step K in its "
-                  "band; against that whole run, and against the same K+1 on its own schedule.", "",
+                  f"band; against that whole run, and against the same K+1 on {trained}.", "",
                   "| run | NFE | FD | accuracy | the whole run: FD | run − whole run (paired) | "
-                  "run − the same K+1 on exp_karras (paired) |", "|---|" + "---|" * 6]
-        own = {run.handoff: run for run in SHORTCUT_RUNS}
+                  f"run − the same K+1 on {trained} (paired) |", "|---|" + "---|" * 6]
+        by_handoff = {}
+        for run in own:
+            by_handoff.setdefault(run.handoff, run)
         for run in transfer:
             st = results.stats(run.config)
-            p = results.paired(run.config, own[run.handoff].config)
+            p = results.paired(run.config, by_handoff[run.handoff].config) if run.handoff in by_handoff else None
             lines.append(f"| {run.name} | {run.config.nfe} | {fmt_fd(st)} | {st.accuracy:.3f} | "
                          + " | ".join(whole_run(run)) + f" | {p.describe() if p else '–'} |")
         lines.append("")
     return lines
 
 
-def shortcut_limits(results: Results) -> list[str]:
+def shortcut_limits(results: Results, own: list[ShortcutRun]) -> list[str]:
     """Each goal's gap split in two, paired: what the whole run the shortcut learnt to finish loses to the
     teacher's best schedule, and what the jump loses to that whole run."""
     lines = []
-    for run, goal_nfe in ((SHORTCUT_RUNS[0], 8), (SHORTCUT_RUNS[2], 20)):
-        ref = reference(results, goal_nfe)
-        schedule_part = results.paired(run.finishes, ref[0]) if ref else None
+    runs = {run.config: run for run in own}
+    for config, goal_nfe in ((SEVEN_PLUS_ONE, 8), (TWELVE_PLUS_ONE, 20)):
+        run, ref = runs.get(config), reference(results, goal_nfe)
+        if run is None or ref is None:
+            continue
+        schedule_part = results.paired(run.finishes, ref[0])
         jump_part = results.paired(run.config, run.finishes)
         if schedule_part and jump_part:
             lines.append(f"- {run.name} against {ref[0].name} at {goal_nfe} steps: the whole {run.steps}-step "
-                         f"{EXP_KARRAS.label} run it learnt to finish is {schedule_part.describe()} (FD "
+                         f"{run.schedule.label} run it learnt to finish is {schedule_part.describe()} (FD "
                          f"{schedule_part.fd_a:.3f} against {schedule_part.fd_b:.3f}); the jump adds "
                          f"{jump_part.describe()}.")
     return ["What limits it:", "", *lines, ""] if lines else []

@@ -40,9 +40,13 @@ def main(argv=None):
     if SHORTCUT_PATH.is_file():
         from ..pipelines import ShortcutCallback
 
-        # Seed 000's "7+1": seven teacher steps of a 12-step exp-Karras run, then the NAFNet shortcut.
-        runs["shortcut_7+1"] = exp_karras_sigmas(12, 1.0, alphas_cumprod=ac)
-        callbacks["shortcut_7+1"] = ShortcutCallback(SHORTCUT_PATH, handoff_step=7)
+        # Seed 000's "7+1": seven teacher steps of a run of the schedule and length the shortcut learnt to finish
+        # from step 7 (11 beta steps for the committed one), then the NAFNet shortcut.
+        callback = ShortcutCallback(SHORTCUT_PATH, handoff_step=7)
+        captured = callback.shortcut.metadata["extra"]["captured"]
+        steps = next((c["num_inference_steps"] for c in captured if 7 in c["capture_steps"]), 12)
+        runs["shortcut_7+1"] = torch.tensor([*callback.sigmas(steps, pipe.scheduler), 0.0])
+        callbacks["shortcut_7+1"] = callback
     evaluator = None
     if CLASSIFIER_PATH.is_file():
         from .evaluator import Evaluator

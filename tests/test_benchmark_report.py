@@ -100,7 +100,8 @@ def goal_results(**overrides):
         res.runs += [run("schedule", "gits", 8, s, fd["best8"] + jitter), run("schedule", "karras", 8, s, 2.0),
                      run("schedule", "gits", 20, s, fd["best20"] + jitter), run("schedule", "karras", 20, s, 2.0),
                      run("schedule", "gits", 4, s, fd["best4"] + jitter), run("schedule", "karras", 4, s, 3.0),
-                     run("shortcut", "7+1", 8, s, fd["seven"] + jitter), run("shortcut", "12+1", 13, s, fd["twelve"]),
+                     run("shortcut", "7+1", 8, s, fd["seven"] + jitter, teacher_steps=12, schedule="exp_karras p=1"),
+                     run("shortcut", "12+1", 13, s, fd["twelve"], teacher_steps=20, schedule="exp_karras p=1"),
                      run("student", "sfd", 4, s, fd["student4"] + jitter), run("student", "sfd", 2, s, fd["student2"]),
                      run("student", "disback", 1, s, fd["student1"]), run("student", "gdd", 1, s, 5.0)]
     res.students = [StudentFile("sfd", "sfd.safetensors", "sfd", [2, 4], 1000.0 * fd["share"], 1, "cpu"),
@@ -172,7 +173,7 @@ def test_the_report_states_every_goal_with_its_figure(tmp_path):
         assert any(where in line and goal.status in line for line in before_summary), goal.goal
         assert any(goal.goal in line and goal.measured in line and goal.status in line for line in lines)
     shortcut = {r[0]: r for r in table_rows(text, "## The NAFNet shortcut", first_column="run")}
-    assert "gits, best of 2 schedules" in shortcut["7+1"][6] and shortcut["12+1"][8].endswith("**missed**")
+    assert "gits, best of 2 schedules" in shortcut["7+1"][7] and shortcut["12+1"][9].endswith("**missed**")
     students = {r[0]: r for r in table_rows(text, "## LoRA students")}
     assert students["teacher, its best schedule"][3].endswith("(gits)")  # NFE 4
 
@@ -182,7 +183,8 @@ def test_shortcut_gap_splits_into_the_run_it_cuts_short_and_the_jump(tmp_path):
     for s in range(3):
         res.runs += [run("schedule", "exp_karras p=1", 12, s, 1.1 + 0.01 * s),
                      run("schedule", "exp_karras p=1", 20, s, 0.82 + 0.01 * s),
-                     run("schedule", "beta", 11, s, 1.0), run("shortcut", "7+1, beta 11 steps", 8, s, 1.5)]
+                     run("schedule", "beta", 11, s, 1.0),
+                     run("shortcut", "7+1, beta 11 steps", 8, s, 1.5, teacher_steps=11, schedule="beta")]
     text = write_report(res, tmp_path / "REPORT.md")
     shortcut = {r[0]: r for r in table_rows(text, "## The NAFNet shortcut", first_column="run")}
     assert shortcut["7+1"][4] == "12 steps: 1.100 (3 sets: 1.110 ± 0.010)"
@@ -193,6 +195,45 @@ def test_shortcut_gap_splits_into_the_run_it_cuts_short_and_the_jump(tmp_path):
     (transfer,) = table_rows(text, "### The same hand-offs from runs of other schedules", first_column="run")
     assert transfer[0] == "7+1, beta 11 steps" and transfer[4] == "11 steps: 1.000 (3 sets: 1.000 ± 0.000)"
     assert transfer[6] == "+0.290 ± 0.010 over 3 seed sets, significant"
+
+
+def test_a_shortcut_files_rows_follow_the_schedule_and_run_lengths_it_was_trained_on():
+    from direct_distill.lab.benchmark import TRANSFER_HANDOFFS, shortcut_plan
+
+    beta = {"schedule": "beta", "exp_karras_p": 1.0, "captured": [
+        {"num_inference_steps": 19, "capture_steps": [12, 13]}, {"num_inference_steps": 11, "capture_steps": [7]}]}
+    own, transfer = shortcut_plan(beta)
+    assert [(r.name, r.schedule.label, r.steps, r.config.nfe) for r in own] == [
+        ("7+1", "beta", 11, 8), ("12+1", "beta", 19, 13), ("13+1", "beta", 19, 14)]
+    assert [r.name for r in transfer] == ["7+1, exp_karras p=1 12 steps", "12+1, exp_karras p=1 20 steps",
+                                          "7+1, align_your_steps 11 steps", "12+1, align_your_steps 19 steps"]
+    # A file from before the schedule was recorded was trained on exp_karras; two lengths may share a K.
+    legacy = {"exp_karras_p": 1.0, "captured": [{"num_inference_steps": 20, "capture_steps": [10, 12]},
+                                                {"num_inference_steps": 12, "capture_steps": [7]},
+                                                {"num_inference_steps": 14, "capture_steps": [7]}]}
+    own, transfer = shortcut_plan(legacy)
+    assert [r.name for r in own] == ["7+1 (12 steps)", "7+1 (14 steps)", "10+1", "12+1"]
+    assert {r.schedule for r in own} == {EXP_KARRAS} and len(transfer) == 2 * (len(TRANSFER_HANDOFFS) - 1)
+
+
+def test_the_shortcut_section_names_the_schedule_it_was_trained_on(tmp_path):
+    res = goal_results(seven=1.2)
+    res.runs = [r for r in res.runs if r.group != "shortcut"]
+    for s in range(3):
+        res.runs += [run("schedule", "beta", 11, s, 1.0 + 0.01 * s), run("schedule", "beta", 8, s, 1.05),
+                     run("shortcut", "7+1", 8, s, 1.1 + 0.02 * s, teacher_steps=11, schedule="beta"),
+                     run("schedule", "exp_karras p=1", 12, s, 1.2),
+                     run("shortcut", "7+1, exp_karras p=1 12 steps", 8, s, 1.4, teacher_steps=12,
+                         schedule="exp_karras p=1")]
+    text = write_report(res, tmp_path / "REPORT.md")
+    assert "K steps of an N-step beta run (the schedule and the run lengths the shortcut was trained on)" in text
+    (own,) = table_rows(text, "## The NAFNet shortcut", first_column="run")
+    assert own[0] == "7+1" and own[4] == "11 steps: 1.000 (3 sets: 1.010 ± 0.010)"
+    assert own[6] == "+0.070 ± 0.020 over 3 seed sets, significant"  # against beta's own 8 steps
+    assert "- 7+1 against gits at 8 steps: the whole 11-step beta run it learnt to finish is" in text
+    (transfer,) = table_rows(text, "### The same hand-offs from runs of other schedules", first_column="run")
+    assert transfer[0] == "7+1, exp_karras p=1 12 steps" and transfer[6].startswith("+0.280 ± 0.020")
+    assert "run − the same K+1 on beta (paired)" in text
 
 
 def test_floors_table_gives_fd_and_accuracy_over_seed_sets(tmp_path):
@@ -310,6 +351,35 @@ def test_schedule_grid_samples_every_schedule_on_every_seed_set(tmp_path, lab_be
     assert (tmp_path / "plots" / "grid_schedule_gits_2.png").is_file()
     rows = table_rows(write_report(on_disk, tmp_path / "REPORT.md"), "### The teacher's best schedule per NFE")
     assert [(r[0], r[1]) for r in rows] == [("2", "2 (2)"), ("3", "1 (1)")]
+
+
+@needs_data
+def test_shortcut_rows_follow_the_committed_file_and_drop_those_of_an_earlier_one(tmp_path, lab_bench_parts):
+    from direct_distill.lab import SHORTCUT_PATH
+    from direct_distill.lab.benchmark import file_digest, run_shortcut_rows, shortcut_plan
+    from direct_distill.models import load_shortcut
+
+    bench = tiny_bench(tmp_path, lab_bench_parts)
+    earlier = run("shortcut", "10+1", 11, 0, 0.5, teacher_steps=20, schedule="exp_karras p=1", sha256="earlier")
+    bench.save(Results(runs=[earlier]))
+    grid = tmp_path / "plots" / "grid_shortcut_10+1_11.png"
+    grid.parent.mkdir(parents=True)
+    grid.write_bytes(b"png")
+    run_shortcut_rows(bench, 3.0, repeats=1)
+    on_disk = Results.load(tmp_path / "results.json")
+    own, transfer = shortcut_plan(load_shortcut(SHORTCUT_PATH).metadata["extra"])
+    rows = {r.name: r for r in on_disk.runs if r.group == "shortcut"}
+    assert sorted(rows) == sorted(run.name for run in (*own, *transfer)) and not grid.exists()
+    assert {r.sha256 for r in rows.values()} == {file_digest(SHORTCUT_PATH)}
+    assert rows["7+1"].schedule == "beta" and rows["7+1"].teacher_steps == 11 and rows["7+1"].nfe == 8
+    # The whole runs each K+1 cuts short, and the teacher on the shortcut's schedule at each trained row's NFE.
+    teacher = {(r.name, r.nfe) for r in on_disk.runs if r.group == "schedule"}
+    assert {(run.schedule.label, run.steps) for run in (*own, *transfer)} <= teacher
+    assert {(run.schedule.label, run.config.nfe) for run in own} <= teacher
+    # Run again on the same file: nothing is sampled again.
+    before = [r for r in on_disk.runs]
+    run_shortcut_rows(bench, 3.0, repeats=1)
+    assert Results.load(tmp_path / "results.json").runs == before
 
 
 @needs_data

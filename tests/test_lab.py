@@ -162,9 +162,11 @@ def test_demo_writes_a_sheet_per_run_and_per_committed_student(tmp_path, capsys)
     main(["--out", str(tmp_path), "--per-class", "1", "--steps", "2"])
     assert torch.is_grad_enabled()  # the demo leaves the caller's autograd state alone
     sheets = {p.name for p in tmp_path.glob("*.png")}
-    assert {"karras_2.png", "exp_karras_2.png", "exp_karras_20.png"} <= sheets
+    assert {"karras_2.png", "exp_karras_2.png", "exp_karras_20.png", "shortcut_7+1.png"} <= sheets
     from direct_distill.models.student_file import read_student
 
     for path in STUDENT_FILES:
         assert f"{student_row_name(path)}_{read_student(path)[1].default_nfe}nfe.png" in sheets
-    assert "class accuracy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "class accuracy" in out
+    assert any(line.startswith("shortcut_7+1") and "  7 UNet steps" in line for line in out.splitlines())
