@@ -163,7 +163,7 @@ def warn_other_schedule(shortcut: TwoStageShortcut, scheduler: str) -> None:
     trained, _ = trained_schedule(shortcut)
     if scheduler != trained:
         logging.warning("Direct Distill: this shortcut learnt to finish %s runs; the %s scheduler hands it latents "
-                        "it was not trained on (in the lab that costs 0.1-0.2 FD). Pick the %s scheduler.",
+                        "it was not trained on, where its jump is less accurate. Pick the %s scheduler.",
                         trained, scheduler, trained)
 
 
