@@ -11,7 +11,7 @@ from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
 from ..models.student_file import shape_fingerprint, unet_parameter_shapes
 from ..schedulers.named import schedule_sigmas
-from ..schedulers.noise import sigma_table
+from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
 
 
 def next_unet_input(pipe, steps_done: int, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,5 +102,5 @@ class ShortcutCallback:
         on, on ``scheduler``'s noise table: ``pipe(..., sigmas=cb.sigmas(11, pipe.scheduler))`` with a scheduler
         that takes sigmas (``ExpKarrasScheduler``, ``EulerDiscreteScheduler``)."""
         name, params = self.schedule
-        sigmas = schedule_sigmas(name, num_inference_steps, sigma_table(scheduler.alphas_cumprod), **params)
+        sigmas = schedule_sigmas(name, num_inference_steps, sigma_table(alphas_cumprod_from_config(scheduler.config)), **params)
         return sigmas[:-1].tolist()

@@ -112,8 +112,9 @@ def test_capture_resumes_by_skipping_written_shards_and_refuses_other_settings(p
 
 def test_capture_runs_a_named_schedule_from_its_sigmas_and_records_it(pipe, tmp_path):
     from direct_distill.schedulers.named import schedule_sigmas
+    from direct_distill.schedulers.noise import sigma_table
 
-    sigmas = schedule_sigmas("beta", STEPS, pipe.scheduler._sigma_table)
+    sigmas = schedule_sigmas("beta", STEPS, sigma_table(pipe.scheduler.alphas_cumprod))
     folder = capture(pipe, tmp_path, n=2, sigmas=sigmas, schedule="beta")
     data = load_trajectories(folder)
     assert data.config["schedule"] == "beta" and data.config["sigmas"] == pytest.approx(sigmas.tolist())
@@ -227,9 +228,9 @@ def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe
 
 def test_callback_gives_the_sigmas_of_the_schedule_the_shortcut_was_trained_on(pipe, shortcut, tmp_path):
     from direct_distill.schedulers.named import schedule_sigmas
-    from direct_distill.schedulers.noise import sigma_table
+    from direct_distill.schedulers.noise import alphas_cumprod_from_config, sigma_table
 
-    table = sigma_table(pipe.scheduler.alphas_cumprod)
+    table = sigma_table(alphas_cumprod_from_config(pipe.scheduler.config))  # float64, as the capture's
     # Built in code, or a file from before the schedule was recorded: exp_karras p=1, the capture's default.
     assert ShortcutCallback(shortcut, 3).sigmas(8, pipe.scheduler) == pytest.approx(
         schedule_sigmas("exp_karras", 8, table, p=1.0)[:-1].tolist())
@@ -348,6 +349,7 @@ def test_the_capture_band_picks_the_hand_off_steps_of_each_run_length():
 def test_cli_captures_the_schedule_asked_for_and_records_it_in_the_file(tiny_sd_pipeline, tmp_path):
     from direct_distill.__main__ import main
     from direct_distill.schedulers.named import schedule_sigmas
+    from direct_distill.schedulers.noise import sigma_table
 
     tiny_sd_pipeline.save_pretrained(tmp_path / "teacher")
     (tmp_path / "prompts.txt").write_text("bag\ncoat\n")
@@ -364,7 +366,7 @@ def test_cli_captures_the_schedule_asked_for_and_records_it_in_the_file(tiny_sd_
     scheduler = ExpKarrasScheduler.from_config(tiny_sd_pipeline.scheduler.config)
     for captured in extra["captured"]:  # the timesteps of beta runs of each length, not of exp-Karras ones
         n = captured["num_inference_steps"]
-        scheduler.set_timesteps(sigmas=schedule_sigmas("beta", n, scheduler._sigma_table).tolist())
+        scheduler.set_timesteps(sigmas=schedule_sigmas("beta", n, sigma_table(scheduler.alphas_cumprod)).tolist())
         assert captured["timesteps"] == [float(scheduler.timesteps[k]) for k in captured["capture_steps"]]
         scheduler.set_timesteps(n)
         assert captured["timesteps"] != [float(scheduler.timesteps[k]) for k in captured["capture_steps"]]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..models.nafnet import PRESETS, SIZES as NAFNET_SIZES, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
 from ..schedulers.named import SCHEDULE_NAMES, schedule_sigmas
+from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
 from ..schedulers.sigmas import exp_karras_timesteps
 from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .loop import cost_record
@@ -269,7 +270,7 @@ def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
         scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
         sigmas = None
         if config.schedule != "exp_karras":
-            sigmas = schedule_sigmas(config.schedule, n, scheduler._sigma_table).tolist()
+            sigmas = schedule_sigmas(config.schedule, n, sigma_table(alphas_cumprod_from_config(scheduler.config))).tolist()
         scheduler.set_timesteps(**({"sigmas": sigmas} if sigmas is not None else {"num_inference_steps": n}))
         steps = band_steps(scheduler.timesteps, config.capture_band)
         if not steps:
