@@ -63,7 +63,8 @@ class _Recorder:
 @torch.no_grad()
 def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], num_trajectories: int, *,
                          num_inference_steps: int = 20, capture_steps=(10, 11, 12), guidance_scale: float = 7.5,
-                         seed: int = 0, scheduler=None, sigmas=None, schedule: str | None = None, shard_size: int = 256, batch_size: int = 16,
+                         seed: int = 0, scheduler=None, sigmas=None, schedule: str | None = None,
+                         shard_size: int = 256, batch_size: int = 16,
                          teacher: str | None = None, pipe_kwargs: dict | None = None,
                          process_index: int = 0, num_processes: int = 1) -> Path:
     """Run the teacher ``num_trajectories`` times and write the capture folder; returns it.
