@@ -102,5 +102,6 @@ class ShortcutCallback:
         on, on ``scheduler``'s noise table: ``pipe(..., sigmas=cb.sigmas(11, pipe.scheduler))`` with a scheduler
         that takes sigmas (``ExpKarrasScheduler``, ``EulerDiscreteScheduler``)."""
         name, params = self.schedule
-        sigmas = schedule_sigmas(name, num_inference_steps, sigma_table(alphas_cumprod_from_config(scheduler.config)), **params)
+        table = sigma_table(alphas_cumprod_from_config(scheduler.config))
+        sigmas = schedule_sigmas(name, num_inference_steps, table, **params)
         return sigmas[:-1].tolist()

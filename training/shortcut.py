@@ -270,7 +270,8 @@ def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
         scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
         sigmas = None
         if config.schedule != "exp_karras":
-            sigmas = schedule_sigmas(config.schedule, n, sigma_table(alphas_cumprod_from_config(scheduler.config))).tolist()
+            table = sigma_table(alphas_cumprod_from_config(scheduler.config))
+            sigmas = schedule_sigmas(config.schedule, n, table).tolist()
         scheduler.set_timesteps(**({"sigmas": sigmas} if sigmas is not None else {"num_inference_steps": n}))
         steps = band_steps(scheduler.timesteps, config.capture_band)
         if not steps:
