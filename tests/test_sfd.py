@@ -14,7 +14,7 @@ from direct_distill.schedulers.grids import CLEAN
 from direct_distill.training.config import LoraSpec, RunConfig, SettingError
 from direct_distill.training.lora import STUDENT, LoraStudent
 from direct_distill.training.runner import Job
-from direct_distill.training.sfd import SFD, SFDConfig, train_sfd
+from direct_distill.training.sfd import SFD, SFDConfig, capture_pool, train_sfd
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
 
@@ -153,6 +153,79 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_teacher_pool_holds_the_teachers_trajectories_and_the_loss_uses_them(tiny_sd_pipeline, accelerator):
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
+    with torch.no_grad():
+        for p in student.adapters.parameters():
+            p.normal_(0, 0.05)
+    method = SFD(student, PROMPTS, config(pool=5, p_uncond=0.5))
+    pool = capture_pool(method, 5, 0, None, accelerator)
+    assert method.pool is pool and pool.seconds > 0 and pool.noise.shape == (5, 4, 16, 16)
+    assert {n: t.shape for n, t in pool.targets.items()} == {2: (5, 2, 4, 16, 16), 3: (5, 3, 4, 16, 16)}
+    assert set(pool.prompts) <= {"", *PROMPTS}
+    # Draw 3 of the pool is the teacher's own trajectory from its noise and prompt, segment after segment.
+    cond = student.embed(pool.prompts[3:4])
+    x = pool.noise[3:4]
+    for i, (t, t_next) in enumerate(zip([999, 666, 332], [666, 332, CLEAN])):
+        x = method.teacher_segment(x, t, t_next, cond)
+        torch.testing.assert_close(pool.targets[3][3:4, i], x, atol=1e-5, rtol=1e-5)
+    # A batch is drawn from the pool, and the loss against its targets is the online loss from the same draws.
+    torch.manual_seed(1)
+    batch = method.batch(0)
+    assert batch["targets"].shape[:2] == (2, batch["nfe"])
+    assert any(torch.equal(batch["noise"][0], row) for row in pool.noise)
+    pooled = method.loss(0, batch)
+    online = method.loss(0, {k: v for k, v in batch.items() if k != "targets"})
+    torch.testing.assert_close(pooled, online, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pooled_run_reuses_its_pool_resumes_exactly_and_counts_the_pools_cost(tiny_sd_pipeline, tmp_path,
+                                                                              accelerator, monkeypatch):
+    monkeypatch.setattr("direct_distill.training.sfd.POOL_SHARD", 4)  # 7 draws: two pool files
+    size = 7
+    pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
+    straight = train_sfd(job(pipes[0], tmp_path / "straight.safetensors", tmp_path / "straight", accelerator),
+                         config(pool=size))
+    assert sorted(p.name for p in (tmp_path / "straight" / "teacher_pool").iterdir()) == \
+        ["pool-00000.safetensors", "pool-00001.safetensors"]
+    _, info = read_student(straight.path)
+    assert info.extra["teacher_pool"]["draws"] == size
+    assert info.extra["train_seconds"] >= info.extra["teacher_pool"]["seconds"] > 0
+
+    # Killed after the first pool file, then at step 3: the resumed run ends bit-identical to the straight one.
+    real = SFD.teacher_trajectory
+    calls = []
+
+    def dies_in_the_second_file(self, noise, cond, n):
+        calls.append(len(noise))
+        if len(calls) > 2:  # file 0 took one call per NFE
+            raise Interrupted
+        return real(self, noise, cond, n)
+
+    monkeypatch.setattr(SFD, "teacher_trajectory", dies_in_the_second_file)
+    with pytest.raises(Interrupted):
+        train_sfd(job(pipes[1], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config(pool=size))
+    assert [p.name for p in (tmp_path / "resumed" / "teacher_pool").iterdir()] == ["pool-00000.safetensors"]
+    monkeypatch.setattr(SFD, "teacher_trajectory", real)
+    loss = SFD.loss
+
+    def dies_at_step_3(self, step, batch):
+        if step == 3:
+            raise Interrupted
+        return loss(self, step, batch)
+
+    monkeypatch.setattr(SFD, "loss", dies_at_step_3)
+    with pytest.raises(Interrupted):
+        train_sfd(job(pipes[2], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config(pool=size))
+    monkeypatch.setattr(SFD, "loss", loss)
+    monkeypatch.setattr(SFD, "teacher_segment", lambda *a: pytest.fail("the pool on disk is not recomputed"))
+    torch.manual_seed(99)
+    train_sfd(job(copy.deepcopy(tiny_sd_pipeline), tmp_path / "resumed.safetensors", tmp_path / "resumed",
+                  accelerator), config(pool=size))
+    a, b = (read_safetensors(tmp_path / f"{name}.safetensors")[0] for name in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_settings_are_checked():
     for changes, message in [(dict(default_nfe=4), "default_nfe: must be one of the NFEs \\[2, 3\\], got 4"),
                              (dict(distance="huber"), "distance: expected one of l1, l2"),
@@ -162,7 +235,10 @@ def test_settings_are_checked():
                              (dict(nfes=(200,), default_nfe=200, schedule_p=8.0), "nfes: 200 steps at p=8.0 do not "
                                                                                  "give distinct"),
                              (dict(p_uncond=1.5), "p_uncond: must be <= 1"),
-                             (dict(latent_size=0), "latent_size: must be >= 1")]:
+                             (dict(latent_size=0), "latent_size: must be >= 1"),
+                             (dict(pool=-1), "pool: must be >= 0"),
+                             (dict(pool=8, teacher_from="student"), "pool: a teacher pool needs --teacher-from "
+                                                                    "teacher")]:
         with pytest.raises(SettingError, match=message):
             config(**changes)
 

@@ -21,6 +21,13 @@ with classifier-free guidance and the student learns the guided trajectories, sa
 UNet call per step. ``sample_with_cfg`` distils at guidance 1 with a fraction of empty prompts instead, as the
 paper does for Stable Diffusion, and leaves CFG to sampling.
 
+Teacher pool (``pool > 0``, a departure for speed): with ``teacher_from="teacher"`` the teacher's trajectory
+depends on the noise and the prompt alone, never on the student, so its latents at the student's timesteps can
+be computed once for ``pool`` draws of (noise, prompt) and reused: each step then draws its batch from that pool
+and runs the student alone. At NFE 1 this is the one-step distillation of Luhman & Luhman (2021) on SFD's
+targets. The teacher runs about 3/4 of an online step's time; the pool's capture time is added to the training
+seconds the file records.
+
 Timesteps: the paper tunes t_min (its Figure 5); the trailing grid (p = 0: 999, 749, 499, 249 for 4 steps)
 puts the last student call at t = T/n - 1 and ends on the clean latent, the convention of few-step SD
 samplers; ``schedule_p > 0`` spaces the steps like exp-Karras. At NFE 1 the one step goes from pure noise to the
@@ -29,12 +36,17 @@ clean latent, so the student learns the teacher's whole ``teacher_substeps``-ste
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..models.io import FileFormatError, atomic_save_file, read_safetensors
 from ..schedulers.grids import CLEAN, trailing_timesteps
 from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
                      sample_with_cfg_setting, sampling_guidance, setting, training_record)
@@ -68,8 +80,14 @@ class SFDConfig(Settings):
     guidance: float | None = guidance_setting("file")
     sample_with_cfg: bool = sample_with_cfg_setting("file")
     latent_size: int | None = setting(None, ge=1, help="latent height = width (default: the UNet's)")
+    pool: int = setting(0, ge=0, help="0: the teacher runs beside the student at every step; N: the teacher's "
+                                      "trajectories from N draws of noise and prompt are computed once (kept in the "
+                                      "work folder) and each step draws its batch from them (--teacher-from teacher)")
 
     def check(self) -> None:
+        if self.pool and self.teacher_from != "teacher":
+            raise SettingError("pool", "a teacher pool needs --teacher-from teacher (a teacher restarted from the "
+                                       "student's latent cannot be computed ahead)")
         if self.default_nfe not in self.nfes:
             raise SettingError("default_nfe", f"must be one of the NFEs {list(self.nfes)}, got {self.default_nfe}")
         for n in self.nfes:
@@ -95,6 +113,7 @@ class SFD:
         size = config.latent_size or unet.config.sample_size
         self.latent_shape = (unet.config.in_channels, size, size)
         # The teacher's solver; the last substep of a segment is first order (needed where it ends at sigma 0).
+        self.pool: TeacherPool | None = None  # set by capture_pool
         self.solver = DPMSolverMultistepScheduler.from_config(
             student.scheduler_config, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
             lower_order_final=True, final_sigmas_type="zero", use_karras_sigmas=False, use_exponential_sigmas=False,
@@ -105,9 +124,23 @@ class SFD:
         nfes = sorted(self.timesteps)
         n = nfes[int(torch.randint(len(nfes), ()))]
         B = self.config.run.batch_size
+        if self.pool is not None:
+            ids = torch.randint(len(self.pool.prompts), (B,))
+            return {"nfe": n, "noise": self.pool.noise[ids], "targets": self.pool.targets[n][ids],
+                    "cond": self.student.embed([self.pool.prompts[i] for i in ids.tolist()])}
         prompts = sample_prompts(self.prompts, B)
         return {"nfe": n, "noise": torch.randn(B, *self.latent_shape),
                 "cond": self.student.embed(drop_prompts(prompts, self.config.p_uncond))}
+
+    @torch.no_grad()
+    def teacher_trajectory(self, noise: torch.Tensor, cond: torch.Tensor, n: int) -> torch.Tensor:
+        """The teacher's latents at the ends of the ``n`` student steps from ``noise``: ``(B, n, C, H, W)``."""
+        ts = self.timesteps[n] + [CLEAN]
+        x, out = noise, []
+        for t, t_next in zip(ts, ts[1:]):
+            x = self.teacher_segment(x, t, t_next, cond)
+            out.append(x)
+        return torch.stack(out, dim=1)
 
     @torch.no_grad()
     def teacher_segment(self, z: torch.Tensor, t_from: int, t_to: int, cond: torch.Tensor) -> torch.Tensor:
@@ -129,15 +162,100 @@ class SFD:
         ts = self.timesteps[n] + [CLEAN]
         x = x_teacher = batch["noise"]
         losses = []
-        for t, t_next in zip(ts, ts[1:]):
-            start = x_teacher if self.config.teacher_from == "teacher" else x
-            x_teacher = self.teacher_segment(start, t, t_next, cond)
+        for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
+            if "targets" in batch:
+                x_teacher = batch["targets"][:, i]
+            else:
+                start = x_teacher if self.config.teacher_from == "teacher" else x
+                x_teacher = self.teacher_segment(start, t, t_next, cond)
             x_next = self.student.ddim_step(x, t, t_next, cond, STUDENT)
             a, _ = self.student.alpha_sigma(torch.tensor([t_next]))
             diff = (x_next - x_teacher) / a  # on VE latents
             losses.append(diff.abs().mean() if self.config.distance == "l1" else diff.pow(2).mean())
             x = x_next.detach()
         return torch.stack(losses).mean()
+
+
+POOL_SHARD = 512   # draws per pool file
+POOL_STREAM = 7    # the pool's RNG stream, apart from the loop's per-step seeds
+
+
+@dataclass
+class TeacherPool:
+    """The teacher's trajectories for a fixed set of draws: ``noise`` (N, C, H, W), the prompt of each draw (the
+    empty prompt where it was dropped), ``targets[n]`` (N, n, C, H, W) for every NFE, and the seconds the
+    teacher took to compute them (summed over files)."""
+
+    noise: torch.Tensor
+    prompts: list[str]
+    targets: dict[int, torch.Tensor]
+    seconds: float
+
+
+def capture_pool(method: SFD, size: int, seed: int, folder: Path | None, accelerator) -> TeacherPool:
+    """Compute (or read back from ``folder``) the teacher pool of ``size`` draws and hand it to ``method``.
+
+    The draws of file k come from their own generator (``seed``, k), so a capture stopped part-way resumes file by
+    file with the same data; under several processes each computes every ``num_processes``-th file and all read
+    them all (without a folder, each computes them all)."""
+    shards = list(range(0, size, POOL_SHARD))
+    share = [k for k in range(len(shards))
+             if folder is None or k % accelerator.num_processes == accelerator.process_index]
+    done = {k for k in share if folder is not None and _pool_file(folder, k).is_file()}
+    bar = tqdm(total=sum(min(POOL_SHARD, size - shards[k]) for k in share), desc="teacher pool", unit="draw",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar.update(sum(min(POOL_SHARD, size - shards[k]) for k in done))
+    parts = {}
+    for k in share:
+        if k not in done:
+            parts[k] = _capture_pool_shard(method, min(POOL_SHARD, size - shards[k]), seed, k, bar)
+            if folder is not None:
+                tensors, meta = parts[k]
+                atomic_save_file(tensors, _pool_file(folder, k), meta)
+    bar.close()
+    if folder is not None:
+        accelerator.wait_for_everyone()
+        parts = {k: read_safetensors(_pool_file(folder, k)) for k in range(len(shards))}
+    nfes = sorted(method.timesteps)
+    for k, (tensors, meta) in parts.items():
+        expected = {"noise": (min(POOL_SHARD, size - shards[k]), *method.latent_shape),
+                    **{f"nfe{n}": (min(POOL_SHARD, size - shards[k]), n, *method.latent_shape) for n in nfes}}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if found != expected:
+            raise FileFormatError(f"{_pool_file(folder, k) if folder else 'teacher pool'}: holds {found}, "
+                                  f"expected {expected}; delete the work folder's teacher pool to compute it again")
+    ordered = [parts[k] for k in range(len(shards))]
+    method.pool = TeacherPool(
+        noise=torch.cat([t["noise"] for t, _ in ordered]),
+        prompts=[p for _, meta in ordered for p in json.loads(meta["prompts"])],
+        targets={n: torch.cat([t[f"nfe{n}"] for t, _ in ordered]) for n in nfes},
+        seconds=sum(float(meta["seconds"]) for _, meta in ordered))
+    return method.pool
+
+
+def _capture_pool_shard(method: SFD, count: int, seed: int, k: int, bar, batch: int = 128):
+    words = np.random.SeedSequence(seed, spawn_key=(POOL_STREAM, k)).generate_state(2)
+    generator = torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+    prompts = method.prompts
+    noise = torch.randn(count, *method.latent_shape, generator=generator)
+    chosen = [prompts[i] for i in torch.randint(len(prompts), (count,), generator=generator).tolist()]
+    dropped = (torch.rand(count, generator=generator) < method.config.p_uncond).tolist()
+    chosen = ["" if d else p for p, d in zip(chosen, dropped)]
+    began = time.perf_counter()
+    targets = {n: [] for n in sorted(method.timesteps)}
+    device = method.student.device
+    for first in range(0, count, batch):
+        z = noise[first:first + batch].to(device)
+        cond = method.student.embed(chosen[first:first + batch])
+        for n in targets:
+            targets[n].append(method.teacher_trajectory(z, cond, n).cpu())
+        bar.update(len(z))
+    tensors = {"noise": noise, **{f"nfe{n}": torch.cat(parts) for n, parts in targets.items()}}
+    return tensors, {"prompts": json.dumps(chosen), "seconds": f"{time.perf_counter() - began:.3f}"}
+
+
+def _pool_file(folder: Path, k: int) -> Path:
+    return folder / f"pool-{k:05d}.safetensors"
 
 
 @dataclass
@@ -159,7 +277,10 @@ def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
     run = config.run
     student = job.student(run.lora, run.seed)
     method = SFD(student, job.prompts, config)
+    pool = capture_pool(method, config.pool, run.seed, job.stage_dir("teacher_pool"), job.accelerator) \
+        if config.pool else None
     result = job.train(method, run, config.steps, "sfd")
+    seconds = result.seconds + (pool.seconds if pool is not None else 0.0)
     job.on_main(lambda: student.write(
         job.out, method="sfd", teacher=job.teacher, nfe_timesteps=method.timesteps, default_nfe=config.default_nfe,
         comfy_sampler="euler", guidance=sampling_guidance(config), extra={
@@ -167,7 +288,8 @@ def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
             "teacher_from": config.teacher_from, "distance": config.distance,
             "distilled_at_guidance": distilled_guidance(config),
             "nfe_conditioning": False, "final_loss": result.loss, "training": training_record(config),
-            **cost_record(result.seconds, job.accelerator)}))
+            **({"teacher_pool": {"draws": config.pool, "seconds": round(pool.seconds, 1)}} if pool else {}),
+            **cost_record(seconds, job.accelerator)}))
     return SFDResult(path=job.out, nfes=sorted(method.timesteps), loss=result.loss)
 
 
