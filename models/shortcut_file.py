@@ -24,8 +24,12 @@ METADATA_KEYS = ("format", "format_version", "stage1_config", "stage2_config", "
                  "teacher_unet_shape_fingerprint", "latent_channels", "extra")
 
 
+STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: tuple[float, float], teacher: str,
-                  teacher_unet_shape_fingerprint: str, latent_channels: int, extra: dict | None = None) -> Path:
+                  teacher_unet_shape_fingerprint: str, latent_channels: int, extra: dict | None = None,
+                  dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model`` and its metadata to one safetensors file, atomically.
 
     Args:
@@ -37,7 +41,10 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
             ``student_file``); both samplers refuse a model of other UNet shapes.
         latent_channels: channels of the teacher's latents; must match the model.
         extra: any further JSON-serialisable facts (training steps, schedule, ...).
+        dtype: the weights' dtype in the file (float16 halves it; the samplers compute in the teacher's dtype).
     """
+    if dtype not in STORED_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(str, STORED_DTYPES))}, got {dtype}")
     lo, hi = (float(v) for v in t_band)
     if not 0 <= lo <= hi <= 1000:
         raise ValueError(f"t_band must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1000, got {tuple(t_band)}")
@@ -57,7 +64,8 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
         "extra": extra or {},
     }
     # Every entry JSON-encoded here (atomic_save_file would leave plain strings raw): uniform to read.
-    return atomic_save_file(model.state_dict(), path, {k: json.dumps(v) for k, v in metadata.items()})
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return atomic_save_file(tensors, path, {k: json.dumps(v) for k, v in metadata.items()})
 
 
 def load_shortcut(path: str | os.PathLike) -> TwoStageShortcut:

@@ -56,7 +56,7 @@ class ShortcutCallback:
             (otherwise a ValueError is raised at the first step, before any more UNet calls).
 
     A pipeline whose UNet is not the shortcut's teacher (by the shapes of its parameters) is refused at the first
-    step.
+    step. The shortcut computes in that UNet's dtype, whatever its file stores (``distill shortcut --save-dtype``).
 
     The hand-off itself is ``models.handoff.shortcut_from_vp``, the same code ComfyUI's nodes run.
     """
@@ -80,6 +80,7 @@ class ShortcutCallback:
             return callback_kwargs
         if step_index == 0:
             check_teacher(self.shortcut, shape_fingerprint(unet_parameter_shapes(pipe.unet)), "the pipeline's UNet")
+            self.shortcut.to(pipe.unet.dtype)  # computes in the UNet's dtype, whatever the file stores
         latents = callback_kwargs["latents"]
         # The hand-off timestep is known from the first step on, so a bad band fails before any wasted step.
         ahead = self.handoff_step - steps_done

@@ -226,6 +226,25 @@ def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe
         ShortcutCallback(shortcut, 0)
 
 
+def test_a_float16_file_is_half_the_size_and_runs_in_the_pipelines_dtype(pipe, shortcut, tmp_path):
+    files = {dtype: save_shortcut(tmp_path / f"{dtype}.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
+                                  teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4,
+                                  dtype=getattr(torch, dtype))
+             for dtype in ("float32", "float16")}
+    assert files["float16"].stat().st_size < 0.55 * files["float32"].stat().st_size
+    assert {p.dtype for p in load_shortcut(files["float16"]).parameters()} == {torch.float16}
+    callbacks = {dtype: ShortcutCallback(path, handoff_step=4) for dtype, path in files.items()}
+    latents = {dtype: run(pipe, "coat", 3, output_type="latent", callback_on_step_end=cb)
+               for dtype, cb in callbacks.items()}
+    assert {p.dtype for p in callbacks["float16"].shortcut.parameters()} == {torch.float32}  # the UNet's
+    assert latents["float16"].dtype == torch.float32
+    torch.testing.assert_close(latents["float16"], latents["float32"], rtol=1e-2, atol=1e-2)
+    assert not torch.equal(latents["float16"], latents["float32"])  # the weights really were rounded
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        save_shortcut(tmp_path / "int.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
+                      teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4, dtype=torch.int8)
+
+
 def test_callback_gives_the_sigmas_of_the_schedule_the_shortcut_was_trained_on(pipe, shortcut, tmp_path):
     from direct_distill.schedulers.named import schedule_sigmas
     from direct_distill.schedulers.noise import alphas_cumprod_from_config, sigma_table
@@ -387,8 +406,9 @@ def test_cli_distills_a_teacher_folder_into_one_shortcut_file(tiny_sd_pipeline, 
     assert main(["distill", "shortcut", "--teacher", str(tmp_path / "teacher"), "--out", str(out),
                  "--prompts", str(tmp_path / "prompts.txt"), "--trajectories", "2", "--teacher-steps", "5",
                  "--capture-band", "150", "400", "--stage1-steps", "2", "--stage2-steps", "1", "--batch-size", "2",
-                 "--holdout", "0.5"]) == 0
+                 "--holdout", "0.5", "--save-dtype", "float16"]) == 0
     loaded = load_shortcut(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
     assert loaded.teacher == str(tmp_path / "teacher") and loaded.metadata["extra"]["guidance_scale"] == 7.5
     assert loaded.teacher_unet_shape_fingerprint == identity(tiny_sd_pipeline.unet)
     assert (tmp_path / "shortcut.work" / "trajectories" / "steps5" / "index.json").is_file()

@@ -73,6 +73,8 @@ def shortcut_dir(comfy_loaded, twin_unets, tmp_path_factory):
     folder = tmp_path_factory.mktemp("shortcuts")
     shortcut_file.save_shortcut(folder / "tiny_shortcut.safetensors", model, t_band=T_BAND, teacher="tiny-sd15",
                                 teacher_unet_shape_fingerprint=fingerprint, latent_channels=4)
+    shortcut_file.save_shortcut(folder / "tiny_shortcut_fp16.safetensors", model, t_band=T_BAND, teacher="tiny-sd15",
+                                teacher_unet_shape_fingerprint=fingerprint, latent_channels=4, dtype=torch.float16)
     (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     folder_paths.add_model_folder_path("direct_distill_shortcuts", str(folder))
     return folder
@@ -285,6 +287,16 @@ def test_the_shortcut_runs_in_the_teachers_compute_dtype(comfy_loaded, shortcut)
     assert {p.dtype for p in patcher.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in shortcut.shortcut.parameters()} == {torch.float32}  # the file's weights are kept
     assert patcher in loaded_models()
+
+
+def test_a_float16_shortcut_file_runs_in_the_teachers_float32(comfy_loaded, twin_unets, shortcut):
+    (half,) = run_node(LOADER, shortcut_name="tiny_shortcut_fp16.safetensors")
+    assert {p.dtype for p in half.shortcut.parameters()} == {torch.float16}
+    model = twin_unets[0]
+    out, reference = shortcut_ksampler(model, half), shortcut_ksampler(model, shortcut)
+    assert {p.dtype for p in half.patcher(model.load_device, torch.float32).model.parameters()} == {torch.float32}
+    assert out.dtype == torch.float32 and not torch.equal(out, reference)  # rounded weights, computed in float32
+    assert float((out - reference).norm() / reference.norm()) < 1e-2
 
 
 def test_shortcut_sampler_refuses_a_non_ksampler(comfy_loaded, shortcut):
