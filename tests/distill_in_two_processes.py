@@ -16,7 +16,7 @@ runs = {
                  "--capture-band", "200", "260", "--stage1-steps", "2", "--stage2-steps", "1", "--holdout", "0.25"],
     "progressive": [*lora, "--latents", str(root / "latents.safetensors"), "--teacher-steps", "2",
                     "--student-steps", "1", "--steps-per-round", "2"],
-    "sfd": [*lora, "--nfe", "1", "--default-nfe", "1", "--steps", "2", "--teacher-substeps", "1"],
+    "sfd": [*lora, "--nfe", "1", "--default-nfe", "1", "--steps", "2", "--teacher-substeps", "1", "--pool", "3"],
     "gdd": [*lora, "--latents", str(root / "latents.safetensors"), "--steps", "2", "--r1-every", "1"],
     "disback": [*lora, "--degradation-steps", "1", "--path-checkpoints", "1", "--steps-per-node", "1", "--steps", "2"],
 }

@@ -42,3 +42,5 @@ def test_every_method_runs_and_resumes_in_two_processes_on_a_cpu(tiny_sd_pipelin
     # The capture's four shards were shared out, and one process printed each result, twice (run, then resumed).
     assert len(list((tmp_path / "shortcut.work" / "trajectories" / "steps4").glob("shard-*.safetensors"))) == 4
     assert done.stdout.count("SFD student (NFE 1) written to") == 2
+    assert read_student(tmp_path / "sfd.safetensors")[1].extra["teacher_pool"]["draws"] == 3  # one file, read by both
+    assert [p.name for p in (tmp_path / "sfd.work" / "teacher_pool").iterdir()] == ["pool-00000.safetensors"]
