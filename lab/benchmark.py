@@ -677,7 +677,18 @@ def measure_teacher_cost() -> TeacherCost:
 
 
 def run_costs(bench: Bench):
-    cost = measure_teacher_cost()
+    """Time the teacher's training on as many threads as the student files recorded (the most common count;
+    this process's own where none did), so that the shares compare like with like."""
+    import collections
+
+    counts = collections.Counter(f.threads for f in bench.results.students if f.threads)
+    threads = counts.most_common(1)[0][0] if counts else torch.get_num_threads()
+    own = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cost = measure_teacher_cost()
+    finally:
+        torch.set_num_threads(own)
     bench.save(Results(teacher_cost=cost))
     print(f"teacher training: {teacher_cost_terms(cost)} = {cost.seconds / 60:.1f} min on {cost.threads} thread(s)")
 
@@ -847,6 +858,9 @@ def cost_goals(results: Results) -> dict[str, Goal]:
         if f.train_seconds is None or teacher_cost is None:
             what = "not recorded" if f.train_seconds is None else "the teacher's cost is not measured (`--groups costs`)"
             goals[f.file] = Goal("costs", goal, what, None)
+        elif f.threads is not None and f.threads != teacher_cost.threads:
+            goals[f.file] = Goal("costs", goal, f"{f.train_seconds / 60:.1f} min on {f.threads} thread(s), the "
+                                                f"teacher timed on {teacher_cost.threads}: not comparable", None)
         else:
             share = f.train_seconds / teacher_cost.seconds
             goals[f.file] = Goal("costs", goal, f"{f.train_seconds / 60:.1f} min, {100 * share:.0f} %",
@@ -1125,7 +1139,8 @@ def cost_section(results: Results) -> list[str]:
              f"{100 * COST_SHARE_GOAL:.0f} % |", "|---|---|---|---|---|"]
     for f in files:
         sec = f.train_seconds
-        share = f"{100 * sec / teacher_cost.seconds:.0f} %" if sec is not None and teacher_cost else "–"
+        comparable = teacher_cost and f.threads in (None, teacher_cost.threads)
+        share = f"{100 * sec / teacher_cost.seconds:.0f} %" if sec is not None and comparable else "–"
         threads = f" ({f.threads} threads)" if f.threads not in (None, 1) else ""
         lines.append(f"| `{f.file}` | {', '.join(map(str, f.nfes))} | "
                      f"{f'{sec / 60:.1f} min' if sec is not None else 'not recorded'}{threads} | {share} | "

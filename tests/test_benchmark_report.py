@@ -5,6 +5,7 @@ import functools
 import json
 
 import pytest
+import torch
 
 from direct_distill.lab.benchmark import (EXP_KARRAS, KARRAS, Config, ONE_STEP_START, REAL_FLOOR, VAE_FLOOR, Bench,
                                           Evaluation, Floor, Results, Run, StudentFile, TeacherCost, goals,
@@ -252,6 +253,8 @@ def test_student_costs_and_training_curves(tmp_path):
                     train_seconds=370.0),
         StudentFile(**{**meta, "method": "progressive", "threads": 4}, name="progressive",
                     file="progressive_nfe2.safetensors", train_seconds=None),
+        StudentFile(**{**meta, "method": "progressive", "threads": 2}, name="progressive",
+                    file="progressive_nfe4.safetensors", train_seconds=300.0),
         # With backtracking: FD 4.0 (the plain run's best) at step 400; the plain run gets there at step 1000.
         StudentFile(**meta, name="disback", file="disback.safetensors", train_seconds=900.0,
                     selected=Evaluation(400, 3.9),
@@ -266,6 +269,11 @@ def test_student_costs_and_training_curves(tmp_path):
     costs = {r[0]: r for r in table_rows(text, "## What distillation costs")}
     assert costs["`sfd.safetensors`"][1:] == ["2, 4", "6.2 min", "10 %", "**met**"]
     assert costs["`progressive_nfe2.safetensors`"][2:] == ["not recorded (4 threads)", "–", "not measured"]
+    # Seconds on 2 threads are no share of a teacher timed on 1.
+    assert costs["`progressive_nfe4.safetensors`"][2:] == ["5.0 min (2 threads)", "–", "not measured"]
+    goals = {r[1]: r[2] for r in table_rows(text, "## Goals of issue 11") if r[0] == "costs"}
+    assert goals["`progressive_nfe4.safetensors` distilled in at most 25 % of the teacher's training"] == \
+        "5.0 min on 2 thread(s), the teacher timed on 1: not comparable"
     curves = {r[0]: r[1:] for r in table_rows(text, "## One-step students along training")}
     assert curves["`disback`"] == ["own", "5.00 (200)", "3.50 (600)", "3.50 (600)", "400"]  # the selected step
     assert curves["`plain`"] == ["EMA, decay 0.999", "6.00 (200)", "4.00 (1000)", "4.00 (1000)", "1000"]
@@ -306,10 +314,24 @@ def test_costs_come_from_the_teachers_cost_function(tmp_path, monkeypatch):
 
     cost = dict(vae_seconds_per_step=0.5, vae_steps=10, vae_batch=4, unet_seconds_per_step=0.25, unet_steps=20,
                 unet_batch=8, seconds=10.0, threads=1)
-    monkeypatch.setattr(lab_teacher, "measure_training_cost", lambda: cost)
+    timed_on = []
+
+    def measure():
+        timed_on.append(torch.get_num_threads())
+        return {**cost, "threads": torch.get_num_threads()}
+
+    monkeypatch.setattr(lab_teacher, "measure_training_cost", measure)
     bench = Bench(1, tmp_path / "results.json", pipe=object(), evaluator=object(), teacher_id="t")
+    own = torch.get_num_threads()
+    run_costs(bench)  # no student yet: this process's threads
+    assert Results.load(tmp_path / "results.json").teacher_cost == TeacherCost(**{**cost, "threads": own})
+    # The students' files were trained on 3 threads (two of them) and 1: the teacher is timed on 3.
+    bench.results.students = [StudentFile(method="sfd", nfes=[1], threads=t, device="cpu", name=f"s{i}",
+                                          file=f"s{i}.safetensors", train_seconds=60.0)
+                              for i, t in enumerate((3, 3, 1))]
     run_costs(bench)
-    assert Results.load(tmp_path / "results.json").teacher_cost == TeacherCost(**cost)
+    assert timed_on == [own, 3] and torch.get_num_threads() == own
+    assert Results.load(tmp_path / "results.json").teacher_cost.threads == 3
 
 
 # --- row groups on the committed lab teacher, at tiny sizes ------------------------------------------------
