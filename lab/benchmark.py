@@ -1130,7 +1130,8 @@ def cost_section(results: Results) -> list[str]:
         return []
     goals_by_file = cost_goals(results)
     lines = ["## What distillation costs", "",
-             "Seconds in the training loop, recorded in each student file (CPU, one thread unless noted). "
+             "Seconds in the training loop (with a teacher pool, `sfd --pool`, its capture too), recorded in each "
+             "student file (CPU, one thread unless noted). "
              + (f"The teacher's training, timed on this machine with the same code: "
                 f"{teacher_cost_terms(teacher_cost)} = **{teacher_cost.seconds / 60:.1f} min** on "
                 f"{teacher_cost.threads} thread(s)." if teacher_cost
