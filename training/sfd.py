@@ -112,8 +112,8 @@ class SFD:
         unet = student.unet
         size = config.latent_size or unet.config.sample_size
         self.latent_shape = (unet.config.in_channels, size, size)
-        # The teacher's solver; the last substep of a segment is first order (needed where it ends at sigma 0).
         self.pool: TeacherPool | None = None  # set by capture_pool
+        # The teacher's solver; the last substep of a segment is first order (needed where it ends at sigma 0).
         self.solver = DPMSolverMultistepScheduler.from_config(
             student.scheduler_config, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
             lower_order_final=True, final_sigmas_type="zero", use_karras_sigmas=False, use_exponential_sigmas=False,
