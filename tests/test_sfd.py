@@ -133,17 +133,23 @@ class Interrupted(Exception):
     pass
 
 
+def loss_dying_at(step: int):
+    """SFD's loss, raising Interrupted at step ``step`` (a run killed there)."""
+    loss = SFD.loss
+
+    def dies(self, at, batch):
+        if at == step:
+            raise Interrupted
+        return loss(self, at, batch)
+
+    return dies
+
+
 def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_path, accelerator, monkeypatch):
     pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(3)]
     train_sfd(job(pipes[0], tmp_path / "straight.safetensors", tmp_path / "straight", accelerator), config())
     loss = SFD.loss
-
-    def dies_at_step_3(self, step, batch):
-        if step == 3:
-            raise Interrupted
-        return loss(self, step, batch)
-
-    monkeypatch.setattr(SFD, "loss", dies_at_step_3)
+    monkeypatch.setattr(SFD, "loss", loss_dying_at(3))
     with pytest.raises(Interrupted):
         train_sfd(job(pipes[1], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config())
     monkeypatch.setattr(SFD, "loss", loss)
@@ -208,13 +214,7 @@ def test_a_pooled_run_reuses_its_pool_resumes_exactly_and_counts_the_pools_cost(
     assert [p.name for p in (tmp_path / "resumed" / "teacher_pool").iterdir()] == ["pool-00000.safetensors"]
     monkeypatch.setattr(SFD, "teacher_trajectory", real)
     loss = SFD.loss
-
-    def dies_at_step_3(self, step, batch):
-        if step == 3:
-            raise Interrupted
-        return loss(self, step, batch)
-
-    monkeypatch.setattr(SFD, "loss", dies_at_step_3)
+    monkeypatch.setattr(SFD, "loss", loss_dying_at(3))
     with pytest.raises(Interrupted):
         train_sfd(job(pipes[2], tmp_path / "resumed.safetensors", tmp_path / "resumed", accelerator), config(pool=size))
     monkeypatch.setattr(SFD, "loss", loss)
