@@ -9,6 +9,7 @@ add to the report without re-running earlier ones.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -394,28 +395,34 @@ class Bench:
     def discard(self, stale) -> None:
         """Drops the rows for which ``stale(run)`` holds (those of a file that is no longer committed), and their
         sample grids."""
-        import fcntl
+        dropped = []
 
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            on_disk = Results.load(self.path)
-            dropped = [r for r in on_disk.runs if stale(r)]
+        def drop(on_disk: Results) -> None:
+            dropped.extend(r for r in on_disk.runs if stale(r))
             on_disk.runs = [r for r in on_disk.runs if not stale(r)]
-            self._write(on_disk)
-            self.results = on_disk
+
+        self._update(drop)
         for run in dropped:
             if run.seed_set == 0:
                 (self.plots / f"grid_{slug(run.group, run.name, run.nfe)}.png").unlink(missing_ok=True)
 
     def save(self, new: Results) -> None:
-        """Merges ``new`` into the results file under a lock, so row groups can run in parallel."""
+        """Merges ``new`` into the results file, so row groups can run in parallel."""
+
+        def merge(on_disk: Results) -> None:
+            on_disk.merge(new)
+            on_disk.teacher = self.teacher_id
+
+        self._update(merge)
+
+    def _update(self, change) -> None:
+        """``change(results)`` applied to the results file as it is on disk, under a lock, and written back."""
         import fcntl
 
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             on_disk = Results.load(self.path)
-            on_disk.merge(new)
-            on_disk.teacher = self.teacher_id
+            change(on_disk)
             self._write(on_disk)
             self.results = on_disk
 
@@ -571,10 +578,10 @@ def shortcut_rows(results: Results) -> tuple[list[ShortcutRun], list[ShortcutRun
     runs = {}
     for r in results.runs:
         if r.group == "shortcut" and r.config not in runs:
-            trained = ", " not in r.name
-            label = r.schedule or (EXP_KARRAS.label if trained else r.name.split(", ", 1)[1].rsplit(" ", 2)[0])
-            runs[r.config] = ShortcutRun(schedule_of(label), r.teacher_steps, r.nfe - 1, trained,
-                                         tag=trained and r.name.endswith(" steps)"))
+            # The row's name is the one ShortcutRun.name gave it: the kind of run that names it so.
+            kinds = (ShortcutRun(schedule_of(r.schedule), r.teacher_steps, r.nfe - 1, trained, tag)
+                     for trained, tag in ((True, False), (True, True), (False, False)))
+            runs[r.config] = next(run for run in kinds if run.name == r.name)
     ordered = sorted(runs.values(), key=lambda run: (run.schedule.label, run.handoff, run.steps))
     return [r for r in ordered if r.trained], [r for r in ordered if not r.trained]
 
@@ -679,8 +686,6 @@ def measure_teacher_cost() -> TeacherCost:
 def run_costs(bench: Bench):
     """Time the teacher's training on as many threads as the student files recorded (the most common count;
     this process's own where none did), so that the shares compare like with like."""
-    import collections
-
     counts = collections.Counter(f.threads for f in bench.results.students if f.threads)
     threads = counts.most_common(1)[0][0] if counts else torch.get_num_threads()
     own = torch.get_num_threads()
