@@ -12,7 +12,10 @@ Layouts read (a file may mix UNet and text-encoder tensors):
   ``lora_adapter_metadata`` entry diffusers writes (``<component>.lora_alpha``, ``.alpha_pattern``), else rank.
 
 Module names are kept in kohya's underscore spelling until they are resolved against the modules a model has
-(:func:`resolve_layers`): an underscore name is ambiguous on its own (``to_out_0``), the model's names are not.
+(:func:`resolve_layers`): an underscore name is ambiguous on its own (``to_out_0``), the model's names are not. A
+kohya name may spell a UNet module either way the trainers do: diffusers' (``down_blocks_1_attentions_0_...``) or
+the original LDM/SGM UNet's (``input_blocks_4_1_...``, what kohya's SDXL trainer and LoRA extraction write, and what
+ComfyUI reads natively); :func:`sgm_names` relates the two on the model at hand.
 The form written (:func:`kohya_state_dict`) is ``models.student_file``'s: kohya names with an explicit ``.alpha``.
 """
 
@@ -157,10 +160,12 @@ def kohya_state_dict(layers: dict[tuple[str, str], LoraLayer], *, two_text_encod
 
 def lora_family(layers: dict[tuple[str, str], LoraLayer]) -> str | None:
     """"sd15" or "sdxl" from which modules a LoRA touches (SD1.x has attention in the first down block and a fourth
-    block; SDXL has neither, but transformer depths above one, an added embedding and a second text encoder);
-    None when the names say neither or both."""
+    block, in the original UNet's names attention in input blocks 1 and 2 and input/output blocks past 8; SDXL has
+    none of these, but transformer depths above one, an added embedding and a second text encoder); None when the
+    names say neither or both."""
     names = [name for component, name in layers if component == "unet"]
-    sd15 = any(re.match(r"(down_blocks_0_attentions|down_blocks_3_|up_blocks_3_)", n) for n in names)
+    sd15 = any(re.match(r"(down_blocks_0_attentions|down_blocks_3_|up_blocks_3_|input_blocks_[12]_1_"
+                        r"|input_blocks_1[01]_|output_blocks_(9|1[01])_)", n) for n in names)
     sdxl = (any(re.search(r"transformer_blocks_[1-9]", n) or n.startswith(("add_embedding", "label_emb"))
                 for n in names) or any(component == "text_encoder_2" for component, _ in layers))
     if sd15 != sdxl:
@@ -221,10 +226,85 @@ def _adapter_metadata_alphas(metadata: dict[str, str]):
 
 
 def _underscore_names(component: str, names) -> dict[str, str]:
-    """{underscore spelling: module name}; a UNet module is also found under its kohya override (label_emb_0_0)."""
+    """{underscore spelling: module name}; a UNet module is also found under its kohya override (label_emb_0_0)
+    and under its original LDM/SGM name (:func:`sgm_names`)."""
+    names = list(names)
     out = {}
+    if component == "unet":
+        out.update({sgm.replace(".", "_"): name for name, sgm in sgm_names(names).items()})
     for name in names:
         out[name.replace(".", "_")] = name
         if component == "unet":
             out[kohya_name(name).removeprefix("lora_unet_")] = name
+    return out
+
+
+# Inside a resnet and at the top level, the LDM/SGM UNet names its layers differently; a transformer block's layers
+# keep their names.
+_SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
+                      "conv_shortcut": "skip_connection"}
+_SGM_TOP_LAYERS = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+                   "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                   "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2"}
+_BLOCK_LAYER = re.compile(r"^(?P<side>down|up)_blocks\.(?P<block>\d+)\.(?P<kind>resnets|attentions|downsamplers|upsamplers)"
+                          r"\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
+_MID_LAYER = re.compile(r"^mid_block\.(?P<kind>resnets|attentions)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
+
+
+def sgm_names(names) -> dict[str, str]:
+    """``{diffusers module name: its name in the original LDM/SGM UNet}`` for the modules of a diffusers
+    UNet2DConditionModel named ``names`` (its Linear and Conv2d layers, say); a module with no counterpart is left
+    out.
+
+    The block structure is read off the names: the SGM UNet numbers its input blocks through the down blocks (a
+    ``[resnet, attention]`` pair per layer, then a block of its own for the downsampler, after ``conv_in`` as
+    block 0), its output blocks through the up blocks (one per layer, the upsampler inside the last), and its
+    middle block as ``[resnet, attention, resnet]``.
+    """
+    names = list(names)
+    layers: dict[tuple[str, int], set[int]] = {}      # (side, block) -> indices of its resnets
+    attention: set[tuple[str, int]] = set()           # blocks with attentions
+    resampled: set[tuple[str, int]] = set()           # blocks with a down/upsampler
+    for name in names:
+        match = _BLOCK_LAYER.match(name)
+        if match:
+            key = (match["side"], int(match["block"]))
+            layers.setdefault(key, set())
+            if match["kind"] == "resnets":
+                layers[key].add(int(match["index"]))
+            elif match["kind"] == "attentions":
+                attention.add(key)
+            else:
+                resampled.add(key)
+    first: dict[tuple[str, int], int] = {}  # (side, block) -> SGM index of its first layer
+    position = {"down": 1, "up": 0}
+    for side, block in sorted(layers):
+        first[side, block] = position[side]
+        position[side] += len(layers[side, block]) + (side == "down" and (side, block) in resampled)
+
+    def inside(kind: str, rest: str | None) -> str | None:
+        if kind == "resnets":
+            return _SGM_RESNET_LAYERS.get(rest)
+        return rest
+
+    out = {}
+    for name in names:
+        sgm = _SGM_TOP_LAYERS.get(name)
+        if (match := _BLOCK_LAYER.match(name)) is not None:
+            key, kind, index = (match["side"], int(match["block"])), match["kind"], int(match["index"])
+            blocks = "input_blocks" if key[0] == "down" else "output_blocks"
+            if kind in ("resnets", "attentions"):
+                layer = inside(kind, match["rest"])
+                sub = 0 if kind == "resnets" else 1
+                sgm = layer and f"{blocks}.{first[key] + index}.{sub}.{layer}"
+            elif kind == "downsamplers" and match["rest"] == "conv":
+                sgm = f"{blocks}.{first[key] + len(layers[key])}.0.op"
+            elif kind == "upsamplers" and match["rest"] == "conv":
+                sgm = f"{blocks}.{first[key] + len(layers[key]) - 1}.{2 if key in attention else 1}.conv"
+        elif (match := _MID_LAYER.match(name)) is not None:
+            layer = inside(match["kind"], match["rest"])
+            sub = 1 if match["kind"] == "attentions" else 2 * int(match["index"])
+            sgm = layer and f"middle_block.{sub}.{layer}"
+        if sgm:
+            out[name] = sgm
     return out

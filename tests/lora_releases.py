@@ -24,6 +24,8 @@ from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDM
                        UNet2DConditionModel)
 from safetensors.torch import save_file
 
+from direct_distill.models.lora_layouts import sgm_names
+
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 # peft target_modules of the LCM-LoRA, PCM and DMD2 writers (suffix match on module names)
@@ -31,6 +33,10 @@ RELEASE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "f
                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 LAYOUTS = ("kohya", "kohya-no-alpha", "peft", "diffusers", "peft-metadata-alpha")
+# kohya names in the original LDM/SGM UNet's spelling (input_blocks_4_1_...), as kohya's SDXL trainer and LoRA
+# extraction write them; the names are models.lora_layouts.sgm_names', which the tests check against diffusers' and
+# ComfyUI's own readers of such files.
+SGM_LAYOUT = "kohya-sgm"
 
 # The module trees of SD1.5's and SDXL's UNets at toy widths (channels multiples of 32 for GroupNorm).
 TINY_SD15_UNET = dict(
@@ -95,14 +101,15 @@ def release_tensors(unet_layers, layout, *, te_layers=None, te2_layers=None):
     tensors, metadata = {}, {}
     components = [("unet", unet_layers), ("text_encoder", te_layers or {}), ("text_encoder_2", te2_layers or {})]
     sdxl = bool(te2_layers)
+    sgm = sgm_names(unet_layers) if layout == SGM_LAYOUT else {}
     for component, layers in components:
         for module, (down, up, alpha) in layers.items():
             if layout.startswith("kohya"):
                 prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
                           "text_encoder_2": "lora_te2_"}[component]
-                name = prefix + module.replace(".", "_")
+                name = prefix + (sgm[module] if component == "unet" and sgm else module).replace(".", "_")
                 tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = down, up
-                if layout == "kohya":
+                if layout in ("kohya", SGM_LAYOUT):
                     tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=down.dtype)
             elif layout in ("peft", "peft-metadata-alpha"):
                 tensors[f"{component}.{module}.lora_A.weight"] = down
@@ -124,7 +131,7 @@ def release_tensors(unet_layers, layout, *, te_layers=None, te2_layers=None):
 
 def effective_alpha(layout, alpha, rank):
     """The alpha a layout carries: without an ``.alpha`` tensor or adapter metadata, every loader takes rank."""
-    return float(alpha) if layout in ("kohya", "peft-metadata-alpha") else float(rank)
+    return float(alpha) if layout in ("kohya", SGM_LAYOUT, "peft-metadata-alpha") else float(rank)
 
 
 def write_release(path, unet_layers, layout, extra_metadata=None, **text_encoders):

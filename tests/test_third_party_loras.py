@@ -10,13 +10,13 @@ import torch
 from conftest import _tiny_text_encoder, _tiny_vae
 from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        TCDScheduler)
-from lora_releases import (LAYOUTS, PUBLISHED, REAL_SD15_UNET, REAL_SDXL_UNET, SD_SCHEDULER, TEXT_ENCODER_TARGETS,
-                           TINY_SD15_UNET, TINY_SDXL_UNET, merged, meta_unet, published_timesteps, random_layers,
+from lora_releases import (LAYOUTS, PUBLISHED, REAL_SD15_UNET, REAL_SDXL_UNET, SD_SCHEDULER, SGM_LAYOUT,
+                           TEXT_ENCODER_TARGETS, TINY_SD15_UNET, TINY_SDXL_UNET, merged, meta_unet, published_timesteps, random_layers,
                            target_modules, unet, write_release)
 
 from direct_distill.__main__ import main as cli
 from direct_distill.models.io import FileFormatError, read_safetensors
-from direct_distill.models.lora_layouts import parse_lora, resolve_layers
+from direct_distill.models.lora_layouts import parse_lora, resolve_layers, sgm_names
 from direct_distill.models.stamp import stamp
 from direct_distill.pipelines import load_student
 from direct_distill.schedulers.few_step_presets import PRESETS, presets_for
@@ -127,6 +127,55 @@ def test_every_layout_of_an_sd15_lora_applies_every_layer_in_diffusers(sd15_pipe
     preset = load_student(pipe, path, preset="lcm-sd15")
     assert preset is PRESETS["lcm-sd15"] and type(pipe.scheduler).__name__ == "PresetLCMScheduler"
     assert_applied_as_merged(sd15_pipe, pipe, layers, layout)
+
+
+@pytest.mark.parametrize("tree", ["sd15", "sdxl"])
+def test_a_kohya_lora_in_the_original_unets_names_applies_as_diffusers_own_loader_reads_it(
+        sd15_pipe, sdxl_pipe, tmp_path, tree):
+    """kohya's SDXL trainer and its LoRA extraction name UNet layers as the LDM/SGM UNet does (input_blocks_4_1_...).
+    The student loaders read such files; for SDXL diffusers' own load_lora_weights reads them too, the same way (its
+    SGM mapping does not handle SD1.x's tree; ComfyUI's reading of both is compared in tests/comfyui)."""
+    base = sd15_pipe if tree == "sd15" else sdxl_pipe
+    layers = release_layers(base)
+    te = {"te_layers": layers[1]} if tree == "sd15" else {"te_layers": layers[1], "te2_layers": layers[2]}
+    path = write_release(tmp_path / "lora.safetensors", layers[0], SGM_LAYOUT, **te)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in read_safetensors(path)[0])
+    if tree == "sdxl":
+        theirs = copy.deepcopy(base)
+        theirs.load_lora_weights(str(path), adapter_name="student")
+        assert_applied_as_merged(base, theirs, layers, SGM_LAYOUT)
+    ours = copy.deepcopy(base)
+    load_student(ours, path, preset=f"lcm-{tree}")
+    assert_applied_as_merged(base, ours, layers, SGM_LAYOUT)
+
+
+def test_the_original_unet_names_of_sd15_and_sdxl():
+    """Every Linear / Conv2d layer of the real SD1.5 and SDXL UNets has one SGM name; a few of them as the original
+    checkpoints spell them (their keys, less ``model.diffusion_model.`` and ``.weight``)."""
+    for config, known in (
+            (REAL_SD15_UNET, {"down_blocks.0.attentions.0.proj_in": "input_blocks.1.1.proj_in",
+                              "down_blocks.0.downsamplers.0.conv": "input_blocks.3.0.op",
+                              "down_blocks.3.resnets.1.conv2": "input_blocks.11.0.out_layers.3",
+                              "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
+                              "up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv",
+                              "up_blocks.1.upsamplers.0.conv": "output_blocks.5.2.conv",
+                              "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2":
+                                  "output_blocks.11.1.transformer_blocks.0.ff.net.2",
+                              "up_blocks.1.resnets.0.conv_shortcut": "output_blocks.3.0.skip_connection"}),
+            (REAL_SDXL_UNET, {"down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+                              "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k":
+                                  "input_blocks.4.1.transformer_blocks.1.attn1.to_k",
+                              "down_blocks.2.attentions.1.proj_out": "input_blocks.8.1.proj_out",
+                              "mid_block.attentions.0.transformer_blocks.9.attn2.to_v":
+                                  "middle_block.1.transformer_blocks.9.attn2.to_v",
+                              "up_blocks.0.upsamplers.0.conv": "output_blocks.2.2.conv",
+                              "up_blocks.2.resnets.2.conv2": "output_blocks.8.0.out_layers.3",
+                              "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2"})):
+        model = meta_unet(config)
+        names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        sgm = sgm_names(names)
+        assert set(sgm) == set(names) and len(set(sgm.values())) == len(names)
+        assert {k: sgm[k] for k in known} == known
 
 
 @pytest.mark.parametrize("layout", ["kohya", "peft-metadata-alpha"])
@@ -262,12 +311,14 @@ def test_a_direct_distill_student_takes_no_preset(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_shaped(tmp_path_factory):
-    """Rank-1 LoRAs with the real SD1.5's and SDXL's key names and widths (as the releases', kohya with alpha)."""
+    """Rank-1 LoRAs with the real SD1.5's and SDXL's key names and widths (as the releases', kohya with alpha), and
+    the same in the original UNet's names ("sd15-sgm", "sdxl-sgm")."""
     folder = tmp_path_factory.mktemp("real")
     files = {}
     for family, config in (("sd15", REAL_SD15_UNET), ("sdxl", REAL_SDXL_UNET)):
         layers = random_layers(target_modules(meta_unet(config)), rank=1, dtype=torch.float16)
         files[family] = write_release(folder / f"{family}.safetensors", layers, "kohya")
+        files[f"{family}-sgm"] = write_release(folder / f"{family}-sgm.safetensors", layers, SGM_LAYOUT)
     return files
 
 
@@ -281,8 +332,9 @@ def raw_tensors(path):
             for name, entry in header.items() if name != "__metadata__"}
 
 
-def test_stamp_writes_the_preset_and_keeps_every_tensor_byte_for_byte(real_shaped, tmp_path, capsys):
-    source = real_shaped["sdxl"]
+@pytest.mark.parametrize("spelling", ["", "-sgm"])
+def test_stamp_writes_the_preset_and_keeps_every_tensor_byte_for_byte(real_shaped, tmp_path, spelling, capsys):
+    source = real_shaped["sdxl" + spelling]
     out = tmp_path / "stamped.safetensors"
     assert cli(["stamp", str(source), "--preset", "sdxl-lightning-4step", "--out", str(out)]) == 0
     assert "stamped with preset sdxl-lightning-4step" in capsys.readouterr().out
@@ -294,14 +346,22 @@ def test_stamp_writes_the_preset_and_keeps_every_tensor_byte_for_byte(real_shape
     assert raw_tensors(out) == raw_tensors(source) and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("spelling", ["", "-sgm"])
 @pytest.mark.parametrize("family, preset, message", [
     ("sdxl", "hyper-sd15-8step", "its layers are those of sdxl, not sd15"),
     ("sd15", "sdxl-lightning-4step", "its layers are those of sd15, not sdxl"),
 ])
-def test_stamp_refuses_a_lora_of_another_family_and_leaves_the_file(real_shaped, family, preset, message, capsys):
+def test_stamp_refuses_a_lora_of_another_family_and_leaves_the_file(real_shaped, family, preset, message, spelling,
+                                                                   capsys):
+    family += spelling
     before = real_shaped[family].read_bytes()
     assert cli(["stamp", str(real_shaped[family]), "--preset", preset]) == 1
     assert message in capsys.readouterr().err and real_shaped[family].read_bytes() == before
+
+
+def test_stamp_takes_an_sd15_lora_in_the_original_unets_names(real_shaped, tmp_path):
+    out = stamp(real_shaped["sd15-sgm"], "hyper-sd15-8step", tmp_path / "stamped.safetensors")
+    assert read_safetensors(out)[1]["direct_distill.preset"] == "hyper-sd15-8step"
 
 
 def test_stamp_refuses_an_sd2_lora_for_an_sd15_preset(tmp_path):

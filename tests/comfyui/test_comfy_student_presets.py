@@ -22,7 +22,7 @@ import nodes
 import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from lora_releases import (LAYOUTS, PUBLISHED, SD_SCHEDULER, TEXT_ENCODER_TARGETS, TINY_SD15_UNET, TINY_SDXL_UNET,
+from lora_releases import (LAYOUTS, PUBLISHED, SD_SCHEDULER, SGM_LAYOUT, TEXT_ENCODER_TARGETS, TINY_SD15_UNET, TINY_SDXL_UNET,
                            effective_alpha, published_timesteps, random_layers, target_modules, unet, write_release)
 
 from .test_comfy_shortcut import builtin_nodes  # noqa: F401 (a fixture)
@@ -139,7 +139,7 @@ def no_lora_warnings(caplog):
     return not [r for r in caplog.records if "lora" in r.getMessage().lower()]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, SGM_LAYOUT])
 def test_every_layout_is_placed_whole_with_the_effect_load_student_has(dd, loras, sd15, caplog, layout):
     model, comfy_model = sd15
     layers = random_layers(target_modules(model))
@@ -165,7 +165,7 @@ def test_comfyuis_stock_loader_drops_peft_attention_keys_that_the_student_loader
     assert dropped and all(".attn" in m and ".to_" in m for m in dropped)  # the reason the node rewrites keys
 
 
-@pytest.mark.parametrize("layout", ["kohya", "peft"])
+@pytest.mark.parametrize("layout", ["kohya", "peft", SGM_LAYOUT])
 def test_an_sdxl_lora_is_placed_whole_with_the_effect_load_student_has(dd, loras, sdxl, caplog, layout):
     model, comfy_model = sdxl
     layers = random_layers(target_modules(model))
@@ -178,6 +178,24 @@ def test_an_sdxl_lora_is_placed_whole_with_the_effect_load_student_has(dd, loras
     dd("pipelines").load_student(pipe, loras / f"sdxl_{layout}.safetensors", preset="dmd2-sdxl-4step")
     diffusers_out, comfy_out = unet_outputs(pipe.unet, patched)
     torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tree, preset", [("sd15", "hyper-sd15-8step"), ("sdxl", "dmd2-sdxl-4step")])
+def test_a_lora_in_the_original_unets_names_does_what_comfyuis_own_loader_makes_of_it(loras, sd15, sdxl, caplog, tree,
+                                                                                       preset):
+    """ComfyUI reads kohya names in the LDM/SGM UNet's spelling (input_blocks_4_1_...) natively: the student loader
+    places such a file on the same weights with the same effect."""
+    model, comfy_model = sd15 if tree == "sd15" else sdxl
+    layers = random_layers(target_modules(model))
+    path = write_release(loras / f"{tree}_sgm_stock.safetensors", layers, SGM_LAYOUT)
+    with caplog.at_level(logging.WARNING):
+        stock, _ = comfy.sd.load_lora_for_models(comfy_model, None, comfy.utils.load_torch_file(str(path)), 1.0, 0)
+        ours, *_ = load(comfy_model, path.name, preset=preset)
+    assert no_lora_warnings(caplog), caplog.text
+    assert set(ours.patches) == set(stock.patches) and len(stock.patches) == len(layers)
+    stock_out, ours_out = unet_outputs(model, stock)[1], unet_outputs(model, ours)[1]
+    assert (stock_out - unet_outputs(model, comfy_model)[1]).abs().max() > 1e-2
+    torch.testing.assert_close(ours_out, stock_out, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("layout", ["kohya", "diffusers"])
