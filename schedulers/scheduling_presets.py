@@ -10,18 +10,21 @@ import logging
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
 from .few_step_presets import FewStepPreset, describe_nfes
+from .pinned_steps import ImageToImageGuard
 
 
-class _PinnedTimesteps:
+class _PinnedTimesteps(ImageToImageGuard):
     """``set_timesteps(n)`` runs a preset's timesteps for n steps, with the parent scheduler's own rule (or the
     preset's fixed timesteps); n left out, or the pipeline's own default (50 for SD and SDXL, which a pipeline passes
     when its caller names none, so it cannot be told from an asked 50), means the preset's default. Explicit
-    ``timesteps=`` / ``sigmas=`` pass through untouched. The step itself is the parent's, unchanged."""
+    ``timesteps=`` / ``sigmas=`` pass through untouched. The step itself is the parent's, unchanged; an
+    image-to-image run needs ``num_inference_steps`` (see ``ImageToImageGuard``)."""
 
     preset: FewStepPreset | None = None
     pipeline_default_steps: int | None = None
 
     def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        self._record_steps(num_inference_steps)
         if self.preset is None or kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
             return super().set_timesteps(num_inference_steps, device=device, **kwargs)
         preset, n = self.preset, num_inference_steps
@@ -34,6 +37,9 @@ class _PinnedTimesteps:
             with _quiet_custom_timestep_notice():
                 return super().set_timesteps(device=device, timesteps=list(preset.fixed_timesteps), **kwargs)
         return super().set_timesteps(n, device=device, **kwargs)
+
+    def _steps_hint(self) -> str:
+        return f"preset {self.preset.name}'s {describe_nfes(self.preset.nfes)}"
 
 
 @contextlib.contextmanager

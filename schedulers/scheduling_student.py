@@ -9,9 +9,10 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 from .noise import sigma_to_model_timestep, vp_sigma_table
+from .pinned_steps import ImageToImageGuard
 
 
-class StudentScheduler(DPMSolverMultistepScheduler):
+class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
     """Samples a distilled student at exactly the timesteps and sigmas it was trained for.
 
     A student supports a few step counts (NFEs), each with its own schedule; ``set_timesteps(n)`` takes
@@ -29,7 +30,8 @@ class StudentScheduler(DPMSolverMultistepScheduler):
         default_nfe (`int`): the entry used when no step count is asked for.
         pipeline_default_steps (`int`, *optional*): the ``num_inference_steps`` a pipeline passes when its
             caller gives none (50 for the SD and SDXL pipelines). It is read as "unspecified", i.e.
-            ``default_nfe``, unless it is itself a supported NFE.
+            ``default_nfe``, unless it is itself a supported NFE. An image-to-image run therefore passes
+            ``num_inference_steps`` with its ``strength`` (see ``ImageToImageGuard``).
         Other arguments are those of `DPMSolverMultistepScheduler` (the noise table, prediction type and
         solver); the sigma-shaping flags (`use_karras_sigmas`, ...) are not taken, the schedule being fixed.
     """
@@ -107,6 +109,7 @@ class StudentScheduler(DPMSolverMultistepScheduler):
         if timesteps is not None or sigmas is not None:
             raise ValueError("StudentScheduler samples at the student's own timesteps; pass num_inference_steps "
                              f"among {self.supported_nfes}, not timesteps or sigmas")
+        self._record_steps(num_inference_steps)
         n = num_inference_steps
         if n is None or (n == self.config.pipeline_default_steps and n not in self._schedules):
             n = self.config.default_nfe
@@ -121,6 +124,9 @@ class StudentScheduler(DPMSolverMultistepScheduler):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+
+    def _steps_hint(self) -> str:
+        return f"this student's {', '.join(map(str, self.supported_nfes))}"
 
 
 def _checked_schedules(schedules, table: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

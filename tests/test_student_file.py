@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from direct_distill.models.io import FileFormatError, atomic_save_file, read_safetensors
@@ -178,6 +178,28 @@ def test_load_student_applies_the_lora_and_the_schedule(student):
     assert calls.calls == [(1, 999.0), (1, 499.0)]
     with pytest.raises(ValueError, match=r"num_inference_steps in \[1, 2, 4\] \(default 4\), got 3"):
         pipe("a shirt", num_inference_steps=3, output_type="latent")
+
+
+def test_image_to_image_runs_the_students_own_steps_or_says_what_to_pass(student):
+    """diffusers' img2img keeps strength's share of the steps it asked for: of its default 50, a start past the
+    student's 4 steps, which would return the noised image undenoised, so it is refused; with a step count of the
+    student's, strength picks the last of its timesteps as usual."""
+    pipe, _, path, _ = student
+    load_student(pipe, path)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calls = UNetCalls(pipe.unet)
+    with pytest.raises(ValueError, match=r"sliced off the first 25 of 50 steps, but this scheduler samples 4: nothing "
+                                         r"would be denoised. Pass num_inference_steps with strength \(one of this "
+                                         r"student's 1, 2, 4\)"):
+        img2img("a shirt", image=image, strength=0.5, guidance_scale=1.0, output_type="latent")
+    assert calls.calls == []
+    img2img("a shirt", image=image, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+    assert calls.calls == [(1, 499.0), (1, 249.0)]
+    calls.calls.clear()
+    img2img("a shirt", image=image, strength=1.0, guidance_scale=1.0, output_type="latent")  # all of the default 4
+    assert calls.calls == [(1, t) for t in (999.0, 749.0, 499.0, 249.0)]
 
 
 def test_student_scheduler_saves_and_reloads_its_table(student, tmp_path):

@@ -208,6 +208,26 @@ def test_scale_and_a_tcd_preset_from_the_stamp_reach_the_pipeline(sd15_pipe, tmp
     assert calls == [999, 759, 499, 259]
 
 
+@pytest.mark.parametrize("preset, last_two", [("lcm-sd15", [499, 259]), ("hyper-sd15-4step", [499, 249])])
+def test_image_to_image_with_a_preset_runs_its_steps_or_says_what_to_pass(sd15_pipe, tmp_path, preset, last_two):
+    """LCM's scheduler takes diffusers' begin index, DDIM's has none: both stop an img2img run that sliced the
+    pipeline's default 50 steps (leaving none of the LoRA's 4), and both run strength's share of 4 asked steps."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    path = write_release(tmp_path / "lora.safetensors", release_layers(sd15_pipe)[0], "kohya")
+    pipe = copy.deepcopy(sd15_pipe)
+    load_student(pipe, path, preset=preset)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    timesteps = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(int(args[1].flatten()[0])))
+    with pytest.raises(ValueError, match=f"Pass num_inference_steps with strength \\(one of preset {preset}'s"):
+        img2img("a shirt", image=image, strength=0.5, guidance_scale=1.0, output_type="latent")
+    img2img("a shirt", image=image, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+    assert timesteps == last_two
+
+
 def test_older_diffusers_spellings_and_per_layer_alphas_are_read():
     down, up = torch.ones(2, 8), torch.ones(8, 2)
     tensors = {
