@@ -231,17 +231,19 @@ def main(argv=None):
     row(f"shortcut training: stage 1 + 2 ({counts[0]} + {counts[1]} steps), batch {batch}",
         batch * sum(n * c["train"] for n, c in zip(counts, stages)),
         max(ADAM * c["params"] + batch * c["kept"] for c in stages))
+    # The teacher's steps distil classifier-free guidance: each is one UNet pass over the doubled batch.
     rounds, per_round, batch = 3, 2000, 8   # 32 -> 16 -> 8 -> 4 steps; two teacher DDIM steps per student step
-    row(f"progressive 32 -> 4 steps: {rounds} rounds x {per_round} steps, batch {batch}",
-        rounds * per_round * batch * (2 * sd15["forward"] + sd15["train"]),
-        weights(sd15, "SD1.5") + ADAM * sd15["lora_params"] + batch * (sd15["kept"] + sd15["working"]))
+    for model, c in (("SD1.5", sd15), ("SDXL", sdxl)):
+        row(f"progressive, {model}: 32 -> 4 steps, {rounds} rounds x {per_round} steps, batch {batch}",
+            rounds * per_round * batch * (2 * 2 * c["forward"] + c["train"]),
+            weights(c, model) + ADAM * c["lora_params"] + batch * (c["kept"] + 2 * c["working"]))
     nfes, substeps, total, batch = (2, 3, 4, 5), 4, 2000, 4
     # a step draws one NFE n: n student steps, each after `substeps` teacher steps, all n graphs kept until the
     # backward
-    per_step = sum(n * (substeps * sd15["forward"] + sd15["train"]) for n in nfes) / len(nfes)
-    row(f"sfd NFE {'/'.join(map(str, nfes))}: {total} steps, batch {batch}", total * batch * per_step,
-        weights(sd15, "SD1.5") + ADAM * sd15["lora_params"] + batch * (max(nfes) * sd15["kept"] + sd15["working"]))
-
+    for model, c in (("SD1.5", sd15), ("SDXL", sdxl)):
+        per_step = sum(n * (substeps * 2 * c["forward"] + c["train"]) for n in nfes) / len(nfes)
+        row(f"sfd, {model}: NFE {'/'.join(map(str, nfes))}, {total} steps, batch {batch}", total * batch * per_step,
+            weights(c, model) + ADAM * c["lora_params"] + batch * (max(nfes) * c["kept"] + 2 * c["working"]))
 
 if __name__ == "__main__":
     main()

@@ -112,7 +112,7 @@ def check_one_step_student():
     from peft import set_peft_model_state_dict
 
     from direct_distill.pipelines import load_student
-    from direct_distill.training.lora import STUDENT, LoraStudent
+    from direct_distill.training.lora import STUDENT, Conditioning, LoraStudent
     from direct_distill.training.one_step import one_step_sample
 
     def check(bare, path, lora, spec):
@@ -121,8 +121,8 @@ def check_one_step_student():
         calls = []
         pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
         g = torch.Generator().manual_seed(3)
-        noise, cond = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
-        latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+        noise, cond = torch.randn(2, 4, 16, 16, generator=g), Conditioning(torch.randn(2, 7, 32, generator=g))
+        latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
         assert calls == [999]
         reference = LoraStudent(copy.deepcopy(bare), spec)
         set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)

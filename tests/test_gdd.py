@@ -13,7 +13,7 @@ from direct_distill.models.student_file import read_student
 from direct_distill.training.config import LoraSpec, RunConfig, SettingError
 from direct_distill.training.data import LatentData
 from direct_distill.training.gdd import GDD, GDDConfig, TeacherFeatures, gdd_lora_spec, train_gdd
-from direct_distill.training.lora import LoraStudent
+from direct_distill.training.lora import Conditioning, LoraStudent
 from direct_distill.training.one_step import EvalConfig
 from direct_distill.training.runner import Job
 
@@ -84,7 +84,8 @@ def test_discriminator_reads_the_bare_teacher_and_stops_after_the_mid_block(tiny
     student = LoraStudent(tiny_sd_pipeline, config(variant="gdd").lora_spec(tiny_sd_pipeline.unet))
     features = TeacherFeatures(student)
     g = torch.Generator().manual_seed(0)
-    z, cond, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g), torch.tensor([5, 400])
+    z, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([5, 400])
+    cond = Conditioning(torch.randn(2, 7, 32, generator=g))
     up_calls = []
     for block in tiny_sd_pipeline.unet.up_blocks:
         block.register_forward_hook(lambda *a: up_calls.append(1))

@@ -13,7 +13,7 @@ from direct_distill.pipelines import load_student
 from direct_distill.schedulers.grids import trailing_timesteps
 from direct_distill.training.config import LoraSpec, RunConfig, SettingError
 from direct_distill.training.data import LatentData
-from direct_distill.training.lora import STUDENT, LoraStudent, copy_adapter
+from direct_distill.training.lora import STUDENT, Conditioning, LoraStudent, copy_adapter
 from direct_distill.training.progressive import (TEACHER, ProgressiveConfig, ProgressiveRound, ddim_x0_target,
                                                  train_progressive)
 from direct_distill.training.runner import Job
@@ -73,7 +73,7 @@ def test_target_makes_one_student_ddim_step_land_where_two_teacher_ddim_steps_la
     else:
         pipe.unet.disable_adapters()
     for b in range(2):
-        zb, cb = z[b:b + 1], cond[b:b + 1]
+        zb, cb = z[b:b + 1], cond.context[b:b + 1]
         x = zb
         with torch.no_grad():  # two teacher steps by diffusers' DDIM
             for t in teacher_ddim.timesteps[2 * b: 2 * b + 2]:
@@ -131,8 +131,8 @@ def test_students_of_every_round_load_and_sample_their_schedule(tiny_sd_pipeline
     calls = []
     pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
     g = torch.Generator().manual_seed(3)
-    noise, cond = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g)
-    latent = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+    noise, cond = torch.randn(1, 4, 16, 16, generator=g), Conditioning(torch.randn(1, 7, 32, generator=g))
+    latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
     assert calls == [999, 499]
     reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0))
     from peft import set_peft_model_state_dict

@@ -12,7 +12,7 @@ from direct_distill.models.student_file import read_student
 from direct_distill.pipelines import load_student
 from direct_distill.schedulers.grids import CLEAN
 from direct_distill.training.config import LoraSpec, RunConfig, SettingError
-from direct_distill.training.lora import STUDENT, LoraStudent
+from direct_distill.training.lora import STUDENT, Conditioning, LoraStudent
 from direct_distill.training.runner import Job
 from direct_distill.training.sfd import SFD, SFDConfig, capture_pool, train_sfd
 
@@ -30,7 +30,7 @@ def job(pipe, out, work=None, accelerator=None):
 
 def inputs(seed=3):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g)
+    return torch.randn(2, 4, 16, 16, generator=g), Conditioning(torch.randn(2, 7, 32, generator=g))
 
 
 @pytest.mark.parametrize("t_from, t_to", [(999, 666), (332, CLEAN)])
@@ -90,7 +90,7 @@ def test_one_student_file_for_several_nfes_samples_as_it_was_trained(tiny_sd_pip
     noise, cond = inputs()
     for n in (2, 3):
         calls.clear()
-        latent = pipe(prompt_embeds=cond, latents=noise.clone(), num_inference_steps=n, guidance_scale=1.0,
+        latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), num_inference_steps=n, guidance_scale=1.0,
                       output_type="latent").images
         assert calls == info.nfe_schedules[n]["timesteps"]
         x, ts = noise, info.nfe_schedules[n]["timesteps"] + [CLEAN]
@@ -99,7 +99,7 @@ def test_one_student_file_for_several_nfes_samples_as_it_was_trained(tiny_sd_pip
                 x = reference.ddim_step(x, t, t_next, cond)
         torch.testing.assert_close(latent, x, atol=1e-4, rtol=1e-4)
     calls.clear()
-    pipe(prompt_embeds=cond[:1], latents=noise[:1].clone(), guidance_scale=1.0, output_type="latent")
+    pipe(prompt_embeds=cond.context[:1], latents=noise[:1].clone(), guidance_scale=1.0, output_type="latent")
     assert calls == [999, 666, 332]  # the default NFE
 
 
@@ -123,7 +123,7 @@ def test_a_student_stored_as_float16_is_half_the_file_and_samples_as_the_float32
         pipe = copy.deepcopy(tiny_sd_pipeline)
         load_student(pipe, path)
         assert pipe.unet.dtype == torch.float32  # the stored dtype is cast to the model's
-        latents[name] = pipe(prompt_embeds=cond, latents=noise.clone(), guidance_scale=1.0,
+        latents[name] = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0,
                              output_type="latent").images
     torch.testing.assert_close(latents["float16"], latents["float32"], atol=2e-3, rtol=2e-3)
     assert not torch.equal(latents["float16"], latents["float32"])  # really rounded

@@ -34,7 +34,7 @@ from ..models.io import atomic_save_file, read_safetensors
 from ..schedulers.prediction import denoising_target
 from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
 from .data import drop_prompts, sample_prompts
-from .lora import LoraAdapters, LoraStudent
+from .lora import Conditioning, LoraAdapters, LoraStudent
 from .loop import Player, cost_record
 from .one_step import BEST_FILE, BestGenerator, EvalConfig, one_step_sample, write_one_step_student
 from .runner import Job, MethodEntry, settle
@@ -214,7 +214,7 @@ class DistributionBacktracking:
         batch["eps_score"] = torch.randn(B, *self.latent_shape)
         return batch
 
-    def real_x0(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, adapter: str | None) -> torch.Tensor:
+    def real_x0(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning, adapter: str | None) -> torch.Tensor:
         """The real score's clean-latent prediction, with classifier-free guidance ``real_guidance``."""
         return self.student.denoise(z, t, cond, adapter, self.config.real_guidance)[0]
 

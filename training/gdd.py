@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from .config import LoraSpec, RunConfig, Settings, SettingError, run_config, setting, training_record
 from .data import DataSource, drop_prompts
-from .lora import LoraStudent
+from .lora import Conditioning, LoraStudent
 from .loop import Player, cost_record
 from .one_step import BEST_FILE, BestGenerator, EvalConfig, GeneratorEMA, one_step_sample, write_one_step_student
 from .runner import Job, MethodEntry, settle
@@ -150,7 +150,7 @@ class TeacherFeatures:
         unet = student.unet
         self.blocks = [*unet.down_blocks] + ([unet.mid_block] if unet.mid_block is not None else [])
 
-    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
         features: list[torch.Tensor] = []
 
         def take(module, args, output):
@@ -227,7 +227,7 @@ class GDD:
         cond = self.student.embed(drop_prompts(prompts, self.config.p_uncond))
         return {"real": real, "cond": cond, "noise": torch.randn(len(real), *self.latent_shape)}
 
-    def discriminate(self, x0: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
+    def discriminate(self, x0: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
         """Logit maps of the clean latents ``x0``, read by the teacher at a random timestep of the range."""
         lo, hi = self.config.disc_timesteps
         t = torch.randint(lo, hi + 1, (len(x0),), device=x0.device)

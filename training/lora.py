@@ -12,6 +12,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,6 +144,25 @@ def write_student(path: str | os.PathLike, unet, *, adapter_name: str = STUDENT,
 # --- the student on its teacher ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What a batch's UNet calls are conditioned on: the text encoder's hidden states and, for an SDXL-style UNet
+    (``addition_embed_type="text_time"``), the pooled text embeddings its added embedding takes (with the size and
+    crop ids, which :meth:`LoraStudent.unet_output` makes from the latents' size)."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.context)
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        pooled = [p.pooled for p in parts]
+        return Conditioning(torch.cat([p.context for p in parts]),
+                            None if pooled[0] is None else torch.cat(pooled))
+
+
 class LoraStudent:
     """A teacher pipeline's UNet carrying the trainable adapter ``"student"`` (and any frozen ones).
 
@@ -151,17 +171,22 @@ class LoraStudent:
     parameterisation ``z = a_t x0 + s_t eps``, whatever the UNet predicts. ``t = -1`` is the clean end.
 
     Args:
-        pipe: an SD1.x/2.x-style diffusers pipeline (UNet conditioned on text embeddings only, discrete VP
-            noise schedule, ``encode_prompt``).
+        pipe: an SD1.x/2.x- or SDXL-style diffusers pipeline (a UNet conditioned on text embeddings, SDXL's also on
+            the pooled embedding and size ids; a discrete VP noise schedule; ``encode_prompt``).
         spec: the student LoRA's shape.
         frozen_adapters: names of further adapters of the same shape, frozen (e.g. a previous round's teacher).
     """
 
     def __init__(self, pipe, spec: LoraSpec, frozen_adapters: Iterable[str] = ()):
         unet = pipe.unet
-        if unet.config.get("addition_embed_type") or unet.config.get("class_embed_type"):
-            raise ValueError("LoRA distillation supports UNets conditioned on text embeddings alone (SD1.x/2.x); "
-                             f"this one also takes {unet.config.get('addition_embed_type') or 'class labels'}")
+        added = unet.config.get("addition_embed_type")
+        if added not in (None, "text_time") or unet.config.get("class_embed_type"):
+            raise ValueError("LoRA distillation supports UNets conditioned on text embeddings (SD1.x/2.x) and on "
+                             f"SDXL's pooled text and size ids; this one also takes {added or 'class labels'}")
+        self.text_time = added == "text_time"
+        # SDXL's pipelines condition the unconditional branch on zeros, not on the encoded empty prompt
+        self.zero_empty_prompt = self.text_time and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+        self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
         if getattr(unet, "peft_config", None):
             raise ValueError(f"the teacher UNet already carries adapters {sorted(unet.peft_config)}; distil from "
                              "a bare teacher")
@@ -180,18 +205,19 @@ class LoraStudent:
         self.unet.set_adapter(STUDENT)
         self.unet.eval()
         self._layers = [module for _, module in _tuner_layers(unet)]
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
     def device(self) -> torch.device:
         return self.unet.device
 
     def to(self, device) -> LoraStudent:
-        """Move the UNet (adapters included) and the text encoder; the VAE is not used here."""
+        """Move the UNet (adapters included) and the text encoders; the VAE is not used here."""
         self.unet.to(device)
         self.adapters.float()
-        if self.pipe.text_encoder is not None:
-            self.pipe.text_encoder.to(device)
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).to(device)
         self._embeddings.clear()
         return self
 
@@ -201,17 +227,26 @@ class LoraStudent:
         return abar.sqrt(), (1 - abar).sqrt()
 
     @torch.no_grad()
-    def embed(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings of ``prompts`` (float32, on the UNet's device), each distinct prompt encoded once."""
+    def embed(self, prompts: Sequence[str]) -> Conditioning:
+        """The conditioning of ``prompts`` as the pipeline computes it (float32, on the UNet's device), each distinct
+        prompt encoded once; the empty prompt is SDXL's zeros where its pipeline uses them."""
         missing = sorted(set(prompts) - self._embeddings.keys())
         if missing:
             if len(self._embeddings) + len(missing) > 4096:  # captioned data: keep the cache bounded
                 self._embeddings.clear()
-            embeds = self.pipe.encode_prompt(missing, self.device, 1, False)[0]
-            self._embeddings.update(zip(missing, embeds.float()))
-        return torch.stack([self._embeddings[p] for p in prompts]).to(self.device)
+            encoded = self.pipe.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+            context = encoded[0].float()
+            pooled = encoded[2].float() if self.text_time else [None] * len(missing)
+            for prompt, c, p in zip(missing, context, pooled):
+                if prompt == "" and self.zero_empty_prompt:
+                    c, p = torch.zeros_like(c), torch.zeros_like(p)
+                self._embeddings[prompt] = (c, p)
+        context = torch.stack([self._embeddings[p][0] for p in prompts]).to(self.device)
+        pooled = torch.stack([self._embeddings[p][1] for p in prompts]).to(self.device) if self.text_time else None
+        return Conditioning(context, pooled)
 
-    def denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor, adapter: str | None = STUDENT,
+    def denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: Conditioning, adapter: str | None = STUDENT,
                 guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0, eps)`` from the UNet at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone (and
         classifier-free ``guidance``, see :meth:`unet_output`)."""
@@ -220,25 +255,33 @@ class LoraStudent:
         return split_prediction(self.unet_output(z, t, cond, adapter, guidance), z.float(), a, s,
                                 self.prediction_type)
 
-    def unet_output(self, z: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor,
+    def unet_output(self, z: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
                     adapter: str | None = STUDENT, guidance: float = 1.0) -> torch.Tensor:
         """The UNet's own output (float32) at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone.
 
         ``guidance`` other than 1 applies classifier-free guidance against the empty prompt, as the pipelines do
-        (``uncond + guidance (cond - uncond)`` on the output, one batched call)."""
+        (``uncond + guidance (cond - uncond)`` on the output, one batched call). An SDXL UNet gets the size ids its
+        pipeline gives an image of the latents' size, uncropped: ``(h, w, 0, 0, h, w)``."""
         t = torch.as_tensor(t, device=z.device).long().expand(z.shape[0])
         if int(t.min()) < 0:
             raise ValueError("the UNet is not called at the clean end (t = -1)")
         if guidance != 1.0:
-            z, t, cond = torch.cat([z, z]), torch.cat([t, t]), torch.cat([self.embed([""] * len(z)), cond])
+            z, t, cond = torch.cat([z, z]), torch.cat([t, t]), Conditioning.cat([self.embed([""] * len(z)), cond])
+        dtype = self.unet.dtype
+        added = None
+        if self.text_time:
+            h, w = (self.vae_scale_factor * d for d in z.shape[-2:])
+            ids = torch.tensor([h, w, 0, 0, h, w], dtype=dtype, device=z.device).expand(len(z), 6)
+            added = {"text_embeds": cond.pooled.to(dtype), "time_ids": ids}
         with active_adapter(self.unet, adapter, self._layers):
-            out = self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype)).sample.float()
+            out = self.unet(z.to(dtype), t, encoder_hidden_states=cond.context.to(dtype),
+                            added_cond_kwargs=added).sample.float()
         if guidance == 1.0:
             return out
         uncond, conditional = out.chunk(2)
         return uncond + guidance * (conditional - uncond)
 
-    def ddim_step(self, z: torch.Tensor, t, t_next, cond: torch.Tensor, adapter: str | None = STUDENT,
+    def ddim_step(self, z: torch.Tensor, t, t_next, cond: Conditioning, adapter: str | None = STUDENT,
                   guidance: float = 1.0):
         """One deterministic DDIM step from ``t`` to ``t_next`` (``-1``: to the clean latent): the update of the
         first-order samplers (diffusers' DDIM / DPM-Solver++ order 1, ComfyUI's euler and ddim)."""

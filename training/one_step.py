@@ -13,7 +13,7 @@ import torch
 
 from ..models.io import atomic_save_file, read_safetensors
 from .config import Settings, setting
-from .lora import STUDENT, LoraStudent
+from .lora import STUDENT, Conditioning, LoraStudent
 
 BEST_FILE = "best_generator.safetensors"  # in the work folder: the lowest-FD generator so far
 
@@ -26,7 +26,7 @@ def one_step_timestep(student: LoraStudent) -> int:
     return student.num_train_timesteps - 1
 
 
-def one_step_sample(student: LoraStudent, noise: torch.Tensor, cond: torch.Tensor,
+def one_step_sample(student: LoraStudent, noise: torch.Tensor, cond: Conditioning,
                     adapter: str | None = STUDENT) -> torch.Tensor:
     """The generator: one UNet call on pure noise at the noisiest timestep, its clean-latent prediction."""
     return student.denoise(noise, one_step_timestep(student), cond, adapter)[0]

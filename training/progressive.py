@@ -37,7 +37,7 @@ from ..schedulers.grids import CLEAN, trailing_timesteps
 from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
                      sample_with_cfg_setting, sampling_guidance, setting, training_record)
 from .data import DataSource, drop_prompts
-from .lora import STUDENT, LoraStudent, copy_adapter
+from .lora import STUDENT, Conditioning, LoraStudent, copy_adapter
 from .loop import cost_record
 from .runner import Job, MethodEntry, settle
 
@@ -122,7 +122,7 @@ class ProgressiveRound:
         return grid[2 * k], grid[2 * k + 1], grid[2 * k + 2]
 
     @torch.no_grad()
-    def target(self, z: torch.Tensor, k: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def target(self, z: torch.Tensor, k: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x~ from two DDIM steps of the round's teacher, from ``z`` at the start of student step ``k``."""
         t, t_mid, t_next = self.timesteps(k)
         z_mid = self.student.ddim_step(z, t, t_mid, cond, self.teacher_adapter, self.teacher_guidance)

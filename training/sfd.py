@@ -51,7 +51,7 @@ from ..schedulers.grids import CLEAN, trailing_timesteps
 from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
                      sample_with_cfg_setting, sampling_guidance, setting, training_record)
 from .data import drop_prompts, sample_prompts
-from .lora import STUDENT, LoraStudent
+from .lora import STUDENT, Conditioning, LoraStudent
 from .loop import cost_record
 from .runner import Job, MethodEntry, settle
 
@@ -133,7 +133,7 @@ class SFD:
                 "cond": self.student.embed(drop_prompts(prompts, self.config.p_uncond))}
 
     @torch.no_grad()
-    def teacher_trajectory(self, noise: torch.Tensor, cond: torch.Tensor, n: int) -> torch.Tensor:
+    def teacher_trajectory(self, noise: torch.Tensor, cond: Conditioning, n: int) -> torch.Tensor:
         """The teacher's latents at the ends of the ``n`` student steps from ``noise``: ``(B, n, C, H, W)``."""
         ts = self.timesteps[n] + [CLEAN]
         x, out = noise, []
@@ -143,7 +143,7 @@ class SFD:
         return torch.stack(out, dim=1)
 
     @torch.no_grad()
-    def teacher_segment(self, z: torch.Tensor, t_from: int, t_to: int, cond: torch.Tensor) -> torch.Tensor:
+    def teacher_segment(self, z: torch.Tensor, t_from: int, t_to: int, cond: Conditioning) -> torch.Tensor:
         """``teacher_substeps`` DPM-Solver++(2M) steps of the bare UNet from ``z`` at ``t_from`` to ``t_to``
         (-1: the clean latent), the substeps uniform in t on integer timesteps."""
         points = torch.linspace(t_from, t_to, self.config.teacher_substeps + 1, dtype=torch.float64)
