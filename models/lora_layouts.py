@@ -246,8 +246,8 @@ _SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "
 _SGM_TOP_LAYERS = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
                    "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
                    "add_embedding.linear_2": "label_emb.0.2", "conv_out": "out.2"}
-_BLOCK_LAYER = re.compile(r"^(?P<side>down|up)_blocks\.(?P<block>\d+)\.(?P<kind>resnets|attentions|downsamplers|upsamplers)"
-                          r"\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
+_BLOCK_LAYER = re.compile(r"^(?P<side>down|up)_blocks\.(?P<block>\d+)\."
+                          r"(?P<kind>resnets|attentions|downsamplers|upsamplers)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
 _MID_LAYER = re.compile(r"^mid_block\.(?P<kind>resnets|attentions)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
 
 

@@ -122,7 +122,8 @@ def check_one_step_student():
         pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
         g = torch.Generator().manual_seed(3)
         noise, cond = torch.randn(2, 4, 16, 16, generator=g), Conditioning(torch.randn(2, 7, 32, generator=g))
-        latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+        latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0,
+                      output_type="latent").images
         assert calls == [999]
         reference = LoraStudent(copy.deepcopy(bare), spec)
         set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)

@@ -132,7 +132,8 @@ def test_students_of_every_round_load_and_sample_their_schedule(tiny_sd_pipeline
     pipe.unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
     g = torch.Generator().manual_seed(3)
     noise, cond = torch.randn(1, 4, 16, 16, generator=g), Conditioning(torch.randn(1, 7, 32, generator=g))
-    latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+    latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0,
+                  output_type="latent").images
     assert calls == [999, 499]
     reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0))
     from peft import set_peft_model_state_dict

@@ -11,8 +11,8 @@ from conftest import _tiny_text_encoder, _tiny_vae
 from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        TCDScheduler)
 from lora_releases import (LAYOUTS, PUBLISHED, REAL_SD15_UNET, REAL_SDXL_UNET, SD_SCHEDULER, SGM_LAYOUT,
-                           TEXT_ENCODER_TARGETS, TINY_SD15_UNET, TINY_SDXL_UNET, merged, meta_unet, published_timesteps, random_layers,
-                           target_modules, unet, write_release)
+                           TEXT_ENCODER_TARGETS, TINY_SD15_UNET, TINY_SDXL_UNET, merged, meta_unet, published_timesteps,
+                           random_layers, target_modules, unet, write_release)
 
 from direct_distill.__main__ import main as cli
 from direct_distill.models.io import FileFormatError, read_safetensors

@@ -22,8 +22,9 @@ import nodes
 import pytest
 import torch
 from diffusers import PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-from lora_releases import (LAYOUTS, PUBLISHED, SD_SCHEDULER, SGM_LAYOUT, TEXT_ENCODER_TARGETS, TINY_SD15_UNET, TINY_SDXL_UNET,
-                           effective_alpha, published_timesteps, random_layers, target_modules, unet, write_release)
+from lora_releases import (LAYOUTS, PUBLISHED, SD_SCHEDULER, SGM_LAYOUT, TEXT_ENCODER_TARGETS, TINY_SD15_UNET,
+                           TINY_SDXL_UNET, effective_alpha, published_timesteps, random_layers, target_modules, unet,
+                           write_release)
 
 from .test_comfy_shortcut import builtin_nodes  # noqa: F401 (a fixture)
 from .test_comfy_shortcut import FRONTEND_ONLY, check_links, run_node, run_workflow, widget_values
