@@ -1,7 +1,8 @@
 """Few-step LoRAs published by others, in a real ComfyUI: Load Distilled Student with a preset places every tensor
 of every layout on SD1.5- and SDXL-shaped models (where ComfyUI's stock loader drops some), with the effect
 load_student has in diffusers; hands out each preset's published sigmas, sampler and cfg; runs TCD through
-SamplerCustomAdvanced; refuses a LoRA of another family in one error; and the drag-in workflow runs."""
+SamplerCustomAdvanced; refuses a LoRA of another family in one error; and the drag-in workflow runs. Also our own
+student of an SDXL teacher, and LoRAs in the original UNet's names, read as ComfyUI's own loader reads them."""
 
 import copy
 import functools
@@ -178,6 +179,37 @@ def test_an_sdxl_lora_is_placed_whole_with_the_effect_load_student_has(dd, loras
     pipe = diffusers_pipeline(model)
     dd("pipelines").load_student(pipe, loras / f"sdxl_{layout}.safetensors", preset="dmd2-sdxl-4step")
     diffusers_out, comfy_out = unet_outputs(pipe.unet, patched)
+    torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=0)
+
+
+def test_a_student_distilled_from_an_sdxl_teacher_has_the_effect_load_student_gives_it(dd, loras, sdxl, caplog):
+    """Our own SDXL student (a LoRA on every layer the methods adapt), from file: placed whole by Load Distilled
+    Student on an SDXL model, with its schedule, and the same UNet output as under diffusers' load_student."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model, comfy_model = sdxl
+    files, noise = dd("models.student_file"), dd("schedulers.noise")
+    trained = copy.deepcopy(model)
+    torch.manual_seed(1)
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=8.0, init_lora_weights=False,
+                                   target_modules=list(dd("training.config").DEFAULT_TARGET_MODULES)))
+    schedules = dd("schedulers.grids").student_schedules({4: [999, 749, 499, 249]},
+                                                         noise.alphas_cumprod_from_config(SD_SCHEDULER))
+    info = files.StudentInfo(method="sfd", teacher="tests/tiny-sdxl",
+                             teacher_unet_fingerprint=files.unet_fingerprint(model),
+                             teacher_unet_config=files.unet_architecture(model), prediction_type="epsilon",
+                             nfe_schedules=schedules, default_nfe=4, comfy_sampler="euler", guidance=1.0)
+    lora = get_peft_model_state_dict(trained)
+    files.save_student(loras / "sdxl_student.safetensors", lora, rank=4, alpha=8.0, metadata=info)
+    with caplog.at_level(logging.WARNING):
+        patched, sigmas, sampler, cfg, clip = load(comfy_model, "sdxl_student.safetensors")
+    assert no_lora_warnings(caplog), caplog.text
+    assert len(patched.patches) == len(lora) // 2 and cfg == 1.0
+    torch.testing.assert_close(sigmas.double(), torch.tensor(schedules[4]["sigmas"], dtype=torch.float64))
+    pipe = diffusers_pipeline(model)
+    dd("pipelines").load_student(pipe, loras / "sdxl_student.safetensors")
+    diffusers_out, comfy_out = unet_outputs(pipe.unet, patched)
+    assert (diffusers_out - unet_outputs(model, comfy_model)[0]).abs().max() > 1e-2
     torch.testing.assert_close(comfy_out, diffusers_out, atol=1e-4, rtol=0)
 
 
