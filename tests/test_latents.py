@@ -159,3 +159,17 @@ def test_single_file_teachers_run_the_real_model_commands(family, image_folder, 
     if family != "sdxl":
         student = read_student(out)[1]
         assert student.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+
+
+def test_latents_that_overflow_float16_are_one_error_not_a_file(teacher_file):
+    """SDXL's VAE overflows in float16; here a VAE whose first convolution does: no NaN latents go to training."""
+    import copy
+
+    vae = copy.deepcopy(teacher_file[1]).to(torch.float16)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e3)
+        vae.encoder.conv_in.bias.fill_(6e4)  # near float16's largest, 65504
+    pixels = torch.rand(3, 3, 32, 32, dtype=torch.float16) * 2 - 1
+    with pytest.raises(FloatingPointError, match=r"non-finite latents for images 0-2 in float16 \(SDXL's VAE overflows "
+                                                 r"in float16\): encode with --dtype bfloat16 or float32"):
+        encode_images(vae, pixels)

@@ -193,10 +193,17 @@ def load_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor
 def encode_images(vae, images: torch.Tensor, batch_size: int = 1000,
                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image (``(N, C, H, W)`` in [-1, 1], on the VAE's device), times the VAE's
-    scaling factor: what the data methods train on."""
+    scaling factor: what the data methods train on. A non-finite latent (SDXL's VAE overflows in float16) is one
+    error, not a poisoned latents file."""
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="encode", leave=False, disable=not progress):
         posterior = vae.encode(images[i:i + batch_size]).latent_dist
+        if not torch.isfinite(posterior.mean).all():
+            dtype = str(next(vae.parameters()).dtype).removeprefix("torch.")
+            raise FloatingPointError(
+                f"the VAE gave non-finite latents for images {i}-{i + len(posterior.mean) - 1} in {dtype}"
+                + (" (SDXL's VAE overflows in float16): encode with --dtype bfloat16 or float32"
+                   if dtype == "float16" else ""))
         means.append(posterior.mean)
         stds.append(posterior.std)
     scale = vae.config.scaling_factor
