@@ -868,7 +868,7 @@ def cost_goals(results: Results) -> dict[str, Goal]:
                                                 f"teacher timed on {teacher_cost.threads}: not comparable", None)
         else:
             share = f.train_seconds / teacher_cost.seconds
-            goals[f.file] = Goal("costs", goal, f"{f.train_seconds / 60:.1f} min, {100 * share:.0f} %",
+            goals[f.file] = Goal("costs", goal, f"{f.train_seconds / 60:.1f} min, {100 * share:.1f} %",
                                  share <= COST_SHARE_GOAL)
     return goals
 
@@ -1146,7 +1146,7 @@ def cost_section(results: Results) -> list[str]:
     for f in files:
         sec = f.train_seconds
         comparable = teacher_cost and f.threads in (None, teacher_cost.threads)
-        share = f"{100 * sec / teacher_cost.seconds:.0f} %" if sec is not None and comparable else "–"
+        share = f"{100 * sec / teacher_cost.seconds:.1f} %" if sec is not None and comparable else "–"
         threads = f" ({f.threads} threads)" if f.threads not in (None, 1) else ""
         lines.append(f"| `{f.file}` | {', '.join(map(str, f.nfes))} | "
                      f"{f'{sec / 60:.1f} min' if sec is not None else 'not recorded'}{threads} | {share} | "

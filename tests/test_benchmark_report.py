@@ -267,7 +267,7 @@ def test_student_costs_and_training_curves(tmp_path):
     assert ("VAE 0.500 s/step x 2000 + decoder fine-tuning 0.250 s/step x 400 + UNet 0.600 s/step x 4500 "
             "(batch 128) = **61.7 min**") in text  # the teacher's 3700 s, stage by stage
     costs = {r[0]: r for r in table_rows(text, "## What distillation costs")}
-    assert costs["`sfd.safetensors`"][1:] == ["2, 4", "6.2 min", "10 %", "**met**"]
+    assert costs["`sfd.safetensors`"][1:] == ["2, 4", "6.2 min", "10.0 %", "**met**"]
     assert costs["`progressive_nfe2.safetensors`"][2:] == ["not recorded (4 threads)", "–", "not measured"]
     # Seconds on 2 threads are no share of a teacher timed on 1.
     assert costs["`progressive_nfe4.safetensors`"][2:] == ["5.0 min (2 threads)", "–", "not measured"]
