@@ -160,14 +160,13 @@ class SFD:
     def loss(self, step: int, batch: dict) -> torch.Tensor:
         n, cond = batch["nfe"], batch["cond"]
         ts = self.timesteps[n] + [CLEAN]
-        x = x_teacher = batch["noise"]
+        x = batch["noise"]
+        targets = batch.get("targets")  # the pool's, else the teacher's own run when it never restarts
+        if targets is None and self.config.teacher_from == "teacher":
+            targets = self.teacher_trajectory(x, cond, n)
         losses = []
         for i, (t, t_next) in enumerate(zip(ts, ts[1:])):
-            if "targets" in batch:
-                x_teacher = batch["targets"][:, i]
-            else:
-                start = x_teacher if self.config.teacher_from == "teacher" else x
-                x_teacher = self.teacher_segment(start, t, t_next, cond)
+            x_teacher = targets[:, i] if targets is not None else self.teacher_segment(x, t, t_next, cond)
             x_next = self.student.ddim_step(x, t, t_next, cond, STUDENT)
             a, _ = self.student.alpha_sigma(torch.tensor([t_next]))
             diff = (x_next - x_teacher) / a  # on VE latents
