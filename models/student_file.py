@@ -77,6 +77,10 @@ class StudentInfo:
         teacher: the teacher it was distilled from (a hub id or path).
         teacher_unet_fingerprint: ``unet_fingerprint(teacher.unet)``; loaders refuse other UNets.
         prediction_type: what the student's UNet predicts: "epsilon", "v_prediction" or "sample".
+        teacher_prediction_type: what the teacher's UNet predicts, which the model it is loaded onto must
+            share; empty (files that do not say): the same as ``prediction_type``. A student may read its UNet's
+            output otherwise than its teacher does (a one-step student of an epsilon teacher predicting the
+            sample: see training/sfd.py); the loaders then sample it with its own.
         nfe_schedules: for every supported number of UNet evaluations n, the exact
             ``{"timesteps": [n integer training timesteps], "sigmas": [n + 1 VE sigmas ending in 0]}`` it
             was trained for, in sampling order. ``timesteps[i]`` is what the UNet is called with at
@@ -103,6 +107,7 @@ class StudentInfo:
     comfy_sampler: str
     guidance: float
     diffusers_scheduler: str = ""
+    teacher_prediction_type: str = ""
     rank: int | None = None
     alpha: float | None = None
     target_modules: list[str] = dataclasses.field(default_factory=list)
@@ -115,6 +120,10 @@ class StudentInfo:
                 raise ValueError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        self.teacher_prediction_type = self.teacher_prediction_type or self.prediction_type
+        if self.teacher_prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"teacher_prediction_type must be one of {PREDICTION_TYPES}, got "
+                             f"{self.teacher_prediction_type!r}")
         self.nfe_schedules = _checked_schedules(self.nfe_schedules)
         if self.default_nfe not in self.nfe_schedules:
             raise ValueError(f"default_nfe {self.default_nfe!r} is not among the NFEs with a schedule "

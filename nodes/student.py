@@ -38,18 +38,33 @@ def _model_sampling(model, name: str, prediction_type: str):
                          f"model samples with {type(model_sampling).__name__}")
     predicts = next((kind for kind, cls in _PREDICTIONS if isinstance(model_sampling, cls)), None)
     if predicts != prediction_type:
-        raise ValueError(f"{name}: the student predicts {prediction_type}, this model {predicts}: it was "
-                         "distilled from another model")
+        raise ValueError(f"{name}: the student was distilled from a model predicting {prediction_type}, this "
+                         f"model predicts {predicts}: it was distilled from another model")
     return model_sampling
 
 
-def _check_model(model, info, schedule, name: str) -> None:
-    """Refuses a model the student cannot have been distilled from: another parameterisation or noise table."""
-    model_sampling = _model_sampling(model, name, info.prediction_type)
+def _check_model(model, info, schedule, name: str):
+    """The model's ModelSamplingDiscrete; refuses a model the student cannot have been distilled from: another
+    parameterisation or noise table."""
+    model_sampling = _model_sampling(model, name, info.teacher_prediction_type)
     timesteps = sigma_to_model_timestep(torch.tensor(schedule["sigmas"][:-1]), model_sampling.sigmas).tolist()
     if timesteps != schedule["timesteps"]:
         raise ValueError(f"{name}: its sigmas fall on timesteps {timesteps} of this model's noise schedule, not the "
                          f"{schedule['timesteps']} it was trained at: it was distilled from another model")
+    return model_sampling
+
+
+def _sampling_as(model, model_sampling, prediction_type: str):
+    """``model_sampling``'s noise table with the model's output read as ``prediction_type`` (what ComfyUI's
+    ModelSamplingDiscrete node does, keeping the table itself)."""
+    parameterisation = dict(_PREDICTIONS)[prediction_type]
+
+    class StudentSampling(comfy.model_sampling.ModelSamplingDiscrete, parameterisation):
+        pass
+
+    sampling = StudentSampling(model.model.model_config)
+    sampling.set_sigmas(model_sampling.sigmas.detach().clone())
+    return sampling
 
 
 def _sample_tcd(model, x, sigmas, *, gamma: float, **kwargs):
@@ -70,13 +85,15 @@ def _own_student(model, clip, path, name, nfe, strength):
         raise ValueError(f"{name}: trained for nfe {', '.join(map(str, info.nfe_schedules))} "
                          f"(default {info.default_nfe}), not {nfe}")
     schedule = info.nfe_schedules[n]
-    _check_model(model, info, schedule, name)
+    model_sampling = _check_model(model, info, schedule, name)
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     problems = lora_mismatches(model, lora)
     if problems:
         raise ValueError(f"{name}: this student was made for another UNet: " + "; ".join(problems))
     if strength != 0:
         model, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+        if info.prediction_type != info.teacher_prediction_type:  # read its output as it was trained to predict
+            model.add_object_patch("model_sampling", _sampling_as(model, model_sampling, info.prediction_type))
     return (model, torch.tensor(schedule["sigmas"], dtype=torch.float32),
             comfy.samplers.sampler_object(info.comfy_sampler), info.guidance, clip)
 

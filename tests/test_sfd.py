@@ -103,6 +103,37 @@ def test_one_student_file_for_several_nfes_samples_as_it_was_trained(tiny_sd_pip
     assert calls == [999, 666, 332]  # the default NFE
 
 
+@pytest.mark.parametrize("predicts", ["v_prediction", "sample"])
+def test_a_student_reading_its_output_as_another_prediction_trains_so_and_samples_so(tiny_sd_pipeline, tmp_path,
+                                                                                      accelerator, predicts):
+    # The untrained student now reads the teacher's epsilon as v or x0: far from the teacher's one substep.
+    student = LoraStudent(copy.deepcopy(tiny_sd_pipeline), LoraSpec(rank=2, alpha=4.0), student_prediction=predicts)
+    torch.manual_seed(0)
+    method = SFD(student, PROMPTS, config(teacher_substeps=1))
+    assert method.loss(0, method.batch(0)).item() > 1e-2
+
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    out = tmp_path / "sfd.safetensors"
+    train_sfd(job(tiny_sd_pipeline, out, accelerator=accelerator), config(nfes=(1, 2), default_nfe=1,
+                                                                         student_prediction=predicts))
+    lora, info = read_student(out)
+    assert (info.prediction_type, info.teacher_prediction_type) == (predicts, "epsilon")
+    reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0), student_prediction=predicts)
+    set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
+    pipe = copy.deepcopy(bare)
+    load_student(pipe, out)
+    assert pipe.scheduler.config.prediction_type == predicts
+    noise, cond = inputs()
+    for n in (1, 2):
+        latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), num_inference_steps=n, guidance_scale=1.0,
+                      output_type="latent").images
+        x, ts = noise, info.nfe_schedules[n]["timesteps"] + [CLEAN]
+        with torch.no_grad():
+            for t, t_next in zip(ts, ts[1:]):
+                x = reference.ddim_step(x, t, t_next, cond)
+        torch.testing.assert_close(latent, x, atol=1e-4, rtol=1e-4)
+
+
 def test_a_student_stored_as_float16_is_half_the_file_and_samples_as_the_float32_one(tiny_sd_pipeline, tmp_path):
     student = LoraStudent(copy.deepcopy(tiny_sd_pipeline), LoraSpec(rank=4, alpha=4.0))
     with torch.no_grad():

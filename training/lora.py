@@ -126,15 +126,17 @@ def write_student(path: str | os.PathLike, unet, *, adapter_name: str = STUDENT,
         default_nfe: the NFE used when none is asked for.
         comfy_sampler: the sampler whose update the student was trained for ("ddim"/"euler": first order).
         guidance: recommended classifier-free guidance.
-        prediction_type: what the adapted UNet predicts (default: the scheduler config's, the teacher's).
+        prediction_type: what the adapted UNet predicts (default: the scheduler config's, the teacher's, which
+            is recorded as ``teacher_prediction_type``).
         extra: further JSON-serialisable facts (training settings, losses, ...).
         dtype: the stored weights' dtype (the loaders cast them to the model's).
     """
     config = unet.peft_config[adapter_name]
+    teacher_predicts = _get(scheduler_config, "prediction_type", "epsilon")
     info = StudentInfo(
         method=method, teacher=teacher, teacher_unet_fingerprint=unet_fingerprint(unet),
-        teacher_unet_config=unet_architecture(unet),
-        prediction_type=prediction_type or _get(scheduler_config, "prediction_type", "epsilon"),
+        teacher_unet_config=unet_architecture(unet), teacher_prediction_type=teacher_predicts,
+        prediction_type=prediction_type or teacher_predicts,
         nfe_schedules=student_schedules(nfe_timesteps, alphas_cumprod_from_config(scheduler_config)),
         default_nfe=default_nfe, comfy_sampler=comfy_sampler, guidance=guidance, extra=extra or {})
     return save_student(path, lora_state_dict(unet, adapter_name, dtype), rank=config.r, alpha=float(config.lora_alpha),
@@ -175,9 +177,12 @@ class LoraStudent:
             the pooled embedding and size ids; a discrete VP noise schedule; ``encode_prompt``).
         spec: the student LoRA's shape.
         frozen_adapters: names of further adapters of the same shape, frozen (e.g. a previous round's teacher).
+        student_prediction: what the UNet's output means with the student adapter on (``denoise`` reads it so,
+            ``write`` records it); default the teacher's ``prediction_type``, which every other adapter keeps.
     """
 
-    def __init__(self, pipe, spec: LoraSpec, frozen_adapters: Iterable[str] = ()):
+    def __init__(self, pipe, spec: LoraSpec, frozen_adapters: Iterable[str] = (),
+                 student_prediction: str | None = None):
         unet = pipe.unet
         added = unet.config.get("addition_embed_type")
         if added not in (None, "text_time") or unet.config.get("class_embed_type"):
@@ -195,6 +200,9 @@ class LoraStudent:
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"teacher prediction type {self.prediction_type!r} is not a discrete VP parameterisation")
+        self.student_prediction = student_prediction or self.prediction_type
+        if self.student_prediction not in PREDICTION_TYPES:
+            raise ValueError(f"student prediction {self.student_prediction!r}: choose one of {PREDICTION_TYPES}")
         alphas_cumprod = alphas_cumprod_from_config(self.scheduler_config)
         # index t + 1: entry 0 is the clean end (abar = 1), entries 1.. the training timesteps 0..T-1
         self._abar = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod]).float()
@@ -249,11 +257,12 @@ class LoraStudent:
     def denoise(self, z: torch.Tensor, t: torch.Tensor | int, cond: Conditioning, adapter: str | None = STUDENT,
                 guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0, eps)`` from the UNet at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone (and
-        classifier-free ``guidance``, see :meth:`unet_output`)."""
+        classifier-free ``guidance``, see :meth:`unet_output`), its output read as ``student_prediction`` with
+        the student adapter, else as the teacher's ``prediction_type``."""
         t = torch.as_tensor(t, device=z.device).long().expand(z.shape[0])
         a, s = self.alpha_sigma(t)
-        return split_prediction(self.unet_output(z, t, cond, adapter, guidance), z.float(), a, s,
-                                self.prediction_type)
+        predicts = self.student_prediction if adapter == STUDENT else self.prediction_type
+        return split_prediction(self.unet_output(z, t, cond, adapter, guidance), z.float(), a, s, predicts)
 
     def unet_output(self, z: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
                     adapter: str | None = STUDENT, guidance: float = 1.0) -> torch.Tensor:
@@ -290,10 +299,11 @@ class LoraStudent:
         return a * x0 + s * eps
 
     def write(self, path: str | os.PathLike, **info) -> Path:
-        """``write_student`` of the student adapter with the teacher's scheduler config, stored as the spec's
-        ``save_dtype``."""
+        """``write_student`` of the student adapter with the teacher's scheduler config and the student's
+        prediction type, stored as the spec's ``save_dtype``."""
         return write_student(path, self.unet, adapter_name=STUDENT, scheduler_config=self.scheduler_config,
-                             dtype=getattr(torch, self.spec.save_dtype), **info)
+                             prediction_type=self.student_prediction, dtype=getattr(torch, self.spec.save_dtype),
+                             **info)
 
 
 def _tuner_layers(unet):

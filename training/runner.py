@@ -98,12 +98,12 @@ class Job:
             self.teacher = str(getattr(self.pipe, "name_or_path", "") or "unknown")
         self.accelerator = self.accelerator or Accelerator()
 
-    def student(self, spec, seed: int, frozen_adapters: Sequence[str] = ()):
+    def student(self, spec, seed: int, frozen_adapters: Sequence[str] = (), student_prediction: str | None = None):
         """A :class:`LoraStudent` on the teacher, its LoRA initialised from ``seed``, on the accelerator's device."""
         from .lora import LoraStudent
 
         torch.manual_seed(seed)  # the LoRA's initial A
-        return LoraStudent(self.pipe, spec, frozen_adapters).to(self.accelerator.device)
+        return LoraStudent(self.pipe, spec, frozen_adapters, student_prediction).to(self.accelerator.device)
 
     def stage_dir(self, stage: str | None = None) -> Path | None:
         """The work folder of one stage of the run (the work folder itself for None); None without one."""

@@ -28,6 +28,13 @@ and runs the student alone. At NFE 1 this is the one-step distillation of Luhman
 targets. The teacher runs about 3/4 of an online step's time; the pool's capture time is added to the training
 seconds the file records.
 
+What the student predicts (``student_prediction``): by default its UNet's output means what the teacher's does.
+At NFE 1 from an epsilon teacher that is ill-conditioned: the clean latent at t=999 is ``(z - s eps) / a`` with
+a = 0.068 on SD's schedule, so the student must reproduce its noisy input to within a fourteenth of the error
+allowed in the result (progressive distillation's argument for v and x0 at few steps). ``v_prediction`` or
+``sample`` reads the student's output so instead; the file records it and the loaders sample it so (diffusers'
+scheduler gets that prediction type, ComfyUI's model its sampling object), while the teacher keeps its own.
+
 Timesteps: the paper tunes t_min (its Figure 5); the trailing grid (p = 0: 999, 749, 499, 249 for 4 steps)
 puts the last student call at t = T/n - 1 and ends on the clean latent, the convention of few-step SD
 samplers; ``schedule_p > 0`` spaces the steps like exp-Karras. At NFE 1 the one step goes from pure noise to the
@@ -48,6 +55,7 @@ from tqdm.auto import tqdm
 
 from ..models.io import FileFormatError, atomic_save_file, read_safetensors
 from ..schedulers.grids import CLEAN, trailing_timesteps
+from ..schedulers.prediction import PREDICTION_TYPES
 from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
                      sample_with_cfg_setting, sampling_guidance, setting, training_record)
 from .data import drop_prompts, sample_prompts
@@ -80,6 +88,10 @@ class SFDConfig(Settings):
     guidance: float | None = guidance_setting("file")
     sample_with_cfg: bool = sample_with_cfg_setting("file")
     latent_size: int | None = setting(None, ge=1, help="latent height = width (default: the UNet's)")
+    student_prediction: str | None = setting(
+        None, choices=PREDICTION_TYPES, help="what the student's UNet output is read as (default: the teacher's "
+        "prediction type); v_prediction or sample for a one-step student of an epsilon teacher, whose clean latent "
+        "at t=999 would otherwise amplify the output's error by 1/alpha (14.6 on SD's noise schedule)")
     pool: int = setting(0, ge=0, help="0: the teacher runs beside the student at every step; N: the teacher's "
                                       "trajectories from N draws of noise and prompt are computed once (kept in the "
                                       "work folder) and each step draws its batch from them (--teacher-from teacher)")
@@ -274,7 +286,7 @@ def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
     trained as), the guidance it samples at."""
     config = settle(config)
     run = config.run
-    student = job.student(run.lora, run.seed)
+    student = job.student(run.lora, run.seed, student_prediction=config.student_prediction)
     method = SFD(student, job.prompts, config)
     pool = capture_pool(method, config.pool, run.seed, job.stage_dir("teacher_pool"), job.accelerator) \
         if config.pool else None

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import comfy.model_base
+import comfy.model_sampling
 import comfy.samplers
 import comfy_extras.nodes_custom_sampler as custom_sampler
 import folder_paths
@@ -35,10 +36,9 @@ def dd(comfy_loaded):
     return lambda name: importlib.import_module(f"{comfy_loaded.__name__}.{name}")
 
 
-@pytest.fixture(scope="module")
-def student(dd, tmp_path_factory):
-    """(bare diffusers twin of the tiny ComfyUI model, path of a student for it in a registered loras folder, info),
-    written by the training module's one LoRA writer."""
+def write_tiny_student(dd, folder, name, **kw):
+    """(bare diffusers twin of the tiny ComfyUI model, path of a student for it in ``folder``, info), written by
+    the training module's one LoRA writer (``kw``: more of its arguments)."""
     lora = dd("training.lora")
     unet = diffusers_twin_of_tiny_sd15()
     trained = copy.deepcopy(unet)
@@ -47,13 +47,19 @@ def student(dd, tmp_path_factory):
     with torch.no_grad():
         for p in adapters.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    folder = tmp_path_factory.mktemp("loras")
     grid = dd("schedulers.grids").trailing_timesteps
-    path = lora.write_student(folder / "tiny_student.safetensors", trained, scheduler_config=SD_NOISE, method="sfd",
+    path = lora.write_student(folder / name, trained, scheduler_config=SD_NOISE, method="sfd",
                               teacher="tests/tiny-sd15", nfe_timesteps={n: grid(n) for n in NFES},
-                              default_nfe=DEFAULT_NFE, comfy_sampler="euler", guidance=GUIDANCE)
-    folder_paths.add_model_folder_path("loras", str(folder))
+                              default_nfe=DEFAULT_NFE, comfy_sampler="euler", guidance=GUIDANCE, **kw)
     return unet, path, dd("models.student_file").read_student(path)[1]
+
+
+@pytest.fixture(scope="module")
+def student(dd, tmp_path_factory):
+    """A student in a registered loras folder (see write_tiny_student)."""
+    folder = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return write_tiny_student(dd, folder, "tiny_student.safetensors")
 
 
 def load(model, nfe=0, strength=1.0, name="tiny_student.safetensors"):
@@ -96,7 +102,7 @@ def test_an_nfe_the_student_was_not_trained_for_is_refused_with_the_list(comfy_l
 
 
 def test_a_model_of_another_parameterisation_is_refused(comfy_loaded, student):
-    with pytest.raises(ValueError, match="the student predicts epsilon, this model v_prediction"):
+    with pytest.raises(ValueError, match="distilled from a model predicting epsilon, this model predicts v_prediction"):
         load(tiny_sd15_model(model_type=comfy.model_base.ModelType.V_PREDICTION))
 
 
@@ -108,10 +114,21 @@ def test_a_malformed_file_is_named(comfy_loaded, student):
     assert type(err.value).__name__ == "FileFormatError"
 
 
-@pytest.mark.parametrize("nfe", [2, 4])
-def test_sampler_custom_advanced_with_the_outputs_equals_load_student_in_diffusers(comfy_loaded, dd, student, nfe):
-    unet, path, _ = student
-    patched, sigmas, sampler, cfg = load(comfy_model_from(unet), nfe)
+@pytest.mark.parametrize("nfe, predicts", [(2, None), (4, None), (2, "v_prediction"), (3, "sample")])
+def test_sampler_custom_advanced_with_the_outputs_equals_load_student_in_diffusers(comfy_loaded, dd, student, nfe,
+                                                                                    predicts):
+    # predicts: a student reading its output as another prediction than its epsilon teacher's
+    unet, path, info = student if predicts is None else write_tiny_student(
+        dd, student[1].parent, f"tiny_student_{predicts}.safetensors", prediction_type=predicts)
+    assert (info.prediction_type, info.teacher_prediction_type) == (predicts or "epsilon", "epsilon")
+    model = comfy_model_from(unet)
+    patched, sigmas, sampler, cfg = load(model, nfe, name=path.name)
+    if predicts:  # the patched clone reads the output so; the model itself is left as it was
+        assert isinstance(patched.get_model_object("model_sampling"), {
+            "v_prediction": comfy.model_sampling.V_PREDICTION, "sample": comfy.model_sampling.X0}[predicts])
+        torch.testing.assert_close(patched.get_model_object("model_sampling").sigmas,
+                                   model.get_model_object("model_sampling").sigmas, rtol=0, atol=0)
+        assert not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
     positive, negative = tiny_conditioning(0), tiny_conditioning(1)
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, negative)
