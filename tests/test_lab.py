@@ -133,7 +133,7 @@ def test_committed_student_samples_the_prompted_classes_at_its_default_nfe(evalu
     """load_student, then a plain pipe(prompt) call: the file's own NFE, schedule and guidance make the classes.
 
     A one-step student must beat what the same single call gives without it: the teacher's one call at t=999 scores
-    0.340 on the report's 1,000 samples (0.377 on these 400), the committed one-step students 0.432-0.940 (0.472
+    0.340 on the report's 1,000 samples (0.377 on these 400), the committed one-step students 0.432-0.973 (0.472
     and up here). 400 samples put the floor 0.42 between them (a standard error is 0.025); few-step students (0.89
     and up in the report) are held to 0.8 on 80."""
     from diffusers import StableDiffusionPipeline
