@@ -73,6 +73,12 @@ class Settings:
         """Checks across fields; raise :class:`SettingError` naming the field at fault."""
 
 
+def save_dtype_setting(what: str, note: str = "") -> Any:
+    """The dtype ``what`` is stored as in the written file; training itself stays float32."""
+    return setting("float32", choices=DTYPE_NAMES, changeable=True,
+                   help=f"dtype of {what} in the written file (training stays float32; float16 halves the file{note})")
+
+
 @dataclass
 class LoraSpec(Settings):
     """Shape of a LoRA: ``W + (alpha / rank) B A`` on each target module (names matched as peft does)."""
@@ -83,9 +89,7 @@ class LoraSpec(Settings):
     alpha: float = setting(16.0, help="LoRA alpha (the update is alpha/rank B A)", gt=0)
     target_modules: tuple[str, ...] = setting(DEFAULT_TARGET_MODULES,
                                               help="UNet modules that get the LoRA (peft name matching)")
-    save_dtype: str = setting("float32", choices=DTYPE_NAMES, changeable=True,
-                              help="dtype of the LoRA weights in the written file (training stays float32; float16 "
-                                   "halves the file, as most published LoRAs are stored)")
+    save_dtype: str = save_dtype_setting("the LoRA weights", ", as most published LoRAs are stored")
 
 
 def guidance_setting(what: str) -> Any:

@@ -24,7 +24,8 @@ from ..models.shortcut_file import save_shortcut
 from ..schedulers.named import SCHEDULE_NAMES, schedule_sigmas
 from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
 from ..schedulers.sigmas import exp_karras_timesteps
-from .config import DTYPE_NAMES, RunConfig, Settings, SettingError, run_config, setting, training_record
+from .config import (RunConfig, Settings, SettingError, run_config, save_dtype_setting, setting,
+                     training_record)
 from .loop import cost_record
 from .runner import Job, MethodEntry, settle
 from .trajectories import Trajectories, capture_trajectories, load_trajectories
@@ -67,9 +68,7 @@ class ShortcutConfig(Settings):
                                                          "L1 (then L2)")
     holdout: float = setting(1 / 6, ge=0, lt=1, help="fraction of trajectories held out for PSNR (the paper: "
                                                      "20k of 120k)")
-    save_dtype: str = setting("float32", choices=DTYPE_NAMES, changeable=True,
-                              help="dtype of the weights in the written file (training stays float32; float16 "
-                                   "halves the file)")
+    save_dtype: str = save_dtype_setting("the weights")
     band_margin: float = setting(0.1, ge=0, help="widen the captured t-range by this fraction of its width on "
                                                  "each side")
 
