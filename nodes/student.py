@@ -86,6 +86,10 @@ def _own_student(model, clip, path, name, nfe, strength):
                          f"(default {info.default_nfe}), not {nfe}")
     schedule = info.nfe_schedules[n]
     model_sampling = _check_model(model, info, schedule, name)
+    if info.prediction_type != info.teacher_prediction_type and strength not in (0, 1):
+        raise ValueError(f"{name}: this student's output is read as {info.prediction_type} where its model predicts "
+                         f"{info.teacher_prediction_type}: at strength {strength:g} the output would be part one, "
+                         "part the other; use strength 1 (or 0 for the model alone)")
     lora = comfy.utils.load_torch_file(path, safe_load=True)
     problems = lora_mismatches(model, lora)
     if problems:
@@ -164,7 +168,8 @@ class LoadStudent(io.ComfyNode):
                                      "for. 0 uses its default."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the LoRA (on the model and, if connected, the CLIP); 1.0 is as "
-                                       "trained."),
+                                       "trained. A student reading its output as another prediction than its "
+                                       "model's takes 1 or 0 only."),
                 io.Combo.Input("preset", options=[FROM_FILE, *PRESETS], default=FROM_FILE,
                                tooltip="How a LoRA from elsewhere is sampled (python -m direct_distill stamp --list "
                                        "shows the sources). 'from file': a Direct Distill student, or a file "

@@ -45,7 +45,9 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
         path: the ``.safetensors`` file.
         preset: for a LoRA from elsewhere, the name of its few-step preset; None uses the one stamped in the file.
         adapter_name: the name of the LoRA adapter in ``pipe`` (to disable or delete it later).
-        scale: strength of the LoRA (1.0 = as trained; ComfyUI's ``strength_model``).
+        scale: strength of the LoRA (1.0 = as trained; ComfyUI's ``strength_model``). A student whose output is read
+            as another prediction than its teacher's (``info.prediction_type`` against ``teacher_prediction_type``)
+            takes 1.0 only: at any other scale its output would mix the two.
 
     Returns:
         our student's metadata (method, schedules, sampler, guidance, ...), or the few-step preset applied.
@@ -64,6 +66,10 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     problems = unet_mismatches(info, lora, pipe.unet)
     if problems:
         raise ValueError(f"{path}: this student was made for another UNet: " + "; ".join(problems))
+    if info.prediction_type != info.teacher_prediction_type and scale != 1.0:
+        raise ValueError(f"{path}: this student's output is read as {info.prediction_type} where its model predicts "
+                         f"{info.teacher_prediction_type}: at scale {scale:g} the output would be part one, part the "
+                         "other; use scale 1")
     _check_adapter_name(pipe, path, adapter_name)
     try:
         scheduler = StudentScheduler.from_config(

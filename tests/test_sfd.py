@@ -121,6 +121,10 @@ def test_a_student_reading_its_output_as_another_prediction_trains_so_and_sample
     reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0), student_prediction=predicts)
     set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
     pipe = copy.deepcopy(bare)
+    scheduler = pipe.scheduler
+    with pytest.raises(ValueError, match=f"read as {predicts} where its model predicts epsilon: at scale 0.5"):
+        load_student(pipe, out, scale=0.5)  # half epsilon, half v or x0: refused, the pipeline untouched
+    assert pipe.scheduler is scheduler and not getattr(pipe.unet, "peft_config", None)
     load_student(pipe, out)
     assert pipe.scheduler.config.prediction_type == predicts
     noise, cond = inputs()

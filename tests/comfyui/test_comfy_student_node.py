@@ -124,6 +124,9 @@ def test_sampler_custom_advanced_with_the_outputs_equals_load_student_in_diffuse
     model = comfy_model_from(unet)
     patched, sigmas, sampler, cfg = load(model, nfe, name=path.name)
     if predicts:  # the patched clone reads the output so; the model itself is left as it was
+        with pytest.raises(ValueError, match=f"read as {predicts} where its model predicts epsilon: at strength 0.7"):
+            load(model, nfe, strength=0.7, name=path.name)  # part epsilon, part v or x0
+        assert load(model, nfe, strength=0.0, name=path.name)[0] is model  # the model alone, read as it predicts
         assert isinstance(patched.get_model_object("model_sampling"), {
             "v_prediction": comfy.model_sampling.V_PREDICTION, "sample": comfy.model_sampling.X0}[predicts])
         torch.testing.assert_close(patched.get_model_object("model_sampling").sigmas,
