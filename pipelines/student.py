@@ -38,7 +38,9 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
         image = pipe(prompt, guidance_scale=info.guidance, eta=getattr(info, "gamma", 0.0)).images[0]
 
     Everything is checked before the pipeline is touched: a malformed file raises FileFormatError; a LoRA made for
-    another UNet (an SDXL LoRA on SD1.5, ...), a preset of another family, a taken ``adapter_name``, ValueError.
+    another UNet (an SDXL LoRA on SD1.5, ...) or, for our students, a pipeline whose scheduler predicts another
+    type than the teacher's (SD2's 768-v against the 512 base), a preset of another family, a taken
+    ``adapter_name``, ValueError.
 
     Args:
         pipe: a diffusers pipeline with a UNet and LoRA loading (SD, SDXL, ...).
@@ -47,7 +49,8 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
         adapter_name: the name of the LoRA adapter in ``pipe`` (to disable or delete it later).
         scale: strength of the LoRA (1.0 = as trained; ComfyUI's ``strength_model``). A student whose output is read
             as another prediction than its teacher's (``info.prediction_type`` against ``teacher_prediction_type``)
-            takes 1.0 only: at any other scale its output would mix the two.
+            takes 1.0 only: at any other scale its output would mix the two; for the same reason, disabling or
+            deleting its adapter later calls for the pipeline's own scheduler back.
 
     Returns:
         our student's metadata (method, schedules, sampler, guidance, ...), or the few-step preset applied.
@@ -66,6 +69,10 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     problems = unet_mismatches(info, lora, pipe.unet)
     if problems:
         raise ValueError(f"{path}: this student was made for another UNet: " + "; ".join(problems))
+    predicts = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if predicts != info.teacher_prediction_type:
+        raise ValueError(f"{path}: the student was distilled from a model predicting {info.teacher_prediction_type}, "
+                         f"this pipeline's scheduler predicts {predicts}: it was distilled from another model")
     if info.prediction_type != info.teacher_prediction_type and scale != 1.0:
         raise ValueError(f"{path}: this student's output is read as {info.prediction_type} where its model predicts "
                          f"{info.teacher_prediction_type}: at scale {scale:g} the output would be part one, part the "

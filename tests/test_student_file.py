@@ -273,6 +273,18 @@ def test_student_for_another_unet_is_refused_before_anything_changes(student, ch
     assert_unchanged(pipe, before)
 
 
+def test_a_pipeline_predicting_another_type_than_the_teacher_is_refused_before_anything_changes(student):
+    # the UNet fingerprint cannot tell SD2's 768-v model from its 512 epsilon base: the scheduler's config can
+    pipe, _, path, info = student
+    assert info.teacher_prediction_type == "epsilon"
+    pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "prediction_type": "v_prediction"})
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match="student.safetensors: the student was distilled from a model predicting "
+                                         "epsilon, this pipeline's scheduler predicts v_prediction"):
+        load_student(pipe, path)
+    assert_unchanged(pipe, before)
+
+
 def test_other_adapters_keep_the_fingerprint_and_a_taken_name_is_refused(student, tmp_path):
     pipe, trained, path, info = student
     fingerprint = unet_fingerprint(pipe.unet)
