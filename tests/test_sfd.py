@@ -138,6 +138,16 @@ def test_a_student_reading_its_output_as_another_prediction_trains_so_and_sample
         torch.testing.assert_close(latent, x, atol=1e-4, rtol=1e-4)
 
 
+def test_a_zero_terminal_snr_teacher_refuses_a_student_reading_epsilon(tiny_sd_pipeline):
+    pipe = tiny_sd_pipeline
+    pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "rescale_betas_zero_snr": True,
+                                                       "prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="ends at zero signal .* cannot give a clean latent"):
+        LoraStudent(copy.deepcopy(pipe), LoraSpec(rank=2, alpha=4.0), student_prediction="epsilon")
+    student = LoraStudent(pipe, LoraSpec(rank=2, alpha=4.0))  # the teacher's own v
+    assert student.student_prediction == "v_prediction"
+
+
 def test_a_student_stored_as_float16_is_half_the_file_and_samples_as_the_float32_one(tiny_sd_pipeline, tmp_path):
     student = LoraStudent(copy.deepcopy(tiny_sd_pipeline), LoraSpec(rank=4, alpha=4.0))
     with torch.no_grad():

@@ -204,6 +204,11 @@ class LoraStudent:
         if self.student_prediction not in PREDICTION_TYPES:
             raise ValueError(f"student prediction {self.student_prediction!r}: choose one of {PREDICTION_TYPES}")
         alphas_cumprod = alphas_cumprod_from_config(self.scheduler_config)
+        if self.student_prediction == "epsilon" and self.scheduler_config.get("rescale_betas_zero_snr"):
+            # abar at the noisiest step is 2^-24 there: the clean latent multiplies epsilon's error by 4096
+            raise ValueError("the teacher's noise schedule ends at zero signal (rescale_betas_zero_snr): a student "
+                             "reading its output as epsilon cannot give a clean latent from its noisiest step; read "
+                             "it as v_prediction or sample (--student-prediction)")
         # index t + 1: entry 0 is the clean end (abar = 1), entries 1.. the training timesteps 0..T-1
         self._abar = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod]).float()
         self.num_train_timesteps = len(alphas_cumprod)
