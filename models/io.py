@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -26,8 +27,8 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """Write ``tensors`` to ``path`` as safetensors via a private temporary folder and a rename.
 
     A crash mid-write leaves the previous file (if any) untouched; the temporary folder of a save that was
-    killed outright is removed by the next save to the same path. The file gets ordinary permissions (0666
-    less the umask). Metadata values that are not strings are stored as JSON.
+    killed outright is removed by the next save to the same path. A new file gets ordinary permissions (0666
+    less the umask), a replaced one keeps its own. Metadata values that are not strings are stored as JSON.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     try:
         tmp = partial / path.name
         save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, _ordinary_mode())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -48,21 +49,29 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file beside it and a rename, with ordinary permissions:
-    the small JSON records that sit beside the weights."""
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file beside it and a rename, with ordinary permissions
+    (or those of the file it replaces): the small JSON records that sit beside the weights."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, _ordinary_mode())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions of the file ``path`` replaces, or an ordinary new file's."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return _ordinary_mode()
 
 
 def _ordinary_mode() -> int:

@@ -28,6 +28,17 @@ def test_saved_files_get_ordinary_permissions(tmp_path, umask_022):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+def test_a_replaced_file_keeps_its_own_permissions(tmp_path, umask_022):
+    # stamping a private LoRA in place must not make it world-readable
+    path = atomic_save_file({"w": torch.ones(3)}, tmp_path / "private.safetensors")
+    path.chmod(0o640)
+    atomic_save_file({"w": torch.zeros(3)}, path)
+    atomic_write_text(tmp_path / "record.json", "{}").chmod(0o600)
+    atomic_write_text(tmp_path / "record.json", "[]")
+    assert (oct(path.stat().st_mode & 0o777), oct((tmp_path / "record.json").stat().st_mode & 0o777)) == \
+        (oct(0o640), oct(0o600))
+
+
 def test_a_killed_save_leaves_nothing_after_the_next_save(tmp_path, umask_022):
     """A save killed outright (SIGKILL, after the bytes are written, before the rename) leaves its hidden
     temporary folder; the next save to the same file removes it, and the previous file was never touched."""
