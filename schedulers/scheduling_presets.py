@@ -23,7 +23,23 @@ class _PinnedTimesteps(ImageToImageGuard):
     preset: FewStepPreset | None = None
     pipeline_default_steps: int | None = None
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # diffusers' retrieve_timesteps passes timesteps= / sigmas= only to a set_timesteps whose signature names
+        # them: show the parent's (LCM and TCD take timesteps, Euler both, DDIM neither).
+        parent = next(base for base in cls.__mro__[1:] if base.__module__.startswith("diffusers.")
+                      and "set_timesteps" in vars(base))
+
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            return _PinnedTimesteps.set_timesteps(self, num_inference_steps, device, **kwargs)
+
+        set_timesteps.__signature__ = inspect.signature(parent.set_timesteps)
+        set_timesteps.__doc__ = _PinnedTimesteps.set_timesteps.__doc__
+        cls.set_timesteps = set_timesteps
+
     def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+        """The preset's timesteps for ``num_inference_steps`` (None or the pipeline's default: its default NFE);
+        explicit ``timesteps=`` / ``sigmas=``, where the parent scheduler takes them, are its own."""
         self._record_steps(num_inference_steps)
         if self.preset is None or kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
             return super().set_timesteps(num_inference_steps, device=device, **kwargs)
@@ -81,7 +97,12 @@ class PresetDDIMScheduler(_PinnedTimesteps, DDIMScheduler):
 _SCHEDULERS = {
     "lcm": (PresetLCMScheduler, {}),
     "tcd": (PresetTCDScheduler, {}),
-    "euler": (PresetEulerScheduler, {"timestep_spacing": "trailing"}),
+    # SDXL-Lightning's card: the pipeline's Euler with trailing spacing; none of the sigma-shaping flags a pipeline
+    # switched to (DPM++ 2M Karras, ...) may carry over.
+    "euler": (PresetEulerScheduler, {"timestep_spacing": "trailing", "use_karras_sigmas": False,
+                                     "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                                     "timestep_type": "discrete", "interpolation_type": "linear",
+                                     "final_sigmas_type": "zero"}),
     # PCM's card: trailing, clip_sample=False (DDIM's default True clips latents), set_alpha_to_one=False
     "ddim": (PresetDDIMScheduler, {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": False}),
 }

@@ -3,13 +3,14 @@ adding (alpha / rank) up @ down to each weight, each preset sampling as its sour
 out here from the model cards, not read from the preset table), the refusals, and the stamp command."""
 
 import copy
+import inspect
 import json
 
 import pytest
 import torch
 from conftest import _tiny_text_encoder, _tiny_vae
-from diffusers import (EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       TCDScheduler)
+from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, TCDScheduler)
 from lora_releases import (LAYOUTS, PUBLISHED, REAL_SD15_UNET, REAL_SDXL_UNET, SD_SCHEDULER, SGM_LAYOUT,
                            TEXT_ENCODER_TARGETS, TINY_SD15_UNET, TINY_SDXL_UNET, merged, meta_unet, published_timesteps,
                            random_layers, target_modules, unet, write_release)
@@ -44,6 +45,31 @@ def test_each_preset_samples_as_its_source_prescribes(name):
     guidance = recipe["guidance"]
     assert preset.guidance == 1.0 if guidance == (0.0,) else guidance[0] <= preset.guidance <= guidance[-1]
     assert preset.sampler == recipe["sampler"] and preset.gamma == recipe.get("eta", 0.0)
+
+
+def test_a_preset_scheduler_drops_the_sigma_flags_of_the_scheduler_it_replaces():
+    # a pipeline switched to DPM++ 2M Karras, then an SDXL-Lightning LoRA: trailing Euler, not Karras sigmas
+    config = DPMSolverMultistepScheduler(**SD_SCHEDULER, use_karras_sigmas=True, final_sigmas_type="sigma_min").config
+    for name in ("sdxl-lightning-4step", "sdxl-lightning-8step"):
+        scheduler = preset_scheduler(PRESETS[name], config, pipeline_default_steps=50)
+        scheduler.set_timesteps(50)
+        assert scheduler.timesteps.tolist() == published_timesteps(name, PUBLISHED[name]["steps"])
+        assert not scheduler.config.use_karras_sigmas and float(scheduler.sigmas[-1]) == 0.0
+
+
+@pytest.mark.parametrize("name, argument", [("lcm-sd15", "timesteps"), ("tcd-sd15", "timesteps"),
+                                            ("sdxl-lightning-4step", "sigmas"), ("sdxl-lightning-4step", "timesteps")])
+def test_a_preset_scheduler_takes_the_custom_schedules_its_diffusers_class_takes(tiny_tokenizer, name, argument):
+    pipe = sd15_tree_pipeline(tiny_tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = preset_scheduler(PRESETS[name], pipe.scheduler.config, pipeline_default_steps=50)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(round(float(args[1]))))
+    schedule = {"timesteps": [999, 500], "sigmas": [14.6, 1.0, 0.0]}[argument]  # Euler's sigmas end in 0
+    pipe("a fox", guidance_scale=1.0, output_type="latent", **{argument: schedule})
+    assert calls == ([999, 500] if argument == "timesteps" else [999, 354])
+    ddim = preset_scheduler(PRESETS["hyper-sd15-8step"], pipe.scheduler.config)
+    assert "timesteps" not in inspect.signature(ddim.set_timesteps).parameters  # DDIM takes none: diffusers says so
 
 
 # --- every layout, fully applied, with the merged effect ------------------------------------------------------
