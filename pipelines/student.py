@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 
 import torch
@@ -55,6 +56,8 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
     Returns:
         our student's metadata (method, schedules, sampler, guidance, ...), or the few-step preset applied.
     """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{path}: scale must be a finite number (the LoRA's strength, 1.0 as trained), got {scale!r}")
     tensors, metadata = read_safetensors(path)
     if is_direct_distill_file(metadata):
         if preset is not None:

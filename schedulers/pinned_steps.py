@@ -10,9 +10,11 @@ class ImageToImageGuard:
 
     diffusers' image-to-image pipelines keep ``strength``'s share of the steps they *asked* for: from 50 asked at
     strength 0.5 they start at step 25, past the end of 4, and would return the noised input image without a single
-    denoising step. ``set_begin_index`` (which they call with that start) refuses such a start; a start within the
-    steps run (SDXL's ``denoising_start``, which counts the scheduler's own timesteps) passes. Subclasses call
-    :meth:`_record_steps` in ``set_timesteps`` and name their step counts in :meth:`_steps_hint`.
+    denoising step; at strength 0.95 they start at step 3 of the 4 run, one step where 3.8 were meant.
+    ``set_begin_index`` (which they call with that start) therefore refuses any start but 0 when the steps asked
+    are not the steps run; with ``num_inference_steps`` among the ones run, any start passes (SDXL's
+    ``denoising_start`` included). Subclasses call :meth:`_record_steps` in ``set_timesteps`` and name their step
+    counts in :meth:`_steps_hint`.
     """
 
     _asked_steps: int | None = None
@@ -25,10 +27,12 @@ class ImageToImageGuard:
 
     def set_begin_index(self, begin_index: int = 0):
         run = len(self.timesteps) if getattr(self, "timesteps", None) is not None else None
-        if run is not None and begin_index >= run and self._asked_steps not in (None, run):
+        if run is not None and begin_index > 0 and self._asked_steps not in (None, run):
+            left = "nothing would be denoised" if begin_index >= run else \
+                f"{run - begin_index} of them would run, not the share of {run} the strength asks"
             raise ValueError(
                 f"an image-to-image run sliced off the first {begin_index} of {self._asked_steps} steps, but this "
-                f"scheduler samples {run}: nothing would be denoised. Pass num_inference_steps with strength (one of "
+                f"scheduler samples {run}: {left}. Pass num_inference_steps with strength (one of "
                 f"{self._steps_hint()}); the run then keeps int(num_inference_steps x strength) of them")
         parent = getattr(super(), "set_begin_index", None)
         if parent is not None:

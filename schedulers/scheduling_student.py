@@ -57,6 +57,7 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         beta_end: float = 0.012,
         beta_schedule: str = "scaled_linear",
         trained_betas: np.ndarray | list[float] | None = None,
+        rescale_betas_zero_snr: bool = False,
         prediction_type: str = "epsilon",
         solver_order: int = 1,
         algorithm_type: str = "dpmsolver++",
@@ -71,15 +72,16 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
                              f"got {solver_order!r}")
         table = vp_sigma_table(
             "StudentScheduler", prediction_type=prediction_type, num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas)
+            beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule, trained_betas=trained_betas,
+            rescale_betas_zero_snr=rescale_betas_zero_snr)
         self._schedules = _checked_schedules(nfe_schedules, table)
         if default_nfe not in self._schedules:
             raise ValueError(f"StudentScheduler: default_nfe {default_nfe!r} is not among the supported NFEs "
                              f"{sorted(self._schedules)}")
         super().__init__(
             num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-            beta_schedule=beta_schedule, trained_betas=trained_betas, solver_order=solver_order,
-            prediction_type=prediction_type, thresholding=thresholding,
+            beta_schedule=beta_schedule, trained_betas=trained_betas, rescale_betas_zero_snr=rescale_betas_zero_snr,
+            solver_order=solver_order, prediction_type=prediction_type, thresholding=thresholding,
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
             algorithm_type=algorithm_type, solver_type=solver_type, lower_order_final=lower_order_final,
             final_sigmas_type="zero")

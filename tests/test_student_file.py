@@ -182,8 +182,9 @@ def test_load_student_applies_the_lora_and_the_schedule(student):
 
 def test_image_to_image_runs_the_students_own_steps_or_says_what_to_pass(student):
     """diffusers' img2img keeps strength's share of the steps it asked for: of its default 50, a start past the
-    student's 4 steps, which would return the noised image undenoised, so it is refused; with a step count of the
-    student's, strength picks the last of its timesteps as usual."""
+    student's 4 steps, which would return the noised image undenoised, or within them, which would run fewer of
+    them than the strength asks, so both are refused; with a step count of the student's, strength picks the last
+    of its timesteps as usual."""
     pipe, _, path, _ = student
     load_student(pipe, path)
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
@@ -194,6 +195,11 @@ def test_image_to_image_runs_the_students_own_steps_or_says_what_to_pass(student
                                          r"would be denoised. Pass num_inference_steps with strength \(one of this "
                                          r"student's 1, 2, 4\)"):
         img2img("a shirt", image=image, strength=0.5, guidance_scale=1.0, output_type="latent")
+    assert calls.calls == []
+    # at 0.95, step 3 of the 4: one step where 3.8 were meant
+    with pytest.raises(ValueError, match=r"sliced off the first 3 of 50 steps, but this scheduler samples 4: 1 of "
+                                         r"them would run, not the share of 4 the strength asks"):
+        img2img("a shirt", image=image, strength=0.95, guidance_scale=1.0, output_type="latent")
     assert calls.calls == []
     img2img("a shirt", image=image, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
     assert calls.calls == [(1, 499.0), (1, 249.0)]
@@ -220,6 +226,30 @@ def test_load_student_scale_is_the_lora_strength(student):
     load_student(pipe, path, scale=0.5)
     inputs = unet_inputs()
     torch.testing.assert_close(unet_out(pipe.unet, inputs), unet_out(reference, inputs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), "0.5", True])
+def test_a_scale_that_is_no_finite_number_is_refused_before_anything_changes(student, scale):
+    pipe, _, path, _ = student
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match=f"student.safetensors: scale must be a finite number .* got {scale!r}"):
+        load_student(pipe, path, scale=scale)
+    assert_unchanged(pipe, before)
+    load_student(pipe, path)  # and the name is still free
+
+
+def test_a_zero_terminal_snr_teachers_student_samples_on_its_table():
+    # sigmas from the rescaled table (what training writes), timesteps where the UNet is called
+    noise = dict(SD_NOISE, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    table = sigma_table(alphas_cumprod_from_config(noise))
+    schedules = {str(k): v for k, v in nfe_schedules({2: [999, 499]}, table=table).items()}
+    student = StudentScheduler.from_config(noise, nfe_schedules=schedules, default_nfe=2)
+    student.set_timesteps(2)
+    assert student.timesteps.tolist() == [999, 499] and student.config.rescale_betas_zero_snr
+    torch.testing.assert_close(student.sigmas.double(), torch.tensor(schedules["2"]["sigmas"], dtype=torch.float64))
+    with pytest.raises(ValueError, match="not the model timesteps of its sigmas"):  # read on the plain table
+        StudentScheduler.from_config(dict(noise, rescale_betas_zero_snr=False), nfe_schedules=schedules,
+                                     default_nfe=2)
 
 
 def test_student_ddim_schedule_is_diffusers_ddim():
