@@ -106,7 +106,10 @@ def trained_schedule(shortcut) -> tuple[str, dict]:
     code. ``shortcut``: a loaded shortcut, or its file's ``extra`` dict."""
     extra = shortcut if isinstance(shortcut, dict) else ((getattr(shortcut, "metadata", None) or {}).get("extra") or {})
     name = extra.get("schedule") or "exp_karras"
-    return name, ({"p": float(extra.get("exp_karras_p") or 1.0)} if name == "exp_karras" else {})
+    if name != "exp_karras":
+        return name, {}
+    p = extra.get("exp_karras_p")  # 0 is a schedule of its own, not "unrecorded"
+    return name, {"p": 1.0 if p is None else float(p)}
 
 
 def read_shortcut_metadata(path: str | os.PathLike) -> dict:

@@ -22,14 +22,19 @@ def next_unet_input(pipe, steps_done: int, latents: torch.Tensor) -> tuple[torch
     ``sqrt(1 + sigma^2)`` for those that keep VE latents (Euler, Heun, LMS), so the result is VP
     either way. The timestep is the integer one the UNet would be called with.
     """
-    t = pipe.scheduler.timesteps[_timestep_index(pipe.scheduler, steps_done)]
+    t = pipe.scheduler.timesteps[_timestep_index(pipe, steps_done)]
     return pipe.scheduler.scale_model_input(latents, t), t
 
 
-def _timestep_index(scheduler, steps_done: int, ahead: int = 0) -> int:
-    """Index in ``scheduler.timesteps`` of the UNet call ``ahead`` calls after the next one."""
-    # step_index also counts the steps an img2img run skipped; schedulers without it start at 0.
-    index = (scheduler.step_index if getattr(scheduler, "step_index", None) is not None else steps_done) + ahead
+def _timestep_index(pipe, steps_done: int, ahead: int = 0) -> int:
+    """Index in ``pipe.scheduler.timesteps`` of the UNet call ``ahead`` calls after the next one."""
+    scheduler = pipe.scheduler
+    if getattr(scheduler, "step_index", None) is not None:  # it counts the steps an img2img run skipped too
+        index = scheduler.step_index + ahead
+    else:  # DDIM, PNDM: the run is the last pipe._num_timesteps of the scheduler's timesteps
+        run = getattr(pipe, "_num_timesteps", None)
+        skipped = len(scheduler.timesteps) - run if isinstance(run, int) and run <= len(scheduler.timesteps) else 0
+        index = skipped + steps_done + ahead
     if index >= len(scheduler.timesteps):
         raise ValueError(f"a {len(scheduler.timesteps)}-step run has no step left after step {steps_done + ahead} "
                          "to hand off at; hand off earlier (handoff_step < num_inference_steps) or run more steps")
@@ -84,7 +89,7 @@ class ShortcutCallback:
         latents = callback_kwargs["latents"]
         # The hand-off timestep is known from the first step on, so a bad band fails before any wasted step.
         ahead = self.handoff_step - steps_done
-        handoff_t = pipe.scheduler.timesteps[_timestep_index(pipe.scheduler, steps_done, ahead)]
+        handoff_t = pipe.scheduler.timesteps[_timestep_index(pipe, steps_done, ahead)]
         self.shortcut.check_handoff(float(handoff_t), self.force)
         if ahead:
             return callback_kwargs

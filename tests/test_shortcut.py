@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from direct_distill.models import load_shortcut, save_shortcut
 from direct_distill.models.nafnet import PRESETS, TwoStageShortcut
+from direct_distill.models.shortcut_file import trained_schedule
 from direct_distill.models.student_file import shape_fingerprint, unet_parameter_shapes
 from direct_distill.pipelines import ShortcutCallback
 from direct_distill.schedulers import ExpKarrasScheduler
@@ -188,6 +189,27 @@ def test_callback_makes_exactly_k_unet_calls_and_returns_the_shortcut_of_the_nex
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler"])
+def test_an_image_to_image_run_hands_off_at_the_timestep_after_its_kth_step(tiny_sd_pipeline, shortcut, scheduler):
+    # DDIM and PNDM keep no step index: the steps img2img skipped are counted from the pipeline's own run
+    import diffusers
+
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**tiny_sd_pipeline.components)
+    img2img.scheduler = getattr(diffusers, scheduler).from_config(img2img.scheduler.config)
+    img2img.set_progress_bar_config(disable=True)
+    seen = []
+    handle = shortcut.register_forward_pre_hook(lambda module, args: seen.append(float(args[1].flatten()[0])))
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    try:
+        with unet_calls(img2img) as calls:
+            img2img("bag", image=image, strength=0.5, num_inference_steps=10, guidance_scale=1.0,
+                    output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, handoff_step=2))
+    finally:
+        handle.remove()
+    run = img2img.scheduler.timesteps[-img2img._num_timesteps:].tolist()
+    assert [float(t) for _, t in calls] == run[:2] and seen == [run[2]]
+
+
 def test_the_vae_decodes_the_shortcuts_latent(pipe, shortcut):
     latents = run(pipe, "dress", 2, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 4))
     decoded = []
@@ -243,6 +265,11 @@ def test_a_float16_file_is_half_the_size_and_runs_in_the_pipelines_dtype(pipe, s
     with pytest.raises(ValueError, match="dtype must be one of"):
         save_shortcut(tmp_path / "int.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
                       teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4, dtype=torch.int8)
+
+
+def test_a_shortcut_trained_at_p_0_keeps_its_p():
+    assert trained_schedule({"schedule": "exp_karras", "exp_karras_p": 0.0}) == ("exp_karras", {"p": 0.0})
+    assert trained_schedule({}) == ("exp_karras", {"p": 1.0})  # files from before the schedule was recorded
 
 
 def test_callback_gives_the_sigmas_of_the_schedule_the_shortcut_was_trained_on(pipe, shortcut, tmp_path):
