@@ -38,7 +38,7 @@ class ComfyShortcut:
         self._patchers: dict[tuple[torch.device, torch.dtype], comfy.model_patcher.ModelPatcher] = {}
 
     def patcher(self, device, dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
-        key = (torch.device(device), dtype)
+        key = (_indexed(torch.device(device)), dtype)
         if key not in self._patchers:
             shared = any(p.model is self.shortcut for p in self._patchers.values())
             model = self.shortcut
@@ -47,6 +47,14 @@ class ComfyShortcut:
             self._patchers[key] = comfy.model_patcher.ModelPatcher(
                 model, load_device=key[0], offload_device=comfy.model_management.unet_offload_device())
         return self._patchers[key]
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index, as a tensor on it reports it: the model's load device may be ``mps`` where the
+    latent is on ``mps:0``, one device under two names."""
+    if device.type == "cpu" or device.index is not None:
+        return device
+    return torch.empty(0, device=device).device
 
 
 def compute_dtype(base_model) -> torch.dtype:
@@ -89,6 +97,9 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
 
     def sample_with_shortcut(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         steps = len(sigmas) - 1
+        if steps < 2:
+            raise ValueError(f"the shortcut takes over after 1 or more of at least 2 sampling steps; this run has "
+                             f"{steps}")
         if not 1 <= handoff_step < steps:
             raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
                              f"{steps} sampling steps")
@@ -99,6 +110,10 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
                 and isinstance(model_sampling, comfy.model_sampling.EPS)):
             raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                              f"model samples with {type(model_sampling).__name__}")
+        if len(model_sampling.sigmas) != 1000:  # the band's timesteps are those of the checkpoint's 1000
+            raise ValueError(f"this model's noise table has {len(model_sampling.sigmas)} steps, not the 1000 of the "
+                             "checkpoint the shortcut was trained on (a ModelSamplingDiscrete node set to lcm?): "
+                             "connect the checkpoint's MODEL")
         # Before any step, so a wrong model or a hand-off outside the trained band costs nothing.
         check_teacher(shortcut.shortcut, unet_shape_fingerprint(guider.model_patcher), "the MODEL sampled here")
         try:
@@ -113,13 +128,30 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
         patcher = shortcut.patcher(x.device, compute_dtype(teacher))
         # Fully: its layers are plain torch ones, which cannot run partly offloaded (a no-op once loaded).
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        x0 = shortcut_from_ve(patcher.model, x, sigmas[handoff_step], model_sampling.sigmas, force=force)
+        x0 = _inpainting(model, x, sigmas[handoff_step], extra_args or {}, lambda x: shortcut_from_ve(
+            patcher.model, x, sigmas[handoff_step], model_sampling.sigmas, force=force))
         if callback is not None:  # the shortcut stands for all remaining steps: finish the progress bar on x0
             callback({"x": x0, "i": steps - 1, "sigma": sigmas[-2], "sigma_hat": sigmas[-2], "denoised": x0})
         return x0
 
     return comfy.samplers.KSAMPLER(sample_with_shortcut, extra_options=base.extra_options,
                                    inpaint_options=base.inpaint_options)
+
+
+def _inpainting(model, x, sigma, extra_args: dict, denoise):
+    """``denoise(x)`` as one model call of ComfyUI's inpainting wrapper (KSamplerX0Inpaint) makes it: with a noise
+    mask, the kept area enters noised to ``sigma`` from the latent image and leaves as the latent image itself."""
+    mask = extra_args.get("denoise_mask")
+    if mask is None:
+        return denoise(x)
+    sigma = sigma.reshape(1).expand(x.shape[0]).to(x)
+    mask_function = (extra_args.get("model_options") or {}).get("denoise_mask_function")
+    if mask_function is not None:  # e.g. Differential Diffusion's per-sigma mask
+        mask = mask_function(sigma, mask, extra_options={"model": model.inner_model, "sigmas": model.sigmas})
+    kept = 1.0 - mask
+    noised = model.inner_model.inner_model.scale_latent_inpaint(x=x, sigma=sigma, noise=model.noise,
+                                                                 latent_image=model.latent_image)
+    return denoise(x * mask + noised * kept) * mask + model.latent_image * kept
 
 
 def _handoff_inputs():

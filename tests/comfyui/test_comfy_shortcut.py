@@ -196,6 +196,26 @@ def test_shortcut_sampler_under_sampler_custom_advanced_equals_shortcut_ksampler
     torch.testing.assert_close(denoised["samples"], expected, rtol=0, atol=0)
 
 
+def test_a_noise_mask_keeps_its_area_through_the_hand_off_as_comfys_own_samplers_do(comfy_loaded, twin_unets,
+                                                                                     shortcut):
+    model, _ = twin_unets
+    image = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:] = 1.0  # denoise the right half, keep the left
+    latent = {"samples": image, "noise_mask": mask}
+    out = shortcut_ksampler(model, shortcut, latent_image=latent)
+    (stock,) = run_node("KSampler", model=model, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="dpmpp_2m",
+                        scheduler="exp_karras", positive=tiny_conditioning(0), negative=tiny_conditioning(1),
+                        latent_image=latent, denoise=1.0)
+    torch.testing.assert_close(stock["samples"][..., :4], image[..., :4], rtol=0, atol=1e-5)  # ComfyUI's rule
+    torch.testing.assert_close(out[..., :4], image[..., :4], rtol=0, atol=1e-5)
+    assert (out[..., 4:] - image[..., 4:]).abs().max() > 0.1
+    # a mask of ones denoises everything: the run without a mask
+    whole = shortcut_ksampler(model, shortcut, latent_image={"samples": image, "noise_mask": torch.ones(1, 1, 8, 8)})
+    torch.testing.assert_close(whole, shortcut_ksampler(model, shortcut, latent_image={"samples": image}),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_progress_runs_k_steps_then_completes_on_the_shortcut(comfy_loaded, twin_unets, shortcut, monkeypatch):
     calls = []
 
@@ -247,9 +267,28 @@ def test_a_model_of_another_unet_is_refused_before_any_step(comfy_loaded, shortc
     assert not calls
 
 
+def test_a_model_on_another_noise_table_is_refused_before_any_step(comfy_loaded, builtin_nodes, twin_unets,
+                                                                   shortcut):
+    # ModelSamplingDiscrete set to lcm keeps 50 of the 1000 sigmas: a timestep of that table is not the band's
+    model, _ = twin_unets
+    node = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]
+    (lcm,) = run_node("ModelSamplingDiscrete", model=model, sampling="lcm", zsnr=False) \
+        if issubclass(node, io.ComfyNode) else getattr(node(), node.FUNCTION)(model, "lcm", False)
+    calls = []
+    hook = lcm.model.diffusion_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="noise table has 50 steps, not the 1000 of the checkpoint"):
+            shortcut_ksampler(lcm, shortcut, force=True)
+    finally:
+        hook.remove()
+    assert not calls
+
+
 def test_handoff_step_must_leave_steps_to_replace(comfy_loaded, twin_unets, shortcut):
     with pytest.raises(ValueError, match="handoff_step=20: the shortcut takes over after 1 to 19 of the 20"):
         shortcut_ksampler(twin_unets[0], shortcut, handoff_step=STEPS)
+    with pytest.raises(ValueError, match="after 1 or more of at least 2 sampling steps; this run has 1"):
+        shortcut_ksampler(twin_unets[0], shortcut, steps=1, handoff_step=1)
 
 
 def loaded_models():
