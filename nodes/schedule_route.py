@@ -104,6 +104,8 @@ def answer(query) -> dict:
     else:
         # Exactly the sigmas a KSampler node (and the Shortcut KSampler) runs: denoise and sampler included.
         sigmas = comfy.samplers.KSampler(_Sampling(model_sampling), steps, "cpu", sampler, scheduler, denoise).sigmas
+    if not bool(torch.isfinite(torch.as_tensor(sigmas)).all()):  # kl_optimal at one step divides 0 by 0
+        raise BadQuery(f"{scheduler} gives no finite sigmas at {steps} step{'s' if steps != 1 else ''}")
     out = {"sigmas": [float(s) for s in sigmas], "schedulers": list(comfy.samplers.SCHEDULER_NAMES), "model": model}
     if "shortcut" in query:
         out["shortcut"] = _shortcut_band(query["shortcut"], sigmas, model_sampling.sigmas)

@@ -47,7 +47,8 @@ def sample_tcd(model, x, sigmas, extra_args=None, callback=None, disable=None, n
             continue
         eps = (x - denoised) / sigmas[i]
         t_next = int(sigma_to_model_timestep(float(sigmas[i + 1]), table))
-        sigma_s = float(table[int((1 - gamma) * t_next)])
+        # below the table's smallest sigma t_next is 0 and table[0] lies above sigma_next: s never passes it
+        sigma_s = min(float(table[int((1 - gamma) * t_next)]), float(sigmas[i + 1]))
         x = denoised + sigma_s * eps
         if gamma > 0:
             x = x + (float(sigmas[i + 1]) ** 2 - sigma_s**2) ** 0.5 * noise_sampler(sigmas[i], sigmas[i + 1])

@@ -73,3 +73,15 @@ def test_tcd_sampler_with_a_seed_is_reproducible_and_gamma_is_checked():
     assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
     with pytest.raises(ValueError, match=r"TCD gamma must be in \[0, 1\], got 1.5"):
         sample_tcd(denoiser, x, sigmas, disable=True, gamma=1.5, sigma_table=table)
+
+
+def test_sigmas_below_the_tables_smallest_stay_real():
+    # a Karras schedule with sigma_min 0.01 (ComfyUI's widget allows it) ends below the table's 0.029
+    table = sigma_table(TCDScheduler(**SD_NOISE).alphas_cumprod)
+    sigmas = torch.tensor([14.6, 2.0, 0.2, 0.01, 0.0], dtype=torch.float64)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    states = []
+    out = sample_tcd(lambda x, sigma, **extra: x / (1 + sigma[0] ** 2).sqrt(), x, sigmas, extra_args={"seed": 1},
+                     disable=True, gamma=0.3, sigma_table=table, callback=lambda d: states.append(d["x"]))
+    assert not out.is_complex() and not any(state.is_complex() for state in states)
+    assert bool(torch.isfinite(out).all())

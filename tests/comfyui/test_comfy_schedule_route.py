@@ -185,6 +185,7 @@ BAD_QUERIES = {
     "student=x.safetensors&scheduler=karras": "'scheduler' does not apply to a student",
     "scheduler=karras&steps=12&path=/etc": "unknown parameter 'path'",
     "scheduler=karras&steps=12&steps=13": "each parameter may be given once",
+    "scheduler=kl_optimal&steps=1": "kl_optimal gives no finite sigmas at 1 step",  # ComfyUI's own 0 / 0
 }
 
 
