@@ -8,7 +8,7 @@ from PIL import Image
 
 from direct_distill.models.io import read_safetensors
 from direct_distill.training import latents
-from direct_distill.training.data import check_latents_file, encode_images, load_images
+from direct_distill.training.data import check_latents_file, encode_images, load_images, read_image_folder
 
 from ldm_layout import family_pipeline, write_ldm
 
@@ -61,7 +61,8 @@ def test_image_folder_becomes_a_latents_file_at_the_size_asked(image_folder, tea
     assert "already holds these 10 images at 32 px" in capsys.readouterr().out
 
 
-def test_an_interrupted_encoding_resumes_with_the_parts_left(image_folder, teacher_file, tmp_path, monkeypatch):
+def test_an_interrupted_encoding_resumes_with_the_parts_left(image_folder, teacher_file, tmp_path, monkeypatch,
+                                                            capsys):
     path, _ = teacher_file
     monkeypatch.setattr(latents, "PART", 4)   # parts of 4, 4 and 2 images
     loaded = []
@@ -75,8 +76,8 @@ def test_an_interrupted_encoding_resumes_with_the_parts_left(image_folder, teach
 
     monkeypatch.setattr(latents, "load_images", load_then_stop)
     args = ["--teacher", str(path), "--data", str(image_folder), "--size", "64", "--batch-size", "2"]
-    with pytest.raises(KeyboardInterrupt):
-        latents.main([*args, "--out", str(tmp_path / "x.safetensors")])
+    assert latents.main([*args, "--out", str(tmp_path / "x.safetensors")]) == 130  # one line, no traceback
+    assert "latents: stopped; run the same command again to resume from the parts in" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "x.safetensors.work").iterdir()) == ["part_00000.safetensors"]
     assert not (tmp_path / "x.safetensors").exists()
     loaded.clear()
@@ -88,6 +89,70 @@ def test_an_interrupted_encoding_resumes_with_the_parts_left(image_folder, teach
     fresh = read_safetensors(tmp_path / "fresh.safetensors")[0]
     assert resumed["latents"].shape == (10, 4, 8, 8)
     torch.testing.assert_close(resumed["latents"], fresh["latents"], rtol=0, atol=0)
+
+
+def test_a_work_folder_the_user_named_keeps_everything_but_the_parts(image_folder, teacher_file, tmp_path):
+    path, _ = teacher_file
+    work = tmp_path / "mystuff"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    assert latents.main(["--teacher", str(path), "--data", str(image_folder), "--size", "32", "--work", str(work),
+                         "--out", str(tmp_path / "x.safetensors")]) == 0
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
+
+
+def small_folder(folder, n=3):
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+        (folder / f"im{i}.txt").write_text(f"caption {i}")
+    return folder
+
+
+def test_an_edited_caption_is_read_again(teacher_file, tmp_path):
+    path, _ = teacher_file
+    folder = small_folder(tmp_path / "images")
+    args = ["--teacher", str(path), "--data", str(folder), "--size", "32", "--out", str(tmp_path / "x.safetensors")]
+    latents.main(args)
+    (folder / "im0.txt").write_text("a red dress")
+    latents.main(args)
+    assert check_latents_file(tmp_path / "x.safetensors")[1] == ["a red dress", "caption 1", "caption 2"]
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    grey16 = tmp_path / "grey16.png"  # mid-grey in 16 bits: 0 in [-1, 1], not white
+    Image.fromarray(np.full((16, 16), 32768, dtype=np.uint16)).save(grey16)
+    assert Image.open(grey16).mode.startswith("I")
+    assert load_images([grey16], 3, 16).abs().max() < 0.01
+    # a phone photo: stored 32 wide and 16 high, EXIF orientation 6 (rotate 90 degrees clockwise to view)
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = 255  # the stored left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    upright = load_images([tmp_path / "phone.jpg"], 1, 16)[0, 0]  # viewed 16 x 32: the white half on top
+    assert upright[:8].mean() > 0.9 and upright[8:].mean() < -0.9
+
+
+def test_captions_and_hidden_files_as_users_save_them(tmp_path):
+    folder = small_folder(tmp_path / "images", n=2)
+    (folder / "._im0.png").write_bytes(b"\x00\x05\x16\x07 mac resource fork")  # not an image of the set
+    (folder / "im0.txt").write_bytes("\ufeffa red dress".encode("utf-8"))   # Notepad's byte-order mark
+    paths, prompts = read_image_folder(folder)
+    assert [p.name for p in paths] == ["im0.png", "im1.png"] and prompts == ["a red dress", "caption 1"]
+    (folder / "im1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"im1.txt: not UTF-8 text \(unexpected end of data at byte 3\)"):
+        read_image_folder(folder)
+
+
+def test_an_unreadable_image_is_one_line_naming_it(teacher_file, tmp_path):
+    path, _ = teacher_file
+    folder = small_folder(tmp_path / "images", n=2)
+    (folder / "im1.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"^latents: .*im1.png: not a readable image"):
+        latents.main(["--teacher", str(path), "--data", str(folder), "--size", "32",
+                      "--out", str(tmp_path / "x.safetensors")])
 
 
 def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_path, monkeypatch):

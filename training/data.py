@@ -155,25 +155,32 @@ def read_image_folder(folder: str | os.PathLike) -> tuple[list[Path], list[str]]
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such data folder; expected {FOLDER_HINT}")
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # hidden files are not images of the set (macOS writes ._name.png beside each copied name.png)
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not images:
         raise ValueError(f"{folder}: the data folder holds no images; expected {FOLDER_HINT}")
     prompts = []
     for path in images:
         caption = path.with_suffix(".txt")
-        prompts.append(caption.read_text(encoding="utf-8").strip() if caption.is_file() else "")
+        try:  # utf-8-sig: a caption saved by Notepad starts with a byte-order mark, not with text
+            prompts.append(caption.read_text(encoding="utf-8-sig").strip() if caption.is_file() else "")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{caption}: not UTF-8 text ({err.reason} at byte {err.start}); save the caption as "
+                             "UTF-8") from None
     return images, prompts
 
 
 def load_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor:
     """Images as ``(N, channels, size, size)`` in [-1, 1]: centre-cropped to a square, resized (bicubic)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     out = []
     for path in paths:
         try:
             with Image.open(path) as image:
+                image = _eight_bit(ImageOps.exif_transpose(image))  # as a viewer shows it: upright, 0-255
                 image = image.convert("L" if channels == 1 else "RGB")
         except OSError as err:
             raise ValueError(f"{path}: not a readable image ({err})") from None
@@ -184,6 +191,19 @@ def load_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor
         array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
         out.append((array[None] if channels == 1 else array.permute(2, 0, 1)) / 127.5 - 1)
     return torch.stack(out)
+
+
+def _eight_bit(image):
+    """16- and 32-bit single-channel images (``I;16``, ``I``) scaled to 8 bits: PIL's own conversion clips them at
+    255, which turns a 16-bit grey white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() <= 65535 else float(array.max())
+        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image
 
 
 # --- encoding ------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,8 @@ def encode_folder(vae, folder: str | os.PathLike, size: int, out: str | os.PathL
     paths, prompts = read_image_folder(folder)
     checksum = vae_checksum(vae)
     parts = [paths[i:i + PART] for i in range(0, len(paths), PART)]
-    keys = [_key(checksum, size, _listing(folder, part)) for part in parts]
+    captions = [prompts[i:i + PART] for i in range(0, len(paths), PART)]
+    keys = [_key(checksum, size, _listing(folder, part), caption) for part, caption in zip(parts, captions)]
     data_key = _key(*keys)
     if out.is_file() and read_safetensors(out, select=lambda k: False)[1].get("data_key") == data_key:
         print(f"{out}: already holds these {len(paths)} images at {size} px")
@@ -77,11 +78,27 @@ def encode_folder(vae, folder: str | os.PathLike, size: int, out: str | os.PathL
         tensors = [read_safetensors(work / f"part_{i:05d}.safetensors")[0] for i in range(len(parts))]
         write_latents_file(out, torch.cat([t["latents"] for t in tensors]), torch.cat([t["std"] for t in tensors]),
                            prompts, {"data_key": data_key, "size": size, "source": str(folder)})
-        shutil.rmtree(work)
+        _remove_parts(work)
         print(f"{out}: {len(paths)} images at {size} px -> latents {tuple(tensors[0]['latents'].shape[1:])}"
               + (f"; {prompts.count('')} without a caption (empty prompt)" if "" in prompts else ""))
     accelerator.wait_for_everyone()
     return out
+
+
+def _remove_parts(work: Path) -> None:
+    """The part files (ours: they carry a part key) and then the work folder, if that left it empty: a folder
+    the user named keeps everything else."""
+    for path in work.glob("part_*.safetensors"):
+        try:
+            ours = "part_key" in read_safetensors(path, select=lambda k: False)[1]
+        except FileFormatError:
+            ours = False
+        if ours:
+            path.unlink()
+    try:
+        work.rmdir()
+    except OSError:  # not empty
+        pass
 
 
 def _part_done(path: Path, key: str) -> bool:
@@ -139,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     if config.size % factor:
         raise SystemExit(f"latents: --size: {config.size} pixels: the VAE downsamples by {factor}; give a multiple "
                          "of it")
-    encode_folder(vae, config.data, config.size, config.out, batch_size=config.batch_size, work=config.work,
-                  accelerator=make_accelerator(config.cpu))
+    try:
+        encode_folder(vae, config.data, config.size, config.out, batch_size=config.batch_size, work=config.work,
+                      accelerator=make_accelerator(config.cpu))
+    except ValueError as err:  # an unreadable image, a non-finite latent: named in one line
+        raise SystemExit(f"latents: {err}") from None
+    except KeyboardInterrupt:
+        work = config.work or config.out.with_name(config.out.name + ".work")
+        print(f"\nlatents: stopped; run the same command again to resume from the parts in {work}", file=sys.stderr)
+        return 130
     return 0
