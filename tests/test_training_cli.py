@@ -170,6 +170,38 @@ def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, ca
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_that_stopped_before_training_takes_the_settings_that_fix_it(teacher, tmp_path, monkeypatch, capsys):
+    out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
+    load = teachers.load_teacher
+
+    def unloadable(*args, **kwargs):
+        raise ValueError("no CLIP tokenizer found")
+
+    monkeypatch.setattr(teachers, "load_teacher", unloadable)
+    with pytest.raises(ValueError, match="no CLIP tokenizer"):
+        main(sfd_args(teacher, "--out", str(out), "--work", str(work)))
+    assert (work / SETTINGS_FILE).is_file()
+    monkeypatch.setattr(teachers, "load_teacher", load)
+    assert main(sfd_args(teacher, "--out", str(out), "--work", str(work), "--lr", "0.02")) == 0  # not refused
+    assert json.loads((work / SETTINGS_FILE).read_text())["lr"] == 0.02
+    text = refusal(lambda: main(sfd_args(teacher, "--out", str(out), "--work", str(work))), capsys)
+    assert "--lr 0.02 there, 0.0003 here" in text  # once it has trained, the folder is its run's
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_in_one_line_and_keeps_the_checkpoint(teacher, tmp_path,
+                                                                                      monkeypatch, capsys):
+    out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
+    loss = SFD.loss
+    monkeypatch.setattr(SFD, "loss", lambda self, step, batch: loss(self, step, batch) * (
+        float("nan") if step == 1 else 1.0))
+    text = refusal(lambda: main(sfd_args(teacher, "--out", str(out), "--work", str(work), "--checkpoint-every",
+                                         "1")), capsys)
+    assert text.startswith("distill sfd: sfd: the loss is not finite at step 2; nothing of this step was kept")
+    assert "\n" not in text and not out.exists()
+    state, _ = read_safetensors(work / "checkpoint.safetensors")
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
 def test_the_teacher_is_loaded_with_the_prediction_type_asked_for(teacher, tmp_path):
     out = tmp_path / "sfd.safetensors"
     assert main(sfd_args(teacher, "--out", str(out), "--prediction-type", "v_prediction")) == 0

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None, preset: Preset | None = None) -> int:
         execute(plan)
     except SettingError as err:
         raise refuse(err) from None
+    except FloatingPointError as err:  # a non-finite loss; float16's overflow checks
+        raise SystemExit(f"{prog}: {err}") from None
     except KeyboardInterrupt:
         print(f"\n{prog}: stopped; run the same command again to resume from the last checkpoint in "
               f"{plan.run.work}", file=sys.stderr)

@@ -34,6 +34,10 @@ from .checkpoint import load_training_state, save_training_state
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A step's loss is NaN or infinite: training stops before the weights take it in."""
+
+
 class Method(Protocol):
     """What a distillation method hands the loop.
 
@@ -177,6 +181,14 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
 
     def update(name: str, loss: torch.Tensor, step: int) -> tuple[float, float | None]:
         """Backpropagate ``loss`` into player ``name``'s parameters alone and step its optimizer."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if accelerator.num_processes > 1:  # every process stops, not one of them
+            bad = accelerator.reduce(bad, reduction="sum")
+        if bad.item():
+            whose = f" of the {name}" if players else ""
+            raise NonFiniteLoss(f"{config.desc}: the loss{whose} is not finite at step {step + 1}; nothing of this "
+                                "step was kept (the work folder holds the last checkpoint): lower --lr, check the "
+                                "data for NaN or infinite values, or compute in float32 (--dtype)")
         params, peak, _ = groups[name]
         if players:  # this player's parameters alone: the others' losses are not theirs to follow
             accelerator.backward(loss, inputs=params)

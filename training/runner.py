@@ -250,11 +250,15 @@ def make_accelerator(cpu: bool = False):
 
 def check_work_folder(work: Path, method: str, config: Settings, accelerator) -> None:
     """Record the run's settings and number of processes in ``work`` (the first time), or refuse a run whose
-    settings differ from those recorded there: resuming it would continue one run under another's name."""
+    settings differ from those recorded there once it has trained (a checkpoint): resuming it would continue one
+    run under another's name. A run that stopped before its first checkpoint (a teacher that would not load, a
+    setting only the teacher could check) takes the new settings."""
+    from .loop import CHECKPOINT_NAME
+
     path = work / SETTINGS_FILE
     mine = json.loads(json.dumps({"method": method, "processes": accelerator.num_processes,
                                   **record(config, changeable=False)}))
-    if path.is_file():
+    if path.is_file() and next(work.rglob(CHECKPOINT_NAME), None) is not None:
         theirs = json.loads(path.read_text())
         changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         if changed:
