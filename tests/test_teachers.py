@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from direct_distill.models.io import FileFormatError
 from direct_distill.training import ldm_checkpoint
@@ -86,6 +86,22 @@ def test_single_file_loads_offline_and_equals_its_source(family, label, predicti
     latents = [p(**run, generator=torch.Generator().manual_seed(1)).images for p in (pipe, source)]
     assert latents[0].shape == (1, 4, 8, 8)
     torch.testing.assert_close(latents[0], latents[1], rtol=0, atol=1e-4)
+
+
+def test_an_sd1_file_whose_clip_lacks_the_text_model_level_loads(tokenizer_dir, tmp_path, no_network):
+    # checkpoints saved with older transformers: cond_stage_model.transformer.encoder..., no text_model.
+    source = family_pipeline("sd1", tokenizer_dir)
+    path = write_ldm(source, "sd1", tmp_path / "new.safetensors")
+    state = load_file(path)
+    prefix = "cond_stage_model.transformer."
+    old = {prefix + k[len(prefix + "text_model."):] if k.startswith(prefix + "text_model.") else k: v
+           for k, v in state.items()}
+    assert not any(k.startswith(prefix + "text_model.") for k in old)
+    save_file(old, tmp_path / "old.safetensors")
+    pipe = load_teacher(tmp_path / "old.safetensors", tokenizer=tokenizer_dir)
+    with torch.no_grad():
+        for ours, theirs in zip(_prompt_embeddings(pipe, "sd1"), _prompt_embeddings(source, "sd1")):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_single_file_honours_dtype_and_prediction_override(tokenizer_dir, tmp_path, no_network, capsys):

@@ -54,6 +54,15 @@ def prefixed(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _with_text_model(state: dict, prefix: str) -> dict:
+    """``state`` with the CLIP-L tower under ``prefix + "text_model."``: checkpoints saved with older transformers
+    hold it without that level (``cond_stage_model.transformer.encoder...``), which ComfyUI reads too."""
+    if any(k.startswith(prefix + "text_model.") for k in state):
+        return state
+    return {prefix + "text_model." + k[len(prefix):] if k.startswith(prefix) and not k.endswith("position_ids")
+            else k: v for k, v in state.items()}
+
+
 def _present(keys, prefixes) -> str | None:
     return next((p for p in prefixes if any(k.startswith(p) for k in keys)), None)
 
@@ -480,6 +489,8 @@ def load_ldm_checkpoint(path: str | os.PathLike, *, tokenizer: str | os.PathLike
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction type {prediction_type!r}: choose one of {', '.join(PREDICTION_TYPES)}")
     state, metadata, name, encoders = _read(path, (UNET, VAE, *CLIP_L, *OPEN_CLIP))
+    if "clip_l" in encoders:
+        state = _with_text_model(state, encoders["clip_l"])
     family = FAMILIES[name]
     base_tokenizer, tokenizer_source = find_tokenizer(tokenizer)
     with _naming(path, family):
