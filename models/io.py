@@ -149,7 +149,21 @@ def _read(path, contents):
         with safe_open(str(path), framework="pt") as f:
             return contents(f), dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
+        if _pickled(path):
+            raise FileFormatError(f"{path}: a pickled PyTorch checkpoint (.ckpt/.pt/.bin), not safetensors: only "
+                                  "safetensors are read (a pickle can run code when loaded); use the model's "
+                                  ".safetensors release or convert it where you trust the file") from None
         raise FileFormatError(f"{path}: not a readable safetensors file ({err})") from None
+
+
+def _pickled(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save writes: a zip archive, or a bare pickle (protocol 2+)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def json_metadata(metadata: dict[str, str], key: str, path: str | os.PathLike, default=None):

@@ -187,7 +187,7 @@ def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case)
                          teacher_unet_shape_fingerprint=FINGERPRINT, latent_channels=4)
     bad = tmp_path / f"{case}.safetensors"
     if case == "not_safetensors":
-        bad.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
+        bad.write_bytes(b"\x10\x00 random bytes, not safetensors")
     elif case == "missing_metadata":
         save_file({"w": torch.zeros(2)}, str(bad))
     elif case == "lora_file":

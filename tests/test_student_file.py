@@ -362,7 +362,9 @@ def not_safetensors(path):
 
 
 @pytest.mark.parametrize("make_bad, message", [
-    (not_safetensors, "student.ckpt: not a readable safetensors file"),
+    (not_safetensors, r"student.ckpt: a pickled PyTorch checkpoint \(.ckpt/.pt/.bin\), not safetensors"),
+    (lambda p: (p.with_name("noise.safetensors").write_bytes(b"\x10\x00 random bytes"), p.with_name(
+        "noise.safetensors"))[1], "noise.safetensors: not a readable safetensors file"),
     (lambda p: p.with_name("missing.safetensors"), "missing.safetensors: no such file"),
     (shortcut_file, "shortcut.safetensors: not a Direct Distill student file: format 'direct_distill.shortcut'"),
     (lambda p: rewrite(p, format=None), "bad.safetensors: not a Direct Distill student file: no 'format'"),
