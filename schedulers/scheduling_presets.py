@@ -8,6 +8,9 @@ import inspect
 import logging
 
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
+# SchedulerMixin by name in this module: a pipeline saved with this scheduler is loaded again by diffusers'
+# from_pretrained, which looks its loadable base classes up in the module model_index.json names.
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from .few_step_presets import FewStepPreset, describe_nfes
 from .pinned_steps import ImageToImageGuard

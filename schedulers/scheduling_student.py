@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.configuration_utils import register_to_config
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
+# SchedulerMixin by name in this module: a pipeline saved with this scheduler is loaded again by diffusers'
+# from_pretrained, which looks its loadable base classes up in the module model_index.json names.
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 
 from .noise import sigma_to_model_timestep, vp_sigma_table
 from .pinned_steps import ImageToImageGuard

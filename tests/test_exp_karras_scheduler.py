@@ -167,6 +167,15 @@ def test_runs_in_stable_diffusion_pipeline(tiny_sd_pipeline):
     assert image.size == (32, 32)  # 16x16 latents, a VAE that upsamples twice
 
 
+def test_a_pipeline_saved_with_it_loads_again_with_it(tiny_sd_pipeline, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    tiny_sd_pipeline.scheduler = ExpKarrasScheduler.from_config(tiny_sd_pipeline.scheduler.config, exp_karras_p=2.0)
+    tiny_sd_pipeline.save_pretrained(tmp_path / "saved")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert type(again.scheduler) is ExpKarrasScheduler and again.scheduler.config.exp_karras_p == 2.0
+
+
 def test_runs_in_stable_diffusion_xl_pipeline(tiny_sdxl_pipeline):
     pipe = tiny_sdxl_pipeline
     pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config)

@@ -208,6 +208,16 @@ def test_image_to_image_runs_the_students_own_steps_or_says_what_to_pass(student
     assert calls.calls == [(1, t) for t in (999.0, 749.0, 499.0, 249.0)]
 
 
+def test_a_pipeline_saved_with_a_students_scheduler_loads_again_with_it(student, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe, _, path, info = student
+    load_student(pipe, path)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+    assert type(again.scheduler) is StudentScheduler and again.scheduler.supported_nfes == sorted(info.nfe_schedules)
+
+
 def test_student_scheduler_saves_and_reloads_its_table(student, tmp_path):
     pipe, _, path, info = student
     load_student(pipe, path)
