@@ -27,9 +27,13 @@ def trailing_timesteps(n: int, p: float = 0.0, num_train_timesteps: int = 1000) 
         raise ValueError(f"p must be a finite number >= 0, got {p!r}")
     grid = exp_karras_timesteps(n + 1, p, t_max=float(num_train_timesteps))[:n]
     t = [int(v) - 1 for v in torch.round(grid).tolist()]
-    if any(a <= b for a, b in zip(t, t[1:] + [CLEAN])):
-        raise ValueError(f"{n} steps at p={p} do not give distinct integer timesteps ({t}): use fewer steps or "
-                         "a smaller p")
+    clash = next((i for i, (a, b) in enumerate(zip(t, t[1:] + [CLEAN])) if a <= b), None)
+    if clash is not None:
+        if n > num_train_timesteps:
+            raise ValueError(f"{n} steps do not fit the teacher's {num_train_timesteps} timesteps: use at most "
+                             f"{num_train_timesteps}")
+        raise ValueError(f"{n} steps at p={p} do not give distinct integer timesteps (step {clash + 1} falls on "
+                         f"timestep {t[clash]}, as the next one does): use fewer steps or a smaller p")
     return t
 
 

@@ -23,8 +23,11 @@ def test_n_steps_halve_into_n_over_2_and_p_puts_bigger_steps_at_high_noise():
     steps = -torch.diff(torch.tensor(trailing_timesteps(8, p=2.0) + [CLEAN]))
     assert (steps[:-1] >= steps[1:]).all() and steps[0] > 2 * steps[-1]
     assert trailing_timesteps(8, p=1e-12) == trailing_timesteps(8)  # the p -> 0 limit
-    with pytest.raises(ValueError, match="do not give distinct integer timesteps"):
-        trailing_timesteps(200, p=8.0)
+    with pytest.raises(ValueError, match=r"do not give distinct integer timesteps \(step \d+ falls on timestep \d+, "
+                                         r"as the next one does\): use fewer steps or a smaller p$"):
+        trailing_timesteps(200, p=8.0)  # one line of its own size, not the 200 timesteps
+    with pytest.raises(ValueError, match="1001 steps do not fit the teacher's 1000 timesteps: use at most 1000"):
+        trailing_timesteps(1001)
     with pytest.raises(ValueError, match="integer >= 1"):
         trailing_timesteps(0)
 
