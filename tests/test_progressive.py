@@ -194,6 +194,10 @@ def test_cli_distills_a_teacher_folder_on_given_latents(tiny_sd_pipeline, tmp_pa
         main(args + ["--prompts", str(tmp_path / "prompts.txt")])
     with pytest.raises(SystemExit, match="--prompts: .*latents.safetensors holds no prompts"):
         main(args + ["--latents", str(tmp_path / "latents.safetensors")])
+    write_latents_file(tmp_path / "sd3.safetensors", torch.randn(4, 16, 8, 8))  # another model's 16 channels
+    with pytest.raises(SystemExit, match="--latents: its latents have 16 channels, the teacher's UNet takes 4"):
+        main(args + ["--latents", str(tmp_path / "sd3.safetensors"), "--prompts", str(tmp_path / "prompts.txt"),
+                     "--work", str(tmp_path / "sd3.work")])
     assert main(args + ["--latents", str(tmp_path / "latents.safetensors"), "--prompts",
                         str(tmp_path / "prompts.txt")]) == 0
     _, info = read_student(out)

@@ -220,6 +220,10 @@ def execute(plan: Plan):
                 data = read_latents_file(source.latents, plan.prompts)
             else:
                 data = plan.preset.latents(pipe, run.work, accelerator)
+    if data is not None and data.latents.shape[1] != pipe.unet.config.in_channels:
+        flag = "latents" if source.latents is not None else "data"
+        raise SettingError(flag, f"its latents have {data.latents.shape[1]} channels, the teacher's UNet takes "
+                                 f"{pipe.unet.config.in_channels}: they were encoded by another model's VAE")
     evaluation = _evaluation(config)
     evaluate = (plan.preset.evaluation(pipe, evaluation.eval_samples)
                 if evaluation is not None and evaluation.eval_every else None)
