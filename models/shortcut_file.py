@@ -10,6 +10,7 @@ for (training timesteps), the teacher's name and the fingerprint of its UNet's p
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -130,8 +131,11 @@ def _checked_metadata(raw: dict[str, str], tensor_names, path) -> dict:
         raise FileFormatError(f"{path}: shortcut format version {version!r}; this code reads version {FORMAT_VERSION}")
     meta = {k: json_metadata(raw, k, path) for k in METADATA_KEYS}  # raises on a missing or corrupt entry
     band = meta["t_band"]
-    if not (isinstance(band, list) and len(band) == 2 and all(isinstance(v, (int, float)) for v in band)):
-        raise FileFormatError(f"{path}: metadata 't_band' must be [t_lo, t_hi], got {band!r}")
+    if not (isinstance(band, list) and len(band) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in band)
+            and 0 <= band[0] <= band[1] <= 1000):
+        raise FileFormatError(f"{path}: metadata 't_band' must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1000, "
+                              f"got {band!r}")
     meta["t_band"] = [float(band[0]), float(band[1])]
     if not isinstance(meta["teacher_unet_shape_fingerprint"], str) or not meta["teacher_unet_shape_fingerprint"]:
         raise FileFormatError(f"{path}: metadata 'teacher_unet_shape_fingerprint' must be a non-empty string")

@@ -125,7 +125,8 @@ class StudentInfo:
             raise ValueError(f"teacher_prediction_type must be one of {PREDICTION_TYPES}, got "
                              f"{self.teacher_prediction_type!r}")
         self.nfe_schedules = _checked_schedules(self.nfe_schedules)
-        if self.default_nfe not in self.nfe_schedules:
+        if isinstance(self.default_nfe, bool) or not isinstance(self.default_nfe, int) \
+                or self.default_nfe not in self.nfe_schedules:
             raise ValueError(f"default_nfe {self.default_nfe!r} is not among the NFEs with a schedule "
                              f"{sorted(self.nfe_schedules)}")
         if self.comfy_sampler not in SAMPLERS:

@@ -173,6 +173,8 @@ MALFORMED = {
     "other_format": "format 'direct_distill.student'",
     "corrupt_config": "'stage1_config' is not valid JSON",
     "missing_band": "no 't_band' entry",
+    "reversed_band": r"'t_band' must be \[t_lo, t_hi\] with 0 <= t_lo <= t_hi <= 1000, got \[300, 100\]",
+    "nan_band": r"'t_band' must be .* got \[nan, 100\]",
     "missing_fingerprint": "no 'teacher_unet_shape_fingerprint' entry",
     "older_version": "shortcut format version 1; this code reads version 2",
     "bad_config": "not a valid TimeEmbedNAFNet config",
@@ -198,6 +200,10 @@ def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case)
         rewrite(good, bad, lambda m: m.update(stage1_config="{width: 32"))
     elif case == "missing_band":
         rewrite(good, bad, lambda m: m.pop("t_band"))
+    elif case == "reversed_band":
+        rewrite(good, bad, lambda m: m.update(t_band="[300, 100]"))
+    elif case == "nan_band":
+        rewrite(good, bad, lambda m: m.update(t_band="[NaN, 100]"))
     elif case == "missing_fingerprint":
         rewrite(good, bad, lambda m: m.pop("teacher_unet_shape_fingerprint"))
     elif case == "older_version":

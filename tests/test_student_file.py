@@ -383,6 +383,7 @@ def not_safetensors(path):
     (lambda p: rewrite(p, nfe_schedules="{}"), "bad.safetensors: metadata 'nfe_schedules' is empty"),
     (bad_schedule, r"bad.safetensors: invalid student metadata: nfe_schedules\[4\]: timesteps must be"),
     (lambda p: rewrite(p, format_version="2"), "bad.safetensors: student format version 2"),
+    (lambda p: rewrite(p, default_nfe="true"), "bad.safetensors: invalid student metadata: default_nfe True is not"),
     (lambda p: rewrite(p, tensors=lambda t: dict(list(t.items())[1:])), "bad.safetensors: tensors do not match"),
     (lambda p: rewrite(p, tensors=lambda t: {k: v * 2 if k.endswith(".alpha") else v for k, v in t.items()}),
      "bad.safetensors: .*alpha is 16.0, but the metadata says alpha 8.0"),
