@@ -22,7 +22,8 @@ _SPACING_FLAGS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "
                   "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
                   "time_shift_type": "exponential", "timestep_spacing": "linspace", "steps_offset": 0}
 # Other schedulers' sigma-shaping keys, meaningless here.
-_FOREIGN_SPACING_KEYS = ("interpolation_type", "sigma_min", "sigma_max", "timestep_type")
+_FOREIGN_SPACING_KEYS = ("interpolation_type", "sigma_min", "sigma_max", "timestep_type",
+                         "preset", "pipeline_default_steps")  # the last two: a few-step preset's pinned steps
 # Keys only flow-matching schedulers' configs carry: such a model has no VP noise table to space.
 _FLOW_MATCHING_KEYS = ("shift", "base_shift", "max_shift")
 

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDSc
 # from_pretrained, which looks its loadable base classes up in the module model_index.json names.
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
-from .few_step_presets import FewStepPreset, describe_nfes
+from .few_step_presets import PRESETS, FewStepPreset, describe_nfes
 from .pinned_steps import ImageToImageGuard
 
 
@@ -25,6 +25,20 @@ class _PinnedTimesteps(ImageToImageGuard):
 
     preset: FewStepPreset | None = None
     pipeline_default_steps: int | None = None
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """The parent's ``from_config``; the preset and the pipeline's default step count recorded in the config
+        (``preset_scheduler`` records them, so a saved pipeline reloads pinned) are set again."""
+        config = dict(config or {})
+        name, default_steps = config.pop("preset", None), config.pop("pipeline_default_steps", None)
+        made = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        scheduler = made[0] if return_unused_kwargs else made
+        if name is not None:
+            if name not in PRESETS:
+                raise ValueError(f"{cls.__name__}: unknown preset {name!r} in the scheduler config")
+            _pin(scheduler, PRESETS[name], default_steps)
+        return made
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -124,6 +138,12 @@ def preset_scheduler(preset: FewStepPreset, config, pipeline_default_steps: int 
     # only what the class takes: the pipeline's config may be another scheduler's (PNDM's skip_prk_steps, ...)
     taken = inspect.signature(cls.__init__).parameters
     scheduler = cls.from_config({k: v for k, v in dict(config).items() if k in taken}, **overrides)
+    _pin(scheduler, preset, pipeline_default_steps)
+    return scheduler
+
+
+def _pin(scheduler, preset: FewStepPreset, pipeline_default_steps: int | None) -> None:
     scheduler.preset = preset
     scheduler.pipeline_default_steps = pipeline_default_steps
-    return scheduler
+    # in the config too: save_pretrained writes it, from_config reads it back
+    scheduler.register_to_config(preset=preset.name, pipeline_default_steps=pipeline_default_steps)

@@ -43,9 +43,9 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Builds the scheduler from any diffusers scheduler config; an ExpKarrasScheduler config's schedule
-        parameter is dropped without a warning (a student's schedule is fixed)."""
+        parameter and a few-step preset's name are dropped without a warning (a student's schedule is fixed)."""
         if config is not None:
-            config = {k: v for k, v in dict(config).items() if k != "exp_karras_p"}
+            config = {k: v for k, v in dict(config).items() if k not in ("exp_karras_p", "preset")}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config

@@ -21,7 +21,9 @@ from direct_distill.models.lora_layouts import parse_lora, resolve_layers, sgm_n
 from direct_distill.models.stamp import stamp
 from direct_distill.pipelines import load_student
 from direct_distill.schedulers.few_step_presets import PRESETS, presets_for
+from direct_distill.schedulers import ExpKarrasScheduler, student_schedules
 from direct_distill.schedulers.scheduling_presets import preset_scheduler
+from direct_distill.schedulers.scheduling_student import StudentScheduler
 
 def test_the_table_has_every_published_preset():
     assert set(PRESETS) == set(PUBLISHED)
@@ -70,6 +72,22 @@ def test_a_preset_scheduler_takes_the_custom_schedules_its_diffusers_class_takes
     assert calls == ([999, 500] if argument == "timesteps" else [999, 354])
     ddim = preset_scheduler(PRESETS["hyper-sd15-8step"], pipe.scheduler.config)
     assert "timesteps" not in inspect.signature(ddim.set_timesteps).parameters  # DDIM takes none: diffusers says so
+
+
+STUDENT_SCHEDULES = {"1": student_schedules({1: [999]}, PNDMScheduler(**SD_SCHEDULER).alphas_cumprod)[1]}
+
+
+def test_a_pipeline_saved_with_a_preset_loads_again_pinned_to_it(tiny_tokenizer, tmp_path):
+    pipe = sd15_tree_pipeline(tiny_tokenizer)
+    pipe.scheduler = preset_scheduler(PRESETS["lcm-sd15"], pipe.scheduler.config, pipeline_default_steps=50)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+    assert type(again.scheduler) is type(pipe.scheduler) and again.scheduler.preset == PRESETS["lcm-sd15"]
+    again.scheduler.set_timesteps(50)  # the pipeline's default reads as the preset's
+    assert again.scheduler.timesteps.tolist() == published_timesteps("lcm-sd15", PRESETS["lcm-sd15"].default_nfe)
+    for cls in (ExpKarrasScheduler, StudentScheduler):  # switching away drops the pin without a word
+        assert "preset" not in cls.from_config(again.scheduler.config, **(
+            {} if cls is ExpKarrasScheduler else dict(nfe_schedules=STUDENT_SCHEDULES, default_nfe=1))).config
 
 
 # --- every layout, fully applied, with the merged effect ------------------------------------------------------
