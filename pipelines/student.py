@@ -72,7 +72,8 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     problems = unet_mismatches(info, lora, pipe.unet)
     if problems:
         raise ValueError(f"{path}: this student was made for another UNet: " + "; ".join(problems))
-    predicts = pipe.scheduler.config.get("prediction_type", "epsilon")
+    config = pipe.scheduler.config  # a student's scheduler knows the model's type beside the one it reads
+    predicts = config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
     if predicts != info.teacher_prediction_type:
         raise ValueError(f"{path}: the student was distilled from a model predicting {info.teacher_prediction_type}, "
                          f"this pipeline's scheduler predicts {predicts}: it was distilled from another model")
@@ -85,7 +86,8 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
         scheduler = StudentScheduler.from_config(
             pipe.scheduler.config, nfe_schedules={str(k): v for k, v in info.nfe_schedules.items()},
             default_nfe=info.default_nfe, pipeline_default_steps=_default_steps(pipe),
-            prediction_type=info.prediction_type, solver_order=info.solver_order)
+            prediction_type=info.prediction_type, teacher_prediction_type=info.teacher_prediction_type,
+            solver_order=info.solver_order)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 

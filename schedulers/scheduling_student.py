@@ -34,6 +34,9 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
             caller gives none (50 for the SD and SDXL pipelines). It is read as "unspecified", i.e.
             ``default_nfe``, unless it is itself a supported NFE. An image-to-image run therefore passes
             ``num_inference_steps`` with its ``strength`` (see ``ImageToImageGuard``).
+        teacher_prediction_type (`str`, *optional*): what the model predicts where the student reads its output
+            as another ``prediction_type``; recorded only, so that the next student loaded checks the model, not
+            this student.
         Other arguments are those of `DPMSolverMultistepScheduler` (the noise table, prediction type and
         solver); the sigma-shaping flags (`use_karras_sigmas`, ...) are not taken, the schedule being fixed.
     """
@@ -54,6 +57,7 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         nfe_schedules: dict | None = None,
         default_nfe: int | None = None,
         pipeline_default_steps: int | None = None,
+        teacher_prediction_type: str | None = None,
         num_train_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
