@@ -150,7 +150,7 @@ def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, 
     assert (tmp_path / "mine.work" / "checkpoint.safetensors").is_file()
 
 
-def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, capsys):
+def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, capsys, monkeypatch):
     out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
     args = sfd_args(teacher, "--out", str(out), "--work", str(work))
     assert main(args) == 0
@@ -163,6 +163,9 @@ def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, ca
         assert difference in text
     assert "\n" not in text
 
+    # The same teacher by another path is the same run.
+    monkeypatch.chdir(teacher.parent)
+    assert main(["sfd", "--teacher", f"./{teacher.name}", *args[3:]]) == 0
     # Where files go and how often checkpoints are written may change: the finished run resumes as it was.
     again = tmp_path / "again.safetensors"
     assert main(args[:-4] + ["--checkpoint-every", "5", "--out", str(again), "--work", str(work)]) == 0

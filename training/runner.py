@@ -264,7 +264,7 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator) ->
                                   **record(config, changeable=False)}))
     if path.is_file() and next(work.rglob(CHECKPOINT_NAME), None) is not None:
         theirs = json.loads(path.read_text())
-        changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        changed = sorted(k for k in mine.keys() | theirs.keys() if _same_file(mine.get(k)) != _same_file(theirs.get(k)))
         if changed:
             listed = "; ".join(f"{flag_of(config, k)} {theirs.get(k)!r} there, {mine.get(k)!r} here"
                                for k in changed)
@@ -273,6 +273,14 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator) ->
     elif accelerator.is_main_process:
         atomic_write_text(path, json.dumps(mine, indent=1))
     accelerator.wait_for_everyone()
+
+
+def _same_file(value):
+    """A recorded setting as compared: a path to an existing file or folder by where it leads (``teacher`` and
+    ``./teacher`` are one teacher), anything else as it is."""
+    if isinstance(value, str) and value and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
 
 
 def _data_source(config: Settings):
