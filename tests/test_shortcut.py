@@ -87,6 +87,22 @@ def test_capture_keeps_the_next_unet_input_after_each_capture_step_and_the_final
     torch.testing.assert_close(data.final[1], final[0], rtol=1e-4, atol=1e-4)
 
 
+def test_capture_progress_moves_every_step_and_ends_on_the_count(pipe, tmp_path, monkeypatch):
+    import direct_distill.training.trajectories as trajectories
+
+    shown = []
+    real = trajectories.tqdm
+
+    class Recorded(real):
+        def update(self, n=1):
+            shown.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(trajectories, "tqdm", Recorded)
+    capture(pipe, tmp_path, n=2, batch_size=2)
+    assert len(shown) >= STEPS and sum(shown) == pytest.approx(2)  # one batch of 2: a move per step
+
+
 def test_capture_resumes_by_skipping_written_shards_and_refuses_other_settings(pipe, tmp_path):
     folder = capture(pipe, tmp_path)
     first = folder / "shard-00000.safetensors"

@@ -154,10 +154,18 @@ def _run(pipe, prompts, first: int, n: int, capture_steps: list[int], config: di
     recorder = _Recorder(capture_steps)
     schedule = ({"sigmas": config["sigmas"]} if "sigmas" in config
                 else {"num_inference_steps": config["num_inference_steps"]})
+    shown = 0.0
+
+    def record_and_show(pipe, step, timestep, kwargs):  # the bar moves every step, not once per batch
+        nonlocal shown
+        bar.update(n / config["num_inference_steps"])
+        shown += n / config["num_inference_steps"]
+        return recorder(pipe, step, timestep, kwargs)
+
     out = pipe([prompts[i % len(prompts)] for i in ids], **schedule,
-               guidance_scale=config["guidance_scale"], output_type="latent", callback_on_step_end=recorder,
+               guidance_scale=config["guidance_scale"], output_type="latent", callback_on_step_end=record_and_show,
                generator=[torch.Generator().manual_seed(config["seed"] + i) for i in ids], **config["pipe_kwargs"])
-    bar.update(n)
+    bar.update(n - shown)
     latents = torch.stack([recorder.latents[k] for k in capture_steps], dim=1)
     timesteps = torch.tensor([recorder.timesteps[k] for k in capture_steps], dtype=torch.float32)
     return latents, timesteps, out.images.float().cpu()
