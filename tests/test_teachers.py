@@ -109,9 +109,14 @@ def test_single_file_honours_dtype_and_prediction_override(tokenizer_dir, tmp_pa
     path = write_ldm(source, "sd1", tmp_path / "sd1_fp16.safetensors", dtype=torch.float16)
     for dtype in (torch.float32, torch.bfloat16):   # a float16 file at the default float32, and cast down
         pipe = load_teacher(path, dtype, tokenizer=tokenizer_dir)
+        assert pipe.scheduler.config.trained_betas is None  # SD's table, stored in float16
         assert {p.dtype for name in ("unet", "vae", "text_encoder")
                 for p in getattr(pipe, name).parameters()} == {dtype}
         assert capsys.readouterr().out.strip().endswith(", " + str(dtype).removeprefix("torch."))
+    bf16 = load_teacher(write_ldm(source, "sd1", tmp_path / "sd1_bf16.safetensors", dtype=torch.bfloat16),
+                        tokenizer=tokenizer_dir)
+    assert bf16.scheduler.config.trained_betas is None  # bfloat16 rounds SD's betas by up to 0.4 %: still SD's
+    capsys.readouterr()
     pipe = load_teacher(path, tokenizer=tokenizer_dir, prediction_type="v_prediction")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert "v_prediction (as requested)" in capsys.readouterr().out
