@@ -40,7 +40,10 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=PARTIAL_SUFFIX, dir=path.parent))
     try:
         tmp = partial / path.name
-        save_file(tensors, tmp, metadata=meta)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as err:  # its I/O errors (a full disk) as what they are
+            raise OSError(f"{path}: could not be written ({err}); the previous file, if any, is untouched") from None
         os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     finally:

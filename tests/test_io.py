@@ -39,6 +39,22 @@ def test_a_replaced_file_keeps_its_own_permissions(tmp_path, umask_022):
         (oct(0o640), oct(0o600))
 
 
+def test_a_save_that_fails_to_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    import direct_distill.models.io as io
+    from safetensors import SafetensorError
+
+    path = atomic_save_file({"w": torch.ones(3)}, tmp_path / "model.safetensors")
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(io, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"model.safetensors: could not be written \(.*No space left.*\); the previous"):
+        atomic_save_file({"w": torch.zeros(3)}, path)
+    assert torch.equal(read_safetensors(path)[0]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
 def test_a_killed_save_leaves_nothing_after_the_next_save(tmp_path, umask_022):
     """A save killed outright (SIGKILL, after the bytes are written, before the rename) leaves its hidden
     temporary folder; the next save to the same file removes it, and the previous file was never touched."""

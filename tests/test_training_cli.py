@@ -205,6 +205,20 @@ def test_a_loss_that_is_not_finite_stops_the_run_in_one_line_and_keeps_the_check
     assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
+def test_a_failed_save_stops_the_run_in_one_line(teacher, tmp_path, monkeypatch, capsys):
+    import direct_distill.training.loop as loop
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(f"{path}: could not be written (No space left on device)")
+
+    monkeypatch.setattr(loop, "save_training_state", disk_full)
+    work = tmp_path / "work"
+    text = refusal(lambda: main(sfd_args(teacher, "--out", str(tmp_path / "s.safetensors"), "--work", str(work))),
+                   capsys)
+    assert text.startswith(f"distill sfd: {work / 'checkpoint.safetensors'}: could not be written (No space left")
+    assert text.endswith(f"resume from the last checkpoint in {work}") and "\n" not in text
+
+
 def test_the_teacher_is_loaded_with_the_prediction_type_asked_for(teacher, tmp_path):
     out = tmp_path / "sfd.safetensors"
     assert main(sfd_args(teacher, "--out", str(out), "--prediction-type", "v_prediction")) == 0

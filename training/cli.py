@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None, preset: Preset | None = None) -> int:
         raise refuse(err) from None
     except FloatingPointError as err:  # a non-finite loss; float16's overflow checks
         raise SystemExit(f"{prog}: {err}") from None
+    except OSError as err:  # a full disk, a folder gone: the work folder keeps what was saved before
+        raise SystemExit(f"{prog}: {err}; run the same command again to resume from the last checkpoint in "
+                         f"{plan.run.work}") from None
     except KeyboardInterrupt:
         print(f"\n{prog}: stopped; run the same command again to resume from the last checkpoint in "
               f"{plan.run.work}", file=sys.stderr)
