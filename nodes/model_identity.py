@@ -21,6 +21,14 @@ def unet_parameter_shapes(model) -> dict[str, list[int]]:
     return {name: list(state[key].shape) for name, key in to_comfy.items() if key in state}
 
 
+def check_checkpoint_noise_table(model_sampling, name: str) -> None:
+    """Refuses a model whose noise table is not its checkpoint's 1000 steps (ModelSamplingDiscrete set to lcm keeps
+    50): the timesteps a file was made for would be read on another table."""
+    if len(model_sampling.sigmas) != 1000:
+        raise ValueError(f"{name}: this model's noise table has {len(model_sampling.sigmas)} steps, not the 1000 of "
+                         "the checkpoint (a ModelSamplingDiscrete node set to lcm?): connect the checkpoint's MODEL")
+
+
 def unet_shape_fingerprint(model) -> str:
     """``models.student_file.shape_fingerprint`` of the MODEL's UNet: equal to that of the diffusers UNet of the
     same architecture, so a file can name the UNet it was made for in a way both front doors check."""

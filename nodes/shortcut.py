@@ -20,7 +20,7 @@ from comfy_api.latest import io
 from ..models.handoff import check_handoff_at_sigma, check_teacher, handoff_steps_in_band, shortcut_from_ve
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
-from .model_identity import unet_shape_fingerprint
+from .model_identity import check_checkpoint_noise_table, unet_shape_fingerprint
 
 FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
 ADDITIONAL_MODELS_KEY = "direct_distill_shortcut"
@@ -110,10 +110,7 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
                 and isinstance(model_sampling, comfy.model_sampling.EPS)):
             raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                              f"model samples with {type(model_sampling).__name__}")
-        if len(model_sampling.sigmas) != 1000:  # the band's timesteps are those of the checkpoint's 1000
-            raise ValueError(f"this model's noise table has {len(model_sampling.sigmas)} steps, not the 1000 of the "
-                             "checkpoint the shortcut was trained on (a ModelSamplingDiscrete node set to lcm?): "
-                             "connect the checkpoint's MODEL")
+        check_checkpoint_noise_table(model_sampling, "the shortcut")  # its band is in the checkpoint's timesteps
         # Before any step, so a wrong model or a hand-off outside the trained band costs nothing.
         check_teacher(shortcut.shortcut, unet_shape_fingerprint(guider.model_patcher), "the MODEL sampled here")
         try:

@@ -18,7 +18,7 @@ from ..models.student_file import is_direct_distill_file, read_student
 from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.noise import sigma_to_model_timestep
 from ..schedulers.tcd import sample_tcd
-from .model_identity import lora_mismatches, unet_parameter_shapes
+from .model_identity import check_checkpoint_noise_table, lora_mismatches, unet_parameter_shapes
 
 FOLDER_NAME = "loras"  # a student is a LoRA: it lives with the user's other LoRAs
 FROM_FILE = "from file"
@@ -111,9 +111,7 @@ def _preset_lora(model, clip, tensors, metadata, name, preset_name, nfe, strengt
         raise ValueError(f"{name}: preset {preset.name} samples with nfe {describe_nfes(preset.nfes)} "
                          f"(default {preset.default_nfe}), not {nfe}")
     model_sampling = _model_sampling(model, name, "epsilon")
-    if len(model_sampling.sigmas) != 1000:
-        raise ValueError(f"{name}: this model's noise table has {len(model_sampling.sigmas)} steps, not the 1000 of "
-                         "the checkpoint (a ModelSamplingDiscrete node set to lcm?): connect the checkpoint's MODEL")
+    check_checkpoint_noise_table(model_sampling, name)
 
     text_encoder = [target for target in layers if target[0] != "unet"]
     if text_encoder and clip is None:
