@@ -59,8 +59,7 @@ def _with_text_model(state: dict, prefix: str) -> dict:
     hold it without that level (``cond_stage_model.transformer.encoder...``), which ComfyUI reads too."""
     if any(k.startswith(prefix + "text_model.") for k in state):
         return state
-    return {prefix + "text_model." + k[len(prefix):] if k.startswith(prefix) and not k.endswith("position_ids")
-            else k: v for k, v in state.items()}
+    return {prefix + "text_model." + k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
 def _present(keys, prefixes) -> str | None:
