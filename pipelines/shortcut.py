@@ -90,7 +90,15 @@ class ShortcutCallback:
         # The hand-off timestep is known from the first step on, so a bad band fails before any wasted step.
         ahead = self.handoff_step - steps_done
         handoff_t = pipe.scheduler.timesteps[_timestep_index(pipe, steps_done, ahead)]
-        self.shortcut.check_handoff(float(handoff_t), self.force)
+        try:
+            self.shortcut.check_handoff(float(handoff_t), self.force)
+        except ValueError as err:  # name the hand-off steps of this run that the band takes
+            run = pipe.scheduler.timesteps[_timestep_index(pipe, steps_done) - steps_done:]  # what this run calls
+            lo, hi = self.shortcut.t_band
+            fits = [k for k in range(1, len(run)) if lo <= float(run[k]) <= hi]
+            hint = (f"with these {len(run)} steps, handoff_step {fits[0]} to {fits[-1]} lies in the band" if fits
+                    else f"no step of these {len(run)} steps lies in the band: change the steps or the schedule")
+            raise ValueError(f"{err} ({hint})") from None
         if ahead:
             return callback_kwargs
         x_t, t = next_unet_input(pipe, steps_done, latents)

@@ -250,6 +250,13 @@ def test_out_of_band_handoff_raises_before_more_steps_unless_forced(pipe, shortc
     assert len(calls) == 4
     shortcut.t_band = (handoff_t - 1, handoff_t + 1)
     run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 4))
+    # the refusal names the hand-off steps of the run that the band takes
+    shortcut.t_band = (float(pipe.scheduler.timesteps[3]), float(pipe.scheduler.timesteps[2]))
+    with pytest.raises(ValueError, match=f"with these {STEPS} steps, handoff_step 2 to 3 lies in the band"):
+        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 5))
+    shortcut.t_band = (1.0, 1.5)
+    with pytest.raises(ValueError, match=f"no step of these {STEPS} steps lies in the band"):
+        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 5))
 
 
 def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe, shortcut, tmp_path):
