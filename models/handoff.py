@@ -54,6 +54,14 @@ def handoff_steps_in_band(t_band: tuple[float, float] | None, sigmas: torch.Tens
     return [k for k in range(1, len(sigmas) - 1) if lo <= handoff_timestep(sigmas[k], sigma_table) <= hi]
 
 
+def fitting_steps_hint(fits: list[int], steps: int) -> str:
+    """What a refused hand-off's message adds: the hand-off steps of the run (``handoff_steps_in_band``) that
+    fit."""
+    if fits:
+        return f"with these {steps} steps, handoff_step {fits[0]} to {fits[-1]} lies in the band"
+    return f"no step of these {steps} steps lies in the band: change the steps or the schedule"
+
+
 def shortcut_from_vp(shortcut: TwoStageShortcut, x_vp: torch.Tensor, t: torch.Tensor | float,
                      force: bool = False) -> torch.Tensor:
     """The shortcut's clean latent from diffusers' VP latent ``x_vp`` at training timestep ``t``.

@@ -17,7 +17,8 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..models.handoff import check_handoff_at_sigma, check_teacher, handoff_steps_in_band, shortcut_from_ve
+from ..models.handoff import (check_handoff_at_sigma, check_teacher, fitting_steps_hint, handoff_steps_in_band,
+                              shortcut_from_ve)
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
 from .model_identity import check_checkpoint_noise_table, unet_shape_fingerprint
@@ -117,9 +118,7 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
             check_handoff_at_sigma(shortcut.shortcut, sigmas[handoff_step], model_sampling.sigmas, force)
         except ValueError as err:
             fits = handoff_steps_in_band(shortcut.shortcut.t_band, sigmas, model_sampling.sigmas)
-            hint = (f"with these {steps} steps, handoff_step {fits[0]} to {fits[-1]} lies in the band" if fits
-                    else f"no step of these {steps} steps lies in the band: change steps or scheduler")
-            raise ValueError(f"{err} ({hint})") from None
+            raise ValueError(f"{err} ({fitting_steps_hint(fits, steps)})") from None
         x = base.sampler_function(model, x, sigmas[:handoff_step + 1], extra_args=extra_args, callback=callback,
                                   disable=disable, **options)
         patcher = shortcut.patcher(x.device, compute_dtype(teacher))

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ..models.handoff import check_teacher, shortcut_from_vp
+from ..models.handoff import check_teacher, fitting_steps_hint, shortcut_from_vp
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
 from ..models.student_file import shape_fingerprint, unet_parameter_shapes
@@ -96,9 +96,7 @@ class ShortcutCallback:
             run = pipe.scheduler.timesteps[_timestep_index(pipe, steps_done) - steps_done:]  # what this run calls
             lo, hi = self.shortcut.t_band
             fits = [k for k in range(1, len(run)) if lo <= float(run[k]) <= hi]
-            hint = (f"with these {len(run)} steps, handoff_step {fits[0]} to {fits[-1]} lies in the band" if fits
-                    else f"no step of these {len(run)} steps lies in the band: change the steps or the schedule")
-            raise ValueError(f"{err} ({hint})") from None
+            raise ValueError(f"{err} ({fitting_steps_hint(fits, len(run))})") from None
         if ahead:
             return callback_kwargs
         x_t, t = next_unet_input(pipe, steps_done, latents)
