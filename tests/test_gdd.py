@@ -189,6 +189,10 @@ def test_cli_trains_on_a_folder_of_captioned_images_and_refuses_missing_data_bef
     assert read_student(tmp_path / "gdd.safetensors")[1].nfe_schedules[1]["timesteps"] == [999]
     assert (tmp_path / "gdd.work" / "folder_latents.safetensors").is_file()
     assert "GDD-I one-step student written to" in capsys.readouterr().out
+    assert main(args + ["--data", str(images)]) == 0  # the same folder resumes (a finished run)
+    (images / "more" / "c.txt").write_text("a long coat")  # a caption edited: another run
+    with pytest.raises(SystemExit, match="other settings \\(content of --data 'sha256 [0-9a-f]+' there"):
+        main(args + ["--data", str(images)])
 
 
 def test_the_file_holds_the_generator_of_the_lowest_fd_also_after_a_resume(tiny_sd_pipeline, tmp_path, accelerator):

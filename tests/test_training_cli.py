@@ -173,6 +173,33 @@ def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, ca
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_work_folder_resumes_when_only_the_spelling_differs_and_not_when_an_input_changed(teacher, tmp_path,
+                                                                                          capsys):
+    out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
+    args = sfd_args(teacher, "--out", str(out), "--work", str(work))
+    args[args.index("--nfe") + 1:args.index("--nfe") + 2] = ["2", "1"]
+    assert main(args) == 0
+    recorded = json.loads((work / SETTINGS_FILE).read_text())
+    size = json.loads((teacher / "unet" / "config.json").read_text())["sample_size"]
+    # What was left to the teacher is recorded as the teacher's value.
+    assert (recorded["nfes"], recorded["latent_size"], recorded["student_prediction"],
+            recorded["prediction_type"]) == ([1, 2], size, "epsilon", "epsilon")
+    same = sfd_args(teacher, "--out", str(out), "--work", str(work), "--latent-size", str(size),
+                    "--student-prediction", "epsilon", "--prediction-type", "epsilon")
+    same[same.index("--nfe") + 1:same.index("--nfe") + 2] = ["1", "2"]
+    assert main(same) == 0  # the order of --nfe and the teacher's own values spelt out: the same run
+
+    text = refusal(lambda: main(args + ["--latent-size", "4"]), capsys)
+    assert f"--latent-size {size} there, 4 here" in text  # a value the teacher's differs from is another run
+    text = refusal(lambda: main(args + ["--student-prediction", "v_prediction"]), capsys)
+    assert "--student-prediction 'epsilon' there, 'v_prediction' here" in text
+
+    (teacher.parent / "prompts.txt").write_text("bag\nshirt\n")  # edited under the same name
+    text = refusal(lambda: main(args), capsys)
+    assert text.startswith(f"distill sfd: --work: {work} holds a run with other settings (content of --prompts "
+                           "'sha256 ") and "\n" not in text
+
+
 def test_a_run_that_stopped_before_training_takes_the_settings_that_fix_it(teacher, tmp_path, monkeypatch, capsys):
     out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
     load = teachers.load_teacher
@@ -183,7 +210,7 @@ def test_a_run_that_stopped_before_training_takes_the_settings_that_fix_it(teach
     monkeypatch.setattr(teachers, "load_teacher", unloadable)
     with pytest.raises(ValueError, match="no CLIP tokenizer"):
         main(sfd_args(teacher, "--out", str(out), "--work", str(work)))
-    assert (work / SETTINGS_FILE).is_file()
+    assert not (work / SETTINGS_FILE).exists()  # recorded once the teacher has loaded
     monkeypatch.setattr(teachers, "load_teacher", load)
     assert main(sfd_args(teacher, "--out", str(out), "--work", str(work), "--lr", "0.02")) == 0  # not refused
     assert json.loads((work / SETTINGS_FILE).read_text())["lr"] == 0.02

@@ -36,7 +36,8 @@ class SettingError(ValueError):
 def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING, ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None,
             choices: tuple | None = None, flag: str | None = None, metavar: str | tuple | None = None,
-            changeable: bool = False, preset: str | None = None, fallback: Any = None) -> Any:
+            changeable: bool = False, preset: str | None = None, fallback: Any = None,
+            teacher_default: str | None = None) -> Any:
     """A dataclass field of a run setting.
 
     Args:
@@ -49,9 +50,11 @@ def setting(default: Any = MISSING, *, help: str, default_factory: Any = MISSING
             that shapes the result.
         preset: ``None`` means "the value the preset gives under this key" (e.g. the lab's guidance), or
             ``fallback`` where no preset applies; the runner resolves it.
+        teacher_default: ``None`` means the teacher's own value of this (``"prediction_type"``, ``"latent_size"``,
+            ``"image_size"``): a re-run that spells that value out resumes the run that left it to the teacher.
     """
     metadata = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, choices=choices, flag=flag, metavar=metavar,
-                    changeable=changeable, preset=preset, fallback=fallback)
+                    changeable=changeable, preset=preset, fallback=fallback, teacher_default=teacher_default)
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -132,6 +135,7 @@ class RunConfig(Settings):
     tokenizer: Path | None = setting(None, help="a single-file teacher's CLIP tokenizer folder (default: found in the "
                                                 "Hugging Face cache or ComfyUI)")
     prediction_type: str | None = setting(None, choices=("epsilon", "v_prediction"),
+                                          teacher_default="prediction_type",
                                           help="what the teacher predicts, overriding its config or what its "
                                                "file suggests")
     cpu: bool = setting(False, help="run on the CPU even where a GPU is present", changeable=True)

@@ -73,7 +73,8 @@ class DisBackConfig(Settings):
                                                "at guidance 1")
     p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (so that the nodes' unconditional "
                                                     "branch degrades too)")
-    latent_size: int | None = setting(None, ge=1, help="latent height = width (default: the UNet's)")
+    latent_size: int | None = setting(None, ge=1, teacher_default="latent_size",
+                                      help="latent height = width (default: the UNet's)")
 
     def check(self) -> None:
         K, L, N = self.path_checkpoints, self.degradation_steps, self.steps_per_node

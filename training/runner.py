@@ -208,6 +208,7 @@ def execute(plan: Plan):
     check_work_folder(run.work, plan.method, config, accelerator)
     pipe = load_teacher(run.teacher, getattr(torch, run.dtype), tokenizer=run.tokenizer,
                         prediction_type=run.prediction_type)
+    check_work_folder(run.work, plan.method, config, accelerator, pipe)
     data = None
     source = _data_source(config)
     if source is not None:
@@ -252,27 +253,77 @@ def make_accelerator(cpu: bool = False):
     return Accelerator(cpu=cpu or (several and (device is None or device.type == "mps")))
 
 
-def check_work_folder(work: Path, method: str, config: Settings, accelerator) -> None:
-    """Record the run's settings and number of processes in ``work`` (the first time), or refuse a run whose
-    settings differ from those recorded there once it has trained (a checkpoint): resuming it would continue one
-    run under another's name. A run that stopped before its first checkpoint (a teacher that would not load, a
-    setting only the teacher could check) takes the new settings."""
+def check_work_folder(work: Path, method: str, config: Settings, accelerator, pipe=None) -> None:
+    """Refuse a run whose settings differ from those recorded in ``work`` once it has trained (a checkpoint):
+    resuming it would continue one run under another's name. Called twice: before the teacher loads (``pipe``
+    None), every setting but those left to the teacher; with the teacher loaded, those too, each resolved to the
+    teacher's value (``--latent-size 64`` on a UNet of size 64 resumes a run that gave none), and then, if the
+    folder holds no checkpoint yet, the settings are recorded. A run that stopped before its first checkpoint (a
+    teacher that would not load, a setting only the teacher could check) takes the new settings. What the input
+    files hold is compared too (a prompts file edited under the same name is another run)."""
     from .loop import CHECKPOINT_NAME
 
     path = work / SETTINGS_FILE
     mine = json.loads(json.dumps({"method": method, "processes": accelerator.num_processes,
-                                  **record(config, changeable=False)}))
-    if path.is_file() and next(work.rglob(CHECKPOINT_NAME), None) is not None:
+                                  **record(config, changeable=False), **_input_contents(config)}))
+    left_to_teacher = {f.name: f.metadata["teacher_default"] for f, _, _ in leaves(config)
+                       if f.metadata.get("teacher_default")}
+    if pipe is not None:
+        values = _teacher_values(pipe)
+        mine.update({k: values[what] for k, what in left_to_teacher.items() if mine.get(k) is None})
+    trained = path.is_file() and next(work.rglob(CHECKPOINT_NAME), None) is not None
+    if trained:
         theirs = json.loads(path.read_text())
-        changed = sorted(k for k in mine.keys() | theirs.keys() if _same_file(mine.get(k)) != _same_file(theirs.get(k)))
+        changed = []
+        for k in sorted(mine.keys() | theirs.keys()):
+            if k.startswith(CONTENT_KEY) and k not in theirs:
+                continue  # recorded before contents were
+            if k in left_to_teacher and pipe is None and None in (mine.get(k), theirs.get(k)):
+                continue  # one of them is the teacher's value: compared once it has loaded
+            if _same_file(mine.get(k)) != _same_file(theirs.get(k)):
+                changed.append(k)
         if changed:
             listed = "; ".join(f"{flag_of(config, k)} {theirs.get(k)!r} there, {mine.get(k)!r} here"
                                for k in changed)
             raise SettingError("work", f"{work} holds a run with other settings ({listed}); re-run with its "
                                        "settings to resume it, or give another --work folder")
-    elif accelerator.is_main_process:
+    elif pipe is not None and accelerator.is_main_process:
         atomic_write_text(path, json.dumps(mine, indent=1))
     accelerator.wait_for_everyone()
+
+
+CONTENT_KEY = "content of "  # a settings-file key: what an input file held, "content of --prompts"
+
+
+def _teacher_values(pipe) -> dict[str, Any]:
+    """What the settings declared ``teacher_default=`` become when left to this teacher."""
+    size = pipe.unet.config.sample_size
+    return {"prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"), "latent_size": size,
+            "image_size": size * int(getattr(pipe, "vae_scale_factor", 8))}
+
+
+def _input_contents(config: Settings) -> dict[str, str]:
+    """A digest of what each input file holds (prompts, latents; an image folder by its images' names and sizes
+    and its captions), keyed ``"content of --flag"``."""
+    import hashlib
+
+    out = {}
+    source = _data_source(config)
+    for name, value in (("prompts", config.run.prompts), ("latents", source and source.latents),
+                        ("data", source and source.data)):
+        if value is None:
+            continue
+        digest = hashlib.sha256()
+        if Path(value).is_dir():
+            images, captions = read_image_folder(value)
+            for image, caption in zip(images, captions):
+                digest.update(f"{image.relative_to(value)}\0{image.stat().st_size}\0{caption}\0".encode())
+        else:
+            with open(value, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+        out[CONTENT_KEY + flag_of(config, name)] = "sha256 " + digest.hexdigest()[:16]
+    return out
 
 
 def _same_file(value):

@@ -89,16 +89,19 @@ class SFDConfig(Settings):
                                                     "CFG stays usable)")
     guidance: float | None = guidance_setting("file")
     sample_with_cfg: bool = sample_with_cfg_setting("file")
-    latent_size: int | None = setting(None, ge=1, help="latent height = width (default: the UNet's)")
+    latent_size: int | None = setting(None, ge=1, teacher_default="latent_size",
+                                      help="latent height = width (default: the UNet's)")
     student_prediction: str | None = setting(
-        None, choices=PREDICTION_TYPES, help="what the student's UNet output is read as (default: the teacher's "
-        "prediction type); v_prediction or sample for a one-step student of an epsilon teacher, whose clean latent "
-        "at t=999 would otherwise amplify the output's error by 1/alpha (14.6 on SD's noise schedule)")
+        None, choices=PREDICTION_TYPES, teacher_default="prediction_type",
+        help="what the student's UNet output is read as (default: the teacher's prediction type); v_prediction or "
+             "sample for a one-step student of an epsilon teacher, whose clean latent at t=999 would otherwise "
+             "amplify the output's error by 1/alpha (14.6 on SD's noise schedule)")
     pool: int = setting(0, ge=0, help="0: the teacher runs beside the student at every step; N: the teacher's "
                                       "trajectories from N draws of noise and prompt are computed once (kept in the "
                                       "work folder) and each step draws its batch from them (--teacher-from teacher)")
 
     def check(self) -> None:
+        self.nfes = tuple(sorted(set(self.nfes)))  # one student per NFE: `--nfe 4 2` is `--nfe 2 4`
         if self.pool and self.teacher_from != "teacher":
             raise SettingError("pool", "a teacher pool needs --teacher-from teacher (a teacher restarted from the "
                                        "student's latent cannot be computed ahead)")

@@ -53,8 +53,10 @@ class ShortcutConfig(Settings):
                                  "to finish runs of this schedule, so sample with it")
     exp_karras_p: float = setting(1.0, ge=0, help="p of the exp_karras schedule")
     guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5, help="the teacher's CFG")
-    height: int | None = setting(None, ge=8, help="image height of the teacher runs (default: the pipeline's)")
-    width: int | None = setting(None, ge=8, help="image width of the teacher runs (default: the pipeline's)")
+    height: int | None = setting(None, ge=8, teacher_default="image_size",
+                                 help="image height of the teacher runs (default: the pipeline's)")
+    width: int | None = setting(None, ge=8, teacher_default="image_size",
+                                help="image width of the teacher runs (default: the pipeline's)")
     sample_batch_size: int = setting(250, ge=1, changeable=True, help="trajectories per teacher call")
     shard_size: int = setting(500, ge=1, help="trajectories per file")
     nafnet: str = setting("lab", choices=NAFNET_SIZES, help="NAFNet sizes of both stages")
