@@ -133,6 +133,15 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=100)
     upright = load_images([tmp_path / "phone.jpg"], 1, 16)[0, 0]  # viewed 16 x 32: the white half on top
     assert upright[:8].mean() > 0.9 and upright[8:].mean() < -0.9
+    # a cut-out: transparent around a mid-grey square, the transparent pixels stored black; seen on white
+    cut = np.zeros((16, 16, 4), dtype=np.uint8)
+    cut[4:12, 4:12] = (128, 128, 128, 255)
+    Image.fromarray(cut, "RGBA").save(tmp_path / "cut.png")
+    Image.fromarray(cut[..., [0, 3]], "LA").save(tmp_path / "cut_grey.png")
+    Image.fromarray(cut[..., 0], "L").convert("P").save(tmp_path / "cut_palette.png", transparency=0)  # GIF-like
+    for name in ("cut.png", "cut_grey.png", "cut_palette.png"):
+        seen = load_images([tmp_path / name], 3, 16)[0]
+        assert seen[:, 0].min() > 0.99 and seen[:, 8, 8].abs().max() < 0.01, name
 
 
 def test_captions_and_hidden_files_as_users_save_them(tmp_path):

@@ -180,7 +180,7 @@ def load_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor
     for path in paths:
         try:
             with Image.open(path) as image:
-                image = _eight_bit(ImageOps.exif_transpose(image))  # as a viewer shows it: upright, 0-255
+                image = _opaque(_eight_bit(ImageOps.exif_transpose(image)))  # upright, 0-255, on white
                 image = image.convert("L" if channels == 1 else "RGB")
         except OSError as err:
             raise ValueError(f"{path}: not a readable image ({err})") from None
@@ -191,6 +191,20 @@ def load_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor
         array = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
         out.append((array[None] if channels == 1 else array.permute(2, 0, 1)) / 127.5 - 1)
     return torch.stack(out)
+
+
+def _opaque(image):
+    """An image with transparency (RGBA, LA, a palette or grey with a transparent colour) laid on white, as a page
+    shows it: PIL's own conversion drops the alpha and keeps whatever colour the transparent pixels hold (black, in
+    most cut-outs)."""
+    from PIL import Image
+
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return image
+    image = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
 
 
 def _eight_bit(image):
