@@ -107,7 +107,9 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if problems:
         raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
     _check_adapter_name(pipe, path, adapter_name)
-    scheduler = preset_scheduler(preset, pipe.scheduler.config, _default_steps(pipe))
+    config = pipe.scheduler.config  # after a student of ours: the model's type, not the one the student read
+    predicts = config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
+    scheduler = preset_scheduler(preset, {**config, "prediction_type": predicts}, _default_steps(pipe))
 
     state = kohya_state_dict(resolved, two_text_encoders=getattr(pipe, "text_encoder_2", None) is not None)
     with _quiet_text_encoder_notice():

@@ -131,13 +131,16 @@ def _table() -> dict[str, FewStepPreset]:
         rows.append(FewStepPreset(f"lcm-{family}", family, tuple(range(2, 9)), 4, "lcm", "lcm", 1.0, (1.0, 2.0),
                                   _LCM_CARD.format(card)))
     for family, card in (("sd15", "SD15"), ("sdxl", "SDXL")):
-        # "keep num_inference_steps between 4 and 50"; guidance_scale=0; "eta ... 0.3 is recommended"
-        rows.append(FewStepPreset(f"tcd-{family}", family, tuple(range(4, 51)), 4, "tcd", "lcm", 1.0, (1.0, 1.0),
+        # "keep num_inference_steps between 4 and 50"; guidance_scale=0; "eta ... 0.3 is recommended". 50 itself is
+        # left out: it is what a diffusers pipeline asks when its caller names no count, the preset's default then.
+        rows.append(FewStepPreset(f"tcd-{family}", family, tuple(range(4, 50)), 4, "tcd", "lcm", 1.0, (1.0, 1.0),
                                   _TCD_CARD.format(card), gamma=0.3))
     for family, prefix in (("sd15", "Hyper-SD15"), ("sdxl", "Hyper-SDXL")):
-        # 1-step unified LoRA: TCDScheduler, eta=1.0, timesteps=[800], guidance_scale=0
-        rows.append(FewStepPreset(f"hyper-{family}-1step", family, (1,), 1, "tcd", "fixed", 1.0, (1.0, 1.0),
-                                  _HYPER_CARD.format(f"{prefix}-1step-lora"), fixed_timesteps=(800,), gamma=1.0))
+        # the unified 1-step LoRA ("support 1 to 8 steps"): TCDScheduler at its own timesteps (t = 999 for one
+        # step), eta=1.0 ("lower eta ... for multi-steps"), guidance_scale=0. The card's t = 800 belongs to the
+        # 1-step SDXL UNet, a full checkpoint, not to this LoRA.
+        rows.append(FewStepPreset(f"hyper-{family}-1step", family, tuple(range(1, 9)), 1, "tcd", "lcm", 1.0,
+                                  (1.0, 1.0), _HYPER_CARD.format(f"{prefix}-1step-lora"), gamma=1.0))
         for n in (2, 4, 8):  # DDIMScheduler, timestep_spacing="trailing", guidance_scale=0
             rows.append(FewStepPreset(f"hyper-{family}-{n}step", family, (n,), n, "ddim", "trailing", 1.0, (1.0, 1.0),
                                       _HYPER_CARD.format(f"{prefix}-{n}steps-lora")))

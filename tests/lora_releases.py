@@ -161,10 +161,10 @@ _EULER = (EulerDiscreteScheduler, dict(timestep_spacing="trailing"))
 PUBLISHED = {
     **{f"lcm-{f}": dict(scheduler=(LCMScheduler, {}), steps=4, range=(2, 8), guidance=(0.0, 1.0, 2.0), sampler="lcm")
        for f in ("sd15", "sdxl")},  # "2 - 8 steps", "disable guidance_scale or use values between 1.0 and 2.0"
-    **{f"tcd-{f}": dict(scheduler=(TCDScheduler, {}), steps=4, range=(4, 50), guidance=(0.0,), eta=0.3, sampler="tcd")
-       for f in ("sd15", "sdxl")},  # num_inference_steps=4 (4 to 50), guidance_scale=0, eta=0.3
-    **{f"hyper-{f}-1step": dict(scheduler=(TCDScheduler, {}), steps=1, timesteps=[800], guidance=(0.0,), eta=1.0,
-                                sampler="tcd") for f in ("sd15", "sdxl")},
+    **{f"tcd-{f}": dict(scheduler=(TCDScheduler, {}), steps=4, range=(4, 49), guidance=(0.0,), eta=0.3, sampler="tcd")
+       for f in ("sd15", "sdxl")},  # num_inference_steps=4 (4 to 50: 50 reads as a pipeline's default), eta=0.3
+    **{f"hyper-{f}-1step": dict(scheduler=(TCDScheduler, {}), steps=1, range=(1, 8), guidance=(0.0,), eta=1.0,
+                                sampler="tcd") for f in ("sd15", "sdxl")},  # unified LoRA: "1 to 8 steps", no timesteps
     **{f"hyper-{f}-{n}step": dict(scheduler=_DDIM, steps=n, guidance=(0.0,), sampler="ddim")
        for f in ("sd15", "sdxl") for n in (2, 4, 8)},
     **{f"hyper-{f}-{n}step-cfg": dict(scheduler=_DDIM, steps=n, guidance=(5.0, 8.0), sampler="ddim")
