@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 
 import torch
@@ -103,7 +104,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
                                   f"{tuple(up.shape)} (up) are not a Linear or Conv2d LoRA")
         alpha = alphas.get(target)
         if alpha is None:
-            alpha = adapter_alphas(target)
+            alpha = adapter_alphas(target, down.shape[0])
         layers[target] = LoraLayer(down=down, up=up, alpha=float(down.shape[0] if alpha is None else alpha))
     return dict(sorted(layers.items()))
 
@@ -200,12 +201,27 @@ def _split_key(key: str) -> tuple[tuple[str, str], str]:
         half = match["peft"] or match["dot"] or match["linear"] or match["proc"]
         part = "alpha" if match["alpha"] else ("down" if half in ("A", "down") else "up")
         return (match["component"], module.replace(".", "_")), part
+    kind = next((what for pattern, what in _OTHER_FORMATS if re.search(pattern, key)), None)
+    if kind:
+        raise LoraLayoutError(f"tensor {key!r} is {kind}, not a plain LoRA: only plain LoRA is read (kohya "
+                              "lora_unet_/lora_te*_ or diffusers/peft unet./text_encoder*.)")
     raise LoraLayoutError(f"tensor {key!r} is in no LoRA layout this reads (kohya lora_unet_/lora_te*_ "
                           "or diffusers/peft unet./text_encoder*. with lora_A/lora_B or lora.down/lora.up)")
 
 
+# Adapter formats that are not a low-rank update W + B A, by a key of theirs: named in the refusal.
+_OTHER_FORMATS = ((r"dora_scale$|lora_magnitude_vector", "DoRA's magnitude vector"),
+                  (r"\.hada_", "a LyCORIS LoHa (Hadamard product) tensor"),
+                  (r"\.lokr_", "a LyCORIS LoKr (Kronecker product) tensor"),
+                  (r"\.lora_mid\.", "a LyCORIS LoCon Tucker core"),
+                  (r"\.diff(_b)?$|\.(diff|bias_diff)$", "a full weight difference (a model-diff patch)"))
+
+
 def _adapter_metadata_alphas(metadata: dict[str, str]):
-    """alpha of a layer from diffusers' ``lora_adapter_metadata`` entry (peft's lora_alpha and alpha_pattern)."""
+    """``alpha(target, rank)``: the alpha of a layer from diffusers' ``lora_adapter_metadata`` entry (peft's
+    lora_alpha and alpha_pattern), in the ``alpha / rank`` convention: a rank-stabilised LoRA (``use_rslora``,
+    scaled by alpha / sqrt(rank)) has alpha * sqrt(rank). DoRA (``use_dora``) is refused: its magnitude vector is
+    no low-rank update."""
     raw = metadata.get("lora_adapter_metadata")
     config = {}
     if raw:
@@ -213,14 +229,24 @@ def _adapter_metadata_alphas(metadata: dict[str, str]):
             config = json.loads(raw)
         except json.JSONDecodeError:
             raise LoraLayoutError("metadata entry 'lora_adapter_metadata' is not valid JSON") from None
+        if not isinstance(config, dict):
+            raise LoraLayoutError("metadata entry 'lora_adapter_metadata' is not a JSON object")
+    dora = sorted(k.split(".")[0] for k, v in config.items() if k.endswith(".use_dora") and v)
+    if dora:
+        raise LoraLayoutError(f"a DoRA adapter ({', '.join(dora)}: use_dora in lora_adapter_metadata): only plain "
+                              "LoRA is read")
 
-    def alpha(target):
+    def alpha(target, rank):
         component, name = target
+        value = config.get(f"{component}.lora_alpha")
         patterns = config.get(f"{component}.alpha_pattern") or {}
-        for pattern, value in patterns.items():
+        for pattern, pattern_alpha in patterns.items():
             if name == pattern.replace(".", "_") or name.endswith("_" + pattern.replace(".", "_")):
-                return value
-        return config.get(f"{component}.lora_alpha")
+                value = pattern_alpha
+                break
+        if value is not None and config.get(f"{component}.use_rslora"):
+            value = value * math.sqrt(rank)
+        return value
 
     return alpha
 

@@ -16,9 +16,14 @@ from .student_file import is_direct_distill_file
 
 def stamp(path: str | os.PathLike, preset_name: str, out: str | os.PathLike | None = None) -> Path:
     """Write ``preset_name`` into the metadata of the LoRA file ``path`` (to ``out``, or in place), atomically;
-    the tensors are written back unchanged, byte for byte. Refuses (ValueError) a preset name not in the table, a
-    Direct Distill file (it carries its own schedule) and a LoRA whose layers do not fit the preset's family."""
+    the tensors are written back unchanged, byte for byte. In place, a symbolic link's target is stamped (the link
+    and any other links to it see the stamp). Refuses (ValueError) a preset name not in the table, a folder as the
+    file to write, a Direct Distill file (it carries its own schedule) and a LoRA whose layers do not fit the
+    preset's family."""
     preset = get_preset(preset_name)
+    target = Path(path).resolve() if out is None else Path(out)
+    if target.is_dir():
+        raise ValueError(f"{target}: is a folder; give --out a file name")
     tensors, metadata = read_safetensors(path)
     if is_direct_distill_file(metadata):
         raise ValueError(f"{path}: a Direct Distill file says how it samples; stamping is for LoRAs from elsewhere")
@@ -29,7 +34,7 @@ def stamp(path: str | os.PathLike, preset_name: str, out: str | os.PathLike | No
     problems = family_mismatches(layers, preset.family)
     if problems:
         raise ValueError(f"{path}: does not fit preset {preset.name} ({preset.family}): " + "; ".join(problems))
-    return atomic_save_file(tensors, path if out is None else out, {**metadata, PRESET_METADATA_KEY: preset.name})
+    return atomic_save_file(tensors, target, {**metadata, PRESET_METADATA_KEY: preset.name})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give FILE and --preset NAME, or --list")
     try:
         written = stamp(args.file, args.preset, args.out)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a folder missing, a file in the way, no permission, a full disk
         print(f"stamp: {err}", file=sys.stderr)
         return 1
     print(f"{written}: stamped with preset {args.preset}")

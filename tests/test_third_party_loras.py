@@ -17,7 +17,7 @@ from lora_releases import (LAYOUTS, PUBLISHED, REAL_SD15_UNET, REAL_SDXL_UNET, S
 
 from direct_distill.__main__ import main as cli
 from direct_distill.models.io import FileFormatError, read_safetensors
-from direct_distill.models.lora_layouts import parse_lora, resolve_layers, sgm_names
+from direct_distill.models.lora_layouts import LoraLayoutError, parse_lora, resolve_layers, sgm_names
 from direct_distill.models.stamp import stamp
 from direct_distill.pipelines import load_student
 from direct_distill.schedulers.few_step_presets import PRESETS, presets_for
@@ -43,7 +43,7 @@ def test_each_preset_samples_as_its_source_prescribes(name):
         scheduler.set_timesteps(n)
         assert scheduler.timesteps.tolist() == published_timesteps(name, n) == preset.timesteps(n)
     with pytest.raises(ValueError, match=f"preset {name} samples with num_inference_steps"):
-        scheduler.set_timesteps(hi + 1)
+        scheduler.set_timesteps(hi + 1 if hi + 1 != 50 else 51)
     guidance = recipe["guidance"]
     assert preset.guidance == 1.0 if guidance == (0.0,) else guidance[0] <= preset.guidance <= guidance[-1]
     assert preset.sampler == recipe["sampler"] and preset.gamma == recipe.get("eta", 0.0)
@@ -288,6 +288,11 @@ def test_older_diffusers_spellings_and_per_layer_alphas_are_read():
         ("text_encoder", "text_model_encoder_layers_0_self_attn_q_proj"): 2.0,  # no alpha given: the rank
         ("unet", "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"): 4.0,
         ("unet", "mid_block_attentions_0_proj_in"): 1.0}
+    rank_stabilised = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4, "unet.use_rslora": True})}
+    assert parse_lora(tensors, rank_stabilised)[("unet", "mid_block_attentions_0_proj_in")].alpha == pytest.approx(
+        4 * 2 ** 0.5)  # scaled by alpha / sqrt(rank), as peft and diffusers scale it: alpha * sqrt(rank) / rank
+    with pytest.raises(LoraLayoutError, match=r"a DoRA adapter \(unet: use_dora"):
+        parse_lora(tensors, {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4, "unet.use_dora": True})})
     resolved, problems = resolve_layers(layers, {"unet": {"mid_block.attentions.0.proj_in": (8, 8)}})
     assert list(resolved) == [("unet", "mid_block.attentions.0.proj_in")] and problems == [
         "2 of 3 layers name no layer of this model, e.g. text_encoder text_model_encoder_layers_0_self_attn_q_proj"]
@@ -348,6 +353,10 @@ def test_no_preset_lists_the_presets_of_the_pipelines_family(sd15_pipe, tmp_path
 @pytest.mark.parametrize("tensors, message", [
     ({"lora_unet_conv_in.lora_down.weight": torch.zeros(4, 4, 3, 3)}, "unet layer conv_in lacks its up half"),
     ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4)}, "is in no LoRA layout this reads"),
+    ({"lora_unet_conv_in.dora_scale": torch.zeros(1, 4)}, "is DoRA's magnitude vector, not a plain LoRA"),
+    ({"lora_unet_conv_in.hada_w1_a": torch.zeros(4, 2)}, "is a LyCORIS LoHa .* not a plain LoRA"),
+    ({"lora_unet_conv_in.lokr_w1": torch.zeros(2, 2)}, "is a LyCORIS LoKr .* not a plain LoRA"),
+    ({"diffusion_model.input_blocks.0.0.diff": torch.zeros(4)}, "is a full weight difference"),
 ])
 def test_a_malformed_lora_is_a_file_format_error(sd15_pipe, tmp_path, tensors, message):
     from safetensors.torch import save_file
@@ -355,6 +364,26 @@ def test_a_malformed_lora_is_a_file_format_error(sd15_pipe, tmp_path, tensors, m
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     with pytest.raises(FileFormatError, match=message):
         load_student(copy.deepcopy(sd15_pipe), tmp_path / "bad.safetensors", preset="lcm-sd15")
+
+
+def test_a_preset_after_a_student_of_ours_reads_the_models_own_prediction(sd15_pipe, tmp_path):
+    """A student read as x0 leaves a scheduler whose prediction_type is the student's; the LoRA loaded after it
+    is read as what the model predicts."""
+    from peft import get_peft_model_state_dict
+    from test_student_file import ALPHA, RANK, add_lora, student_info
+
+    from direct_distill.models.student_file import save_student
+
+    pipe = copy.deepcopy(sd15_pipe)
+    ours = save_student(tmp_path / "ours.safetensors", get_peft_model_state_dict(add_lora(copy.deepcopy(pipe.unet))),
+                        rank=RANK, alpha=ALPHA, metadata=student_info(pipe.unet, prediction_type="sample",
+                                                                      teacher_prediction_type="epsilon"))
+    load_student(pipe, ours)
+    assert pipe.scheduler.config.prediction_type == "sample"
+    pipe.delete_adapters("student")
+    lcm = write_release(tmp_path / "lcm.safetensors", release_layers(pipe)[0], "kohya")
+    load_student(pipe, lcm, preset="lcm-sd15", adapter_name="lcm")
+    assert pipe.scheduler.config.prediction_type == "epsilon"
 
 
 def test_a_direct_distill_student_takes_no_preset(tmp_path):
@@ -435,6 +464,21 @@ def test_stamp_refuses_an_sd2_lora_for_an_sd15_preset(tmp_path):
     with pytest.raises(ValueError, match="layers have another width, e.g. unet .*attn2_to_k takes 1024 features, sd15 "
                                          "has 768"):
         stamp(path, "lcm-sd15")
+
+
+def test_stamp_through_a_link_stamps_its_target_and_says_what_it_cannot_write(real_shaped, tmp_path, capsys):
+    blob = tmp_path / "blob.safetensors"
+    blob.write_bytes(real_shaped["sd15"].read_bytes())
+    link = tmp_path / "lcm.safetensors"
+    link.symlink_to(blob)  # as the Hugging Face cache and shared model folders keep files
+    assert cli(["stamp", str(link), "--preset", "lcm-sd15"]) == 0
+    assert link.is_symlink() and read_safetensors(blob)[1]["direct_distill.preset"] == "lcm-sd15"
+    capsys.readouterr()
+    for out, message in [(tmp_path, f"stamp: {tmp_path}: is a folder; give --out a file name"),
+                         (blob / "x.safetensors", "stamp: ")]:
+        assert cli(["stamp", str(link), "--preset", "lcm-sd15", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
 
 
 def test_stamp_list_prints_every_preset_name_first(capsys):
