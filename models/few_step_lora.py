@@ -38,7 +38,9 @@ def preset_and_layers(name: str, tensors, metadata: dict[str, str], preset_name:
     except LoraLayoutError as err:
         raise FileFormatError(f"{name}: {err}") from None
     except ValueError as err:
-        raise ValueError(f"{name}: {err}") from None
+        stamped = "" if preset_name else (f" (the preset stamped in the file, by another version of this package?"
+                                          f" {how_to_choose} to choose one)")
+        raise ValueError(f"{name}: {err}{stamped}") from None
     if preset.family != family:
         raise ValueError(f"{name}: preset {preset.name} is for {FAMILY_NAMES[preset.family]} models, {model} is "
                          f"{FAMILY_NAMES[family]}-style; its presets: "

@@ -348,6 +348,13 @@ def test_no_preset_lists_the_presets_of_the_pipelines_family(sd15_pipe, tmp_path
     assert all(p.name in message for p in presets_for("sd15")) and "sdxl" not in message
     with pytest.raises(ValueError, match="'hyper-sd15-3step' is no preset; presets: lcm-sd15, lcm-sdxl, "):
         load_student(pipe, path, preset="hyper-sd15-3step")
+    from safetensors.torch import save_file
+
+    tensors, metadata = read_safetensors(path)
+    save_file(tensors, str(tmp_path / "future.safetensors"), metadata={**metadata, "direct_distill.preset": "x-9"})
+    with pytest.raises(ValueError, match=r"'x-9' is no preset; .* \(the preset stamped in the file, by another "
+                                         r"version of this package\? pass preset= to choose one\)$"):
+        load_student(pipe, tmp_path / "future.safetensors")
 
 
 @pytest.mark.parametrize("tensors, message", [
