@@ -43,6 +43,9 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
     type than the teacher's (SD2's 768-v against the 512 base), a preset of another family, a taken
     ``adapter_name``, ValueError.
 
+    Adapters already active in ``pipe`` (a style LoRA) stay active at the scales they had: the few-step LoRA is
+    added beside them (``pipe.set_adapters`` re-weights them all, as in diffusers' own LCM-LoRA + style recipe).
+
     Args:
         pipe: a diffusers pipeline with a UNet and LoRA loading (SD, SDXL, ...).
         path: the ``.safetensors`` file.
@@ -91,8 +94,10 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
+    active = _active_adapters(pipe)
     with _quiet_text_encoder_notice():
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    _activate(pipe, [*active, adapter_name])
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
     pipe.scheduler = scheduler
@@ -112,8 +117,10 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     scheduler = preset_scheduler(preset, {**config, "prediction_type": predicts}, _default_steps(pipe))
 
     state = kohya_state_dict(resolved, two_text_encoders=getattr(pipe, "text_encoder_2", None) is not None)
+    active = _active_adapters(pipe)
     with _quiet_text_encoder_notice():
         pipe.load_lora_weights(state, adapter_name=adapter_name)
+    _activate(pipe, [*active, adapter_name])
     applied = sum(_adapted_layers(getattr(pipe, component, None), adapter_name)
                   for component in ("unet", "text_encoder", "text_encoder_2"))
     if applied != len(resolved):
@@ -181,6 +188,29 @@ def _default_steps(pipe) -> int | None:
     parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
     default = parameter.default if parameter is not None else None
     return default if isinstance(default, int) else None
+
+
+def _tuner_layers(pipe):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        yield from (m for m in (model.modules() if model is not None else ()) if isinstance(m, BaseTunerLayer))
+
+
+def _active_adapters(pipe) -> list[str]:
+    """The adapters active in the pipeline (a style LoRA the user loaded), in the order first met."""
+    names = {}
+    for module in _tuner_layers(pipe):
+        names.update(dict.fromkeys(module.active_adapters))
+    return list(names)
+
+
+def _activate(pipe, names: list[str]) -> None:
+    """Keep the user's adapters on beside the one just loaded: diffusers' ``load_lora_weights`` leaves only the new
+    one active. Their scales stay as the user set them (``pipe.set_adapters`` would reset them)."""
+    for module in _tuner_layers(pipe):
+        module.set_adapter([n for n in names if n in module.scaling])
 
 
 def _set_adapter_scale(pipe, adapter_name: str, scale: float) -> None:

@@ -252,6 +252,20 @@ def test_scale_and_a_tcd_preset_from_the_stamp_reach_the_pipeline(sd15_pipe, tmp
     assert calls == [999, 759, 499, 259]
 
 
+def test_a_style_lora_the_user_loaded_stays_on_at_its_weight_beside_the_few_step_lora(sd15_pipe, tmp_path):
+    """diffusers' LCM-LoRA + style recipe: the style LoRA loaded first keeps working, at the weight it was set to."""
+    style, lcm = release_layers(sd15_pipe, seed=5)[0], release_layers(sd15_pipe, seed=1)[0]
+    pipe = copy.deepcopy(sd15_pipe)
+    pipe.load_lora_weights(str(write_release(tmp_path / "style.safetensors", style, "kohya")), adapter_name="style")
+    pipe.set_adapters(["style"], [0.7])
+    load_student(pipe, write_release(tmp_path / "lcm.safetensors", lcm, "kohya"), preset="lcm-sd15")
+    assert pipe.get_active_adapters() == ["style", "student"]
+    args, kwargs = unet_inputs(sd15_pipe)
+    with torch.no_grad():
+        reference = merged(merged(sd15_pipe.unet, style, "kohya", strength=0.7), lcm, "kohya")(*args, **kwargs)
+        torch.testing.assert_close(pipe.unet(*args, **kwargs).sample, reference.sample, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("preset, last_two", [("lcm-sd15", [499, 259]), ("hyper-sd15-4step", [499, 249])])
 def test_image_to_image_with_a_preset_runs_its_steps_or_says_what_to_pass(sd15_pipe, tmp_path, preset, last_two):
     """LCM's scheduler takes diffusers' begin index, DDIM's has none: both stop an img2img run that sliced the
