@@ -26,6 +26,7 @@ from ..models.shortcut_file import read_shortcut_metadata
 from ..models.student_file import is_direct_distill_file, read_student
 from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.noise import t_to_sigma
+from ..schedulers.sigmas import EXP_KARRAS_P_MAX
 from . import shortcut as shortcut_nodes
 from . import student as student_nodes
 from .schedulers import SCHEDULER_NAME, exp_karras_node_sigmas
@@ -33,7 +34,7 @@ from .schedulers import SCHEDULER_NAME, exp_karras_node_sigmas
 ROUTE = "/direct_distill/sigmas"
 MAX_STEPS = 1000
 MAX_SCHEDULE = 10000  # steps / denoise: the length of the schedule computed before denoise cuts it
-P_RANGE = (0.0, 10.0)  # the ExpKarras Scheduler node's p widget
+P_RANGE = (0.0, EXP_KARRAS_P_MAX)  # the ExpKarras Scheduler node's p widget
 PARAMETERS = ("scheduler", "steps", "p", "denoise", "sampler", "model", "shortcut", "student", "nfe", "preset")
 STUDENT_PARAMETERS = ("student", "nfe", "preset", "model")
 SMALL_TENSOR = 4096  # header reads load tensors up to this size (detection reads a few biases), others stay shapes

@@ -4,7 +4,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..schedulers.sigmas import exp_karras_sigmas_from_table, sigmas_for_denoise
+from ..schedulers.sigmas import EXP_KARRAS_P_MAX, exp_karras_sigmas_from_table, sigmas_for_denoise
 
 SCHEDULER_NAME = "exp_karras"
 DEFAULT_P = 1.0
@@ -41,7 +41,7 @@ class ExpKarrasSchedulerNode(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model whose noise table the sigmas are read from."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
                              tooltip="Number of sampling steps (model evaluations for first-order samplers)."),
-                io.Float.Input("p", default=DEFAULT_P, min=0.0, max=10.0, step=0.05,
+                io.Float.Input("p", default=DEFAULT_P, min=0.0, max=EXP_KARRAS_P_MAX, step=0.05,
                                tooltip="Curvature: 0 is uniform in timestep (like 'normal'); larger values take "
                                        "bigger steps at high noise and finer ones near the end. 1.0 is the "
                                        "default of the exp_karras dropdown entry."),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -23,8 +22,6 @@ def trailing_timesteps(n: int, p: float = 0.0, num_train_timesteps: int = 1000) 
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"number of student steps must be an integer >= 1, got {n!r}")
-    if not (isinstance(p, (int, float)) and math.isfinite(p) and p >= 0):
-        raise ValueError(f"p must be a finite number >= 0, got {p!r}")
     grid = exp_karras_timesteps(n + 1, p, t_max=float(num_train_timesteps))[:n]
     t = [int(v) - 1 for v in torch.round(grid).tolist()]
     clash = next((i for i, (a, b) in enumerate(zip(t, t[1:] + [CLEAN])) if a <= b), None)

@@ -13,14 +13,14 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 
 from .noise import sigma_to_model_timestep, t_to_sigma, vp_sigma_table
-from .sigmas import exp_karras_sigmas_from_table
+from .sigmas import _check_steps, check_exp_karras_p, exp_karras_sigmas_from_table
 
 # The sigma-spacing settings of DPMSolverMultistepScheduler (and of the other schedulers' configs) with the
 # values that ask for nothing: here the spacing is exp-Karras by definition. from_config drops them from a
 # swapped-in config; the constructor refuses any other value.
 _SPACING_FLAGS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                   "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
-                  "time_shift_type": "exponential", "timestep_spacing": "linspace", "steps_offset": 0}
+                  "time_shift_type": "exponential", "timestep_spacing": "linspace"}
 # Other schedulers' sigma-shaping keys, meaningless here.
 _FOREIGN_SPACING_KEYS = ("interpolation_type", "sigma_min", "sigma_max", "timestep_type",
                          "preset", "pipeline_default_steps")  # the last two: a few-step preset's pinned steps
@@ -50,8 +50,9 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         `final_sigmas_type`, and `lambda_min_clipped` (the schedule starts at the last timestep whose
         log-SNR is at least this). Its sigma-spacing flags (`use_karras_sigmas`, `use_exponential_sigmas`,
         `use_beta_sigmas`, `use_lu_lambdas`, `use_flow_sigmas`, `flow_shift`, `use_dynamic_shifting`,
-        `time_shift_type`, `timestep_spacing`, `steps_offset`) are accepted only at the values that ask for
-        nothing, since the spacing is exp-Karras; `from_config` drops them from another scheduler's config.
+        `time_shift_type`, `timestep_spacing`) are accepted only at the values that ask for nothing, since the
+        spacing is exp-Karras; `from_config` drops them from another scheduler's config. `steps_offset` (1, as
+        SD's pipelines expect of a scheduler config) has nothing to offset here.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -87,15 +88,15 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
         timestep_spacing: str = "linspace",
-        steps_offset: int = 0,
+        steps_offset: int = 1,
     ):
-        if (isinstance(exp_karras_p, bool) or not isinstance(exp_karras_p, (int, float))
-                or not math.isfinite(exp_karras_p) or exp_karras_p < 0):
-            raise ValueError(f"ExpKarrasScheduler: exp_karras_p must be a finite number >= 0, got {exp_karras_p!r}")
+        check_exp_karras_p(exp_karras_p, "ExpKarrasScheduler")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int):
+            raise ValueError(f"ExpKarrasScheduler: steps_offset must be an integer, got {steps_offset!r}")
         given = dict(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
                      use_beta_sigmas=use_beta_sigmas, use_lu_lambdas=use_lu_lambdas, use_flow_sigmas=use_flow_sigmas,
                      flow_shift=flow_shift, use_dynamic_shifting=use_dynamic_shifting,
-                     time_shift_type=time_shift_type, timestep_spacing=timestep_spacing, steps_offset=steps_offset)
+                     time_shift_type=time_shift_type, timestep_spacing=timestep_spacing)
         asked = {k: v for k, v in given.items() if v != _SPACING_FLAGS[k]}
         if asked:
             raise ValueError("ExpKarrasScheduler: " + ", ".join(f"{k}={v!r}" for k, v in asked.items())
@@ -117,14 +118,16 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
             algorithm_type=algorithm_type, solver_type=solver_type, lower_order_final=lower_order_final,
             euler_at_final=euler_at_final, final_sigmas_type=final_sigmas_type,
             lambda_min_clipped=lambda_min_clipped, variance_type=variance_type,
-            rescale_betas_zero_snr=rescale_betas_zero_snr, **given)
+            rescale_betas_zero_snr=rescale_betas_zero_snr, steps_offset=steps_offset, **given)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """Builds the scheduler from any diffusers scheduler config (PNDM, DDIM, Euler, DPM, ...), dropping the
-        settings that ask for another sigma spacing (use_karras_sigmas=True, timestep_spacing="leading", ...)."""
+        settings that ask for another sigma spacing (use_karras_sigmas=True, timestep_spacing="leading", ...). The
+        noise table is the source's own, also where it left it at its class's defaults (DDPM's linear 1e-4 to
+        0.02): diffusers' from_config would give those keys this class's defaults, SD's table."""
         if config is not None:
-            config = dict(config)
+            config = with_defaults_kept(config)
             if (any(k in config for k in _FLOW_MATCHING_KEYS) or config.get("use_flow_sigmas")
                     or str(config.get("_class_name", "")).startswith("FlowMatch")):
                 raise ValueError("ExpKarrasScheduler: this scheduler config describes a flow-matching model (shift or "
@@ -165,6 +168,7 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         table = self._sigma_table
         end_at_sigma_min = self.config.final_sigmas_type == "sigma_min"
         if num_inference_steps is not None:
+            _check_steps(num_inference_steps)
             # lambda_min_clipped: the schedule starts at the last timestep whose log-SNR, -log(sigma), reaches it.
             usable = int((-table.log() >= self.config.lambda_min_clipped).sum())
             if usable < 2:
@@ -183,14 +187,34 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
             if steps[-1] == 0:
                 steps = steps[:-1]
         full = torch.cat([steps, table[:1] if end_at_sigma_min else steps.new_zeros(1)])
-        if steps.numel() < 1 or not bool((steps > 0).all()) or not bool((full[1:] < full[:-1]).all()):
+        stored = full.float()  # what the solver steps between: two sigmas equal in float32 are a step of length 0
+        if steps.numel() < 1 or not bool((steps > 0).all()) or not bool((stored[1:] < stored[:-1]).all()):
             raise ValueError("ExpKarrasScheduler.set_timesteps: sigmas/timesteps must strictly decrease to the final "
                              f"sigma ({'sigma_min' if end_at_sigma_min else '0'}, final_sigmas_type="
                              f"{self.config.final_sigmas_type!r})")
-        self.sigmas = full.float()
+        self.sigmas = stored
         self.timesteps = sigma_to_model_timestep(full[:-1], table).to(device)
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+
+    def _init_step_index(self, timestep):
+        """A run from its first timestep starts at index 0. Past 1,000 steps the first sigmas share the model
+        timestep 999, and diffusers' rule (the second of repeated timesteps, for image-to-image runs starting in the
+        middle) would start one step late and run past the last sigma."""
+        if self.begin_index is None and self.timesteps.numel() > 1:
+            t = timestep.to(self.timesteps.device) if isinstance(timestep, torch.Tensor) else timestep
+            if bool(self.timesteps[0] == t) and bool(self.timesteps[1] == self.timesteps[0]):
+                self._step_index = 0
+                return
+        super()._init_step_index(timestep)
+
+
+def with_defaults_kept(config) -> dict:
+    """A scheduler config as a plain dict with every value its scheduler used, the defaulted ones included:
+    diffusers lists those in ``_use_default_values`` and ``from_config`` would replace them by the new class's."""
+    config = dict(config)
+    config.pop("_use_default_values", None)
+    return config

@@ -99,7 +99,7 @@ class PresetLCMScheduler(_PinnedTimesteps, LCMScheduler):
 
 
 class PresetTCDScheduler(_PinnedTimesteps, TCDScheduler):
-    """TCDScheduler with a preset's timesteps pinned (TCD; Hyper-SD's 1-step LoRA at t = 800)."""
+    """TCDScheduler with a preset's step counts pinned (TCD; Hyper-SD's unified 1-step LoRA)."""
 
 
 class PresetEulerScheduler(_PinnedTimesteps, EulerDiscreteScheduler):

@@ -59,14 +59,28 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
+EXP_KARRAS_P_MAX = 10.0  # beyond it the last timesteps of a long run fall within float32's reach of each other
+
+
+def check_exp_karras_p(p: float, who: str = "exp-Karras") -> float:
+    """``p`` as a float, or one ValueError naming it: a real number in [0, EXP_KARRAS_P_MAX]. At p = 25 a 50-step
+    run's last sigmas are equal in float32 (a step of length 0: NaN latents); at 710 exp(p) overflows."""
+    try:
+        value = float(p) if not isinstance(p, (bool, str)) and getattr(p, "ndim", 0) == 0 else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0 <= value <= EXP_KARRAS_P_MAX:
+        raise ValueError(f"{who}: exp_karras_p must be a number in [0, {EXP_KARRAS_P_MAX:g}], got {p!r}")
+    return value
+
+
 def exp_karras_timesteps(n: int, p: float = 1.0, t_max: float = 999.0) -> torch.Tensor:
     """Seed 000 §3.1: training timesteps spaced uniformly in exponential time-space.
 
     ``t_i = t_max (exp(p (1 - u_i)) - 1) / (exp(p) - 1)``, ``u_i = i / (n - 1)``; ``p -> 0`` is uniform in t.
     """
     _check_steps(n)
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or p < 0:
-        raise ValueError(f"exp-Karras p must be a finite number >= 0, got {p!r}")
+    p = check_exp_karras_p(p)
     u = _ramp(n)
     if p < 1e-8:  # the limit p -> 0 of the formula
         return t_max * (1 - u)
@@ -107,7 +121,7 @@ def simple_sigmas(num_steps: int, *, table: torch.Tensor) -> torch.Tensor:
     ``t_i = N - 1 - floor(i N / n)``."""
     _check_steps(num_steps)
     table = checked_table(table)
-    if num_steps > len(table):
+    if num_steps > len(table):  # ComfyUI repeats entries then: steps of length 0, which DPM-Solver divides by
         raise ValueError(f"simple schedule: {num_steps} steps exceed the {len(table)} timesteps of the noise table")
     stride = len(table) / num_steps
     # The product in floating point, as ComfyUI forms it: exact rational arithmetic lands one timestep
@@ -119,7 +133,8 @@ def simple_sigmas(num_steps: int, *, table: torch.Tensor) -> torch.Tensor:
 def beta_sigmas(num_steps: int, alpha: float = 0.6, beta: float = 0.6, *, table: torch.Tensor) -> torch.Tensor:
     """Lee et al. 2024 (Beta Sampling is All You Need, arXiv 2407.12173), as ComfyUI's ``beta``: integer
     training timesteps at the Beta(alpha, beta) quantiles of ``1 - i / n``,
-    ``t_i = round(t_max F^-1(1 - i / n))``, so alpha, beta < 1 put steps near both ends."""
+    ``t_i = round(t_max F^-1(1 - i / n))``, so alpha, beta < 1 put steps near both ends. Where two quantiles round
+    to one timestep it is taken once, as ComfyUI does: such a schedule has fewer steps than asked."""
     _check_steps(num_steps)
     for name, value in (("alpha", alpha), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -131,10 +146,7 @@ def beta_sigmas(num_steps: int, alpha: float = 0.6, beta: float = 0.6, *, table:
         raise ImportError("the beta schedule needs scipy for the Beta quantile function: pip install scipy") from error
     quantiles = 1 - torch.arange(num_steps, dtype=torch.float64) / num_steps
     t = torch.from_numpy(beta_distribution.ppf(quantiles.numpy(), alpha, beta)).mul(len(table) - 1).round().long()
-    if bool((t[1:] >= t[:-1]).any()):
-        raise ValueError(f"beta schedule: {num_steps} steps put two steps on one integer timestep for "
-                         f"Beta({alpha:g}, {beta:g}); use fewer steps")
-    return _append_zero(table[t])
+    return _append_zero(table[torch.unique_consecutive(t)])
 
 
 def kl_optimal_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tensor:

@@ -4,9 +4,11 @@ it in test_exp_karras_diffusers_suite.py)."""
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       PNDMScheduler)
 
 from direct_distill.schedulers import (ExpKarrasScheduler, alphas_cumprod_from_config, exp_karras_sigmas,
                                        exp_karras_timesteps, sigma_table, ve_to_vp)
@@ -199,7 +201,7 @@ def test_same_sigmas_through_euler_pipeline(tiny_sd_pipeline):
 
 SPACING_REQUESTS = [("use_karras_sigmas", True), ("use_exponential_sigmas", True), ("use_beta_sigmas", True),
                     ("use_lu_lambdas", True), ("use_flow_sigmas", True), ("flow_shift", 3.0),
-                    ("use_dynamic_shifting", True), ("timestep_spacing", "trailing"), ("steps_offset", 1)]
+                    ("use_dynamic_shifting", True), ("timestep_spacing", "trailing")]
 
 
 def test_takes_every_dpmsolver_argument():
@@ -227,10 +229,65 @@ def test_from_config_drops_another_schedulers_spacing():
     sched = ExpKarrasScheduler.from_config(other.config)
     config = sched.config
     assert (config.use_karras_sigmas, config.timestep_spacing, config.steps_offset, config.flow_shift) == (
-        False, "linspace", 0, 1.0)
+        False, "linspace", 1, 1.0)
     sched.set_timesteps(8)
     expected = exp_karras_sigmas(8, 1.0, alphas_cumprod=alphas_cumprod_from_config(other.config))
     torch.testing.assert_close(sched.sigmas, expected.float())
+
+
+def test_from_config_keeps_the_noise_table_a_scheduler_left_at_its_defaults():
+    # DDPM's own defaults (linear, 1e-4 to 0.02) are listed in _use_default_values; diffusers' from_config would
+    # give them this class's defaults, SD's table: sigma_max 14.6 instead of 157.4.
+    for source in (DDPMScheduler(), DDIMScheduler(beta_schedule="scaled_linear")):
+        sched = ExpKarrasScheduler.from_config(source.config)
+        assert (sched.config.beta_start, sched.config.beta_end) == (0.0001, 0.02)
+        sched.set_timesteps(8)
+        expected = exp_karras_sigmas(8, 1.0, alphas_cumprod=source.alphas_cumprod)
+        torch.testing.assert_close(sched.sigmas, expected.float())
+
+
+def test_steps_offset_is_taken_and_an_sd_pipeline_built_with_the_scheduler_does_not_rewrite_it(tiny_sd_pipeline):
+    import warnings
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    assert ExpKarrasScheduler(steps_offset=0).config.steps_offset == 0  # nothing to offset: any integer
+    tiny_sd_pipeline.scheduler = ExpKarrasScheduler.from_config(tiny_sd_pipeline.scheduler.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "steps_offset ... is outdated" was a FutureWarning
+        img2img = StableDiffusionImg2ImgPipeline(**tiny_sd_pipeline.components)
+    assert img2img.scheduler.config.steps_offset == 1
+    arguments = inspect.signature(ExpKarrasScheduler.__init__).parameters
+    ExpKarrasScheduler(**{k: v for k, v in img2img.scheduler.config.items() if k in arguments})  # its own config
+
+
+@pytest.mark.parametrize("p", [10.5, 30.0, 710.0, float("nan"), -1.0, "1", True])
+def test_an_exp_karras_p_out_of_range_is_one_clear_error(p):
+    # p = 30 used to run to NaN latents (its last float32 sigmas equal), 710 to overflow
+    for build in (lambda: ExpKarrasScheduler(exp_karras_p=p),
+                  lambda: exp_karras_sigmas(50, p, alphas_cumprod=DDPMScheduler().alphas_cumprod)):
+        with pytest.raises(ValueError, match=r"exp_karras_p must be a number in \[0, 10\], got "):
+            build()
+    assert ExpKarrasScheduler(exp_karras_p=np.float32(2.0)).config.exp_karras_p == 2.0  # numpy and 0-d tensors too
+    ExpKarrasScheduler(exp_karras_p=torch.tensor(10.0)).set_timesteps(1000)
+
+
+@pytest.mark.parametrize("n", [2000, 3000])
+def test_more_steps_than_the_noise_table_run_to_the_end(n):
+    # the first sigmas share model timestep 999: diffusers' index rule would start at the second and overrun
+    sched = ExpKarrasScheduler(exp_karras_p=0.0)
+    sched.set_timesteps(n)
+    assert sched.timesteps[0] == sched.timesteps[1]
+    sample = torch.ones(1, 1, 2, 2)
+    for t in sched.timesteps:
+        sample = sched.step(torch.zeros_like(sample), t, sample).prev_sample
+    assert sched.step_index == n and torch.isfinite(sample).all()
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.0, True])
+def test_a_bad_step_count_is_refused_as_such_when_ending_at_sigma_min(steps):
+    with pytest.raises(ValueError, match="number of steps must be an integer >= 1, got"):
+        ExpKarrasScheduler(final_sigmas_type="sigma_min").set_timesteps(steps)
 
 
 def test_flow_matching_configs_and_mu_are_refused():

@@ -111,7 +111,7 @@ def test_ksampler_runs_exp_karras_and_feeds_the_expected_timesteps(dd_schedulers
     assert fed.tolist() == reference.timesteps.float().tolist()
 
 
-@pytest.mark.parametrize("steps", [2, 4, 9, 20, 50])
+@pytest.mark.parametrize("steps", [2, 4, 9, 20, 50, 139, 200])  # beta at 139, 200: repeated timesteps dropped
 @pytest.mark.parametrize("name", ["karras", "exponential", "normal", "simple", "sgm_uniform", "beta", "kl_optimal"])
 def test_peer_schedules_equal_comfyui_scheduler_table(dd_schedulers, name, steps):
     model_sampling = SD15Sampling()
