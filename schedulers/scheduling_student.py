@@ -12,6 +12,13 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 
 from .noise import sigma_to_model_timestep, vp_sigma_table
 from .pinned_steps import ImageToImageGuard
+from .scheduling_exp_karras import with_defaults_kept
+
+
+# What a pipeline's scheduler config may carry that is not the student's: the schedule parameter of another
+# scheduler, a preset's name, and solver choices (a student steps as it was trained, DDIM or DPM++ 2M).
+_NOT_THE_STUDENTS = ("exp_karras_p", "preset", "solver_order", "algorithm_type", "solver_type", "lower_order_final",
+                     "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
 
 
 class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
@@ -45,10 +52,14 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """Builds the scheduler from any diffusers scheduler config; an ExpKarrasScheduler config's schedule
-        parameter and a few-step preset's name are dropped without a warning (a student's schedule is fixed)."""
+        """Builds the scheduler from any diffusers scheduler config, keeping its noise table (also where it was
+        left at its class's defaults) and prediction type. An ExpKarrasScheduler config's schedule parameter, a
+        few-step preset's name and the solver the pipeline was set to (DPM++ 2M SDE, thresholding, ...) are
+        dropped without a warning: a student samples with its own deterministic step at its own timesteps."""
         if config is not None:
-            config = {k: v for k, v in dict(config).items() if k not in ("exp_karras_p", "preset")}
+            config = with_defaults_kept(config)
+            if config.get("_class_name") != cls.__name__:  # another scheduler's: its solver is not the student's
+                config = {k: v for k, v in config.items() if k not in _NOT_THE_STUDENTS}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config

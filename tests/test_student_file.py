@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from direct_distill.models.io import FileFormatError, atomic_save_file, read_safetensors
@@ -278,6 +278,26 @@ def test_student_ddim_schedule_is_diffusers_ddim():
     for t in student.timesteps:
         x1 = student.step(torch.tanh(x1) * 0.5, t, x1).prev_sample
     torch.testing.assert_close(x0, x1, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", [dict(algorithm_type="sde-dpmsolver++"), dict(thresholding=True),
+                                    dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+                                    dict(solver_type="heun", lower_order_final=False, solver_order=3)])
+def test_a_student_steps_as_trained_whatever_solver_the_pipeline_was_set_to(solver):
+    # a pipeline switched to DPM++ 2M SDE (or DPM-Solver, thresholding) before the student was loaded
+    config = DPMSolverMultistepScheduler(**SD_NOISE, **solver).config
+    schedules = {str(k): v for k, v in nfe_schedules().items()}
+    student = StudentScheduler.from_config(config, nfe_schedules=schedules, default_nfe=4)
+    reference = StudentScheduler.from_config(SD_NOISE, nfe_schedules=schedules, default_nfe=4)
+    results = []
+    for scheduler, seed in ((student, 1), (student, 2), (reference, 3)):
+        scheduler.set_timesteps(4)
+        x = torch.ones(1, 4, 8, 8)
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.tanh(x) * 0.5, t, x, generator=torch.Generator().manual_seed(seed)).prev_sample
+        results.append(x)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # deterministic
+    torch.testing.assert_close(results[0], results[2], rtol=0, atol=0)  # the student's own step
 
 
 def test_student_scheduler_refuses_sigmas_of_another_noise_schedule():
