@@ -16,7 +16,7 @@ from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
 from ..models.student_file import StudentInfo, is_direct_distill_file, read_student, unet_mismatches
 from ..schedulers.few_step_presets import FewStepPreset
 from ..schedulers.scheduling_presets import preset_scheduler
-from ..schedulers.scheduling_student import StudentScheduler
+from ..schedulers.scheduling_student import StudentScheduler, model_prediction_type
 
 def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, adapter_name: str = "student",
                  scale: float = 1.0) -> StudentInfo | FewStepPreset:
@@ -75,8 +75,7 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     problems = unet_mismatches(info, lora, pipe.unet)
     if problems:
         raise ValueError(f"{path}: this student was made for another UNet: " + "; ".join(problems))
-    config = pipe.scheduler.config  # a student's scheduler knows the model's type beside the one it reads
-    predicts = config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
+    predicts = model_prediction_type(pipe.scheduler.config)
     if predicts != info.teacher_prediction_type:
         raise ValueError(f"{path}: the student was distilled from a model predicting {info.teacher_prediction_type}, "
                          f"this pipeline's scheduler predicts {predicts}: it was distilled from another model")
@@ -112,9 +111,7 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if problems:
         raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
     _check_adapter_name(pipe, path, adapter_name)
-    config = pipe.scheduler.config  # after a student of ours: the model's type, not the one the student read
-    predicts = config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
-    scheduler = preset_scheduler(preset, {**config, "prediction_type": predicts}, _default_steps(pipe))
+    scheduler = preset_scheduler(preset, pipe.scheduler.config, _default_steps(pipe))
 
     state = kohya_state_dict(resolved, two_text_encoders=getattr(pipe, "text_encoder_2", None) is not None)
     active = _active_adapters(pipe)

@@ -14,6 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from .few_step_presets import PRESETS, FewStepPreset, describe_nfes
 from .pinned_steps import ImageToImageGuard
+from .scheduling_student import model_prediction_type
 
 
 class _PinnedTimesteps(ImageToImageGuard):
@@ -135,9 +136,12 @@ def preset_scheduler(preset: FewStepPreset, config, pipeline_default_steps: int 
         pipeline_default_steps: the ``num_inference_steps`` the pipeline passes when its caller gives none.
     """
     cls, overrides = _SCHEDULERS[preset.sampler]
-    # only what the class takes: the pipeline's config may be another scheduler's (PNDM's skip_prk_steps, ...)
+    # only what the class takes: the pipeline's config may be another scheduler's (PNDM's skip_prk_steps, ...); the
+    # model's own prediction type, also after a student of ours that read its output as another
     taken = inspect.signature(cls.__init__).parameters
-    scheduler = cls.from_config({k: v for k, v in dict(config).items() if k in taken}, **overrides)
+    config = {**{k: v for k, v in dict(config).items() if k in taken},
+              "prediction_type": model_prediction_type(config)}
+    scheduler = cls.from_config(config, **overrides)
     _pin(scheduler, preset, pipeline_default_steps)
     return scheduler
 

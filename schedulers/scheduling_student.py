@@ -21,6 +21,12 @@ _NOT_THE_STUDENTS = ("exp_karras_p", "preset", "solver_order", "algorithm_type",
                      "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
 
 
+def model_prediction_type(config) -> str:
+    """What the model under a pipeline's scheduler predicts: a StudentScheduler's config reads the student's output
+    as ``prediction_type`` and keeps the model's own as ``teacher_prediction_type``."""
+    return config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
+
+
 class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
     """Samples a distilled student at exactly the timesteps and sigmas it was trained for.
 
