@@ -97,8 +97,8 @@ def t_to_sigma(t: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tensor:
 
 def sigma_to_t(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tensor:
     """Fractional timestep of ``sigma``: the inverse of :func:`t_to_sigma` (clamped to the table)."""
-    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
-    log_sigmas = sigmas.double().log()
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device="cpu").log()
+    log_sigmas = sigmas.detach().to("cpu", torch.float64).log()
     idx = torch.searchsorted(log_sigmas, log_sigma.clamp(log_sigmas[0], log_sigmas[-1]).contiguous())
     high = idx.clamp(1, len(sigmas) - 1)
     low = high - 1
@@ -109,9 +109,10 @@ def sigma_to_t(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tenso
 def sigma_to_model_timestep(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tensor:
     """The integer timestep a discrete model is called with at ``sigma``: the nearest entry of the table
     in log-sigma (ComfyUI's ModelSamplingDiscrete.timestep). Both front doors feed the UNet this, so a
-    diffusers run and a ComfyUI run of the same sigmas make identical model calls."""
-    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
-    log_sigmas = sigmas.double().log()
+    diffusers run and a ComfyUI run of the same sigmas make identical model calls. Computed on the CPU (a
+    ComfyUI model loaded on the GPU has its table there); the result is on the CPU."""
+    log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device="cpu").log()
+    log_sigmas = sigmas.detach().to("cpu", torch.float64).log()
     return (log_sigma.reshape(-1, 1) - log_sigmas).abs().argmin(dim=1).reshape(log_sigma.shape)
 
 
