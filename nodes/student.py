@@ -38,8 +38,9 @@ def _model_sampling(model, name: str, prediction_type: str):
                          f"model samples with {type(model_sampling).__name__}")
     predicts = next((kind for kind, cls in _PREDICTIONS if isinstance(model_sampling, cls)), None)
     if predicts != prediction_type:
-        raise ValueError(f"{name}: the student was distilled from a model predicting {prediction_type}, this "
-                         f"model predicts {predicts}: it was distilled from another model")
+        raise ValueError(f"{name}: the student was distilled from a model predicting {prediction_type}, this MODEL "
+                         f"predicts {predicts}: another model, or a ModelSamplingDiscrete node or a student read as "
+                         f"{predicts} upstream (connect the checkpoint's MODEL)")
     return model_sampling
 
 
@@ -47,6 +48,7 @@ def _check_model(model, info, schedule, name: str):
     """The model's ModelSamplingDiscrete; refuses a model the student cannot have been distilled from: another
     parameterisation or noise table."""
     model_sampling = _model_sampling(model, name, info.teacher_prediction_type)
+    check_checkpoint_noise_table(model_sampling, name)
     timesteps = sigma_to_model_timestep(torch.tensor(schedule["sigmas"][:-1]), model_sampling.sigmas).tolist()
     if timesteps != schedule["timesteps"]:
         raise ValueError(f"{name}: its sigmas fall on timesteps {timesteps} of this model's noise schedule, not the "

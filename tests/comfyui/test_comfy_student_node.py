@@ -102,8 +102,19 @@ def test_an_nfe_the_student_was_not_trained_for_is_refused_with_the_list(comfy_l
 
 
 def test_a_model_of_another_parameterisation_is_refused(comfy_loaded, student):
-    with pytest.raises(ValueError, match="distilled from a model predicting epsilon, this model predicts v_prediction"):
+    with pytest.raises(ValueError, match="distilled from a model predicting epsilon, this MODEL predicts v_prediction: "
+                                         "another model, or a ModelSamplingDiscrete node or a student read as "
+                                         "v_prediction upstream"):
         load(tiny_sd15_model(model_type=comfy.model_base.ModelType.V_PREDICTION))
+
+
+def test_the_right_checkpoint_behind_a_model_sampling_node_is_told_so(comfy_loaded, builtin_nodes, student):
+    # ModelSamplingDiscrete set to lcm keeps 50 of the 1000 sigmas: the node, not the checkpoint, is named
+    (lcm,) = run_node("ModelSamplingDiscrete", model=comfy_model_from(diffusers_twin_of_tiny_sd15()),
+                      sampling="lcm", zsnr=False)
+    with pytest.raises(ValueError, match="noise table has 50 steps, not the 1000 of the checkpoint \\(a "
+                                         "ModelSamplingDiscrete node set to lcm\\?\\)"):
+        load(lcm)
 
 
 def test_a_malformed_file_is_named(comfy_loaded, student):
