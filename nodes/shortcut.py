@@ -82,6 +82,15 @@ def register():
         extensions.append(".safetensors")
 
 
+def check_handoff_step(handoff_step: int, steps: int) -> None:
+    """The hand-off must leave at least one teacher step before it and one it replaces."""
+    if steps < 2:
+        raise ValueError(f"the shortcut takes over after 1 or more of at least 2 sampling steps; this run has {steps}")
+    if not 1 <= handoff_step < steps:
+        raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
+                         f"{steps} sampling steps")
+
+
 def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
                      force: bool = False) -> comfy.samplers.KSAMPLER:
     """A KSAMPLER that runs ``base`` over the first ``handoff_step`` steps of its sigmas, then the shortcut.
@@ -98,12 +107,7 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
 
     def sample_with_shortcut(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         steps = len(sigmas) - 1
-        if steps < 2:
-            raise ValueError(f"the shortcut takes over after 1 or more of at least 2 sampling steps; this run has "
-                             f"{steps}")
-        if not 1 <= handoff_step < steps:
-            raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
-                             f"{steps} sampling steps")
+        check_handoff_step(handoff_step, steps)
         guider = model.inner_model  # KSamplerX0Inpaint -> guider -> BaseModel
         teacher = guider.inner_model
         model_sampling = teacher.model_sampling
@@ -233,6 +237,7 @@ class ShortcutKSampler(io.ComfyNode):
                 negative, latent_image, denoise) -> io.NodeOutput:
         # The sigmas the stock KSampler would run (denoise, and the samplers that drop the penultimate sigma).
         sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, denoise).sigmas
+        check_handoff_step(handoff_step, len(sigmas) - 1)  # before the teacher and the shortcut load
         warn_other_schedule(shortcut.shortcut, scheduler)
         latent = latent_image.copy()
         latent["samples"] = comfy.sample.fix_empty_latent_channels(model, latent["samples"])

@@ -285,10 +285,12 @@ def test_a_model_on_another_noise_table_is_refused_before_any_step(comfy_loaded,
 
 
 def test_handoff_step_must_leave_steps_to_replace(comfy_loaded, twin_unets, shortcut):
+    comfy.model_management.unload_all_models()
     with pytest.raises(ValueError, match="handoff_step=20: the shortcut takes over after 1 to 19 of the 20"):
         shortcut_ksampler(twin_unets[0], shortcut, handoff_step=STEPS)
     with pytest.raises(ValueError, match="after 1 or more of at least 2 sampling steps; this run has 1"):
         shortcut_ksampler(twin_unets[0], shortcut, steps=1, handoff_step=1)
+    assert not comfy.model_management.current_loaded_models  # refused before the teacher and shortcut loaded
 
 
 def loaded_models():
