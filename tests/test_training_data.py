@@ -26,6 +26,8 @@ def images_folder(root, sizes=(("a.png", (40, 32)), ("b.jpg", (32, 32)), ("more/
 def test_prompt_files_skip_blank_lines_and_an_empty_one_is_refused(tmp_path):
     (tmp_path / "p.txt").write_text("a bag\n\n  a coat  \n")
     assert read_prompts(tmp_path / "p.txt") == ["a bag", "a coat"]
+    (tmp_path / "notepad.txt").write_bytes("\ufeffa bag\r\na coat\r\n".encode("utf-8"))  # byte-order mark, CRLF
+    assert read_prompts(tmp_path / "notepad.txt") == ["a bag", "a coat"]
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(ValueError, match="no prompts"):
         read_prompts(tmp_path / "empty.txt")

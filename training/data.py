@@ -47,7 +47,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompts file (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # utf-8-sig: Notepad's byte-order mark would otherwise be three tokens of the first prompt
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts in the file")
     return prompts
