@@ -114,6 +114,28 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def check_replaceable(path: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse (ValueError) to write ``path`` over something a user would lose: one of the run's ``inputs`` (``{flag:
+    path}``; a file, or a file inside an input folder) or an existing file that is not one of this project's (a
+    checkpoint, someone's LoRA). An existing Direct Distill file is replaced, as a re-run expects."""
+    path = Path(path)
+    target = os.path.realpath(path)
+    for flag, source in inputs.items():
+        if source is None:
+            continue
+        source = os.path.realpath(source)
+        if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
+            raise ValueError(f"{path} is {'in ' if target != source else ''}what {flag} reads; write elsewhere")
+    if path.is_file():
+        try:
+            _, metadata = read_safetensors_header(path)
+        except FileFormatError:
+            metadata = {}
+        if not metadata.get("format", "").strip('"').startswith("direct_distill."):
+            raise ValueError(f"{path} exists and is not a file of this project (a checkpoint, another LoRA?): give "
+                             "another name, or move it away first")
+
+
 def check_writable_folder(folder: str | os.PathLike, what: str = "work folder") -> Path:
     """Make sure ``folder`` exists (it is created) and files can be written in it; raises PermissionError
     naming ``what`` and the folder otherwise."""

@@ -176,6 +176,7 @@ def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_
         (["--data", str(image_folder), "--out", str(tmp_path / "a.safetensors"), "--batch-size", "0"],
          "--batch-size: must be >= 1"),
         (["--data", str(image_folder)], "--out: required"),
+        (["--data", str(image_folder), "--out", str(path)], f"--out: {path} is what --teacher reads; write elsewhere"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):

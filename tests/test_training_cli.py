@@ -122,6 +122,28 @@ def test_an_output_that_cannot_be_written_is_refused_before_anything_loads(tmp_p
     assert text.startswith(f"distill sfd: --work: the work folder {tmp_path / 'a-file'}: cannot write there")
 
 
+def test_an_output_over_an_input_or_a_file_not_of_this_project_is_refused_before_anything_loads(tmp_path,
+                                                                                             nothing_loads, capsys):
+    from safetensors.torch import save_file
+
+    (tmp_path / "mine" / "unet").mkdir(parents=True)
+    (tmp_path / "prompts.txt").write_text("bag\n")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))  # a checkpoint, a LoRA of someone's
+    args = ["sfd", "--teacher", str(tmp_path / "mine"), "--prompts", str(tmp_path / "prompts.txt"), "--out"]
+    for out, problem in [(tmp_path / "mine" / "unet" / "w.safetensors", "is in what --teacher reads"),
+                         (tmp_path / "prompts.txt", "is what --prompts reads"),
+                         (tmp_path / "model.safetensors", "exists and is not a file of this project")]:
+        text = refusal(lambda: main(args + [str(out)]), capsys)
+        assert text == f"distill sfd: --out: {out} {problem}" + (
+            "; write elsewhere" if "reads" in problem else " (a checkpoint, another LoRA?): give another name, or "
+                                                            "move it away first")
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"")
+    text = refusal(lambda: main(["sfd", "--teacher", str(teacher), "--prompts", str(tmp_path / "prompts.txt"),
+                                 "--out", str(teacher)]), capsys)
+    assert text == f"distill sfd: --out: {teacher} is what --teacher reads; write elsewhere"
+
+
 def toy_preset(teacher, root) -> Preset:
     return Preset(name="toy", teacher=teacher, teacher_name="toy-teacher", out=lambda m: root / f"{m}.safetensors",
                   work=lambda m: root / "work" / m, prompts=["bag", "coat"], values={"guidance": 3.0})
@@ -198,6 +220,18 @@ def test_a_work_folder_resumes_when_only_the_spelling_differs_and_not_when_an_in
     text = refusal(lambda: main(args), capsys)
     assert text.startswith(f"distill sfd: --work: {work} holds a run with other settings (content of --prompts "
                            "'sha256 ") and "\n" not in text
+
+
+def test_a_teacher_pool_computed_before_the_first_checkpoint_holds_the_folder_to_its_settings(teacher, tmp_path,
+                                                                                           capsys):
+    out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
+    args = sfd_args(teacher, "--out", str(out), "--work", str(work), "--pool", "2")
+    assert main(args) == 0
+    for checkpoint in work.rglob("checkpoint.safetensors"):
+        checkpoint.unlink()  # as if stopped after the pool was computed, before the first checkpoint
+    assert list(work.glob("teacher_pool/*.safetensors"))
+    text = refusal(lambda: main(args + ["--guidance", "1.5"]), capsys)  # the pool's targets are at 7.5
+    assert "--guidance 7.5 there, 1.5 here" in text
 
 
 def test_a_run_that_stopped_before_training_takes_the_settings_that_fix_it(teacher, tmp_path, monkeypatch, capsys):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.io import FileFormatError, atomic_save_file, check_writable, check_writable_folder, read_safetensors
+from ..models.io import (FileFormatError, atomic_save_file, check_replaceable, check_writable, check_writable_folder,
+                         read_safetensors)
 from .cli import add_arguments
 from .config import DTYPE_NAMES, Settings, SettingError, flag_of, replace_settings, setting
 from .data import FOLDER_HINT, encode_images, load_images, read_image_folder, vae_checksum, write_latents_file
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("teacher", "data", "out", "size"):
             if getattr(config, name) is None:
                 raise SettingError(name, "required")
+        inputs = {"--teacher": config.teacher, "--data": config.data}
         for name, check in (("data", read_image_folder), ("out", lambda p: check_writable(p, "the output file")),
+                            ("out", lambda p: check_replaceable(p, inputs)),
                             ("work", lambda p: check_writable_folder(p, "the work folder"))):
             if getattr(config, name) is not None:
                 try:

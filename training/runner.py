@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..models.io import atomic_write_text, check_writable, check_writable_folder
+from ..models.io import atomic_write_text, check_replaceable, check_writable, check_writable_folder
 from .config import RunConfig, Settings, SettingError, flag_of, leaves, record, replace_settings
 from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
                    read_prompts)
@@ -195,6 +195,12 @@ def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan
             check(getattr(plan.run, name), what)
         except PermissionError as err:
             raise SettingError(name, str(err)) from None
+    inputs = {"--teacher": plan.run.teacher, "--prompts": plan.run.prompts, "--tokenizer": plan.run.tokenizer,
+              "--latents": source and source.latents, "--data": source and source.data}
+    try:
+        check_replaceable(plan.run.out, inputs)
+    except ValueError as err:
+        raise SettingError("out", str(err)) from None
     return plan
 
 
@@ -255,7 +261,8 @@ def make_accelerator(cpu: bool = False):
 
 def check_work_folder(work: Path, method: str, config: Settings, accelerator, pipe=None) -> None:
     """Refuse a run whose settings differ from those recorded in ``work`` once it has trained (a checkpoint):
-    resuming it would continue one run under another's name. Called twice: before the teacher loads (``pipe``
+    resuming it would continue one run under another's name (work is a checkpoint, or what a stage computed before
+    its first one: a teacher pool, captured trajectories). Called twice: before the teacher loads (``pipe``
     None), every setting but those left to the teacher; with the teacher loaded, those too, each resolved to the
     teacher's value (``--latent-size 64`` on a UNet of size 64 resumes a run that gave none), and then, if the
     folder holds no checkpoint yet, the settings are recorded. A run that stopped before its first checkpoint (a
@@ -271,8 +278,7 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator, pi
     if pipe is not None:
         values = _teacher_values(pipe)
         mine.update({k: values[what] for k, what in left_to_teacher.items() if mine.get(k) is None})
-    trained = path.is_file() and next(work.rglob(CHECKPOINT_NAME), None) is not None
-    if trained:
+    if path.is_file() and _holds_work(work, CHECKPOINT_NAME):
         theirs = json.loads(path.read_text())
         changed = []
         for k in sorted(mine.keys() | theirs.keys()):
@@ -290,6 +296,13 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator, pi
     elif pipe is not None and accelerator.is_main_process:
         atomic_write_text(path, json.dumps(mine, indent=1))
     accelerator.wait_for_everyone()
+
+
+def _holds_work(work: Path, checkpoint_name: str) -> bool:
+    """A checkpoint anywhere in ``work``, or a file a stage computed in its folder (``Job.stage_dir``: a teacher
+    pool, trajectory shards); the data caches at the top are keyed by their contents and do not count."""
+    return (next(work.rglob(checkpoint_name), None) is not None
+            or any(next(d.rglob("*.safetensors"), None) is not None for d in work.iterdir() if d.is_dir()))
 
 
 CONTENT_KEY = "content of "  # a settings-file key: what an input file held, "content of --prompts"

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..models.io import FileFormatError, atomic_save_file, atomic_write_text, read_safetensors
 from ..models.student_file import shape_fingerprint, unet_parameter_shapes
+from .config import SettingError
 from ..pipelines.shortcut import next_unet_input
 
 INDEX_NAME = "index.json"
@@ -224,7 +225,7 @@ def _write_or_check_index(folder: Path, config: dict) -> None:
         old["scheduler_config"] = _settings(old.get("scheduler_config", {}))
         changed = sorted(k for k in old.keys() | config.keys() if old.get(k) != config.get(k))
         if changed:
-            raise ValueError(f"{folder} holds a capture made with other settings ({', '.join(changed)}); "
-                             "use another folder, or delete this one to start over")
+            raise SettingError("work", f"{folder} holds a capture made with other settings ({', '.join(changed)}); "
+                                       "use another folder, or delete this one to start over")
         return
     atomic_write_text(path, json.dumps(config, indent=1, allow_nan=False))
