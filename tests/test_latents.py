@@ -1,6 +1,8 @@
 """`python -m direct_distill latents`: an image folder becomes the latents file the data methods train on, at the
 size asked, resuming where an interrupted run stopped; and the real-model commands from single-file teachers."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ from PIL import Image
 
 from direct_distill.models.io import read_safetensors
 from direct_distill.training import latents
-from direct_distill.training.data import check_latents_file, encode_images, load_images, read_image_folder
+from direct_distill.training.data import (check_latents_file, encode_images, load_images, read_image_folder,
+                                          read_latents_file)
 
 from ldm_layout import family_pipeline, write_ldm
 
@@ -47,8 +50,16 @@ def test_image_folder_becomes_a_latents_file_at_the_size_asked(image_folder, tea
                          "--batch-size", "3"]) == 0
     count, prompts = check_latents_file(out)
     assert count == 10 and prompts[4] == "" and prompts[0] == "a picture number 0" and prompts[9].endswith("9")
-    tensors, _ = read_safetensors(out)
+    tensors, metadata = read_safetensors(out)
     assert tensors["latents"].shape == tensors["std"].shape == (10, 4, 4, 4)   # 32 px through an 8x VAE
+    assert float(metadata["vae_scaling_factor"]) == vae.config.scaling_factor
+    # another model's VAE (SDXL's factor against SD1.x's): the file is refused, not trained on 1.4x too large
+    other = copy.deepcopy(vae)
+    other.register_to_config(scaling_factor=0.13025)
+    with pytest.raises(ValueError, match=f"encoded by a VAE of scaling factor {vae.config.scaling_factor:g}, the "
+                                         "teacher's is 0.13025: they were made for another model"):
+        read_latents_file(out, vae=other)
+    assert len(read_latents_file(out, vae=vae).latents) == 10
     paths = sorted(p for p in image_folder.rglob("*.png"))
     with torch.no_grad():
         mean, std = encode_images(vae, load_images(paths, 3, 32), progress=False)

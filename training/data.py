@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from .config import Settings, SettingError, setting
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENTS_FORMAT = "direct_distill.latents"
+VAE_SCALE_KEY = "vae_scaling_factor"  # in a latents file's metadata: the scaling factor of the VAE that encoded it
 FOLDER_HINT = ("a folder of images (" + ", ".join(IMAGE_SUFFIXES) + "), each captioned by a .txt file of the "
                "same name (image.png + image.txt)")
 
@@ -140,10 +142,18 @@ def check_latents_file(path: str | os.PathLike) -> tuple[int, list[str] | None]:
     return shape[0], prompts
 
 
-def read_latents_file(path: str | os.PathLike, prompts: Sequence[str] | None = None) -> LatentData:
-    """A latents file as training data; ``prompts`` (one per latent or one for all) replace the file's own."""
+def read_latents_file(path: str | os.PathLike, prompts: Sequence[str] | None = None, vae=None) -> LatentData:
+    """A latents file as training data; ``prompts`` (one per latent or one for all) replace the file's own. With
+    ``vae`` (the teacher's), a file that records another VAE's scaling factor (SD1.x's 0.18215 against SDXL's
+    0.13025: same channels, latents 1.4x too large) is refused."""
     count, own = check_latents_file(path)
-    tensors, _ = read_safetensors(path)
+    tensors, metadata = read_safetensors(path)
+    recorded = metadata.get(VAE_SCALE_KEY)
+    if vae is not None and recorded is not None and not math.isclose(float(recorded), vae.config.scaling_factor,
+                                                                      rel_tol=1e-6):
+        raise ValueError(f"{path}: encoded by a VAE of scaling factor {float(recorded):g}, the teacher's is "
+                         f"{vae.config.scaling_factor:g}: they were made for another model; encode the images with "
+                         "this teacher (python -m direct_distill latents)")
     return LatentData(tensors["latents"], prompts if prompts is not None else own, latent_std=tensors.get("std"))
 
 

@@ -18,7 +18,8 @@ from ..models.io import (FileFormatError, atomic_save_file, check_replaceable, c
                          read_safetensors)
 from .cli import add_arguments
 from .config import DTYPE_NAMES, Settings, SettingError, flag_of, replace_settings, setting
-from .data import FOLDER_HINT, encode_images, load_images, read_image_folder, vae_checksum, write_latents_file
+from .data import (FOLDER_HINT, VAE_SCALE_KEY, encode_images, load_images, read_image_folder, vae_checksum,
+                   write_latents_file)
 from .runner import make_accelerator
 from .teachers import DTYPES, load_teacher_vae
 
@@ -78,7 +79,8 @@ def encode_folder(vae, folder: str | os.PathLike, size: int, out: str | os.PathL
     if accelerator.is_main_process:
         tensors = [read_safetensors(work / f"part_{i:05d}.safetensors")[0] for i in range(len(parts))]
         write_latents_file(out, torch.cat([t["latents"] for t in tensors]), torch.cat([t["std"] for t in tensors]),
-                           prompts, {"data_key": data_key, "size": size, "source": str(folder)})
+                           prompts, {"data_key": data_key, "size": size, "source": str(folder),
+                                     VAE_SCALE_KEY: float(vae.config.scaling_factor)})
         _remove_parts(work)
         print(f"{out}: {len(paths)} images at {size} px -> latents {tuple(tensors[0]['latents'].shape[1:])}"
               + (f"; {prompts.count('')} without a caption (empty prompt)" if "" in prompts else ""))

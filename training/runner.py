@@ -224,7 +224,10 @@ def execute(plan: Plan):
                 size = pipe.unet.config.sample_size * pipe.vae_scale_factor
                 data = encode_image_folder(vae, source.data, size, run.work / "folder_latents.safetensors")
             elif source.latents is not None:
-                data = read_latents_file(source.latents, plan.prompts)
+                try:
+                    data = read_latents_file(source.latents, plan.prompts, vae=pipe.vae)
+                except ValueError as err:
+                    raise SettingError("latents", str(err)) from None
             else:
                 data = plan.preset.latents(pipe, run.work, accelerator)
     if data is not None and data.latents.shape[1] != pipe.unet.config.in_channels:
