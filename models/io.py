@@ -114,6 +114,11 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def is_direct_distill_file(metadata: dict[str, str]) -> bool:
+    """Whether a safetensors file's metadata names one of this project's formats (a student, a shortcut, ...)."""
+    return metadata.get("format", "").strip('"').startswith("direct_distill.")
+
+
 def check_replaceable(path: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
     """Refuse (ValueError) to write ``path`` over something a user would lose: one of the run's ``inputs`` (``{flag:
     path}``; a file, or a file inside an input folder) or an existing file that is not one of this project's (a
@@ -131,7 +136,7 @@ def check_replaceable(path: str | os.PathLike, inputs: dict[str, str | os.PathLi
             _, metadata = read_safetensors_header(path)
         except FileFormatError:
             metadata = {}
-        if not metadata.get("format", "").strip('"').startswith("direct_distill."):
+        if not is_direct_distill_file(metadata):
             raise ValueError(f"{path} exists and is not a file of this project (a checkpoint, another LoRA?): give "
                              "another name, or move it away first")
 

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from ..schedulers.few_step_presets import PRESETS, describe_nfes, get_preset
-from .io import FileFormatError, atomic_save_file, read_safetensors
+from .io import FileFormatError, atomic_save_file, is_direct_distill_file, read_safetensors
 from .few_step_lora import family_mismatches
 from .lora_layouts import PRESET_METADATA_KEY, LoraLayoutError, parse_lora
-from .student_file import is_direct_distill_file
 
 def stamp(path: str | os.PathLike, preset_name: str, out: str | os.PathLike | None = None) -> Path:
     """Write ``preset_name`` into the metadata of the LoRA file ``path`` (to ``out``, or in place), atomically;

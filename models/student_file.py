@@ -223,11 +223,6 @@ def read_student(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Stud
     return _peft_tensors(tensors, info, path), info
 
 
-def is_direct_distill_file(metadata: dict[str, str]) -> bool:
-    """Whether a safetensors file's metadata names one of this project's formats (a student, a shortcut, ...)."""
-    return metadata.get("format", "").strip('"').startswith("direct_distill.")
-
-
 def kohya_name(module: str) -> str:
     """The kohya LoRA name of a diffusers UNet module, as both loaders read it (see the module docstring)."""
     return "lora_unet_" + _KOHYA_NAME_OVERRIDES.get(module, module.replace(".", "_"))

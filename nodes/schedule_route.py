@@ -20,10 +20,10 @@ from aiohttp import web
 from safetensors import SafetensorError, safe_open
 
 from ..models.handoff import handoff_steps_in_band
-from ..models.io import FileFormatError, read_safetensors_header
+from ..models.io import FileFormatError, is_direct_distill_file, read_safetensors_header
 from ..models.lora_layouts import stamped_preset
 from ..models.shortcut_file import read_shortcut_metadata
-from ..models.student_file import is_direct_distill_file, read_student
+from ..models.student_file import read_student
 from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.noise import t_to_sigma
 from ..schedulers.sigmas import EXP_KARRAS_P_MAX

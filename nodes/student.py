@@ -12,9 +12,9 @@ import torch
 from comfy_api.latest import io
 
 from ..models.few_step_lora import preset_and_layers
-from ..models.io import read_safetensors
+from ..models.io import is_direct_distill_file, read_safetensors
 from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
-from ..models.student_file import is_direct_distill_file, read_student
+from ..models.student_file import read_student
 from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.noise import sigma_to_model_timestep
 from ..schedulers.tcd import sample_tcd

@@ -11,9 +11,9 @@ import os
 import torch
 
 from ..models.few_step_lora import preset_and_layers
-from ..models.io import read_safetensors
+from ..models.io import is_direct_distill_file, read_safetensors
 from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
-from ..models.student_file import StudentInfo, is_direct_distill_file, read_student, unet_mismatches
+from ..models.student_file import StudentInfo, read_student, unet_mismatches
 from ..schedulers.few_step_presets import FewStepPreset
 from ..schedulers.scheduling_presets import preset_scheduler
 from ..schedulers.scheduling_student import StudentScheduler, model_prediction_type
