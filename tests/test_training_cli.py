@@ -74,6 +74,10 @@ def test_help_lists_the_registry_and_every_setting_of_each_method_once(capsys):
     ("shortcut", ["--trajectories", "1", "--holdout", "0.5"], "distill shortcut: --holdout: 0.5 of 1 trajectories "
                                                                "leaves none to train on"),
     ("shortcut", ["--height", "100"], "distill shortcut: --height: must be a multiple of 8"),
+    ("shortcut", ["--schedule", "beta", "--exp-karras-p", "2"], "distill shortcut: --exp-karras-p: shapes the "
+                                                                 "exp_karras schedule only; --schedule is beta"),
+    ("shortcut", ["--exp-karras-p", "30"], "distill shortcut: --exp-karras-p: must be <= 10.0, got 30.0"),
+    ("sfd", ["--schedule-p", "11"], "distill sfd: --schedule-p: must be <= 10.0, got 11.0"),
     ("sfd", ["--lr", "0"], "distill sfd: --lr: must be > 0"),
     ("sfd", ["--rank", "0"], "distill sfd: --rank: must be >= 1, got 0"),
     ("sfd", ["--max-grad-norm", "nan"], "distill sfd: --max-grad-norm: expected a finite number"),

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from ..models.io import FileFormatError, atomic_save_file, read_safetensors
 from ..schedulers.grids import CLEAN, trailing_timesteps
 from ..schedulers.prediction import PREDICTION_TYPES
+from ..schedulers.sigmas import EXP_KARRAS_P_MAX
 from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
                      sample_with_cfg_setting, sampling_guidance, setting, training_record)
 from .data import drop_prompts, sample_prompts
@@ -77,7 +78,7 @@ class SFDConfig(Settings):
     nfes: tuple[int, ...] = setting((2, 3, 4, 5), ge=1, flag="--nfe", metavar="N",
                                     help="the NFEs the student is trained for (one LoRA for all)")
     default_nfe: int = setting(4, ge=1, help="the NFE the file samples at when none is asked for")
-    schedule_p: float = setting(0.0, ge=0, help="the student's timesteps: 0, the trailing grid (uniform in t); "
+    schedule_p: float = setting(0.0, ge=0, le=EXP_KARRAS_P_MAX, help="the student's timesteps: 0, the trailing grid (uniform in t); "
                                                 "> 0, exp-Karras spacing")
     teacher_substeps: int = setting(4, ge=1, help="DPM-Solver++(2M) teacher steps per student step")
     teacher_from: str = setting("teacher", choices=TEACHER_FROM,

@@ -23,7 +23,7 @@ from ..models.nafnet import PRESETS, SIZES as NAFNET_SIZES, TimeEmbedNAFNet, Two
 from ..models.shortcut_file import save_shortcut
 from ..schedulers.named import SCHEDULE_NAMES, schedule_sigmas
 from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
-from ..schedulers.sigmas import exp_karras_timesteps
+from ..schedulers.sigmas import EXP_KARRAS_P_MAX, exp_karras_timesteps
 from .config import (RunConfig, Settings, SettingError, run_config, save_dtype_setting, setting,
                      training_record)
 from .loop import cost_record
@@ -51,7 +51,7 @@ class ShortcutConfig(Settings):
     schedule: str = setting("exp_karras", choices=SCHEDULE_NAMES,
                             help="the teacher runs' schedule, by the name ComfyUI knows it by; the shortcut learns "
                                  "to finish runs of this schedule, so sample with it")
-    exp_karras_p: float = setting(1.0, ge=0, help="p of the exp_karras schedule")
+    exp_karras_p: float = setting(1.0, ge=0, le=EXP_KARRAS_P_MAX, help="p of the exp_karras schedule")
     guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5, help="the teacher's CFG")
     height: int | None = setting(None, ge=8, teacher_default="image_size",
                                  help="image height of the teacher runs (default: the pipeline's)")
@@ -78,6 +78,8 @@ class ShortcutConfig(Settings):
         lo, hi = self.capture_band
         if lo > hi:
             raise SettingError("capture_band", f"need LO <= HI, got {list(self.capture_band)}")
+        if self.schedule != "exp_karras" and self.exp_karras_p != 1.0:
+            raise SettingError("exp_karras_p", f"shapes the exp_karras schedule only; --schedule is {self.schedule}")
         if len(set(self.teacher_steps)) != len(self.teacher_steps):
             raise SettingError("teacher_steps", f"each length once, got {list(self.teacher_steps)}")
         # Other schedules need the teacher's noise table: checked once it is loaded, before any capture.
