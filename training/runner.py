@@ -211,10 +211,11 @@ def execute(plan: Plan):
 
     config, run = plan.config, plan.run
     accelerator = make_accelerator(run.cpu)
-    check_work_folder(run.work, plan.method, config, accelerator)
+    contents = input_contents(config)  # read once: a latents file may be gigabytes
+    check_work_folder(run.work, plan.method, config, accelerator, contents=contents)
     pipe = load_teacher(run.teacher, getattr(torch, run.dtype), tokenizer=run.tokenizer,
                         prediction_type=run.prediction_type)
-    check_work_folder(run.work, plan.method, config, accelerator, pipe)
+    check_work_folder(run.work, plan.method, config, accelerator, pipe, contents)
     data = None
     source = _data_source(config)
     if source is not None:
@@ -262,20 +263,22 @@ def make_accelerator(cpu: bool = False):
     return Accelerator(cpu=cpu or (several and (device is None or device.type == "mps")))
 
 
-def check_work_folder(work: Path, method: str, config: Settings, accelerator, pipe=None) -> None:
-    """Refuse a run whose settings differ from those recorded in ``work`` once it has trained (a checkpoint):
-    resuming it would continue one run under another's name (work is a checkpoint, or what a stage computed before
-    its first one: a teacher pool, captured trajectories). Called twice: before the teacher loads (``pipe``
-    None), every setting but those left to the teacher; with the teacher loaded, those too, each resolved to the
-    teacher's value (``--latent-size 64`` on a UNet of size 64 resumes a run that gave none), and then, if the
-    folder holds no checkpoint yet, the settings are recorded. A run that stopped before its first checkpoint (a
-    teacher that would not load, a setting only the teacher could check) takes the new settings. What the input
-    files hold is compared too (a prompts file edited under the same name is another run)."""
+def check_work_folder(work: Path, method: str, config: Settings, accelerator, pipe=None,
+                      contents: dict[str, str] | None = None) -> None:
+    """Refuse a run whose settings differ from those recorded in ``work`` once it holds work (a checkpoint, or
+    what a stage computed before its first one: a teacher pool, captured trajectories): resuming it would continue
+    one run under another's name. Called twice: before the teacher loads (``pipe`` None), every setting but those
+    left to the teacher; with the teacher loaded, those too, each resolved to the teacher's value (``--latent-size
+    64`` on a UNet of size 64 resumes a run that gave none), and then, if the folder holds no work yet, the
+    settings are recorded. A run that stopped before any work (a teacher that would not load, a setting only the
+    teacher could check) takes the new settings. What the input files hold (``contents``, from
+    :func:`input_contents`) is compared too: a prompts file edited under the same name is another run."""
     from .loop import CHECKPOINT_NAME
 
     path = work / SETTINGS_FILE
+    contents = input_contents(config) if contents is None else contents
     mine = json.loads(json.dumps({"method": method, "processes": accelerator.num_processes,
-                                  **record(config, changeable=False), **_input_contents(config)}))
+                                  **record(config, changeable=False), **contents}))
     left_to_teacher = {f.name: f.metadata["teacher_default"] for f, _, _ in leaves(config)
                        if f.metadata.get("teacher_default")}
     if pipe is not None:
@@ -318,7 +321,7 @@ def _teacher_values(pipe) -> dict[str, Any]:
             "image_size": size * int(getattr(pipe, "vae_scale_factor", 8))}
 
 
-def _input_contents(config: Settings) -> dict[str, str]:
+def input_contents(config: Settings) -> dict[str, str]:
     """A digest of what each input file holds (prompts, latents; an image folder by its images' names and sizes
     and its captions), keyed ``"content of --flag"``."""
     import hashlib
