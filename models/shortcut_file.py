@@ -108,7 +108,7 @@ def trained_schedule(shortcut) -> tuple[str, dict]:
     extra = shortcut if isinstance(shortcut, dict) else ((getattr(shortcut, "metadata", None) or {}).get("extra") or {})
     name = extra.get("schedule") or "exp_karras"
     if name != "exp_karras":
-        return name, {}
+        return name, dict(extra.get("schedule_params") or {})  # SDXL's Align Your Steps: {"model": "SDXL"}
     p = extra.get("exp_karras_p")  # 0 is a schedule of its own, not "unrecorded"
     return name, {"p": 1.0 if p is None else float(p)}
 

@@ -47,3 +47,9 @@ def schedule_sigmas(name: str, num_steps: int, table: torch.Tensor, **params) ->
     if unknown:
         raise ValueError(f"schedule {name!r} takes {', '.join(accepted) or 'no parameters'}, not {', '.join(unknown)}")
     return schedule(num_steps, checked_table(table), **params)
+
+
+def family_params(name: str, family: str) -> dict:
+    """The parameters of schedule ``name`` that follow from the model family ("sd15", "sdxl"): Align Your Steps
+    publishes one table per family; every other schedule is the same function of the noise table for both."""
+    return {"model": "SDXL"} if name == "align_your_steps" and family == "sdxl" else {}
