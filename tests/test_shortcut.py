@@ -318,13 +318,16 @@ def test_callback_gives_the_sigmas_of_the_schedule_the_shortcut_was_trained_on(p
     assert [float(t) for _, t in calls] == pipe.scheduler.timesteps[:3].tolist()
 
 
-def test_an_sdxl_shortcut_of_align_your_steps_runs_sdxls_own_table(pipe, shortcut, tiny_sdxl_pipeline, tmp_path):
+def test_an_sdxl_shortcut_of_align_your_steps_runs_sdxls_own_table(pipe, shortcut, tmp_path):
     from direct_distill.schedulers.named import family_params
     from direct_distill.schedulers.published import align_your_steps_sigmas
 
-    sdxl = "sdxl" if tiny_sdxl_pipeline.unet.config.addition_embed_type == "text_time" else "sd15"
-    assert family_params("align_your_steps", sdxl) == {"model": "SDXL"}  # what distill shortcut records
+    assert family_params("align_your_steps", "sdxl") == {"model": "SDXL"}  # what distill shortcut captures with
     assert family_params("align_your_steps", "sd15") == family_params("beta", "sdxl") == {}
+    sigmas = align_your_steps_sigmas(STEPS, "SDXL")
+    folder = capture(pipe, tmp_path / "ays", n=2, sigmas=sigmas, schedule="align_your_steps",
+                     schedule_params={"model": "SDXL"})
+    assert load_trajectories(folder).config["schedule_params"] == {"model": "SDXL"}  # what the file then records
     path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
                          teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4,
                          extra={"schedule": "align_your_steps", "schedule_params": {"model": "SDXL"}})

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..models.lora_layouts import unet_family
 from ..models.nafnet import PRESETS, SIZES as NAFNET_SIZES, TimeEmbedNAFNet, TwoStageShortcut
 from ..models.shortcut_file import save_shortcut
 from ..schedulers.named import SCHEDULE_NAMES, family_params, schedule_sigmas
@@ -272,7 +273,7 @@ def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
     size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v is not None}
     folders = []
     runs = []
-    family = "sdxl" if pipe.unet.config.get("addition_embed_type") == "text_time" else "sd15"
+    family = unet_family(name for name, _ in pipe.unet.named_parameters())
     params = family_params(config.schedule, family)  # SDXL's own Align Your Steps table
     for n in config.teacher_steps:  # every length checked before the first capture starts
         scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=config.exp_karras_p)
@@ -292,25 +293,24 @@ def distil_shortcut(job: Job, config: ShortcutConfig) -> ShortcutResult:
         folders.append(capture_trajectories(
             pipe, job.work / "trajectories" / folder, list(job.prompts), config.trajectories,
             num_inference_steps=n, capture_steps=steps, guidance_scale=config.guidance, seed=config.run.seed,
-            scheduler=scheduler, sigmas=sigmas, schedule=config.schedule, shard_size=config.shard_size,
+            scheduler=scheduler, sigmas=sigmas, schedule=config.schedule, schedule_params=params,
+            shard_size=config.shard_size,
             batch_size=config.sample_batch_size, teacher=job.teacher, pipe_kwargs=size,
             process_index=accelerator.process_index, num_processes=accelerator.num_processes))
     accelerator.wait_for_everyone()
     job.pipe = pipe = None  # training needs the trajectories alone: the teacher's memory is freed
-    return train_shortcut(job, config, folders, params)
+    return train_shortcut(job, config, folders)
 
 
 def train_shortcut(job: Job, config: ShortcutConfig,
-                   trajectories: Trajectories | str | Path | list[Trajectories | str | Path],
-                   schedule_params: dict | None = None) -> ShortcutResult:
+                   trajectories: Trajectories | str | Path | list[Trajectories | str | Path]) -> ShortcutResult:
     """Train both stages on one or more capture folders (or loaded ``Trajectories``: runs of several lengths from
     the same seeds) and write the shortcut file ``job.out``; stage checkpoints go to ``<work>/stage1`` and
     ``<work>/stage2``. ``job.pipe`` is not used; the teacher named in the file is ``job.teacher``, else the one
     recorded with the trajectories. The same trajectory ids (the same noise) are held out of every capture.
 
     The t-band written is the captured timesteps' range widened by ``config.band_margin`` of its width on each
-    side (a single capture step gives a band of one timestep). ``schedule_params``: those of the captured runs'
-    schedule beyond its name (SDXL's Align Your Steps table), recorded for ``ShortcutCallback.sigmas``.
+    side (a single capture step gives a band of one timestep).
     """
     config = settle(config)
     run, accelerator = config.run, job.accelerator
@@ -354,7 +354,7 @@ def train_shortcut(job: Job, config: ShortcutConfig,
         "captured": [{"num_inference_steps": c.config["num_inference_steps"], "capture_steps": c.config["capture_steps"],
                       "timesteps": c.timesteps.tolist()} for c in captures],
         "scheduler": capture.get("scheduler"),
-        "schedule": capture.get("schedule", "exp_karras"), "schedule_params": schedule_params or {},
+        "schedule": capture.get("schedule", "exp_karras"), "schedule_params": capture.get("schedule_params") or {},
         "exp_karras_p": capture.get("scheduler_config", {}).get("exp_karras_p"),
         "guidance_scale": capture.get("guidance_scale"), "num_trajectories": len(data.final),
         "heldout_trajectories": len(held_ids), "heldout_psnr": psnr,

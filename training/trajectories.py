@@ -65,7 +65,7 @@ class _Recorder:
 def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], num_trajectories: int, *,
                          num_inference_steps: int = 20, capture_steps=(10, 11, 12), guidance_scale: float = 7.5,
                          seed: int = 0, scheduler=None, sigmas=None, schedule: str | None = None,
-                         shard_size: int = 256, batch_size: int = 16,
+                         schedule_params: dict | None = None, shard_size: int = 256, batch_size: int = 16,
                          teacher: str | None = None, pipe_kwargs: dict | None = None,
                          process_index: int = 0, num_processes: int = 1) -> Path:
     """Run the teacher ``num_trajectories`` times and write the capture folder; returns it.
@@ -86,7 +86,8 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
             schedule the scheduler does not make itself (beta, align_your_steps, ...); the scheduler
             must take them in ``set_timesteps(sigmas=...)``. Recorded in the index.
         schedule: the name of the schedule ``sigmas`` come from, recorded in the index (default
-            ``"custom"``).
+            ``"custom"``); ``schedule_params``, its parameters beyond the name (SDXL's Align Your Steps table),
+            recorded with it when there are any.
         shard_size, batch_size: trajectories per file and per pipeline call.
         teacher: the name stored with the data (default: the pipeline's ``name_or_path``).
         pipe_kwargs: further pipeline arguments (height, width, negative_prompt, ...).
@@ -115,6 +116,7 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
         "pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__,
         "scheduler_config": _settings(scheduler.config), "num_inference_steps": num_inference_steps,
         **({"schedule": schedule or "custom", "sigmas": sigmas} if sigmas is not None else {}),
+        **({"schedule_params": schedule_params} if sigmas is not None and schedule_params else {}),
         "capture_steps": capture_steps, "guidance_scale": guidance_scale, "seed": seed,
         "num_trajectories": num_trajectories, "shard_size": shard_size, "prompts": list(prompts),
         "pipe_kwargs": pipe_kwargs or {},
