@@ -3,6 +3,7 @@ bad values and missing inputs are refused in one line naming the flag before any
 resumes only under its own settings, Ctrl-C says how to resume, a preset applies to its own teacher only, and a
 new method is one module plus one registry line."""
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -174,6 +175,11 @@ def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, 
     _, info = read_student(mine)
     assert (info.teacher, info.extra["distilled_at_guidance"]) == (str(tmp_path / "copy"), 7.5)
     assert (tmp_path / "mine.work" / "checkpoint.safetensors").is_file()
+    training = info.extra["training"]  # what ran: the values left to the teacher resolved, the prompts' digest
+    digest = hashlib.sha256((tmp_path / "prompts.txt").read_bytes()).hexdigest()[:16]
+    assert (training["prediction_type"], training["student_prediction"], training["latent_size"]) == (
+        "epsilon", "epsilon", 16)  # the tiny UNet's sample_size
+    assert training["content of --prompts"] == f"sha256 {digest}"
 
 
 def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, capsys, monkeypatch):

@@ -188,11 +188,12 @@ def record(config: Settings, changeable: bool = True) -> dict[str, Any]:
     return out
 
 
-def training_record(config: Settings) -> dict[str, Any]:
+def training_record(config: Settings, inputs: dict[str, str] | None = None) -> dict[str, Any]:
     """What an output file records of the settings that made it: :func:`record` without the changeable ones and
-    without paths (where things lay on one machine)."""
+    without paths (where things lay on one machine), and ``inputs``, what the input files held (the runner's
+    digests, ``Job.inputs``)."""
     paths = {f.name for f, hint, _ in leaves(config) if kind(hint)[0] is Path}
-    return {k: v for k, v in record(config, changeable=False).items() if k not in paths}
+    return {**{k: v for k, v in record(config, changeable=False).items() if k not in paths}, **(inputs or {})}
 
 
 def flag(f: dataclasses.Field) -> str:

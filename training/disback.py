@@ -295,7 +295,7 @@ def train_disback(job: Job, config: DisBackConfig) -> DisBackResult:
         "schedule": [{"node": k, "steps": n} for k, n in schedule], "node_steps": config.node_steps(),
         "backtracking": config.path_checkpoints > 0, "real_guidance": config.real_guidance, "final_losses": losses,
         "evaluations": best.evaluations, "selected": selected or {"step": config.steps, "fd": None},
-        "training": training_record(config), **cost_record(seconds, job.accelerator)}))
+        "training": training_record(config, job.inputs), **cost_record(seconds, job.accelerator)}))
     return DisBackResult(path=job.out, node_files=[node_file(node_dir, k) for k in sorted(path)] if node_dir else [],
                          schedule=schedule, visited=backtracking.visited, losses=losses,
                          evaluations=best.evaluations)

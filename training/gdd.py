@@ -293,7 +293,7 @@ def train_gdd(job: Job, config: GDDConfig) -> GDDResult:
     method = GDD(student, job.data, tuple(x0.shape[1:]), config, best)
     result = job.train(method, run, config.steps, config.variant, final_lr_fraction=1.0, betas=config.betas)
     selected = best.select(evaluation.keep_best)
-    training = training_record(config)
+    training = training_record(config, job.inputs)
     training["target_modules"] = list(run.lora.target_modules) or f"{len(spec.target_modules)} ({config.variant})"
     job.on_main(lambda: write_one_step_student(student, job.out, method="gdd", teacher=job.teacher, extra={
         "variant": config.variant, "gan_loss": config.gan_loss,

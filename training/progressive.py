@@ -178,7 +178,7 @@ def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
                     "round": f"{2 * n}->{n}", "rounds": [f"{2 * m}->{m}" for m in rounds],
                     "teacher_sampler": "ddim", "distilled_at_guidance": distilled_guidance(config),
                     "final_loss": result.loss,
-                    "training": training_record(config), **cost_record(seconds, job.accelerator)}))
+                    "training": training_record(config, job.inputs), **cost_record(seconds, job.accelerator)}))
     return ProgressiveResult(path=paths[rounds[-1]], round_paths=paths, losses=losses)
 
 

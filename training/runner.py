@@ -78,6 +78,7 @@ class Job:
             method that trains on data.
         evaluate: the one-step methods' evaluate hook (``one_step.Evaluate``), or None.
         accelerator: an ``accelerate.Accelerator``; one is made if None.
+        inputs: a digest of what each input file held (:func:`input_contents`), recorded in the file written.
     """
 
     pipe: Any
@@ -88,6 +89,7 @@ class Job:
     data: Callable | None = None
     evaluate: Callable | None = None
     accelerator: Any = None
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         from accelerate import Accelerator
@@ -216,6 +218,7 @@ def execute(plan: Plan):
     pipe = load_teacher(run.teacher, getattr(torch, run.dtype), tokenizer=run.tokenizer,
                         prediction_type=run.prediction_type)
     check_work_folder(run.work, plan.method, config, accelerator, pipe, contents)
+    config = with_teacher_values(config, pipe)  # what ran, as the files written record it
     data = None
     source = _data_source(config)
     if source is not None:
@@ -239,7 +242,7 @@ def execute(plan: Plan):
     evaluate = (plan.preset.evaluation(pipe, evaluation.eval_samples)
                 if evaluation is not None and evaluation.eval_every else None)
     job = Job(pipe, run.out, run.work, teacher=plan.teacher_name, prompts=plan.prompts, data=data,
-              evaluate=evaluate, accelerator=accelerator)
+              evaluate=evaluate, accelerator=accelerator, inputs=contents)
     del pipe  # the job holds the teacher: a method that is done with it can let it go
     result = plan.entry.train(job, config)
     if accelerator.is_main_process:
@@ -277,13 +280,11 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator, pi
 
     path = work / SETTINGS_FILE
     contents = input_contents(config) if contents is None else contents
+    left_to_teacher = {f.name for f, _, _ in leaves(config) if f.metadata.get("teacher_default")}
+    if pipe is not None:
+        config = with_teacher_values(config, pipe)
     mine = json.loads(json.dumps({"method": method, "processes": accelerator.num_processes,
                                   **record(config, changeable=False), **contents}))
-    left_to_teacher = {f.name: f.metadata["teacher_default"] for f, _, _ in leaves(config)
-                       if f.metadata.get("teacher_default")}
-    if pipe is not None:
-        values = _teacher_values(pipe)
-        mine.update({k: values[what] for k, what in left_to_teacher.items() if mine.get(k) is None})
     if path.is_file() and _holds_work(work, CHECKPOINT_NAME):
         theirs = json.loads(path.read_text())
         changed = []
@@ -314,11 +315,15 @@ def _holds_work(work: Path, checkpoint_name: str) -> bool:
 CONTENT_KEY = "content of "  # a settings-file key: what an input file held, "content of --prompts"
 
 
-def _teacher_values(pipe) -> dict[str, Any]:
-    """What the settings declared ``teacher_default=`` become when left to this teacher."""
+def with_teacher_values(config: Settings, pipe) -> Settings:
+    """``config`` with every setting declared ``teacher_default=`` and left None set to the loaded teacher's
+    value of it: what the run does, so that the work folder and the file written record that."""
     size = pipe.unet.config.sample_size
-    return {"prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"), "latent_size": size,
-            "image_size": size * int(getattr(pipe, "vae_scale_factor", 8))}
+    values = {"prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"), "latent_size": size,
+              "image_size": size * int(getattr(pipe, "vae_scale_factor", 8))}
+    unset = {f.name: values[f.metadata["teacher_default"]] for f, _, value in leaves(config)
+             if f.metadata.get("teacher_default") and value is None}
+    return replace_settings(config, **unset) if unset else config
 
 
 def input_contents(config: Settings) -> dict[str, str]:

@@ -304,7 +304,7 @@ def train_sfd(job: Job, config: SFDConfig) -> SFDResult:
             "teacher_solver": "dpmpp_2m", "teacher_substeps": config.teacher_substeps,
             "teacher_from": config.teacher_from, "distance": config.distance,
             "distilled_at_guidance": distilled_guidance(config),
-            "nfe_conditioning": False, "final_loss": result.loss, "training": training_record(config),
+            "nfe_conditioning": False, "final_loss": result.loss, "training": training_record(config, job.inputs),
             **({"teacher_pool": {"draws": config.pool, "seconds": round(pool.seconds, 1)}} if pool else {}),
             **cost_record(seconds, job.accelerator)}))
     return SFDResult(path=job.out, nfes=sorted(method.timesteps), loss=result.loss)

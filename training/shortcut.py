@@ -358,7 +358,7 @@ def train_shortcut(job: Job, config: ShortcutConfig,
         "exp_karras_p": capture.get("scheduler_config", {}).get("exp_karras_p"),
         "guidance_scale": capture.get("guidance_scale"), "num_trajectories": len(data.final),
         "heldout_trajectories": len(held_ids), "heldout_psnr": psnr,
-        "psnr_peak": "max - min of the held-out target latents", "training": training_record(config),
+        "psnr_peak": "max - min of the held-out target latents", "training": training_record(config, job.inputs),
         **cost_record(seconds, accelerator),  # the training loop only: capturing trajectories is not counted
     }
     shortcut = shortcut.float().cpu().eval()
