@@ -26,6 +26,16 @@ def handoff_timestep(sigma: torch.Tensor | float, sigma_table: torch.Tensor) -> 
     return int(sigma_to_model_timestep(sigma, torch.as_tensor(sigma_table).detach().cpu()))
 
 
+def check_handoff_step(handoff_step: int, steps: int) -> None:
+    """The hand-off must leave at least one teacher step before it and one it replaces
+    (``steps``: the run's teacher steps, the hand-off step's included). Both front doors call it."""
+    if steps < 2:
+        raise ValueError(f"the shortcut takes over after 1 or more of at least 2 sampling steps; this run has {steps}")
+    if not 1 <= handoff_step < steps:
+        raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
+                         f"{steps} sampling steps")
+
+
 def check_teacher(shortcut: TwoStageShortcut, unet_shape_fingerprint: str, model: str = "this model") -> None:
     """Refuse (ValueError) a model other than the one the shortcut was distilled from, told apart by the
     fingerprint of its UNet's parameter shapes (``student_file.shape_fingerprint``; a shortcut that records no

@@ -17,8 +17,8 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..models.handoff import (check_handoff_at_sigma, check_teacher, fitting_steps_hint, handoff_steps_in_band,
-                              shortcut_from_ve)
+from ..models.handoff import (check_handoff_at_sigma, check_handoff_step, check_teacher, fitting_steps_hint,
+                              handoff_steps_in_band, shortcut_from_ve)
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
 from .model_identity import check_checkpoint_noise_table, unet_shape_fingerprint
@@ -80,15 +80,6 @@ def register():
         extensions.add(".safetensors")
     else:
         extensions.append(".safetensors")
-
-
-def check_handoff_step(handoff_step: int, steps: int) -> None:
-    """The hand-off must leave at least one teacher step before it and one it replaces."""
-    if steps < 2:
-        raise ValueError(f"the shortcut takes over after 1 or more of at least 2 sampling steps; this run has {steps}")
-    if not 1 <= handoff_step < steps:
-        raise ValueError(f"handoff_step={handoff_step}: the shortcut takes over after 1 to {steps - 1} of the "
-                         f"{steps} sampling steps")
 
 
 def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ..models.handoff import check_teacher, fitting_steps_hint, shortcut_from_vp
+from ..models.handoff import check_handoff_step, check_teacher, fitting_steps_hint, shortcut_from_vp
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
 from ..models.student_file import shape_fingerprint, unet_parameter_shapes
@@ -26,15 +26,20 @@ def next_unet_input(pipe, steps_done: int, latents: torch.Tensor) -> tuple[torch
     return pipe.scheduler.scale_model_input(latents, t), t
 
 
+def _run_start(pipe, steps_done: int) -> int:
+    """Index in ``pipe.scheduler.timesteps`` of this run's first UNet call (an img2img run skips some)."""
+    scheduler = pipe.scheduler
+    if getattr(scheduler, "step_index", None) is not None:  # it counts the steps an img2img run skipped too
+        return scheduler.step_index - steps_done
+    # DDIM, PNDM: the run is the last pipe._num_timesteps of the scheduler's timesteps
+    run = getattr(pipe, "_num_timesteps", None)
+    return len(scheduler.timesteps) - run if isinstance(run, int) and run <= len(scheduler.timesteps) else 0
+
+
 def _timestep_index(pipe, steps_done: int, ahead: int = 0) -> int:
     """Index in ``pipe.scheduler.timesteps`` of the UNet call ``ahead`` calls after the next one."""
     scheduler = pipe.scheduler
-    if getattr(scheduler, "step_index", None) is not None:  # it counts the steps an img2img run skipped too
-        index = scheduler.step_index + ahead
-    else:  # DDIM, PNDM: the run is the last pipe._num_timesteps of the scheduler's timesteps
-        run = getattr(pipe, "_num_timesteps", None)
-        skipped = len(scheduler.timesteps) - run if isinstance(run, int) and run <= len(scheduler.timesteps) else 0
-        index = skipped + steps_done + ahead
+    index = _run_start(pipe, steps_done) + steps_done + ahead
     if index >= len(scheduler.timesteps):
         raise ValueError(f"a {len(scheduler.timesteps)}-step run has no step left after step {steps_done + ahead} "
                          "to hand off at; hand off earlier (handoff_step < num_inference_steps) or run more steps")
@@ -60,6 +65,9 @@ class ShortcutCallback:
         force: hand off even when the timestep lies outside the band the shortcut was trained for
             (otherwise a ValueError is raised at the first step, before any more UNet calls).
 
+    A hand-off that leaves no step to replace (``handoff_step >= num_inference_steps``) is refused at the first
+    step with the message ComfyUI's Shortcut nodes give (``models.handoff.check_handoff_step``).
+
     A pipeline whose UNet is not the shortcut's teacher (by the shapes of its parameters) is refused at the first
     step. The shortcut computes in that UNet's dtype, whatever its file stores (``distill shortcut --save-dtype``).
 
@@ -84,6 +92,7 @@ class ShortcutCallback:
         if steps_done > self.handoff_step:
             return callback_kwargs
         if step_index == 0:
+            check_handoff_step(self.handoff_step, len(pipe.scheduler.timesteps) - _run_start(pipe, steps_done))
             check_teacher(self.shortcut, shape_fingerprint(unet_parameter_shapes(pipe.unet)), "the pipeline's UNet")
             self.shortcut.to(pipe.unet.dtype)  # computes in the UNet's dtype, whatever the file stores
         latents = callback_kwargs["latents"]

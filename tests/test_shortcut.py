@@ -224,6 +224,13 @@ def test_an_image_to_image_run_hands_off_at_the_timestep_after_its_kth_step(tiny
         handle.remove()
     run = img2img.scheduler.timesteps[-img2img._num_timesteps:].tolist()
     assert [float(t) for _, t in calls] == run[:2] and seen == [run[2]]
+    # a hand-off after the run's last call is refused at its first: the run's steps, not the scheduler's
+    with pytest.raises(ValueError, match=f"handoff_step={len(run)}: the shortcut takes over after 1 to "
+                                         f"{len(run) - 1} of the {len(run)} sampling steps"):
+        with unet_calls(img2img) as calls:
+            img2img("bag", image=image, strength=0.5, num_inference_steps=10, guidance_scale=1.0,
+                    output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, handoff_step=len(run)))
+    assert len(calls) == 1
 
 
 def test_the_vae_decodes_the_shortcuts_latent(pipe, shortcut):
@@ -265,8 +272,11 @@ def test_callback_takes_a_file_path_and_refuses_a_handoff_with_no_step_left(pipe
     callback = ShortcutCallback(str(path), handoff_step=2)
     assert callback.shortcut.teacher == "tiny"
     assert run(pipe, "bag", 0, output_type="latent", callback_on_step_end=callback).shape == (1, 4, 16, 16)
-    with pytest.raises(ValueError, match="no step left"):
-        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, STEPS))
+    with pytest.raises(ValueError, match=f"handoff_step={STEPS}: the shortcut takes over after 1 to {STEPS - 1} of "
+                                         f"the {STEPS} sampling steps"):  # at the first step, as ComfyUI words it
+        with unet_calls(pipe) as calls:
+            run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, STEPS))
+    assert len(calls) == 1
     with pytest.raises(ValueError, match="handoff_step"):
         ShortcutCallback(shortcut, 0)
 
