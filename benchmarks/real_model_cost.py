@@ -3,10 +3,11 @@ and SDXL-size models built with random weights on the meta device (nothing is al
 
 Measured: FLOPs with torch's FLOP counter (every matrix product and convolution, attention included) over one
 forward pass, or over one LoRA training pass (forward, then backward through the frozen UNet to the LoRA
-weights; the NAFNet's full training pass is three forwards' worth); the activations a training pass keeps for its backward (autograd's saved tensors, each storage once,
-weights excluded, attention keeping what a GPU's memory-efficient kernel keeps: q, k, v, output and log-sum-exp,
-not the score matrix); parameter counts. Estimated: time = FLOPs / the sustained rate given (--tflops), memory =
-weights + batch x activations (bfloat16) + the LoRA's optimizer state.
+weights; the NAFNet's full training pass is three forwards' worth); the activations a training pass keeps for its
+backward (autograd's saved tensors, each storage once, weights excluded, attention keeping what a GPU's
+memory-efficient kernel keeps: q, k, v, output and log-sum-exp, not the score matrix); parameter counts.
+Estimated: time = FLOPs / the sustained rate given (--tflops), memory = weights + batch x activations (bfloat16)
++ the LoRA's optimizer state.
 Run: python benchmarks/real_model_cost.py [--tflops 100]
 """
 

@@ -29,7 +29,8 @@ def main():
     short_s = median_seconds(lambda: shortcut(x, t), repeats=5)
     print(f"threads: {torch.get_num_threads()}, latent 1x4x64x64")
     print(f"SD1.5-size UNet : {unet_params / 1e6:7.1f} M params, {unet_macs / 1e9:7.1f} GMACs, {unet_s * 1e3:9.1f} ms")
-    print(f"shortcut (2 stg): {short_params / 1e6:7.1f} M params, {short_macs / 1e9:7.2f} GMACs, {short_s * 1e3:9.1f} ms")
+    print(f"shortcut (2 stg): {short_params / 1e6:7.1f} M params, {short_macs / 1e9:7.2f} GMACs, "
+          f"{short_s * 1e3:9.1f} ms")
     print(f"shortcut / UNet : MACs {100 * short_macs / unet_macs:.1f} %, time {100 * short_s / unet_s:.1f} %"
           " (paper: about 6 %)")
 

@@ -861,7 +861,8 @@ def cost_goals(results: Results) -> dict[str, Goal]:
     for f in sorted(results.students, key=lambda f: f.file):
         goal = f"`{f.file}` distilled in at most {100 * COST_SHARE_GOAL:.0f} % of the teacher's training"
         if f.train_seconds is None or teacher_cost is None:
-            what = "not recorded" if f.train_seconds is None else "the teacher's cost is not measured (`--groups costs`)"
+            what = ("not recorded" if f.train_seconds is None
+                    else "the teacher's cost is not measured (`--groups costs`)")
             goals[f.file] = Goal("costs", goal, what, None)
         elif f.threads is not None and f.threads != teacher_cost.threads:
             goals[f.file] = Goal("costs", goal, f"{f.train_seconds / 60:.1f} min on {f.threads} thread(s), the "
@@ -976,8 +977,8 @@ def schedules_section(results: Results, plots: Path) -> list[str]:
 
 def exp_karras_verdict_section(results: Results) -> list[str]:
     lines = ["### Does exp_karras beat karras?", "",
-             f"Paired over the same seed sets: FD({EXP_KARRAS.label}) − FD({KARRAS.label}); negative means exp_karras "
-             "is better.", "", "| NFE | difference | seed sets | verdict |", "|---|---|---|---|"]
+             f"Paired over the same seed sets: FD({EXP_KARRAS.label}) − FD({KARRAS.label}); negative means "
+             "exp_karras is better.", "", "| NFE | difference | seed sets | verdict |", "|---|---|---|---|"]
     for nfe in NFES:
         p = results.paired(teacher_on(EXP_KARRAS, nfe), teacher_on(KARRAS, nfe))
         if p:

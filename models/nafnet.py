@@ -95,7 +95,8 @@ class TimeEmbedNAFNet(nn.Module):
                  in_channels: int = 4, out_channels: int = 4, time_dim: int | None = None):
         super().__init__()
         if len(enc_blocks) != len(dec_blocks):
-            raise ValueError(f"enc_blocks {list(enc_blocks)} and dec_blocks {list(dec_blocks)} need one entry per level")
+            raise ValueError(f"enc_blocks {list(enc_blocks)} and dec_blocks {list(dec_blocks)} need one entry per "
+                             "level")
         time_dim = time_dim or 4 * width
         self.config = dict(width=width, enc_blocks=list(enc_blocks), middle_blocks=middle_blocks,
                            dec_blocks=list(dec_blocks), in_channels=in_channels, out_channels=out_channels,

@@ -50,7 +50,8 @@ def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: t
     if not 0 <= lo <= hi <= 1000:
         raise ValueError(f"t_band must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1000, got {tuple(t_band)}")
     if not isinstance(teacher_unet_shape_fingerprint, str) or not teacher_unet_shape_fingerprint:
-        raise ValueError(f"teacher_unet_shape_fingerprint must be a non-empty string, got {teacher_unet_shape_fingerprint!r}")
+        raise ValueError("teacher_unet_shape_fingerprint must be a non-empty string, "
+                         f"got {teacher_unet_shape_fingerprint!r}")
     if latent_channels != model.stage1.config["in_channels"]:
         raise ValueError(f"latent_channels={latent_channels} but stage 1 takes {model.stage1.config['in_channels']}")
     metadata = {

@@ -78,8 +78,8 @@ class SFDConfig(Settings):
     nfes: tuple[int, ...] = setting((2, 3, 4, 5), ge=1, flag="--nfe", metavar="N",
                                     help="the NFEs the student is trained for (one LoRA for all)")
     default_nfe: int = setting(4, ge=1, help="the NFE the file samples at when none is asked for")
-    schedule_p: float = setting(0.0, ge=0, le=EXP_KARRAS_P_MAX, help="the student's timesteps: 0, the trailing grid (uniform in t); "
-                                                "> 0, exp-Karras spacing")
+    schedule_p: float = setting(0.0, ge=0, le=EXP_KARRAS_P_MAX, help="the student's timesteps: 0, the trailing grid "
+                                                                      "(uniform in t); > 0, exp-Karras spacing")
     teacher_substeps: int = setting(4, ge=1, help="DPM-Solver++(2M) teacher steps per student step")
     teacher_from: str = setting("teacher", choices=TEACHER_FROM,
                                 help="the teacher continues its own trajectory (Algorithm 2) or restarts from the "

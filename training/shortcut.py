@@ -85,9 +85,10 @@ class ShortcutConfig(Settings):
             raise SettingError("teacher_steps", f"each length once, got {list(self.teacher_steps)}")
         # Other schedules need the teacher's noise table: checked once it is loaded, before any capture.
         for n in self.teacher_steps if self.schedule == "exp_karras" else ():
-            if not band_steps(exp_karras_timesteps(n, self.exp_karras_p).round(), self.capture_band):
+            timesteps = exp_karras_timesteps(n, self.exp_karras_p).round()
+            if not band_steps(timesteps, self.capture_band):
                 raise SettingError("capture_band", f"no step of a {n}-step run hands off in {list(self.capture_band)} "
-                                                   f"(its timesteps: {exp_karras_timesteps(n, self.exp_karras_p).round().int().tolist()})")
+                                                   f"(its timesteps: {timesteps.int().tolist()})")
         for name in ("height", "width"):
             if getattr(self, name) is not None and getattr(self, name) % 8:
                 raise SettingError(name, f"must be a multiple of 8 (the VAE's scale), got {getattr(self, name)}")
@@ -351,8 +352,9 @@ def train_shortcut(job: Job, config: ShortcutConfig,
     capture = data.config
     extra = {
         "method": "shortcut",
-        "captured": [{"num_inference_steps": c.config["num_inference_steps"], "capture_steps": c.config["capture_steps"],
-                      "timesteps": c.timesteps.tolist()} for c in captures],
+        "captured": [{"num_inference_steps": c.config["num_inference_steps"],
+                      "capture_steps": c.config["capture_steps"], "timesteps": c.timesteps.tolist()}
+                     for c in captures],
         "scheduler": capture.get("scheduler"),
         "schedule": capture.get("schedule", "exp_karras"), "schedule_params": capture.get("schedule_params") or {},
         "exp_karras_p": capture.get("scheduler_config", {}).get("exp_karras_p"),
