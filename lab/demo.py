@@ -45,7 +45,7 @@ def main(argv=None):
         callback = ShortcutCallback(SHORTCUT_PATH, handoff_step=7)
         captured = callback.shortcut.metadata["extra"]["captured"]
         steps = next((c["num_inference_steps"] for c in captured if 7 in c["capture_steps"]), 12)
-        runs["shortcut_7+1"] = torch.tensor([*callback.sigmas(steps, pipe.scheduler), 0.0])
+        runs["shortcut_7+1"] = torch.tensor(callback.sigmas(steps, pipe.scheduler))
         callbacks["shortcut_7+1"] = callback
     evaluator = None
     if CLASSIFIER_PATH.is_file():

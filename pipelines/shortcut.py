@@ -119,10 +119,9 @@ class ShortcutCallback:
         return trained_schedule(self.shortcut)
 
     def sigmas(self, num_inference_steps: int, scheduler) -> list[float]:
-        """The ``num_inference_steps`` sigmas (without the final 0) of a run of the schedule the shortcut was trained
+        """The ``num_inference_steps + 1`` sigmas, ending at 0, of a run of the schedule the shortcut was trained
         on, on ``scheduler``'s noise table: ``pipe(..., sigmas=cb.sigmas(11, pipe.scheduler))`` with a scheduler
-        that takes sigmas (``ExpKarrasScheduler``, ``EulerDiscreteScheduler``)."""
+        that takes sigmas (``ExpKarrasScheduler``, ``EulerDiscreteScheduler``) runs those 11 steps."""
         name, params = self.schedule
         table = sigma_table(alphas_cumprod_from_config(scheduler.config))
-        sigmas = schedule_sigmas(name, num_inference_steps, table, **params)
-        return sigmas[:-1].tolist()
+        return schedule_sigmas(name, num_inference_steps, table, **params).tolist()

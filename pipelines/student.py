@@ -16,7 +16,8 @@ from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
 from ..models.student_file import StudentInfo, read_student, unet_mismatches
 from ..schedulers.few_step_presets import FewStepPreset
 from ..schedulers.scheduling_presets import preset_scheduler
-from ..schedulers.scheduling_student import StudentScheduler, model_prediction_type
+from ..schedulers.scheduling_exp_karras import model_prediction_type
+from ..schedulers.scheduling_student import StudentScheduler
 
 def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, adapter_name: str = "student",
                  scale: float = 1.0) -> StudentInfo | FewStepPreset:
@@ -54,7 +55,10 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
         scale: strength of the LoRA (1.0 = as trained; ComfyUI's ``strength_model``). A student whose output is read
             as another prediction than its teacher's (``info.prediction_type`` against ``teacher_prediction_type``)
             takes 1.0 only: at any other scale its output would mix the two; for the same reason, disabling or
-            deleting its adapter later calls for the pipeline's own scheduler back.
+            deleting its adapter later calls for a scheduler that reads the model's own output again:
+            ``ExpKarrasScheduler.from_config(pipe.scheduler.config)`` does; a diffusers scheduler built from the
+            student's config takes ``prediction_type=info.teacher_prediction_type``. While such a student is
+            active, a few-step LoRA read otherwise is refused (and the other way round).
 
     Returns:
         our student's metadata (method, schedules, sampler, guidance, ...), or the few-step preset applied.
@@ -84,6 +88,7 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
                          f"{info.teacher_prediction_type}: at scale {scale:g} the output would be part one, part the "
                          "other; use scale 1")
     _check_adapter_name(pipe, path, adapter_name)
+    _check_readings(pipe, path, info.prediction_type)
     try:
         scheduler = StudentScheduler.from_config(
             pipe.scheduler.config, nfe_schedules={str(k): v for k, v in info.nfe_schedules.items()},
@@ -100,6 +105,7 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
     pipe.scheduler = scheduler
+    _readings(pipe)[adapter_name] = info.prediction_type
     return info
 
 
@@ -111,6 +117,8 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if problems:
         raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
     _check_adapter_name(pipe, path, adapter_name)
+    reading = model_prediction_type(pipe.scheduler.config)
+    _check_readings(pipe, path, reading)
     scheduler = preset_scheduler(preset, pipe.scheduler.config, _default_steps(pipe))
 
     state = kohya_state_dict(resolved, two_text_encoders=getattr(pipe, "text_encoder_2", None) is not None)
@@ -126,6 +134,7 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
     pipe.scheduler = scheduler
+    _readings(pipe)[adapter_name] = reading
     return preset
 
 
@@ -152,6 +161,23 @@ def _adapted_layers(model, adapter_name: str) -> int:
     if model is None:
         return 0
     return sum(1 for m in model.modules() if adapter_name in (getattr(m, "lora_A", None) or {}))
+
+
+def _readings(pipe) -> dict[str, str]:
+    """adapter name -> how the sampler reads the UNet's output with that few-step LoRA on, for those loaded here."""
+    return pipe.__dict__.setdefault("_direct_distill_readings", {})
+
+
+def _check_readings(pipe, path, reading: str) -> None:
+    """Refuse a few-step LoRA whose output is read otherwise than that of one loaded before and still active (an x0
+    student, then an epsilon one): with both on, the output is part one, part the other, and neither samples."""
+    active = set(_active_adapters(pipe))
+    clash = {name: read for name, read in _readings(pipe).items() if name in active and read != reading}
+    if clash:
+        name, read = next(iter(clash.items()))
+        raise ValueError(f"{path}: the few-step LoRA {name!r} loaded before is still active and the UNet's output is "
+                         f"read as {read} with it, as {reading} with this one; delete it first "
+                         f"(pipe.delete_adapters({name!r})), then load this one")
 
 
 def _check_adapter_name(pipe, path, adapter_name: str) -> None:

@@ -31,9 +31,9 @@ class ImageToImageGuard:
             left = "nothing would be denoised" if begin_index >= run else \
                 f"{run - begin_index} of them would run, not the share of {run} the strength asks"
             raise ValueError(
-                f"an image-to-image run sliced off the first {begin_index} of {self._asked_steps} steps, but this "
-                f"scheduler samples {run}: {left}. Pass num_inference_steps with strength (one of "
-                f"{self._steps_hint()}); the run then keeps int(num_inference_steps x strength) of them")
+                f"an image-to-image run (strength or denoising_start) sliced off the first {begin_index} of "
+                f"{self._asked_steps} steps, but this scheduler samples {run}: {left}. Pass num_inference_steps (one "
+                f"of {self._steps_hint()}) with strength or denoising_start; the run then keeps its share of them")
         parent = getattr(super(), "set_begin_index", None)
         if parent is not None:
             return parent(begin_index)

@@ -26,6 +26,12 @@ _FOREIGN_SPACING_KEYS = ("interpolation_type", "sigma_min", "sigma_max", "timest
                          "preset", "pipeline_default_steps")  # the last two: a few-step preset's pinned steps
 # Keys only flow-matching schedulers' configs carry: such a model has no VP noise table to space.
 _FLOW_MATCHING_KEYS = ("shift", "base_shift", "max_shift")
+# A DPM-Solver config's solver choices: a student's scheduler steps with its own (DDIM or DPM++ 2M).
+SOLVER_KEYS = ("solver_order", "algorithm_type", "solver_type", "lower_order_final", "thresholding",
+               "dynamic_thresholding_ratio", "sample_max_value")
+# What a StudentScheduler's config holds of the student alone: its schedules, and the model's own prediction type
+# (its ``prediction_type`` is how the student's output is read).
+_STUDENT_KEYS = ("nfe_schedules", "default_nfe", "pipeline_default_steps", "teacher_prediction_type")
 
 
 class ExpKarrasScheduler(DPMSolverMultistepScheduler):
@@ -125,9 +131,13 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         """Builds the scheduler from any diffusers scheduler config (PNDM, DDIM, Euler, DPM, ...), dropping the
         settings that ask for another sigma spacing (use_karras_sigmas=True, timestep_spacing="leading", ...). The
         noise table is the source's own, also where it left it at its class's defaults (DDPM's linear 1e-4 to
-        0.02): diffusers' from_config would give those keys this class's defaults, SD's table."""
+        0.02): diffusers' from_config would give those keys this class's defaults, SD's table. From a student's
+        scheduler (``load_student``) it takes the model's prediction type and its own solver (:func:`models_config`):
+        the way back to the model once the student's adapter is deleted."""
         if config is not None:
-            config = with_defaults_kept(config)
+            config = models_config(config)
+            if config.get("algorithm_type") == "deis":  # DEIS's own solver: DPM-Solver++ is what this class runs
+                config["algorithm_type"] = "dpmsolver++"
             if (any(k in config for k in _FLOW_MATCHING_KEYS) or config.get("use_flow_sigmas")
                     or str(config.get("_class_name", "")).startswith("FlowMatch")):
                 raise ValueError("ExpKarrasScheduler: this scheduler config describes a flow-matching model (shift or "
@@ -168,7 +178,7 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         table = self._sigma_table
         end_at_sigma_min = self.config.final_sigmas_type == "sigma_min"
         if num_inference_steps is not None:
-            _check_steps(num_inference_steps)
+            num_inference_steps = _check_steps(num_inference_steps)
             # lambda_min_clipped: the schedule starts at the last timestep whose log-SNR, -log(sigma), reaches it.
             usable = int((-table.log() >= self.config.lambda_min_clipped).sum())
             if usable < 2:
@@ -183,6 +193,10 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
             values = torch.as_tensor(sigmas if sigmas is not None else timesteps, dtype=torch.float64).flatten()
             if values.numel() == 0 or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
                 raise ValueError("ExpKarrasScheduler.set_timesteps: sigmas/timesteps must be finite and >= 0")
+            last = self.config.num_train_timesteps - 1
+            if timesteps is not None and bool((values.round() > last).any()):  # exact fractional ones pass
+                raise ValueError(f"ExpKarrasScheduler.set_timesteps: timesteps must lie in 0..{last} (the model's "
+                                 f"training timesteps), got {values.max().item():g}")
             steps = t_to_sigma(values, table) if timesteps is not None else values
             if steps[-1] == 0:
                 steps = steps[:-1]
@@ -218,3 +232,19 @@ def with_defaults_kept(config) -> dict:
     config = dict(config)
     config.pop("_use_default_values", None)
     return config
+
+
+def model_prediction_type(config) -> str:
+    """What the model under a pipeline's scheduler predicts: a StudentScheduler's config reads the student's output
+    as ``prediction_type`` and keeps the model's own as ``teacher_prediction_type``."""
+    return config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
+
+
+def models_config(config) -> dict:
+    """:func:`with_defaults_kept` of a pipeline's scheduler config, as the model's: where it is a student's
+    scheduler config, the model's prediction type, and neither the student's schedules nor its solver."""
+    config = with_defaults_kept(config)
+    if "nfe_schedules" not in config:
+        return config
+    kept = {k: v for k, v in config.items() if k not in _STUDENT_KEYS + SOLVER_KEYS}
+    return {**kept, "prediction_type": model_prediction_type(config)}

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from .few_step_presets import PRESETS, FewStepPreset, describe_nfes
 from .pinned_steps import ImageToImageGuard
-from .scheduling_student import model_prediction_type
+from .scheduling_exp_karras import model_prediction_type
 
 
 class _PinnedTimesteps(ImageToImageGuard):

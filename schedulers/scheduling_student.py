@@ -12,19 +12,11 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 
 from .noise import sigma_to_model_timestep, vp_sigma_table
 from .pinned_steps import ImageToImageGuard
-from .scheduling_exp_karras import with_defaults_kept
-
+from .scheduling_exp_karras import SOLVER_KEYS, with_defaults_kept
 
 # What a pipeline's scheduler config may carry that is not the student's: the schedule parameter of another
 # scheduler, a preset's name, and solver choices (a student steps as it was trained, DDIM or DPM++ 2M).
-_NOT_THE_STUDENTS = ("exp_karras_p", "preset", "solver_order", "algorithm_type", "solver_type", "lower_order_final",
-                     "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
-
-
-def model_prediction_type(config) -> str:
-    """What the model under a pipeline's scheduler predicts: a StudentScheduler's config reads the student's output
-    as ``prediction_type`` and keeps the model's own as ``teacher_prediction_type``."""
-    return config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
+_NOT_THE_STUDENTS = ("exp_karras_p", "preset") + SOLVER_KEYS
 
 
 class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):

@@ -6,15 +6,22 @@ timestep, ascending (:func:`~.noise.sigma_table`, or ComfyUI's ``model_sampling.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 from .noise import sigma_table, t_to_sigma
 
 
-def _check_steps(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+def _check_steps(n: int) -> int:
+    """``n`` as an int (numpy and 0-d tensor integers too), or ValueError unless it is an integer >= 1."""
+    try:
+        steps = None if isinstance(n, bool) else operator.index(n)
+    except TypeError:
+        steps = None
+    if steps is None or steps < 1:
         raise ValueError(f"number of steps must be an integer >= 1, got {n!r}")
+    return steps
 
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:

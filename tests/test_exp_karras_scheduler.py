@@ -349,3 +349,33 @@ def test_final_sigma_min_takes_n_real_steps_to_sigma_min():
                                .float())
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(run_diffusers(sched, x)).all()
+
+
+def test_step_counts_may_be_numpy_or_tensor_integers_and_timesteps_stay_within_the_table():
+    reference = ExpKarrasScheduler()
+    reference.set_timesteps(4)
+    for n in (np.int64(4), torch.tensor(4)):  # as diffusers' own schedulers take them
+        scheduler = ExpKarrasScheduler()
+        scheduler.set_timesteps(n)
+        assert torch.equal(scheduler.timesteps, reference.timesteps) and torch.equal(scheduler.sigmas, reference.sigmas)
+    for n in (4.0, True, 0, "4"):
+        with pytest.raises(ValueError, match="number of steps must be an integer >= 1"):
+            ExpKarrasScheduler().set_timesteps(n)
+    scheduler = ExpKarrasScheduler()
+    scheduler.set_timesteps(timesteps=[999, 100])
+    assert scheduler.timesteps.tolist() == [999, 100]
+    for timesteps in ([1500, 100], [1000, 500, 100]):  # were clamped to 999 without a word
+        with pytest.raises(ValueError, match=r"timesteps must lie in 0\.\.999 \(the model's training timesteps\), "
+                                             f"got {timesteps[0]}"):
+            scheduler.set_timesteps(timesteps=timesteps)
+
+
+def test_a_deis_config_gives_dpm_solver_plus_plus_on_its_noise_table():
+    from diffusers import DEISMultistepScheduler
+
+    source = DEISMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = ExpKarrasScheduler.from_config(source.config)
+    assert (scheduler.config.algorithm_type, scheduler.config.solver_order) == ("dpmsolver++", 2)
+    torch.testing.assert_close(scheduler.alphas_cumprod, source.alphas_cumprod)
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps.tolist() == exp_karras_timesteps(4, 1.0).round().int().tolist()

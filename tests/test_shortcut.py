@@ -312,20 +312,30 @@ def test_callback_gives_the_sigmas_of_the_schedule_the_shortcut_was_trained_on(p
     table = sigma_table(alphas_cumprod_from_config(pipe.scheduler.config))  # float64, as the capture's
     # Built in code, or a file from before the schedule was recorded: exp_karras p=1, the capture's default.
     assert ShortcutCallback(shortcut, 3).sigmas(8, pipe.scheduler) == pytest.approx(
-        schedule_sigmas("exp_karras", 8, table, p=1.0)[:-1].tolist())
+        schedule_sigmas("exp_karras", 8, table, p=1.0).tolist())
     path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
                          teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4,
                          extra={"schedule": "beta", "exp_karras_p": 1.0})
     callback = ShortcutCallback(str(path), handoff_step=3)
     assert callback.schedule == ("beta", {})
     sigmas = callback.sigmas(8, pipe.scheduler)
-    assert sigmas == pytest.approx(schedule_sigmas("beta", 8, table)[:-1].tolist())
+    assert sigmas == pytest.approx(schedule_sigmas("beta", 8, table).tolist()) and sigmas[-1] == 0
     with unet_calls(pipe) as calls:  # an 8-step beta run handed off after 3 steps
         pipe("bag", sigmas=sigmas, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
              output_type="latent", callback_on_step_end=callback)
     assert len(calls) == 3
     pipe.scheduler.set_timesteps(sigmas=sigmas)
     assert [float(t) for _, t in calls] == pipe.scheduler.timesteps[:3].tolist()
+    # Euler, SDXL's default, reads the last of the sigmas given as where the run ends: the same 8 steps to 0
+    import diffusers
+
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler.set_timesteps(sigmas=sigmas)
+    assert len(pipe.scheduler.timesteps) == 8 and pipe.scheduler.sigmas[-1] == 0
+    with unet_calls(pipe) as calls:  # handing off after 7 of the 8 is a valid hand-off of that run
+        pipe("bag", sigmas=sigmas, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+             output_type="latent", callback_on_step_end=ShortcutCallback(str(path), handoff_step=7, force=True))
+    assert len(calls) == 7
 
 
 def test_an_sdxl_shortcut_of_align_your_steps_runs_sdxls_own_table(pipe, shortcut, tmp_path):
@@ -343,7 +353,7 @@ def test_an_sdxl_shortcut_of_align_your_steps_runs_sdxls_own_table(pipe, shortcu
                          extra={"schedule": "align_your_steps", "schedule_params": {"model": "SDXL"}})
     callback = ShortcutCallback(str(path), handoff_step=3)
     assert callback.schedule == ("align_your_steps", {"model": "SDXL"})
-    assert callback.sigmas(10, pipe.scheduler) == pytest.approx(align_your_steps_sigmas(10, "SDXL")[:-1].tolist())
+    assert callback.sigmas(10, pipe.scheduler) == pytest.approx(align_your_steps_sigmas(10, "SDXL").tolist())
     assert not torch.allclose(align_your_steps_sigmas(10, "SDXL"), align_your_steps_sigmas(10, "SD1"))
 
 

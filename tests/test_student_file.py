@@ -192,8 +192,8 @@ def test_image_to_image_runs_the_students_own_steps_or_says_what_to_pass(student
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     calls = UNetCalls(pipe.unet)
     with pytest.raises(ValueError, match=r"sliced off the first 25 of 50 steps, but this scheduler samples 4: nothing "
-                                         r"would be denoised. Pass num_inference_steps with strength \(one of this "
-                                         r"student's 1, 2, 4\)"):
+                                         r"would be denoised. Pass num_inference_steps \(one of this student's 1, 2, "
+                                         r"4\) with strength or denoising_start"):
         img2img("a shirt", image=image, strength=0.5, guidance_scale=1.0, output_type="latent")
     assert calls.calls == []
     # at 0.95, step 3 of the 4: one step where 3.8 were meant

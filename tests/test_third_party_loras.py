@@ -20,6 +20,7 @@ from direct_distill.models.io import FileFormatError, read_safetensors
 from direct_distill.models.lora_layouts import LoraLayoutError, parse_lora, resolve_layers, sgm_names
 from direct_distill.models.stamp import stamp
 from direct_distill.pipelines import load_student
+from direct_distill.schedulers import ExpKarrasScheduler
 from direct_distill.schedulers.few_step_presets import PRESETS, presets_for
 from direct_distill.schedulers import ExpKarrasScheduler, student_schedules
 from direct_distill.schedulers.scheduling_presets import preset_scheduler
@@ -280,7 +281,7 @@ def test_image_to_image_with_a_preset_runs_its_steps_or_says_what_to_pass(sd15_p
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     timesteps = []
     pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(int(args[1].flatten()[0])))
-    with pytest.raises(ValueError, match=f"Pass num_inference_steps with strength \\(one of preset {preset}'s"):
+    with pytest.raises(ValueError, match=f"Pass num_inference_steps \\(one of preset {preset}'s"):
         img2img("a shirt", image=image, strength=0.5, guidance_scale=1.0, output_type="latent")
     img2img("a shirt", image=image, strength=0.5, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
     assert timesteps == last_two
@@ -401,10 +402,22 @@ def test_a_preset_after_a_student_of_ours_reads_the_models_own_prediction(sd15_p
                                                                       teacher_prediction_type="epsilon"))
     load_student(pipe, ours)
     assert pipe.scheduler.config.prediction_type == "sample"
-    pipe.delete_adapters("student")
     lcm = write_release(tmp_path / "lcm.safetensors", release_layers(pipe)[0], "kohya")
+    # with the x0 student still on, the LCM-LoRA read as epsilon would sample neither: refused, nothing changed
+    with pytest.raises(ValueError, match="lcm.safetensors: the few-step LoRA 'student' loaded before is still active "
+                                         "and the UNet's output is read as sample with it, as epsilon with this one"):
+        load_student(pipe, lcm, preset="lcm-sd15", adapter_name="lcm")
+    assert pipe.scheduler.config.prediction_type == "sample" and "lcm" not in pipe.unet.peft_config
+    pipe.delete_adapters("student")
+    # the way back to the model: ExpKarras from the student's config reads the model's output, with its own solver
+    back = ExpKarrasScheduler.from_config(pipe.scheduler.config)
+    assert (back.config.prediction_type, back.config.solver_order) == ("epsilon", 2)
+    assert "nfe_schedules" not in back.config and "teacher_prediction_type" not in back.config
     load_student(pipe, lcm, preset="lcm-sd15", adapter_name="lcm")
     assert pipe.scheduler.config.prediction_type == "epsilon"
+    # and the other way round: the LCM-LoRA on, an x0 student is refused
+    with pytest.raises(ValueError, match="ours.safetensors: the few-step LoRA 'lcm' loaded before is still active"):
+        load_student(pipe, ours, adapter_name="ours")
 
 
 def test_a_direct_distill_student_takes_no_preset(tmp_path):
