@@ -24,10 +24,15 @@ def main(argv=None):
     if args.steps < 1 or args.per_class < 1:
         parser.error("--steps and --per-class must be >= 1")
 
-    from .benchmark import Results, save_grid, student_row_name
+    from .benchmark import Results, ResultsFileError, save_grid, student_row_name
     from .sampling import sample_teacher, load_teacher
 
-    guidance = args.guidance if args.guidance is not None else (Results.load().best_guidance or 2.0)
+    guidance = args.guidance
+    if guidance is None:
+        try:
+            guidance = Results.load().best_guidance or 2.0
+        except ResultsFileError as err:
+            parser.exit(1, f"{parser.prog}: {err}; or pass --guidance\n")
     pipe = load_teacher()
     ac = pipe.scheduler.alphas_cumprod
     table = sigma_table(ac)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from direct_distill.lab.benchmark import (EXP_KARRAS, KARRAS, Config, ONE_STEP_START, REAL_FLOOR, VAE_FLOOR, Bench,
-                                          Evaluation, Floor, Results, Run, StudentFile, TeacherCost, goals,
+                                          Evaluation, Floor, Results, ResultsFileError, Run, StudentFile,
+                                          TeacherCost, goals,
                                           main, run_costs, run_floors, run_schedules, schedule, teacher_on,
                                           write_report)
 from direct_distill.lab.data import DATA_DIR
@@ -423,3 +424,43 @@ def test_a_results_file_never_mixes_teachers(tmp_path, lab_bench_parts):
         tiny_bench(tmp_path, lab_bench_parts, teacher_id="retrained")
     fresh = tiny_bench(tmp_path, lab_bench_parts, teacher_id="retrained", fresh=True)
     assert fresh.results.runs == [] and Results.load(tmp_path / "results.json").teacher == "retrained"
+
+
+@needs_data
+def test_a_results_file_never_mixes_sample_counts_and_a_broken_one_is_named(tmp_path, lab_bench_parts):
+    path = tmp_path / "results.json"
+    bench = tiny_bench(tmp_path, lab_bench_parts)
+    bench.save(Results(runs=[run("schedule", "karras", 8, 0, 1.0)]))  # a row of 1000 samples
+    before = path.read_bytes()
+    with pytest.raises(ResultsFileError, match=f"{path} holds rows of 1000 samples; rows of 10 would be compared "
+                                               "with them and replace them: run with --samples 1000"):
+        tiny_bench(tmp_path, lab_bench_parts)
+    assert path.read_bytes() == before
+    path.write_text(before.decode()[:50])  # cut short, as by a full disk
+    with pytest.raises(ResultsFileError, match=f"{path}: not a results file this benchmark reads "
+                                               r"\(JSONDecodeError: .*\); restore it \(git checkout\) or start a new "
+                                               "one with --fresh"):
+        Results.load(path)
+    row = json.loads(before)
+    row["runs"][0]["note"] = "a key of a newer format"
+    path.write_text(json.dumps(row))
+    with pytest.raises(ResultsFileError, match="TypeError"):
+        Results.load(path)
+    assert tiny_bench(tmp_path, lab_bench_parts, fresh=True).results.runs == []  # --fresh does not read it
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "15"], "--samples must be a multiple of 10"),
+    (["--samples", "0"], "--samples must be a multiple of 10"),
+    (["--guidance", "0.5", "--groups", "schedules"], "--guidance must be a finite number >= 1, got 0.5"),
+    (["--guidance", "nan", "--groups", "schedules"], "--guidance must be a finite number >= 1, got nan"),
+    (["--guidance", "2"], "--guidance sets the CFG the cfg group's sweep would choose: leave out one of them "
+                          "(--groups floors,schedules)"),
+])
+def test_benchmark_options_are_checked_before_anything_loads(args, message, capsys, monkeypatch):
+    import direct_distill.lab.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "Bench", lambda *a, **k: pytest.fail("the benchmark started"))
+    with pytest.raises(SystemExit):
+        benchmark.main(args)
+    assert message in capsys.readouterr().err
