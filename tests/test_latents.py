@@ -175,6 +175,34 @@ def test_an_unreadable_image_is_one_line_naming_it(teacher_file, tmp_path):
                       "--out", str(tmp_path / "x.safetensors")])
 
 
+def test_an_image_past_pils_pixel_limit_is_one_line_naming_it(teacher_file, tmp_path, monkeypatch):
+    from PIL import Image
+
+    path, _ = teacher_file
+    folder = small_folder(tmp_path / "images", n=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 32x32 images as a 20000x20000 one is to PIL's default
+    with pytest.raises(SystemExit, match=r"^latents: .*im0.png: too large to decode safely \(Image size \(1024 "
+                                         r"pixels\) exceeds limit .*\); downscale it"):
+        latents.main(["--teacher", str(path), "--data", str(folder), "--size", "32",
+                      "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_a_vae_that_overflows_float16_is_one_line_from_the_command(teacher_file, tmp_path, monkeypatch):
+    import copy
+
+    path, vae = teacher_file
+    vae = copy.deepcopy(vae)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e3)
+        vae.encoder.conv_in.bias.fill_(6e4)
+    monkeypatch.setattr(latents, "load_teacher_vae", lambda _, dtype: vae.to(dtype))
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SystemExit, match=r"^latents: the VAE gave non-finite latents for images 0-1 in float16"):
+        latents.main(["--teacher", str(path), "--data", str(small_folder(tmp_path / "images", n=2)), "--size", "32",
+                      "--out", str(out), "--dtype", "float16"])
+    assert not out.exists()
+
+
 def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_path, monkeypatch):
     path, _ = teacher_file
     monkeypatch.setattr(latents, "load_teacher_vae", lambda *a: pytest.fail("the VAE was loaded"))

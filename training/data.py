@@ -195,6 +195,8 @@ def load_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor
                 image = image.convert("L" if channels == 1 else "RGB")
         except OSError as err:
             raise ValueError(f"{path}: not a readable image ({err})") from None
+        except Image.DecompressionBombError as err:  # PIL's guard against images that would fill the memory
+            raise ValueError(f"{path}: too large to decode safely ({err}); downscale it") from None
         w, h = image.size
         side = min(w, h)
         image = image.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))

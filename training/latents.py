@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encode_folder(vae, config.data, config.size, config.out, batch_size=config.batch_size, work=config.work,
                       accelerator=make_accelerator(config.cpu))
-    except ValueError as err:  # an unreadable image, a non-finite latent: named in one line
+    except (ValueError, FloatingPointError) as err:  # an unreadable image, a non-finite latent: named in one line
         raise SystemExit(f"latents: {err}") from None
     except KeyboardInterrupt:
         work = config.work or config.out.with_name(config.out.name + ".work")
