@@ -119,10 +119,12 @@ def is_direct_distill_file(metadata: dict[str, str]) -> bool:
     return metadata.get("format", "").strip('"').startswith("direct_distill.")
 
 
-def check_replaceable(path: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+def check_replaceable(path: str | os.PathLike, inputs: dict[str, str | os.PathLike | None],
+                      kind: str | None = None) -> None:
     """Refuse (ValueError) to write ``path`` over something a user would lose: one of the run's ``inputs`` (``{flag:
-    path}``; a file, or a file inside an input folder) or an existing file that is not one of this project's (a
-    checkpoint, someone's LoRA). An existing Direct Distill file is replaced, as a re-run expects."""
+    path}``; a file, or a file inside an input folder), an existing file that is not one of this project's (a
+    checkpoint, someone's LoRA), or one of another of its formats than ``kind``, the one written (a student where
+    latents are written). An existing file of that format is replaced, as a re-run expects."""
     path = Path(path)
     target = os.path.realpath(path)
     for flag, source in inputs.items():
@@ -139,6 +141,10 @@ def check_replaceable(path: str | os.PathLike, inputs: dict[str, str | os.PathLi
         if not is_direct_distill_file(metadata):
             raise ValueError(f"{path} exists and is not a file of this project (a checkpoint, another LoRA?): give "
                              "another name, or move it away first")
+        held = metadata["format"].strip('"')
+        if kind is not None and held != kind:
+            raise ValueError(f"{path} exists and holds a {held.split('.', 1)[1]} file, this run writes a "
+                             f"{kind.split('.', 1)[1]} file: give another name, or move it away first")
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str = "work folder") -> Path:

@@ -204,6 +204,8 @@ def test_a_vae_that_overflows_float16_is_one_line_from_the_command(teacher_file,
 
 
 def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
     path, _ = teacher_file
     monkeypatch.setattr(latents, "load_teacher_vae", lambda *a: pytest.fail("the VAE was loaded"))
     (tmp_path / "file").write_text("")
@@ -216,7 +218,11 @@ def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_
          "--batch-size: must be >= 1"),
         (["--data", str(image_folder)], "--out: required"),
         (["--data", str(image_folder), "--out", str(path)], f"--out: {path} is what --teacher reads; write elsewhere"),
+        (["--data", str(image_folder), "--out", str(tmp_path / "student.safetensors")],
+         "--out: .*student.safetensors exists and holds a student file, this run writes a latents file"),
     ]
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "student.safetensors"),
+              metadata={"format": '"direct_distill.student"'})  # a student, trained for hours
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):
             latents.main(base + extra)

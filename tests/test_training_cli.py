@@ -134,6 +134,9 @@ def test_an_output_over_an_input_or_a_file_not_of_this_project_is_refused_before
     (tmp_path / "mine" / "unet").mkdir(parents=True)
     (tmp_path / "prompts.txt").write_text("bag\n")
     save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))  # a checkpoint, a LoRA of someone's
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "data.safetensors"), metadata={"format": "direct_distill.latents"})
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "short.safetensors"),
+              metadata={"format": '"direct_distill.shortcut"'})
     args = ["sfd", "--teacher", str(tmp_path / "mine"), "--prompts", str(tmp_path / "prompts.txt"), "--out"]
     for out, problem in [(tmp_path / "mine" / "unet" / "w.safetensors", "is in what --teacher reads"),
                          (tmp_path / "prompts.txt", "is what --prompts reads"),
@@ -142,6 +145,10 @@ def test_an_output_over_an_input_or_a_file_not_of_this_project_is_refused_before
         assert text == f"distill sfd: --out: {out} {problem}" + (
             "; write elsewhere" if "reads" in problem else " (a checkpoint, another LoRA?): give another name, or "
                                                             "move it away first")
+    for out, held in [(tmp_path / "data.safetensors", "latents"), (tmp_path / "short.safetensors", "shortcut")]:
+        text = refusal(lambda: main(args + [str(out)]), capsys)  # of this project, but not what a re-run replaces
+        assert text == (f"distill sfd: --out: {out} exists and holds a {held} file, this run writes a student file: "
+                        "give another name, or move it away first")
     teacher = tmp_path / "teacher.safetensors"
     teacher.write_bytes(b"")
     text = refusal(lambda: main(["sfd", "--teacher", str(teacher), "--prompts", str(tmp_path / "prompts.txt"),

@@ -18,8 +18,8 @@ from ..models.io import (FileFormatError, atomic_save_file, check_replaceable, c
                          read_safetensors)
 from .cli import add_arguments
 from .config import DTYPE_NAMES, Settings, SettingError, flag_of, replace_settings, setting
-from .data import (FOLDER_HINT, VAE_SCALE_KEY, encode_images, load_images, read_image_folder, vae_checksum,
-                   write_latents_file)
+from .data import (FOLDER_HINT, LATENTS_FORMAT, VAE_SCALE_KEY, encode_images, load_images, read_image_folder,
+                   vae_checksum, write_latents_file)
 from .runner import make_accelerator
 from .teachers import DTYPES, load_teacher_vae
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SettingError(name, "required")
         inputs = {"--teacher": config.teacher, "--data": config.data}
         for name, check in (("data", read_image_folder), ("out", lambda p: check_writable(p, "the output file")),
-                            ("out", lambda p: check_replaceable(p, inputs)),
+                            ("out", lambda p: check_replaceable(p, inputs, LATENTS_FORMAT)),
                             ("work", lambda p: check_writable_folder(p, "the work folder"))):
             if getattr(config, name) is not None:
                 try:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..models.io import atomic_write_text, check_replaceable, check_writable, check_writable_folder
+from ..models.student_file import FORMAT_NAME as STUDENT_FORMAT
 from .config import RunConfig, Settings, SettingError, flag_of, leaves, record, replace_settings
 from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
                    read_prompts)
@@ -30,6 +31,7 @@ class MethodEntry:
     train: Callable[[Job, Any], Any]
     summary: str       # one line, for `distill --help`
     description: str   # the method's own --help
+    writes: str = STUDENT_FORMAT  # the format of the file it writes (an existing one of another is not replaced)
 
 
 @dataclass
@@ -200,7 +202,7 @@ def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan
     inputs = {"--teacher": plan.run.teacher, "--prompts": plan.run.prompts, "--tokenizer": plan.run.tokenizer,
               "--latents": source and source.latents, "--data": source and source.data}
     try:
-        check_replaceable(plan.run.out, inputs)
+        check_replaceable(plan.run.out, inputs, entry.writes)
     except ValueError as err:
         raise SettingError("out", str(err)) from None
     return plan

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..models.lora_layouts import unet_family
 from ..models.nafnet import PRESETS, SIZES as NAFNET_SIZES, TimeEmbedNAFNet, TwoStageShortcut
-from ..models.shortcut_file import save_shortcut
+from ..models.shortcut_file import FORMAT_NAME as SHORTCUT_FORMAT, save_shortcut
 from ..schedulers.named import SCHEDULE_NAMES, family_params, schedule_sigmas
 from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
 from ..schedulers.sigmas import EXP_KARRAS_P_MAX, exp_karras_timesteps
@@ -379,7 +379,7 @@ def _report(name: str, scores: dict[str, float], accelerator) -> None:
 
 
 METHOD = MethodEntry(
-    ShortcutConfig, distil_shortcut,
+    ShortcutConfig, distil_shortcut, writes=SHORTCUT_FORMAT,
     summary="the two-stage NAFNet final-step shortcut (seed 000)",
     description="Capture teacher trajectories, train both NAFNet stages, write one shortcut file. Re-running the "
                 "same command resumes.")
