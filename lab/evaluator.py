@@ -136,11 +136,13 @@ def floor_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m direct_distill.lab.evaluator",
+    parser = argparse.ArgumentParser(prog="python -m direct_distill classifier",
                                      description="Train the lab's evaluation classifier.")
     parser.add_argument("--out", type=Path, default=CLASSIFIER_PATH)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=6, help="passes over the training set (>= 1)")
     args = parser.parse_args(argv)
+    if args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
     train_classifier(args.out, args.epochs)
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.io import atomic_save_file, read_safetensors
+from ..models.io import FileFormatError, atomic_save_file, read_safetensors
 from ..training.checkpoint import load_training_state
 from ..training.data import encode_images, vae_checksum
-from ..training.loop import CHECKPOINT_NAME, Player, TrainConfig, train
+from ..training.loop import CHECKPOINT_NAME, CheckpointMismatch, Player, TrainConfig, train
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
 
@@ -438,7 +438,9 @@ def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
     if not (vae_dir / "config.json").is_file():
         raise SystemExit(f"no fine-tuned decoder in {vae_dir}: "
                          "run `python -m direct_distill teacher decoder` first")
-    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    if not (work / "unet" / CHECKPOINT_NAME).is_file() or not (work / "tokenizer" / "vocab.json").is_file():
+        raise SystemExit(f"no trained UNet in {work / 'unet'}: run `python -m direct_distill teacher unet` first")
+    tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer", local_files_only=True)
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet(text_encoder.config.hidden_size)
     load_training_state(work / "unet" / CHECKPOINT_NAME, {"ema_unet": unet, "ema_text": text_encoder}, {})
@@ -461,14 +463,20 @@ def main(argv=None):
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
     steps = {"steps": args.steps} if args.steps else {}
-    if args.stage == "vae":
-        train_vae(VAEConfig(**steps), args.work)
-    elif args.stage == "unet":
-        train_unet(UNetConfig(**steps), args.work)
-    elif args.stage == "decoder":
-        train_decoder(decoder_config(**steps), args.work)
-    else:
-        export_teacher(args.work, args.out)
+    try:
+        if args.stage == "vae":
+            train_vae(VAEConfig(**steps), args.work)
+        elif args.stage == "unet":
+            train_unet(UNetConfig(**steps), args.work)
+        elif args.stage == "decoder":
+            train_decoder(decoder_config(**steps), args.work)
+        else:
+            export_teacher(args.work, args.out)
+    except (CheckpointMismatch, FileFormatError) as err:  # a stage resumed under other settings, a damaged file
+        parser.exit(1, f"{parser.prog} {args.stage}: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"\n{parser.prog} {args.stage}: stopped; run the same command again to resume from the "
+                         f"last checkpoint in {args.work}\n")
 
 
 if __name__ == "__main__":

@@ -158,8 +158,39 @@ def test_the_decoder_stage_trains_the_decoder_alone_so_the_latents_keep_their_me
         assert same == key.startswith(("encoder.", "quant_conv.")), key
 
 
-def test_export_wants_the_fine_tuned_decoder(tmp_path):
+def test_export_wants_the_fine_tuned_decoder_and_the_unet(tmp_path):
     import direct_distill.lab.teacher as teacher
 
     with pytest.raises(SystemExit, match="teacher decoder"):
         teacher.export_teacher(tmp_path, tmp_path / "out")
+    (tmp_path / "decoder" / "model").mkdir(parents=True)
+    (tmp_path / "decoder" / "model" / "config.json").write_text("{}")  # the decoder stage done, the UNet's not
+    with pytest.raises(SystemExit, match=f"no trained UNet in {tmp_path / 'unet'}: run `python -m direct_distill "
+                                         "teacher unet` first"):
+        teacher.export_teacher(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_classifier_command_checks_its_epochs(capsys):
+    from direct_distill.lab.evaluator import main
+
+    with pytest.raises(SystemExit):
+        main(["--epochs", "0"])
+    assert "python -m direct_distill classifier: error: --epochs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_stage_resumed_with_another_step_count_is_one_line(tmp_path, monkeypatch, capsys):
+    import direct_distill.lab.teacher as teacher
+
+    images = _images(24)
+    monkeypatch.setattr(teacher, "load_fashion_mnist", lambda split: (images, torch.arange(24) % 10))
+    teacher.train_vae(VAEConfig(steps=2, batch_size=4, eval_every=0), tmp_path)
+    saved = (tmp_path / "vae" / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # it said "vae saved" for the 2-step VAE, as if 1 step had been asked
+        teacher.main(["vae", "--steps", "1", "--work", str(tmp_path)])
+    checkpoint = tmp_path / "vae" / "checkpoint.safetensors"
+    assert capsys.readouterr().err == (f"python -m direct_distill teacher vae: {checkpoint}: written by a run of 2 "
+                                       "steps, this run has 1; resume with the same number of steps or use another "
+                                       "run folder\n")
+    assert (tmp_path / "vae" / "model" / "diffusion_pytorch_model.safetensors").read_bytes() == saved

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from direct_distill.training.checkpoint import load_training_state
-from direct_distill.training.loop import CHECKPOINT_NAME, TrainConfig, cosine_lr, train
+from direct_distill.training.loop import CHECKPOINT_NAME, CheckpointMismatch, TrainConfig, cosine_lr, train
 
 
 class Interrupted(Exception):
@@ -73,10 +73,15 @@ def test_a_finished_run_resumes_to_a_no_op_that_still_reports_its_last_loss(tmp_
     assert all(torch.equal(a, b) for a, b in zip(method.net.parameters(), again.net.parameters()))
 
 
-def test_resuming_with_another_seed_is_refused(tmp_path, accelerator):
+def test_resuming_with_another_seed_or_step_count_is_refused(tmp_path, accelerator):
     train(ToyMethod(0), config(tmp_path, steps=4), accelerator)
-    with pytest.raises(ValueError, match="seed 7"):
-        train(ToyMethod(0), config(tmp_path, steps=8, seed=8), accelerator)
+    with pytest.raises(CheckpointMismatch, match="seed 7"):
+        train(ToyMethod(0), config(tmp_path, steps=4, seed=8), accelerator)
+    # the learning rate anneals over the run's steps: a run of 8 does not continue one of 4 (nor one of 2 end it)
+    for steps in (8, 2):
+        with pytest.raises(CheckpointMismatch, match=f"written by a run of 4 steps, this run has {steps}; resume "
+                                                     "with the same number of steps or use another run folder"):
+            train(ToyMethod(0), config(tmp_path, steps=steps), accelerator)
 
 
 def test_cosine_lr_warms_up_linearly_then_anneals_to_the_floor():

@@ -10,6 +10,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from .config import Settings, SettingError, flag, flag_of, kind, leaves, replace_settings
+from .loop import CheckpointMismatch
 from .registry import METHODS, entry
 from .runner import Preset, execute, prepare
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None, preset: Preset | None = None) -> int:
         execute(plan)
     except SettingError as err:
         raise refuse(err) from None
-    except FloatingPointError as err:  # a non-finite loss; float16's overflow checks
+    except (FloatingPointError, CheckpointMismatch) as err:  # a non-finite loss; float16's overflow checks
         raise SystemExit(f"{prog}: {err}") from None
     except OSError as err:  # a full disk, a folder gone: the work folder keeps what was saved before
         raise SystemExit(f"{prog}: {err}; run the same command again to resume from the last checkpoint in "

@@ -34,6 +34,11 @@ from .checkpoint import load_training_state, save_training_state
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
+class CheckpointMismatch(ValueError):
+    """A run folder's checkpoint written by a run of other settings (seed, number of steps): resuming would not
+    continue that run."""
+
+
 class NonFiniteLoss(FloatingPointError):
     """A step's loss is NaN or infinite: training stops before the weights take it in."""
 
@@ -162,8 +167,12 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
         seconds_before = extra["seconds"]
         loss_value, losses = extra.get("loss"), dict(extra.get("losses") or {})
         if extra["seed"] != config.seed:
-            raise ValueError(f"{checkpoint}: written by a run with seed {extra.get('seed')}, this run has seed "
-                             f"{config.seed}; resume with the same seed or use another run folder")
+            raise CheckpointMismatch(f"{checkpoint}: written by a run with seed {extra.get('seed')}, this run has "
+                                     f"seed {config.seed}; resume with the same seed or use another run folder")
+        if extra.get("steps") not in (None, config.steps):  # the learning-rate schedule follows the step count
+            raise CheckpointMismatch(f"{checkpoint}: written by a run of {extra['steps']} steps, this run has "
+                                     f"{config.steps}; resume with the same number of steps or use another run "
+                                     "folder")
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
     writer = _tensorboard(run_dir, accelerator) if config.tensorboard else None
 
