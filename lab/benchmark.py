@@ -1281,6 +1281,8 @@ def _run(parser, args) -> None:
         parser.error("--guidance sets the CFG the cfg group's sweep would choose: leave out one of them "
                      f"(--groups {','.join(sorted(groups - {'cfg'})) or 'schedules'})")
     picked = SCHEDULES
+    if args.schedules and "schedules" not in groups:
+        parser.error("--schedules picks the rows of the schedules group, which --groups leaves out")
     if args.schedules:
         by_label = {sched.label: sched for sched in SCHEDULES}
         names = args.schedules.split(",")

@@ -456,6 +456,8 @@ def test_a_results_file_never_mixes_sample_counts_and_a_broken_one_is_named(tmp_
     (["--guidance", "nan", "--groups", "schedules"], "--guidance must be a finite number >= 1, got nan"),
     (["--guidance", "2"], "--guidance sets the CFG the cfg group's sweep would choose: leave out one of them "
                           "(--groups floors,schedules)"),
+    (["--groups", "floors", "--schedules", "karras"], "--schedules picks the rows of the schedules group, which "
+                                                       "--groups leaves out"),
 ])
 def test_benchmark_options_are_checked_before_anything_loads(args, message, capsys, monkeypatch):
     import direct_distill.lab.benchmark as benchmark
