@@ -88,6 +88,7 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
                          f"{info.teacher_prediction_type}: at scale {scale:g} the output would be part one, part the "
                          "other; use scale 1")
     _check_adapter_name(pipe, path, adapter_name)
+    _check_lora_enabled(pipe, path)
     _check_readings(pipe, path, info.prediction_type)
     try:
         scheduler = StudentScheduler.from_config(
@@ -117,6 +118,7 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if problems:
         raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
     _check_adapter_name(pipe, path, adapter_name)
+    _check_lora_enabled(pipe, path)
     reading = model_prediction_type(pipe.scheduler.config)
     _check_readings(pipe, path, reading)
     scheduler = preset_scheduler(preset, pipe.scheduler.config, _default_steps(pipe))
@@ -178,6 +180,16 @@ def _check_readings(pipe, path, reading: str) -> None:
         raise ValueError(f"{path}: the few-step LoRA {name!r} loaded before is still active and the UNet's output is "
                          f"read as {read} with it, as {reading} with this one; delete it first "
                          f"(pipe.delete_adapters({name!r})), then load this one")
+
+
+def _check_lora_enabled(pipe, path) -> None:
+    """Refuse to load under ``pipe.disable_lora()``: diffusers would leave the new LoRA off on the layers the
+    disabled ones share and on elsewhere, a student applied in part."""
+    disabled = sum(1 for module in _tuner_layers(pipe) if module.disable_adapters)
+    if disabled:
+        raise ValueError(f"{path}: the pipeline's LoRAs are disabled (pipe.disable_lora(), {disabled} layers): a "
+                         "LoRA loaded now would be applied on some layers only; call pipe.enable_lora() or delete "
+                         "them (pipe.delete_adapters) first")
 
 
 def _check_adapter_name(pipe, path, adapter_name: str) -> None:

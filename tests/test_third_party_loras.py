@@ -420,6 +420,31 @@ def test_a_preset_after_a_student_of_ours_reads_the_models_own_prediction(sd15_p
         load_student(pipe, ours, adapter_name="ours")
 
 
+def test_nothing_loads_onto_a_pipeline_whose_loras_are_disabled(sd15_pipe, tmp_path):
+    """diffusers leaves a LoRA loaded after pipe.disable_lora() off on the layers the disabled ones share and on
+    on the others: a student applied in part."""
+    from peft import get_peft_model_state_dict
+    from test_student_file import ALPHA, RANK, add_lora, student_info
+
+    from direct_distill.models.student_file import save_student
+
+    pipe = copy.deepcopy(sd15_pipe)
+    ours = save_student(tmp_path / "ours.safetensors", get_peft_model_state_dict(add_lora(copy.deepcopy(pipe.unet))),
+                        rank=RANK, alpha=ALPHA, metadata=student_info(pipe.unet))
+    lcm = write_release(tmp_path / "lcm.safetensors", release_layers(pipe)[0], "kohya")
+    load_student(pipe, lcm, preset="lcm-sd15", adapter_name="style")
+    pipe.disable_lora()
+    scheduler = pipe.scheduler
+    with pytest.raises(ValueError, match=r"ours.safetensors: the pipeline's LoRAs are disabled "
+                                         r"\(pipe.disable_lora\(\), \d+ layers\): a LoRA loaded now would be "
+                                         r"applied on some layers only"):
+        load_student(pipe, ours)
+    assert pipe.scheduler is scheduler and "student" not in pipe.unet.peft_config
+    pipe.enable_lora()
+    load_student(pipe, ours)
+    assert "student" in pipe.unet.peft_config
+
+
 def test_a_direct_distill_student_takes_no_preset(tmp_path):
     from test_student_file import RANK, ALPHA, add_lora, student_info
     from peft import get_peft_model_state_dict
