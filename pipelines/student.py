@@ -19,6 +19,7 @@ from ..schedulers.scheduling_presets import preset_scheduler
 from ..schedulers.scheduling_exp_karras import model_prediction_type
 from ..schedulers.scheduling_student import StudentScheduler
 
+
 def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, adapter_name: str = "student",
                  scale: float = 1.0) -> StudentInfo | FewStepPreset:
     """Apply a few-step LoRA to ``pipe`` and sample the way it was made to be sampled.
