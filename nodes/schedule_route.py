@@ -78,25 +78,28 @@ def answer(query) -> dict:
     """
     unknown = sorted(set(query) - set(PARAMETERS))
     if unknown:
-        raise BadQuery(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(PARAMETERS)}")
+        raise BadQuery(f"unknown parameter {unknown[0][:40]!r}; the parameters are {', '.join(PARAMETERS)}")
     if len(query) != len(set(query)):  # aiohttp's query is a multidict
         raise BadQuery("each parameter may be given once")
     if "student" in query:
         return _student_answer(query)
+    only_students = sorted(set(query) & set(STUDENT_PARAMETERS) - {"model"})
+    if only_students:
+        raise BadQuery(f"{only_students[0]} applies to a student only (with student=)")
     model = query.get("model")
     model_sampling = _checkpoint_model_sampling(model) if model is not None else _sd_model_sampling()
     scheduler = query.get("scheduler")
     if scheduler is None:
         raise BadQuery("scheduler is required (or student)")
     if scheduler not in comfy.samplers.SCHEDULER_NAMES:
-        raise BadQuery(f"unknown scheduler {scheduler!r}; known: {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
+        raise BadQuery(f"unknown scheduler {scheduler[:40]!r}; known: {', '.join(comfy.samplers.SCHEDULER_NAMES)}")
     steps = _integer(query, "steps", 1, MAX_STEPS)
     denoise = _number(query, "denoise", 0.0, 1.0, default=1.0)
     if denoise > 0 and steps / denoise > MAX_SCHEDULE:
         raise BadQuery(f"steps / denoise must be at most {MAX_SCHEDULE}, got {steps} / {denoise:g}")
     sampler = query.get("sampler")
     if sampler is not None and sampler not in comfy.samplers.KSampler.SAMPLERS:
-        raise BadQuery(f"unknown sampler {sampler!r}")
+        raise BadQuery(f"unknown sampler {sampler[:40]!r}")
     if "p" in query:
         if scheduler != SCHEDULER_NAME or sampler is not None:
             raise BadQuery(f"p is the ExpKarras Scheduler node's curvature: only with scheduler={SCHEDULER_NAME} "
@@ -147,15 +150,21 @@ def _number(query, key: str, lo: float, hi: float, default: float | None = None)
     except ValueError:
         raise BadQuery(f"{key} must be a number, got {query[key][:40]!r}") from None
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise BadQuery(f"{key} must be a finite number between {lo:g} and {hi:g}, got {query[key][:40]}")
+        raise BadQuery(f"{key} must be a finite number between {lo:g} and {hi:g}, got {query[key][:40]!r}")
     return value
 
 
-def _listed(folder: str, name: str, what: str) -> str:
-    """The full path of ``name`` if it is in ComfyUI's list for ``folder``; BadQuery otherwise."""
+def _listed(folder: str, name: str, what: str) -> tuple[str, os.stat_result]:
+    """The full path and ``os.stat`` of ``name`` if it is in ComfyUI's list for ``folder``; BadQuery otherwise (a
+    listed name whose file cannot be reached too: a link to a drive that is not mounted)."""
     if name not in folder_paths.get_filename_list(folder):
         raise BadQuery(f"unknown {what} {name[:200]!r}: not in ComfyUI's {what} list")
-    return folder_paths.get_full_path_or_raise(folder, name)
+    try:
+        path = folder_paths.get_full_path_or_raise(folder, name)
+        return path, os.stat(path)
+    except OSError as err:  # FileNotFoundError included
+        raise BadQuery(f"{what} {name[:200]!r}: listed, but its file cannot be opened "
+                       f"({type(err).__name__}; a link to a drive that is not mounted?)") from None
 
 
 @functools.cache
@@ -166,8 +175,7 @@ def _sd_model_sampling():
 
 
 def _checkpoint_model_sampling(name: str):
-    path = _listed("checkpoints", name, "model")
-    stat = os.stat(path)
+    path, stat = _listed("checkpoints", name, "model")
     return _model_sampling_of_file(path, stat.st_size, stat.st_mtime_ns)
 
 
@@ -205,7 +213,7 @@ def _model_sampling_of_file(path: str, size: int, mtime_ns: int):
 def _shortcut_band(name: str, sigmas: torch.Tensor, table: torch.Tensor) -> dict:
     """The shortcut's trained band in t and in sigma, and the hand-off steps of ``sigmas`` inside it (the
     Shortcut KSampler's own check)."""
-    path = _listed(shortcut_nodes.FOLDER_NAME, name, "shortcut")
+    path, _ = _listed(shortcut_nodes.FOLDER_NAME, name, "shortcut")
     try:
         meta = read_shortcut_metadata(path)
     except FileFormatError as err:
@@ -220,12 +228,11 @@ def _student_answer(query) -> dict:
     if extra:
         raise BadQuery(f"{extra[0]!r} does not apply to a student (only {', '.join(STUDENT_PARAMETERS)})")
     name = query["student"]
-    path = _listed(student_nodes.FOLDER_NAME, name, "student")
+    path, stat = _listed(student_nodes.FOLDER_NAME, name, "student")
     nfe = _integer(query, "nfe", 0, MAX_STEPS) if "nfe" in query else 0
     preset_name = query.get("preset", student_nodes.FROM_FILE)
     if preset_name != student_nodes.FROM_FILE and preset_name not in PRESETS:
         raise BadQuery(f"unknown preset {preset_name[:40]!r}: not in Load Distilled Student's preset list")
-    stat = os.stat(path)
     metadata = _header(path, stat.st_size, stat.st_mtime_ns)
     if is_direct_distill_file(metadata):
         if preset_name != student_nodes.FROM_FILE:

@@ -22,6 +22,7 @@ from ..models.handoff import (check_handoff_at_sigma, check_handoff_step, check_
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
 from .model_identity import check_checkpoint_noise_table, unet_shape_fingerprint
+from .schedulers import DEFAULT_P
 
 FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
 ADDITIONAL_MODELS_KEY = "direct_distill_shortcut"
@@ -99,13 +100,22 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
     def sample_with_shortcut(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         steps = len(sigmas) - 1
         check_handoff_step(handoff_step, steps)
+        if float(sigmas[-1]) > 0:  # a sampler returns the latent at its last sigma; the shortcut's is clean
+            raise ValueError(f"the shortcut finishes a run: its sigmas must end at 0, these end at "
+                             f"{float(sigmas[-1]):.4g} (the high part of a SplitSigmas?); give it the whole run's "
+                             "sigmas, or sample this part with another sampler")
         guider = model.inner_model  # KSamplerX0Inpaint -> guider -> BaseModel
         teacher = guider.inner_model
         model_sampling = teacher.model_sampling
-        if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
-                and isinstance(model_sampling, comfy.model_sampling.EPS)):
+        if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
             raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                              f"model samples with {type(model_sampling).__name__}")
+        # V_PREDICTION and X0 derive from EPS: the most derived of them is what the model predicts
+        if isinstance(model_sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.X0)):
+            predicts = "v_prediction" if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION) else "x0"
+            raise ValueError(f"the shortcut was distilled from an epsilon-prediction teacher, this MODEL predicts "
+                             f"{predicts}: another model (SD2's 768-v beside its 512 base), or a ModelSamplingDiscrete "
+                             "node or a student upstream (connect the checkpoint's MODEL)")
         check_checkpoint_noise_table(model_sampling, "the shortcut")  # its band is in the checkpoint's timesteps
         # Before any step, so a wrong model or a hand-off outside the trained band costs nothing.
         check_teacher(shortcut.shortcut, unet_shape_fingerprint(guider.model_patcher), "the MODEL sampled here")
@@ -180,14 +190,31 @@ class LoadShortcut(io.ComfyNode):
                                                                                              shortcut_name))))
 
 
+# The nodes that give a schedule as SIGMAS, for those the KSampler's scheduler list lacks (or has at other settings).
+_SIGMAS_NODES = {"align_your_steps": "AlignYourStepsScheduler", "gits": "GITSScheduler",
+                 "polyexponential": "PolyexponentialScheduler", "exp_karras": "ExpKarras Scheduler"}
+
+
 def warn_other_schedule(shortcut: TwoStageShortcut, scheduler: str) -> None:
     """One warning when the runs handed to ``shortcut`` are not of the schedule it learnt to finish: inside its band
-    it runs, but on latents unlike those it was trained on."""
-    trained, _ = trained_schedule(shortcut)
-    if scheduler != trained:
-        logging.warning("Direct Distill: this shortcut learnt to finish %s runs; the %s scheduler hands it latents "
-                        "it was not trained on, where its jump is less accurate. Pick the %s scheduler.",
-                        trained, scheduler, trained)
+    it runs, but on latents unlike those it was trained on. A schedule the list lacks, or has at other settings
+    (exp_karras at p other than the entry's 1), is pointed to its sigmas node and the Shortcut Sampler."""
+    trained, params = trained_schedule(shortcut)
+    listed = trained in comfy.samplers.KSampler.SCHEDULERS and (trained != "exp_karras"
+                                                                 or params.get("p", DEFAULT_P) == DEFAULT_P)
+    if listed and scheduler == trained:
+        return
+    settings = ", ".join(f"{k}={v}" for k, v in params.items() if not (trained == "exp_karras" and listed))
+    learnt = f"{trained} ({settings})" if settings else trained
+    if listed:
+        advice = f"Pick the {trained} scheduler."
+    else:
+        node = _SIGMAS_NODES.get(trained, f"{trained} sigmas")
+        advice = (f"The scheduler list has no {learnt}: make its sigmas with the {node} node"
+                  + (f" at {settings}" if settings else "") + " and sample with the Shortcut Sampler in "
+                  "SamplerCustomAdvanced.")
+    logging.warning("Direct Distill: this shortcut learnt to finish %s runs; the %s scheduler hands it latents it "
+                    "was not trained on, where its jump is less accurate. %s", learnt, scheduler, advice)
 
 
 class ShortcutKSampler(io.ComfyNode):
@@ -228,6 +255,8 @@ class ShortcutKSampler(io.ComfyNode):
                 negative, latent_image, denoise) -> io.NodeOutput:
         # The sigmas the stock KSampler would run (denoise, and the samplers that drop the penultimate sigma).
         sigmas = comfy.samplers.KSampler(model, steps, model.load_device, sampler_name, scheduler, denoise).sigmas
+        if len(sigmas) == 0:  # denoise 0: no step to run, the latent is returned as it came (as KSampler does)
+            return io.NodeOutput(latent_image)
         check_handoff_step(handoff_step, len(sigmas) - 1)  # before the teacher and the shortcut load
         warn_other_schedule(shortcut.shortcut, scheduler)
         latent = latent_image.copy()

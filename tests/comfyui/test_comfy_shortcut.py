@@ -293,6 +293,67 @@ def test_handoff_step_must_leave_steps_to_replace(comfy_loaded, twin_unets, shor
     assert not comfy.model_management.current_loaded_models  # refused before the teacher and shortcut loaded
 
 
+def test_denoise_0_returns_the_latent_as_it_came_as_ksampler_does(comfy_loaded, twin_unets, shortcut):
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    (out,) = run_node(KSAMPLER, model=twin_unets[0], shortcut=shortcut, seed=SEED, steps=STEPS, handoff_step=K,
+                      force=False, cfg=CFG, sampler_name="dpmpp_2m", scheduler="exp_karras",
+                      positive=tiny_conditioning(0), negative=tiny_conditioning(1), latent_image=latent, denoise=0.0)
+    assert out["samples"] is latent["samples"]  # was "this run has -1" sampling steps
+
+
+def test_the_shortcut_sampler_refuses_sigmas_that_do_not_end_at_0(comfy_loaded, twin_unets, shortcut):
+    """The high part of a SplitSigmas ends above 0, where the next sampler takes over: the shortcut's latent is
+    clean, not that sigma's."""
+    model, _ = twin_unets
+    (sampler,) = run_node(SAMPLER, sampler=comfy.samplers.sampler_object("dpmpp_2m"), shortcut=shortcut,
+                          handoff_step=K, force=False)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(tiny_conditioning(0), tiny_conditioning(1))
+    guider.set_cfg(CFG)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "exp_karras", STEPS)
+    with pytest.raises(ValueError, match=f"the shortcut finishes a run: its sigmas must end at 0, these end at "
+                                         f"{float(sigmas[14]):.4g}"):
+        custom_sampler.SamplerCustomAdvanced().sample(custom_sampler.Noise_RandomNoise(SEED), guider, sampler,
+                                                      sigmas[:15], empty_latent())
+
+
+@pytest.mark.parametrize("sampling", ["v_prediction", "x0"])
+def test_a_model_read_as_another_prediction_is_refused(comfy_loaded, builtin_nodes, twin_unets, shortcut, sampling):
+    """V_PREDICTION and X0 derive from EPS in ComfyUI: SD2's 768-v (the 512 base's shapes) passed as epsilon."""
+    node = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]
+    (other,) = run_node("ModelSamplingDiscrete", model=twin_unets[0], sampling=sampling, zsnr=False) \
+        if issubclass(node, io.ComfyNode) else getattr(node(), node.FUNCTION)(twin_unets[0], sampling, False)
+    with pytest.raises(ValueError, match=f"distilled from an epsilon-prediction teacher, this MODEL predicts "
+                                         f"{sampling}"):
+        shortcut_ksampler(other, shortcut)
+
+
+def test_the_warning_points_to_the_sigmas_node_for_a_schedule_the_list_lacks(comfy_loaded, shortcut, caplog):
+    shortcut_nodes = dd(comfy_loaded, "nodes.shortcut")
+    cases = [({"schedule": "exp_karras", "exp_karras_p": 3.0}, "exp_karras",
+              "learnt to finish exp_karras (p=3.0) runs; the exp_karras scheduler hands it latents it was not "
+              "trained on, where its jump is less accurate. The scheduler list has no exp_karras (p=3.0): make its "
+              "sigmas with the ExpKarras Scheduler node at p=3.0 and sample with the Shortcut Sampler in "
+              "SamplerCustomAdvanced."),
+             ({"schedule": "align_your_steps"}, "karras", "The scheduler list has no align_your_steps: make its "
+              "sigmas with the AlignYourStepsScheduler node and sample with the Shortcut Sampler"),
+             ({"schedule": "beta"}, "karras", "learnt to finish beta runs; the karras scheduler hands it latents it "
+              "was not trained on, where its jump is less accurate. Pick the beta scheduler.")]
+    for extra, scheduler, message in cases:
+        model = shortcut_nodes.TwoStageShortcut.from_configs(shortcut.shortcut.stage1.config,
+                                                             shortcut.shortcut.stage2.config)
+        model.metadata = {"extra": extra}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            shortcut_nodes.warn_other_schedule(model, scheduler)
+        (warning,) = [r.getMessage() for r in caplog.records]
+        assert warning.startswith("Direct Distill: this shortcut ") and message in warning
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):  # the list's entry of that name: quiet where it is the same schedule
+            shortcut_nodes.warn_other_schedule(model, extra["schedule"])
+        assert bool(caplog.records) == (extra["schedule"] != "beta")
+
+
 def loaded_models():
     return [loaded.model for loaded in comfy.model_management.current_loaded_models]
 
