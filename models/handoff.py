@@ -12,6 +12,7 @@ import torch
 
 from ..schedulers.noise import sigma_to_model_timestep, ve_to_vp
 from .nafnet import TwoStageShortcut
+from .shortcut_file import teacher_prediction_type
 
 
 def handoff_timestep(sigma: torch.Tensor | float, sigma_table: torch.Tensor) -> int:
@@ -36,15 +37,22 @@ def check_handoff_step(handoff_step: int, steps: int) -> None:
                          f"{steps} sampling steps")
 
 
-def check_teacher(shortcut: TwoStageShortcut, unet_shape_fingerprint: str, model: str = "this model") -> None:
+def check_teacher(shortcut: TwoStageShortcut, unet_shape_fingerprint: str, model: str = "this model",
+                  prediction_type: str | None = None) -> None:
     """Refuse (ValueError) a model other than the one the shortcut was distilled from, told apart by the
     fingerprint of its UNet's parameter shapes (``student_file.shape_fingerprint``; a shortcut that records no
-    teacher, freshly built, is not checked)."""
+    teacher, freshly built, is not checked) and by what it predicts (``prediction_type``, where the shortcut's file
+    records its teacher's: SD2's 768-v and 512 base share their shapes)."""
     expected = shortcut.teacher_unet_shape_fingerprint
     if expected is not None and unet_shape_fingerprint != expected:
         raise ValueError(f"this shortcut was distilled from {shortcut.teacher} (UNet shape fingerprint {expected}), "
                          f"but {model} has UNet shape fingerprint {unet_shape_fingerprint}: a shortcut only works on "
                          "its own teacher")
+    recorded = teacher_prediction_type(shortcut)
+    if None not in (recorded, prediction_type) and recorded != prediction_type:
+        raise ValueError(f"this shortcut was distilled from {shortcut.teacher}, a model predicting {recorded}, but "
+                         f"{model} predicts {prediction_type}: another model of the same shapes, or a "
+                         "ModelSamplingDiscrete node or a student upstream")
 
 
 def check_handoff_at_sigma(shortcut: TwoStageShortcut, sigma: torch.Tensor | float, sigma_table: torch.Tensor,

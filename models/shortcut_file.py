@@ -114,6 +114,13 @@ def trained_schedule(shortcut) -> tuple[str, dict]:
     return name, {"p": 1.0 if p is None else float(p)}
 
 
+def teacher_prediction_type(shortcut) -> str | None:
+    """What the shortcut's teacher predicts ("epsilon", "v_prediction"), as ``distill shortcut`` records it in its
+    file's training record; None where it is not recorded (files from before, shortcuts built in code)."""
+    extra = (getattr(shortcut, "metadata", None) or {}).get("extra") or {}
+    return (extra.get("training") or {}).get("prediction_type")
+
+
 def read_shortcut_metadata(path: str | os.PathLike) -> dict:
     """The decoded metadata of a shortcut file (``t_band`` as two floats), read from its header alone."""
     names, raw = read_safetensors_header(path)

@@ -3,6 +3,7 @@ itself logs one line per key it cannot place or shape it cannot apply and then s
 
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_sampling
 import comfy.utils
 
 from ..models.student_file import shape_fingerprint
@@ -19,6 +20,16 @@ def unet_parameter_shapes(model) -> dict[str, list[int]]:
         raise ValueError(f"this model ({type(base).__name__}) is not a UNet of the SD1.x/2.x/XL kind")
     state = base.diffusion_model.state_dict()
     return {name: list(state[key].shape) for name, key in to_comfy.items() if key in state}
+
+
+# diffusers' prediction types and ComfyUI's classes, most derived first: V_PREDICTION and X0 derive from EPS.
+PREDICTIONS = (("sample", comfy.model_sampling.X0), ("v_prediction", comfy.model_sampling.V_PREDICTION),
+               ("epsilon", comfy.model_sampling.EPS))
+
+
+def predicts(model_sampling) -> str | None:
+    """What a model predicts, in diffusers' words (None for none of them: flow matching, EDM, ...)."""
+    return next((kind for kind, cls in PREDICTIONS if isinstance(model_sampling, cls)), None)
 
 
 def check_checkpoint_noise_table(model_sampling, name: str) -> None:

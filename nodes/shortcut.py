@@ -21,7 +21,7 @@ from ..models.handoff import (check_handoff_at_sigma, check_handoff_step, check_
                               handoff_steps_in_band, shortcut_from_ve)
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
-from .model_identity import check_checkpoint_noise_table, unet_shape_fingerprint
+from .model_identity import check_checkpoint_noise_table, predicts, unet_shape_fingerprint
 from .schedulers import DEFAULT_P
 
 FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
@@ -107,18 +107,14 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
         guider = model.inner_model  # KSamplerX0Inpaint -> guider -> BaseModel
         teacher = guider.inner_model
         model_sampling = teacher.model_sampling
-        if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
+                and isinstance(model_sampling, comfy.model_sampling.EPS)):
             raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                              f"model samples with {type(model_sampling).__name__}")
-        # V_PREDICTION and X0 derive from EPS: the most derived of them is what the model predicts
-        if isinstance(model_sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.X0)):
-            predicts = "v_prediction" if isinstance(model_sampling, comfy.model_sampling.V_PREDICTION) else "x0"
-            raise ValueError(f"the shortcut was distilled from an epsilon-prediction teacher, this MODEL predicts "
-                             f"{predicts}: another model (SD2's 768-v beside its 512 base), or a ModelSamplingDiscrete "
-                             "node or a student upstream (connect the checkpoint's MODEL)")
         check_checkpoint_noise_table(model_sampling, "the shortcut")  # its band is in the checkpoint's timesteps
         # Before any step, so a wrong model or a hand-off outside the trained band costs nothing.
-        check_teacher(shortcut.shortcut, unet_shape_fingerprint(guider.model_patcher), "the MODEL sampled here")
+        check_teacher(shortcut.shortcut, unet_shape_fingerprint(guider.model_patcher), "the MODEL sampled here",
+                      predicts(model_sampling))
         try:
             check_handoff_at_sigma(shortcut.shortcut, sigmas[handoff_step], model_sampling.sigmas, force)
         except ValueError as err:

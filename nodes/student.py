@@ -18,13 +18,10 @@ from ..models.student_file import read_student
 from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.noise import sigma_to_model_timestep
 from ..schedulers.tcd import sample_tcd
-from .model_identity import check_checkpoint_noise_table, lora_mismatches, unet_parameter_shapes
+from .model_identity import PREDICTIONS, check_checkpoint_noise_table, lora_mismatches, predicts, unet_parameter_shapes
 
 FOLDER_NAME = "loras"  # a student is a LoRA: it lives with the user's other LoRAs
 FROM_FILE = "from file"
-# ComfyUI's parameterisation classes, most derived first (V_PREDICTION and X0 subclass EPS).
-_PREDICTIONS = (("sample", comfy.model_sampling.X0), ("v_prediction", comfy.model_sampling.V_PREDICTION),
-                ("epsilon", comfy.model_sampling.EPS))
 # ComfyUI's text-encoder prefixes (cond_stage_model's state dict) -> the diffusers component of a LoRA.
 _CLIP_COMPONENTS = {"sd15": {"clip_l.transformer.": "text_encoder"},
                     "sdxl": {"clip_l.transformer.": "text_encoder", "clip_g.transformer.": "text_encoder_2"}}
@@ -36,11 +33,11 @@ def _model_sampling(model, name: str, prediction_type: str):
     if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
         raise ValueError(f"{name}: a student samples a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
                          f"model samples with {type(model_sampling).__name__}")
-    predicts = next((kind for kind, cls in _PREDICTIONS if isinstance(model_sampling, cls)), None)
-    if predicts != prediction_type:
+    model_predicts = predicts(model_sampling)
+    if model_predicts != prediction_type:
         raise ValueError(f"{name}: the student was distilled from a model predicting {prediction_type}, this MODEL "
-                         f"predicts {predicts}: another model, or a ModelSamplingDiscrete node or a student read as "
-                         f"{predicts} upstream (connect the checkpoint's MODEL)")
+                         f"predicts {model_predicts}: another model, or a ModelSamplingDiscrete node or a student read "
+                         f"as {model_predicts} upstream (connect the checkpoint's MODEL)")
     return model_sampling
 
 
@@ -59,7 +56,7 @@ def _check_model(model, info, schedule, name: str):
 def _sampling_as(model, model_sampling, prediction_type: str):
     """``model_sampling``'s noise table with the model's output read as ``prediction_type`` (what ComfyUI's
     ModelSamplingDiscrete node does, keeping the table itself)."""
-    parameterisation = dict(_PREDICTIONS)[prediction_type]
+    parameterisation = dict(PREDICTIONS)[prediction_type]
 
     class StudentSampling(comfy.model_sampling.ModelSamplingDiscrete, parameterisation):
         pass

@@ -11,6 +11,7 @@ from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
 from ..models.student_file import shape_fingerprint, unet_parameter_shapes
 from ..schedulers.named import schedule_sigmas
+from ..schedulers.scheduling_exp_karras import model_prediction_type
 from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
 
 
@@ -68,8 +69,8 @@ class ShortcutCallback:
     A hand-off that leaves no step to replace (``handoff_step >= num_inference_steps``) is refused at the first
     step with the message ComfyUI's Shortcut nodes give (``models.handoff.check_handoff_step``).
 
-    A pipeline whose UNet is not the shortcut's teacher (by the shapes of its parameters) is refused at the first
-    step. The shortcut computes in that UNet's dtype, whatever its file stores (``distill shortcut --save-dtype``).
+    A pipeline whose UNet is not the shortcut's teacher (by the shapes of its parameters, and by what it predicts
+    where the file records its teacher's prediction type) is refused at the first step. The shortcut computes in that UNet's dtype, whatever its file stores (``distill shortcut --save-dtype``).
 
     The hand-off itself is ``models.handoff.shortcut_from_vp``, the same code ComfyUI's nodes run.
     """
@@ -93,7 +94,8 @@ class ShortcutCallback:
             return callback_kwargs
         if step_index == 0:
             check_handoff_step(self.handoff_step, len(pipe.scheduler.timesteps) - _run_start(pipe, steps_done))
-            check_teacher(self.shortcut, shape_fingerprint(unet_parameter_shapes(pipe.unet)), "the pipeline's UNet")
+            check_teacher(self.shortcut, shape_fingerprint(unet_parameter_shapes(pipe.unet)), "the pipeline's UNet",
+                          model_prediction_type(pipe.scheduler.config))
             self.shortcut.to(pipe.unet.dtype)  # computes in the UNet's dtype, whatever the file stores
         latents = callback_kwargs["latents"]
         # The hand-off timestep is known from the first step on, so a bad band fails before any wasted step.

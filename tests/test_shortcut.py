@@ -369,6 +369,18 @@ def test_callback_refuses_a_pipeline_of_another_teacher_at_the_first_step(pipe, 
                               f"fingerprint {identity(pipe.unet)}: a shortcut only works on its own teacher")
 
 
+def test_callback_refuses_a_pipeline_predicting_otherwise_than_the_recorded_teacher(pipe, shortcut, tmp_path):
+    """SD2's 768-v and 512 base share their shapes: the file's training record tells them apart."""
+    path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny-v",
+                         teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4,
+                         extra={"training": {"prediction_type": "v_prediction"}})
+    with unet_calls(pipe) as calls, pytest.raises(ValueError, match="this shortcut was distilled from tiny-v, a model "
+                                                                    "predicting v_prediction, but the pipeline's UNet "
+                                                                    "predicts epsilon"):
+        run(pipe, "bag", 0, output_type="latent", callback_on_step_end=ShortcutCallback(str(path), 4))
+    assert len(calls) == 1
+
+
 def test_callback_on_sdxl_with_a_ve_scheduler_feeds_the_vp_unet_input(tiny_sdxl_pipeline, shortcut):
     pipe, k = tiny_sdxl_pipeline, 3  # EulerDiscreteScheduler keeps VE latents: the callback must rescale them
     kw = dict(num_inference_steps=6, guidance_scale=2.0, output_type="latent")

@@ -317,15 +317,21 @@ def test_the_shortcut_sampler_refuses_sigmas_that_do_not_end_at_0(comfy_loaded, 
                                                       sigmas[:15], empty_latent())
 
 
-@pytest.mark.parametrize("sampling", ["v_prediction", "x0"])
-def test_a_model_read_as_another_prediction_is_refused(comfy_loaded, builtin_nodes, twin_unets, shortcut, sampling):
-    """V_PREDICTION and X0 derive from EPS in ComfyUI: SD2's 768-v (the 512 base's shapes) passed as epsilon."""
+@pytest.mark.parametrize("sampling, predicts", [("v_prediction", "v_prediction"), ("x0", "sample")])
+def test_a_model_that_predicts_otherwise_than_the_recorded_teacher_is_refused(comfy_loaded, builtin_nodes, twin_unets,
+                                                                             shortcut, sampling, predicts):
+    """SD2's 768-v and 512 base share their shapes; V_PREDICTION and X0 derive from EPS in ComfyUI."""
+    import copy
+
     node = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]
     (other,) = run_node("ModelSamplingDiscrete", model=twin_unets[0], sampling=sampling, zsnr=False) \
         if issubclass(node, io.ComfyNode) else getattr(node(), node.FUNCTION)(twin_unets[0], sampling, False)
-    with pytest.raises(ValueError, match=f"distilled from an epsilon-prediction teacher, this MODEL predicts "
-                                         f"{sampling}"):
-        shortcut_ksampler(other, shortcut)
+    recorded = copy.deepcopy(shortcut.shortcut)
+    recorded.metadata = {**recorded.metadata, "extra": {"training": {"prediction_type": "epsilon"}}}
+    with pytest.raises(ValueError, match=f"distilled from tiny-sd15, a model predicting epsilon, but the MODEL "
+                                         f"sampled here predicts {predicts}"):
+        shortcut_ksampler(other, type(shortcut)(recorded))
+    shortcut_ksampler(other, shortcut)  # a file that records no prediction type is not checked
 
 
 def test_the_warning_points_to_the_sigmas_node_for_a_schedule_the_list_lacks(comfy_loaded, shortcut, caplog):
