@@ -468,6 +468,7 @@ def test_the_capture_band_picks_the_hand_off_steps_of_each_run_length():
 
 def test_cli_captures_the_schedule_asked_for_and_records_it_in_the_file(tiny_sd_pipeline, tmp_path):
     from direct_distill.__main__ import main
+    from direct_distill.models.shortcut_file import teacher_prediction_type
     from direct_distill.schedulers.named import schedule_sigmas
     from direct_distill.schedulers.noise import sigma_table
 
@@ -483,6 +484,8 @@ def test_cli_captures_the_schedule_asked_for_and_records_it_in_the_file(tiny_sd_
     assert distill("shortcut") == 0
     extra = load_shortcut(tmp_path / "shortcut.safetensors").metadata["extra"]
     assert extra["schedule"] == "beta" and extra["training"]["schedule"] == "beta"
+    # the teacher's prediction type, as the front doors check it (left to the teacher, so its value)
+    assert teacher_prediction_type(load_shortcut(tmp_path / "shortcut.safetensors")) == "epsilon"
     scheduler = ExpKarrasScheduler.from_config(tiny_sd_pipeline.scheduler.config)
     for captured in extra["captured"]:  # the timesteps of beta runs of each length, not of exp-Karras ones
         n = captured["num_inference_steps"]
