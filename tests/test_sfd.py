@@ -54,12 +54,39 @@ def test_teacher_segment_is_dpm_solver_on_the_bare_unet(tiny_sd_pipeline, t_from
     assert (three - two).abs().max() > 1e-4
 
 
+def test_the_teachers_trajectory_is_one_dpm_solver_run_recorded_at_the_students_timesteps(tiny_sd_pipeline):
+    """Its history carried across the segments' ends (seed 004's teacher trajectory, one solver run): restarted at
+    each end, the first substep of every segment was first order."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
+    method = SFD(student, PROMPTS, config(teacher_substeps=2))
+    noise, cond = inputs()
+    got = method.teacher_trajectory(noise, cond, 3)  # timesteps 999, 666, 332, then the clean latent
+    solver = DPMSolverMultistepScheduler.from_config(tiny_sd_pipeline.scheduler.config, solver_order=2,
+                                                     final_sigmas_type="zero", lower_order_final=True)
+    solver.set_timesteps(timesteps=[999, 832, 666, 499, 332, 166])
+    z, seen = noise, []
+    with torch.no_grad():
+        for t in solver.timesteps:
+            z = solver.step(student.unet_output(z, t, cond, None, 1.0), t, z).prev_sample
+            seen.append(z)
+    torch.testing.assert_close(got, torch.stack([seen[1], seen[3], seen[5]], dim=1), atol=1e-5, rtol=1e-5)
+    restarted = method.teacher_segment(seen[1], 666, 332, cond)  # the restart the trajectory no longer makes
+    assert (restarted - seen[3]).abs().max() > 1e-4
+    # one segment (NFE 1) is one run either way
+    torch.testing.assert_close(SFD(student, PROMPTS, config(nfes=(1,), default_nfe=1)).teacher_trajectory(
+        noise, cond, 1)[:, 0], method.teacher_segment(noise, 999, CLEAN, cond), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("teacher_from", ["teacher", "student"])
-def test_an_untrained_student_has_zero_loss_against_a_one_substep_teacher(tiny_sd_pipeline, teacher_from):
-    # B = 0: the student is the teacher, and one DDIM substep is the student's own update: the loss is 0 (up to
-    # float32: diffusers' solver reads its sigmas in float32).
+def test_an_untrained_student_has_zero_loss_against_a_one_substep_ddim_teacher(tiny_sd_pipeline, teacher_from):
+    # B = 0: the student is the teacher, and one first-order substep is the student's own update: the loss is 0 (up
+    # to float32: diffusers' solver reads its sigmas in float32). The teacher's own trajectory at one substep is
+    # DPM-Solver++(2M) on the student's grid: first order here, for the check.
     student = LoraStudent(tiny_sd_pipeline, LoraSpec(rank=2, alpha=4.0))
     method = SFD(student, PROMPTS, config(teacher_substeps=1, teacher_from=teacher_from))
+    method.solver.register_to_config(solver_order=1)
     torch.manual_seed(0)
     batch = method.batch(0)
     assert batch["noise"].shape == (2, 4, 16, 16) and batch["nfe"] in (2, 3)
@@ -217,12 +244,10 @@ def test_a_teacher_pool_holds_the_teachers_trajectories_and_the_loss_uses_them(t
     assert method.pool is pool and pool.seconds > 0 and pool.noise.shape == (5, 4, 16, 16)
     assert {n: t.shape for n, t in pool.targets.items()} == {2: (5, 2, 4, 16, 16), 3: (5, 3, 4, 16, 16)}
     assert set(pool.prompts) <= {"", *PROMPTS}
-    # Draw 3 of the pool is the teacher's own trajectory from its noise and prompt, segment after segment.
+    # Draw 3 of the pool is the teacher's own trajectory from its noise and prompt.
     cond = student.embed(pool.prompts[3:4])
-    x = pool.noise[3:4]
-    for i, (t, t_next) in enumerate(zip([999, 666, 332], [666, 332, CLEAN])):
-        x = method.teacher_segment(x, t, t_next, cond)
-        torch.testing.assert_close(pool.targets[3][3:4, i], x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool.targets[3][3:4], method.teacher_trajectory(pool.noise[3:4], cond, 3),
+                               atol=1e-5, rtol=1e-5)
     # A batch is drawn from the pool, and the loss against its targets is the online loss from the same draws.
     torch.manual_seed(1)
     batch = method.batch(0)

@@ -7,7 +7,9 @@ from the same noise over the student's ``n`` timesteps (``trailing_timesteps(n, 
 - teacher: K steps of DPM-Solver++(2M) (diffusers' ``DPMSolverMultistepScheduler``, the bare UNet: adapters
   off) from its latent at ``t_i`` to ``t_(i+1)``, the substeps spaced uniformly in t (DPM-Solver's
   "time-uniform", its choice for latent models). By default the teacher continues its own trajectory, as in
-  Algorithm 2 (``teacher_from="teacher"``); ``"student"`` restarts it from the student's latent instead.
+  Algorithm 2 (``teacher_from="teacher"``): one solver run over every segment's substeps, its multistep history
+  carried across the student's timesteps; ``"student"`` restarts it from the student's latent at each of them
+  instead (its first substep there first order).
 - student: one first-order step (DDIM, i.e. ComfyUI's euler in VE coordinates) from its own latent, the
   detached result of its previous step, so it learns to correct the error it has accumulated.
 - loss: ``d(x_student, x_teacher)`` on the VE latents ``x = z / a_t`` (the paper's EDM coordinates,
@@ -131,7 +133,7 @@ class SFD:
         size = config.latent_size or unet.config.sample_size
         self.latent_shape = (unet.config.in_channels, size, size)
         self.pool: TeacherPool | None = None  # set by capture_pool
-        # The teacher's solver; the last substep of a segment is first order (needed where it ends at sigma 0).
+        # The teacher's solver; the last substep before sigma 0 is first order (diffusers' lower_order_final).
         self.solver = DPMSolverMultistepScheduler.from_config(
             student.scheduler_config, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
             lower_order_final=True, final_sigmas_type="zero", use_karras_sigmas=False, use_exponential_sigmas=False,
@@ -152,20 +154,34 @@ class SFD:
 
     @torch.no_grad()
     def teacher_trajectory(self, noise: torch.Tensor, cond: Conditioning, n: int) -> torch.Tensor:
-        """The teacher's latents at the ends of the ``n`` student steps from ``noise``: ``(B, n, C, H, W)``."""
+        """The teacher's latents at the ends of the ``n`` student steps from ``noise``: ``(B, n, C, H, W)``. One
+        DPM-Solver++(2M) run over every segment's substeps, its history carried across the segments' ends (the
+        paper's teacher trajectory is one solver run); restarting at each end would make the first substep of
+        every segment first order."""
         ts = self.timesteps[n] + [CLEAN]
-        x, out = noise, []
-        for t, t_next in zip(ts, ts[1:]):
-            x = self.teacher_segment(x, t, t_next, cond)
-            out.append(x)
+        segments = [self._substeps(t, t_next) for t, t_next in zip(ts, ts[1:])]
+        points = torch.cat([segments[0][:1]] + [segment[1:] for segment in segments])
+        ends = set(torch.tensor([len(segment) - 1 for segment in segments]).cumsum(0).tolist())
+        self.solver.set_timesteps(timesteps=points[:-1].tolist())  # the run ends at sigma 0
+        z, out = noise, []
+        for i, t in enumerate(self.solver.timesteps):
+            model_output = self.student.unet_output(z, t, cond, None, distilled_guidance(self.config))
+            z = self.solver.step(model_output, t, z).prev_sample
+            if i + 1 in ends:
+                out.append(z)
         return torch.stack(out, dim=1)
+
+    def _substeps(self, t_from: int, t_to: int) -> torch.Tensor:
+        """The integer timesteps of a segment's ``teacher_substeps`` substeps, both ends included, uniform in t."""
+        points = torch.linspace(t_from, t_to, self.config.teacher_substeps + 1, dtype=torch.float64)
+        return torch.unique_consecutive(points.round().long())
 
     @torch.no_grad()
     def teacher_segment(self, z: torch.Tensor, t_from: int, t_to: int, cond: Conditioning) -> torch.Tensor:
         """``teacher_substeps`` DPM-Solver++(2M) steps of the bare UNet from ``z`` at ``t_from`` to ``t_to``
-        (-1: the clean latent), the substeps uniform in t on integer timesteps."""
-        points = torch.linspace(t_from, t_to, self.config.teacher_substeps + 1, dtype=torch.float64)
-        points = torch.unique_consecutive(points.round().long())
+        (-1: the clean latent), the substeps uniform in t on integer timesteps: the teacher restarted from a
+        latent (``teacher_from="student"``), its first substep first order."""
+        points = self._substeps(t_from, t_to)
         self.solver.set_timesteps(timesteps=points[:-1].tolist())
         if t_to != CLEAN:  # set_timesteps ends at sigma 0: end at t_to's sigma instead
             a, s = self.student.alpha_sigma(torch.tensor([t_to]))
