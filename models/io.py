@@ -28,9 +28,10 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
 
     A crash mid-write leaves the previous file (if any) untouched; the temporary folder of a save that was
     killed outright is removed by the next save to the same path. A new file gets ordinary permissions (0666
-    less the umask), a replaced one keeps its own. Metadata values that are not strings are stored as JSON.
+    less the umask), a replaced one keeps its own. Metadata values that are not strings are stored as JSON. A
+    symbolic link is written through: the file it leads to is replaced, the link stays (shared model folders).
     """
-    path = Path(path)
+    given, path = Path(path), Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -48,13 +49,14 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
         os.replace(tmp, path)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return path
+    return given
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` via a temporary file beside it and a rename, with ordinary permissions
-    (or those of the file it replaces): the small JSON records that sit beside the weights."""
-    path = Path(path)
+    (or those of the file it replaces): the small JSON records that sit beside the weights. A symbolic link is
+    written through."""
+    given, path = Path(path), Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -66,7 +68,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    return given
 
 
 def _mode_for(path: Path) -> int:

@@ -119,6 +119,21 @@ def test_a_read_only_folder_is_unwritable(tmp_path):
         folder.chmod(0o700)
 
 
+def test_a_link_is_written_through_to_the_file_it_leads_to(tmp_path):
+    """Shared model folders and the Hugging Face cache keep files as links: the link stays, its target is replaced."""
+    (tmp_path / "disk").mkdir()
+    target = tmp_path / "disk" / "student é.safetensors"
+    atomic_save_file({"w": torch.zeros(2)}, target)
+    link = tmp_path / "student.safetensors"
+    link.symlink_to(target)
+    assert atomic_save_file({"w": torch.ones(2)}, link) == link
+    assert link.is_symlink() and torch.equal(read_safetensors(target)[0]["w"], torch.ones(2))
+    record = tmp_path / "record.json"
+    record.symlink_to(tmp_path / "disk" / "record.json")
+    atomic_write_text(record, "{}")
+    assert record.is_symlink() and (tmp_path / "disk" / "record.json").read_text() == "{}"
+
+
 def test_json_records_are_written_whole_with_ordinary_permissions(tmp_path, umask_022):
     path = atomic_write_text(tmp_path / "work" / "settings.json", '{"lr": 0.1}')
     assert path.read_text() == '{"lr": 0.1}' and oct(path.stat().st_mode & 0o777) == oct(0o644)

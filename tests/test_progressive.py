@@ -194,6 +194,13 @@ def test_cli_distills_a_teacher_folder_on_given_latents(tiny_sd_pipeline, tmp_pa
         main(args + ["--prompts", str(tmp_path / "prompts.txt")])
     with pytest.raises(SystemExit, match="--prompts: .*latents.safetensors holds no prompts"):
         main(args + ["--latents", str(tmp_path / "latents.safetensors")])
+    # the earlier round's file beside --out (<out>_nfe<N>) may not replace an input either
+    write_latents_file(tmp_path / "mine_nfe4.safetensors", data(4)[0])
+    before = (tmp_path / "mine_nfe4.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match=r"--out: .*mine_nfe4.safetensors is what --latents reads"):
+        main([*args[:5], str(tmp_path / "mine.safetensors"), *args[6:], "--teacher-steps", "8",
+              "--latents", str(tmp_path / "mine_nfe4.safetensors"), "--prompts", str(tmp_path / "prompts.txt")])
+    assert (tmp_path / "mine_nfe4.safetensors").read_bytes() == before
     write_latents_file(tmp_path / "sd3.safetensors", torch.randn(4, 16, 8, 8))  # another model's 16 channels
     with pytest.raises(SystemExit, match="--latents: its latents have 16 channels, the teacher's UNet takes 4"):
         main(args + ["--latents", str(tmp_path / "sd3.safetensors"), "--prompts", str(tmp_path / "prompts.txt"),

@@ -74,6 +74,13 @@ def test_the_teachers_trajectory_is_one_dpm_solver_run_recorded_at_the_students_
     torch.testing.assert_close(got, torch.stack([seen[1], seen[3], seen[5]], dim=1), atol=1e-5, rtol=1e-5)
     restarted = method.teacher_segment(seen[1], 666, 332, cond)  # the restart the trajectory no longer makes
     assert (restarted - seen[3]).abs().max() > 1e-4
+    # --teacher-restarts: segment after segment, each restarted (the lab's first SFD students)
+    x, segments = noise, []
+    for t, t_next in zip([999, 666, 332], [666, 332, CLEAN]):
+        x = method.teacher_segment(x, t, t_next, cond)
+        segments.append(x)
+    torch.testing.assert_close(SFD(student, PROMPTS, config(teacher_substeps=2, teacher_restarts=True))
+                               .teacher_trajectory(noise, cond, 3), torch.stack(segments, dim=1))
     # one segment (NFE 1) is one run either way
     torch.testing.assert_close(SFD(student, PROMPTS, config(nfes=(1,), default_nfe=1)).teacher_trajectory(
         noise, cond, 1)[:, 0], method.teacher_segment(noise, 999, CLEAN, cond), atol=1e-5, rtol=1e-5)

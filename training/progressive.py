@@ -182,8 +182,13 @@ def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
     return ProgressiveResult(path=paths[rounds[-1]], round_paths=paths, losses=losses)
 
 
+def _outputs(config: ProgressiveConfig, out: Path) -> list[Path]:
+    rounds = config.rounds()
+    return [round_path(out, n, rounds[-1]) for n in rounds if n == rounds[-1] or config.save_rounds]
+
+
 METHOD = MethodEntry(
-    ProgressiveConfig, train_progressive,
+    ProgressiveConfig, train_progressive, outputs=_outputs,
     summary="progressive distillation into a LoRA student (seed 003)",
     description="Rounds of two teacher DDIM steps -> one student step, N -> N/2, from --teacher-steps down to "
                 "--student-steps, on data latents. Writes the final student to --out and each earlier round's "

@@ -32,6 +32,8 @@ class MethodEntry:
     summary: str       # one line, for `distill --help`
     description: str   # the method's own --help
     writes: str = STUDENT_FORMAT  # the format of the file it writes (an existing one of another is not replaced)
+    # every file a run writes, from its config and --out (progressive's rounds beside it): each is checked as --out
+    outputs: Callable[[Any, Path], list[Path]] = lambda config, out: [out]
 
 
 @dataclass
@@ -193,16 +195,18 @@ def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan
     if evaluation is not None and evaluation.eval_every and (own is None or own.evaluation is None):
         raise SettingError("eval_every", "evaluations need the preset's evaluator"
                            + (f": they are for the {preset.name} teacher only" if preset else ""))
-    for name, check, what in (("out", check_writable, "the output file"),
-                              ("work", check_writable_folder, "the work folder")):
-        try:
-            check(getattr(plan.run, name), what)
-        except PermissionError as err:
-            raise SettingError(name, str(err)) from None
+    outputs = entry.outputs(config, plan.run.out)
+    try:
+        for path in outputs:
+            check_writable(path, "the output file")
+        check_writable_folder(plan.run.work, "the work folder")
+    except PermissionError as err:
+        raise SettingError("work" if "work folder" in str(err) else "out", str(err)) from None
     inputs = {"--teacher": plan.run.teacher, "--prompts": plan.run.prompts, "--tokenizer": plan.run.tokenizer,
               "--latents": source and source.latents, "--data": source and source.data}
     try:
-        check_replaceable(plan.run.out, inputs, entry.writes)
+        for path in outputs:  # progressive writes its rounds beside --out: none may replace an input either
+            check_replaceable(path, inputs, entry.writes)
     except ValueError as err:
         raise SettingError("out", str(err)) from None
     return plan

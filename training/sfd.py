@@ -86,6 +86,9 @@ class SFDConfig(Settings):
     teacher_from: str = setting("teacher", choices=TEACHER_FROM,
                                 help="the teacher continues its own trajectory (Algorithm 2) or restarts from the "
                                      "student's")
+    teacher_restarts: bool = setting(False, help="restart the teacher's solver at each student timestep of its own "
+                                                 "trajectory (first order there), as the lab's first SFD students "
+                                                 "were made; by default it is one DPM-Solver++(2M) run")
     distance: str = setting("l1", choices=DISTANCES, help="distance of the student's and the teacher's latents")
     steps: int = setting(2000, ge=1, help="training steps")
     p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (the unconditional branch, so that "
@@ -159,6 +162,12 @@ class SFD:
         paper's teacher trajectory is one solver run); restarting at each end would make the first substep of
         every segment first order."""
         ts = self.timesteps[n] + [CLEAN]
+        if self.config.teacher_restarts:
+            x, out = noise, []
+            for t, t_next in zip(ts, ts[1:]):
+                x = self.teacher_segment(x, t, t_next, cond)
+                out.append(x)
+            return torch.stack(out, dim=1)
         segments = [self._substeps(t, t_next) for t, t_next in zip(ts, ts[1:])]
         points = torch.cat([segments[0][:1]] + [segment[1:] for segment in segments])
         ends = set(torch.tensor([len(segment) - 1 for segment in segments]).cumsum(0).tolist())
