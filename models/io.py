@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -147,6 +149,39 @@ def check_replaceable(path: str | os.PathLike, inputs: dict[str, str | os.PathLi
         if kind is not None and held != kind:
             raise ValueError(f"{path} exists and holds a {held.split('.', 1)[1]} file, this run writes a "
                              f"{kind.split('.', 1)[1]} file: give another name, or move it away first")
+
+
+class FolderInUse(RuntimeError):
+    """A work folder another run holds (its lock file taken)."""
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike, what: str = "work folder", hold: bool = True):
+    """Hold ``folder`` for one run: an exclusive lock on its lock file, taken without waiting, released when the
+    run ends or its process dies. A second run into the same folder gets :class:`FolderInUse` naming the
+    holder's pid instead of mixing its files with the first's. ``hold=False`` (the other processes of one
+    multi-process run, whose main process holds it) takes nothing."""
+    if not hold:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise FolderInUse(f"{what} {folder} is in use by another run (pid {holder}); wait for it to end, or give "
+                              "another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str = "work folder") -> Path:

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from direct_distill.models.io import (PARTIAL_SUFFIX, atomic_save_file, atomic_write_text, check_writable,
-                                      check_writable_folder, read_safetensors)
+from direct_distill.models.io import (PARTIAL_SUFFIX, FolderInUse, atomic_save_file, atomic_write_text,
+                                      check_writable, check_writable_folder, hold_folder, read_safetensors)
 
 
 @pytest.fixture
@@ -117,6 +117,18 @@ def test_a_read_only_folder_is_unwritable(tmp_path):
             check_writable(folder / "x.safetensors", "--out")
     finally:
         folder.chmod(0o700)
+
+
+def test_a_held_folder_refuses_a_second_holder_until_released(tmp_path):
+    with hold_folder(tmp_path / "work"):
+        with pytest.raises(FolderInUse, match=f"work folder {tmp_path / 'work'} is in use by another run "
+                                              fr"\(pid {os.getpid()}\); wait for it to end, or give another folder"):
+            with hold_folder(tmp_path / "work"):
+                pass
+        with hold_folder(tmp_path / "work", hold=False):  # another process of the same run
+            pass
+    with hold_folder(tmp_path / "work"):  # released with the run
+        pass
 
 
 def test_a_link_is_written_through_to_the_file_it_leads_to(tmp_path):

@@ -89,7 +89,7 @@ def test_an_interrupted_encoding_resumes_with_the_parts_left(image_folder, teach
     args = ["--teacher", str(path), "--data", str(image_folder), "--size", "64", "--batch-size", "2"]
     assert latents.main([*args, "--out", str(tmp_path / "x.safetensors")]) == 130  # one line, no traceback
     assert "latents: stopped; run the same command again to resume from the parts in" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "x.safetensors.work").iterdir()) == ["part_00000.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "x.safetensors.work").iterdir()) == [".lock", "part_00000.safetensors"]
     assert not (tmp_path / "x.safetensors").exists()
     loaded.clear()
     monkeypatch.setattr(latents, "load_images", lambda *a: (loaded.extend(a[0]), real_load(*a))[1])

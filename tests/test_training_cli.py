@@ -4,6 +4,7 @@ resumes only under its own settings, Ctrl-C says how to resume, a preset applies
 new method is one module plus one registry line."""
 
 import hashlib
+import os
 import json
 import re
 from dataclasses import dataclass
@@ -187,6 +188,18 @@ def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, 
     assert (training["prediction_type"], training["student_prediction"], training["latent_size"]) == (
         "epsilon", "epsilon", 16)  # the tiny UNet's sample_size
     assert training["content of --prompts"] == f"sha256 {digest}"
+
+
+def test_a_work_folder_another_run_holds_is_refused(teacher, tmp_path, capsys):
+    from direct_distill.models.io import hold_folder
+
+    work = tmp_path / "work"
+    with hold_folder(work):  # a run started before, still going (its lock is released when its process ends)
+        text = refusal(lambda: main(sfd_args(teacher, "--out", str(tmp_path / "s.safetensors"), "--work",
+                                             str(work))), capsys)
+    assert text == (f"distill sfd: --work: work folder {work} is in use by another run (pid {os.getpid()}); wait "
+                    "for it to end, or give another folder")
+    assert not (work / SETTINGS_FILE).exists() and not (tmp_path / "s.safetensors").exists()
 
 
 def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, capsys, monkeypatch):

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.io import (FileFormatError, atomic_save_file, check_replaceable, check_writable, check_writable_folder,
-                         read_safetensors)
+from ..models.io import (LOCK_NAME, FileFormatError, FolderInUse, atomic_save_file, check_replaceable,
+                         check_writable, check_writable_folder, hold_folder, read_safetensors)
 from .cli import add_arguments
 from .config import DTYPE_NAMES, Settings, SettingError, flag_of, replace_settings, setting
 from .data import (FOLDER_HINT, LATENTS_FORMAT, VAE_SCALE_KEY, encode_images, load_images, read_image_folder,
@@ -47,6 +47,11 @@ def encode_folder(vae, folder: str | os.PathLike, size: int, out: str | os.PathL
     folder, out = Path(folder), Path(out)
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
     accelerator = accelerator or make_accelerator()
+    with hold_folder(work, hold=accelerator.is_local_main_process):  # a second run into it would mix their parts
+        return _encode_folder(vae, folder, size, out, batch_size, work, accelerator)
+
+
+def _encode_folder(vae, folder: Path, size: int, out: Path, batch_size: int, work: Path, accelerator) -> Path:
     paths, prompts = read_image_folder(folder)
     checksum = vae_checksum(vae)
     parts = [paths[i:i + PART] for i in range(0, len(paths), PART)]
@@ -98,6 +103,7 @@ def _remove_parts(work: Path) -> None:
             ours = False
         if ours:
             path.unlink()
+    (work / LOCK_NAME).unlink(missing_ok=True)  # held until this run returns; nothing is left to share
     try:
         work.rmdir()
     except OSError:  # not empty
@@ -164,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encode_folder(vae, config.data, config.size, config.out, batch_size=config.batch_size, work=config.work,
                       accelerator=make_accelerator(config.cpu))
-    except (ValueError, FloatingPointError) as err:  # an unreadable image, a non-finite latent: named in one line
+    except (ValueError, FloatingPointError, FolderInUse) as err:  # an unreadable image, a non-finite latent, a
+        # second run into the work folder: named in one line
         raise SystemExit(f"latents: {err}") from None
     except KeyboardInterrupt:
         work = config.work or config.out.with_name(config.out.name + ".work")

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..models.io import atomic_write_text, check_replaceable, check_writable, check_writable_folder
+from ..models.io import (FolderInUse, atomic_write_text, check_replaceable, check_writable, check_writable_folder,
+                         hold_folder)
 from ..models.student_file import FORMAT_NAME as STUDENT_FORMAT
 from .config import RunConfig, Settings, SettingError, flag_of, leaves, record, replace_settings
 from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
@@ -213,12 +214,21 @@ def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan
 
 
 def execute(plan: Plan):
-    """Run a prepared plan: the work folder's settings are checked (or recorded), then the teacher, the
-    inputs and the method load and run; returns the method's result."""
+    """Run a prepared plan: the work folder is held for the run (a second run into it is refused), its settings
+    are checked (or recorded), then the teacher, the inputs and the method load and run; returns the method's
+    result."""
+    accelerator = make_accelerator(plan.run.cpu)
+    try:
+        with hold_folder(plan.run.work, hold=accelerator.is_local_main_process):
+            return _execute(plan, accelerator)
+    except FolderInUse as err:
+        raise SettingError("work", str(err)) from None
+
+
+def _execute(plan: Plan, accelerator):
     from .teachers import load_teacher
 
     config, run = plan.config, plan.run
-    accelerator = make_accelerator(run.cpu)
     contents = input_contents(config)  # read once: a latents file may be gigabytes
     check_work_folder(run.work, plan.method, config, accelerator, contents=contents)
     pipe = load_teacher(run.teacher, getattr(torch, run.dtype), tokenizer=run.tokenizer,
