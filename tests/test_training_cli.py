@@ -7,6 +7,7 @@ import hashlib
 import os
 import json
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 import pytest
@@ -226,7 +227,7 @@ def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, ca
 
 
 def test_a_work_folder_resumes_when_only_the_spelling_differs_and_not_when_an_input_changed(teacher, tmp_path,
-                                                                                          capsys):
+                                                                                          capsys, monkeypatch):
     out, work = tmp_path / "sfd.safetensors", tmp_path / "work"
     args = sfd_args(teacher, "--out", str(out), "--work", str(work))
     args[args.index("--nfe") + 1:args.index("--nfe") + 2] = ["2", "1"]
@@ -246,10 +247,30 @@ def test_a_work_folder_resumes_when_only_the_spelling_differs_and_not_when_an_in
     text = refusal(lambda: main(args + ["--student-prediction", "v_prediction"]), capsys)
     assert "--student-prediction 'epsilon' there, 'v_prediction' here" in text
 
+    # the same files typed from another folder: where they lie is what counts (recorded as typed, a run started
+    # with relative names was refused from anywhere else)
+    monkeypatch.chdir(tmp_path)
+    relative = sfd_args(Path("teacher"), "--out", "rel.safetensors", "--work", "rel")
+    assert main(relative) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(sfd_args(teacher, "--out", str(tmp_path / "rel.safetensors"), "--work", str(tmp_path / "rel"))) == 0
+
     (teacher.parent / "prompts.txt").write_text("bag\nshirt\n")  # edited under the same name
     text = refusal(lambda: main(args), capsys)
     assert text.startswith(f"distill sfd: --work: {work} holds a run with other settings (content of --prompts "
                            "'sha256 ") and "\n" not in text
+    (teacher.parent / "prompts.txt").write_text("bag\ncoat\n")
+
+    from diffusers import UNet2DConditionModel  # another model of the same shapes where the teacher was
+
+    unet = UNet2DConditionModel.from_pretrained(teacher / "unet")
+    with torch.no_grad():
+        next(unet.parameters()).add_(0.01)
+    unet.save_pretrained(teacher / "unet")
+    text = refusal(lambda: main(args), capsys)
+    assert text.startswith(f"distill sfd: --work: {work} holds a run with other settings (content of --teacher "
+                           "'sums ") and "\n" not in text
 
 
 def test_a_teacher_pool_computed_before_the_first_checkpoint_holds_the_folder_to_its_settings(teacher, tmp_path,

@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
+from ..models.io import FileFormatError
 from .config import Settings, SettingError, flag, flag_of, kind, leaves, replace_settings
 from .loop import CheckpointMismatch
 from .registry import METHODS, entry
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None, preset: Preset | None = None) -> int:
         raise refuse(err) from None
     except (FloatingPointError, CheckpointMismatch) as err:  # a non-finite loss; float16's overflow checks
         raise SystemExit(f"{prog}: {err}") from None
+    except FileFormatError as err:  # a damaged checkpoint or stage file in the work folder
+        raise SystemExit(f"{prog}: {err}; delete that file to compute it again (a checkpoint: the stage restarts), "
+                         f"or give another --work folder") from None
     except OSError as err:  # a full disk, a folder gone: the work folder keeps what was saved before
         raise SystemExit(f"{prog}: {err}; run the same command again to resume from the last checkpoint in "
                          f"{plan.run.work}") from None

@@ -15,7 +15,7 @@ import torch
 from ..models.io import (FolderInUse, atomic_write_text, check_replaceable, check_writable, check_writable_folder,
                          hold_folder)
 from ..models.student_file import FORMAT_NAME as STUDENT_FORMAT
-from .config import RunConfig, Settings, SettingError, flag_of, leaves, record, replace_settings
+from .config import RunConfig, Settings, SettingError, flag_of, kind, leaves, record, replace_settings
 from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
                    read_prompts)
 from .loop import TrainResult, train
@@ -301,14 +301,25 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator, pi
         config = with_teacher_values(config, pipe)
     mine = json.loads(json.dumps({"method": method, "processes": accelerator.num_processes,
                                   **record(config, changeable=False), **contents}))
+    for f, hint, value in leaves(config):  # where a file lies, not how it was typed: resumable from elsewhere
+        if kind(hint)[0] is Path and value is not None and f.name in mine:
+            mine[f.name] = os.path.realpath(value)
+    if pipe is not None:  # another model of the same shapes put where the teacher was is another run
+        mine[TEACHER_CONTENT] = teacher_digest(pipe)
     if path.is_file() and _holds_work(work, CHECKPOINT_NAME):
-        theirs = json.loads(path.read_text())
+        try:
+            theirs = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # cut short (a full disk): the run it records cannot be told
+            raise SettingError("work", f"{path}: not readable ({err}); the folder's work cannot be matched to "
+                                       "these settings: give another --work folder") from None
         changed = []
         for k in sorted(mine.keys() | theirs.keys()):
             if k.startswith(CONTENT_KEY) and k not in theirs:
                 continue  # recorded before contents were
             if k in left_to_teacher and pipe is None and None in (mine.get(k), theirs.get(k)):
                 continue  # one of them is the teacher's value: compared once it has loaded
+            if k == TEACHER_CONTENT and pipe is None:
+                continue  # compared once the teacher has loaded
             if _same_file(mine.get(k)) != _same_file(theirs.get(k)):
                 changed.append(k)
         if changed:
@@ -329,6 +340,19 @@ def _holds_work(work: Path, checkpoint_name: str) -> bool:
 
 
 CONTENT_KEY = "content of "  # a settings-file key: what an input file held, "content of --prompts"
+TEACHER_CONTENT = CONTENT_KEY + "--teacher"
+
+
+def teacher_digest(pipe) -> str:
+    """A fingerprint of the loaded teacher's weights (UNet and text encoders): the sum and the sum of squares of
+    their parameters, cheap once they are loaded."""
+    total = squares = 0.0
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        for p in module.parameters() if module is not None else ():
+            p = p.detach().double()
+            total, squares = total + float(p.sum()), squares + float((p * p).sum())
+    return f"sums {total!r} {squares!r}"
 
 
 def with_teacher_values(config: Settings, pipe) -> Settings:
@@ -357,7 +381,8 @@ def input_contents(config: Settings) -> dict[str, str]:
         if Path(value).is_dir():
             images, captions = read_image_folder(value)
             for image, caption in zip(images, captions):
-                digest.update(f"{image.relative_to(value)}\0{image.stat().st_size}\0{caption}\0".encode())
+                stat = image.stat()  # an image edited in place keeps its size, not its modification time
+                digest.update(f"{image.relative_to(value)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\0".encode())
         else:
             with open(value, "rb") as f:
                 while chunk := f.read(1 << 24):
