@@ -115,3 +115,26 @@ def test_an_encoded_folder_is_cached_until_its_files_change(tiny_vae, tmp_path, 
     (folder / "b.txt").write_text("a shoe")  # a caption changed: encoded again
     assert encode_image_folder(tiny_vae, folder, 32, cache).prompts == ["a bag", "a shoe", "a coat"]
     assert encode_image_folder(tiny_vae, folder, 16, cache).latents.shape == (3, 4, 8, 8)  # another size
+
+
+def test_an_image_folder_edited_in_place_is_another_input(tmp_path):
+    """Its digest (what the work folder records) follows each image's modification time, not only its size."""
+    import os
+
+    from PIL import Image
+
+    from direct_distill.training.data import DataSource
+    from direct_distill.training.progressive import ProgressiveConfig
+    from direct_distill.training.runner import input_contents
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a bag")
+    config = ProgressiveConfig(source=DataSource(data=folder))
+    before = input_contents(config)
+    assert list(before) == ["content of --data"] and input_contents(config) == before
+    Image.new("RGB", (8, 8), (30, 20, 10)).save(folder / "a.png")  # the same size in bytes, other pixels
+    stat = (folder / "a.png").stat()
+    os.utime(folder / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert input_contents(config) != before
