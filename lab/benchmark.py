@@ -385,8 +385,7 @@ class Bench:
         self.path = results_path
         self.plots = plots
         if fresh:  # the old file is not read: it may be what --fresh is for
-            self.results = Results(teacher=self.teacher_id)
-            self._write(self.results)
+            self._update(lambda new: setattr(new, "teacher", self.teacher_id), read=False)
             return
         self.results = Results.load(results_path)
         if self.results.teacher not in (None, self.teacher_id):
@@ -434,21 +433,17 @@ class Bench:
 
         self._update(merge)
 
-    def _update(self, change) -> None:
-        """``change(results)`` applied to the results file as it is on disk, under a lock, and written back."""
+    def _update(self, change, read: bool = True) -> None:
+        """``change(results)`` applied to the results file as it is on disk (an empty one without ``read``), under
+        a lock, and written back atomically."""
         import fcntl
 
         with open(self.path.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            on_disk = Results.load(self.path)
+            on_disk = Results.load(self.path) if read else Results()
             change(on_disk)
-            self._write(on_disk)
+            atomic_write_text(self.path, json.dumps(on_disk.to_json(), indent=1))
             self.results = on_disk
-
-    def _write(self, results: Results) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results.to_json(), indent=1))
-        tmp.replace(self.path)
 
     def sample(self, name: str, sigmas: torch.Tensor, guidance: float, seed_set: int,
                group: str = "schedule") -> Run:

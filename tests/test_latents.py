@@ -107,9 +107,12 @@ def test_a_work_folder_the_user_named_keeps_everything_but_the_parts(image_folde
     work = tmp_path / "mystuff"
     work.mkdir()
     (work / "notes.txt").write_text("mine")
+    from safetensors.torch import save_file  # a part of another folder's encoding, under a name this run does not use
+
+    save_file({"latents": torch.zeros(1)}, str(work / "part_00042.safetensors"), metadata={"part_key": "other"})
     assert latents.main(["--teacher", str(path), "--data", str(image_folder), "--size", "32", "--work", str(work),
                          "--out", str(tmp_path / "x.safetensors")]) == 0
-    assert [p.name for p in work.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt", "part_00042.safetensors"]
 
 
 def small_folder(folder, n=3):

@@ -82,23 +82,27 @@ def _encode_folder(vae, folder: Path, size: int, out: Path, batch_size: int, wor
                              work / f"part_{i:05d}.safetensors", {"part_key": keys[i]})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        stale = [i for i in range(len(parts)) if not _part_done(work / f"part_{i:05d}.safetensors", keys[i])]
+        if stale:  # only another run's parts could be there: the folder is held, every part was checked
+            raise FileFormatError(f"{work}: part {stale[0]} is not of these images; run the command again to "
+                                  "encode it again")
         tensors = [read_safetensors(work / f"part_{i:05d}.safetensors")[0] for i in range(len(parts))]
         write_latents_file(out, torch.cat([t["latents"] for t in tensors]), torch.cat([t["std"] for t in tensors]),
                            prompts, {"data_key": data_key, "size": size, "source": str(folder),
                                      VAE_SCALE_KEY: float(vae.config.scaling_factor)})
-        _remove_parts(work)
+        _remove_parts(work, set(keys))
         print(f"{out}: {len(paths)} images at {size} px -> latents {tuple(tensors[0]['latents'].shape[1:])}"
               + (f"; {prompts.count('')} without a caption (empty prompt)" if "" in prompts else ""))
     accelerator.wait_for_everyone()
     return out
 
 
-def _remove_parts(work: Path) -> None:
-    """The part files (ours: they carry a part key) and then the work folder, if that left it empty: a folder
+def _remove_parts(work: Path, keys: set[str]) -> None:
+    """This run's part files (those of its ``keys``) and then the work folder, if that left it empty: a folder
     the user named keeps everything else."""
     for path in work.glob("part_*.safetensors"):
         try:
-            ours = "part_key" in read_safetensors(path, select=lambda k: False)[1]
+            ours = read_safetensors(path, select=lambda k: False)[1].get("part_key") in keys
         except FileFormatError:
             ours = False
         if ours:
