@@ -118,6 +118,16 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def readable(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole safetensors file (its header reads; a file cut short by a kill or a full disk
+    is not): a stage's computed file is computed again when it is not."""
+    try:
+        read_safetensors_header(path)
+        return True
+    except FileFormatError:
+        return False
+
+
 def is_direct_distill_file(metadata: dict[str, str]) -> bool:
     """Whether a safetensors file's metadata names one of this project's formats (a student, a shortcut, ...)."""
     return metadata.get("format", "").strip('"').startswith("direct_distill.")

@@ -115,6 +115,10 @@ def test_capture_resumes_by_skipping_written_shards_and_refuses_other_settings(p
     assert os.stat(first).st_mtime_ns == stamp
     after = load_trajectories(folder)
     torch.testing.assert_close(after.latents, before.latents, rtol=1e-4, atol=1e-4)
+    # A shard cut short (a kill mid-copy, a full disk) is captured again, not taken as done
+    second.write_bytes(second.read_bytes()[:200])
+    capture(pipe, folder)
+    torch.testing.assert_close(load_trajectories(folder).latents, before.latents, rtol=1e-4, atol=1e-4)
     # Another process lists diffusers' bookkeeping in another order (a set): that is the same capture.
     index = json.loads((folder / "index.json").read_text())
     index["scheduler_config"].update(_use_default_values=["timestep_spacing", "solver_order"],

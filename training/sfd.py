@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..models.io import FileFormatError, atomic_save_file, read_safetensors
+from ..models.io import FileFormatError, atomic_save_file, read_safetensors, readable
 from ..schedulers.grids import CLEAN, trailing_timesteps
 from ..schedulers.prediction import PREDICTION_TYPES
 from ..schedulers.sigmas import EXP_KARRAS_P_MAX
@@ -245,7 +245,7 @@ def capture_pool(method: SFD, size: int, seed: int, folder: Path | None, acceler
     shards = list(range(0, size, POOL_SHARD))
     share = [k for k in range(len(shards))
              if folder is None or k % accelerator.num_processes == accelerator.process_index]
-    done = {k for k in share if folder is not None and _pool_file(folder, k).is_file()}
+    done = {k for k in share if folder is not None and readable(_pool_file(folder, k))}
     bar = tqdm(total=sum(min(POOL_SHARD, size - shards[k]) for k in share), desc="teacher pool", unit="draw",
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     bar.update(sum(min(POOL_SHARD, size - shards[k]) for k in done))

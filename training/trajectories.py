@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.io import FileFormatError, atomic_save_file, atomic_write_text, read_safetensors
+from ..models.io import FileFormatError, atomic_save_file, atomic_write_text, read_safetensors, readable
 from ..models.student_file import shape_fingerprint, unet_parameter_shapes
 from .config import SettingError
 from ..pipelines.shortcut import next_unet_input
@@ -126,7 +126,7 @@ def capture_trajectories(pipe, out_dir: str | os.PathLike, prompts: list[str], n
 
     shards = range(0, num_trajectories, shard_size)
     todo = [first for n, first in enumerate(shards) if n % num_processes == process_index
-            and not (out_dir / _shard_name(n)).is_file()]
+            and not readable(out_dir / _shard_name(n))]
     done = num_trajectories - sum(min(shard_size, num_trajectories - first) for first in todo)
     own_scheduler, own_bar = pipe.scheduler, dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.scheduler = scheduler
