@@ -118,8 +118,8 @@ def test_an_encoded_folder_is_cached_until_its_files_change(tiny_vae, tmp_path, 
 
 
 def test_an_image_folder_edited_in_place_is_another_input(tmp_path):
-    """Its digest (what the work folder records) follows each image's modification time, not only its size."""
-    import os
+    """Its digest (what the work folder records) follows each image's bytes, not only its size."""
+    import shutil
 
     from PIL import Image
 
@@ -134,7 +134,8 @@ def test_an_image_folder_edited_in_place_is_another_input(tmp_path):
     config = ProgressiveConfig(source=DataSource(data=folder))
     before = input_contents(config)
     assert list(before) == ["content of --data"] and input_contents(config) == before
-    Image.new("RGB", (8, 8), (30, 20, 10)).save(folder / "a.png")  # the same size in bytes, other pixels
-    stat = (folder / "a.png").stat()
-    os.utime(folder / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert input_contents(config) != before
+    size = (folder / "a.png").stat().st_size
+    shutil.copytree(folder, tmp_path / "copy")  # the same images elsewhere, newer files: the same input
+    assert input_contents(ProgressiveConfig(source=DataSource(data=tmp_path / "copy"))) == before
+    Image.new("RGB", (8, 8), (30, 20, 10)).save(folder / "a.png")  # other pixels, the same size in bytes
+    assert (folder / "a.png").stat().st_size == size and input_contents(config) != before

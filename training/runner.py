@@ -367,8 +367,8 @@ def with_teacher_values(config: Settings, pipe) -> Settings:
 
 
 def input_contents(config: Settings) -> dict[str, str]:
-    """A digest of what each input file holds (prompts, latents; an image folder by its images' names and sizes
-    and its captions), keyed ``"content of --flag"``."""
+    """A digest of what each input file holds (prompts, latents; an image folder by its images' names and bytes
+    and its captions: a copied folder is the same input), keyed ``"content of --flag"``."""
     import hashlib
 
     out = {}
@@ -378,17 +378,21 @@ def input_contents(config: Settings) -> dict[str, str]:
         if value is None:
             continue
         digest = hashlib.sha256()
-        if Path(value).is_dir():
+        if Path(value).is_dir():  # every image's bytes (one edited in place may keep its size), name and caption
             images, captions = read_image_folder(value)
             for image, caption in zip(images, captions):
-                stat = image.stat()  # an image edited in place keeps its size, not its modification time
-                digest.update(f"{image.relative_to(value)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\0".encode())
+                digest.update(f"{image.relative_to(value)}\0{caption}\0".encode())
+                _digest_file(digest, image)
         else:
-            with open(value, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
+            _digest_file(digest, Path(value))
         out[CONTENT_KEY + flag_of(config, name)] = "sha256 " + digest.hexdigest()[:16]
     return out
+
+
+def _digest_file(digest, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
 
 
 def _same_file(value):
