@@ -1260,6 +1260,9 @@ def main(argv=None):
         _run(parser, args)
     except ResultsFileError as err:
         parser.exit(1, f"{parser.prog}: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"\n{parser.prog}: stopped; every row finished is saved in {RESULTS} (run again, the "
+                         "shortcut and students groups sample only the rows still missing)\n")
 
 
 def _run(parser, args) -> None:

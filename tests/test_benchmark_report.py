@@ -449,6 +449,20 @@ def test_a_results_file_never_mixes_sample_counts_and_a_broken_one_is_named(tmp_
     assert tiny_bench(tmp_path, lab_bench_parts, fresh=True).results.runs == []  # --fresh does not read it
 
 
+def test_ctrl_c_is_one_line_saying_what_was_kept(capsys, monkeypatch):
+    import direct_distill.lab.benchmark as benchmark
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "Bench", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main(["--groups", "students"])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "benchmark: stopped; every row finished is saved in" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--samples", "15"], "--samples must be a multiple of 10"),
     (["--samples", "0"], "--samples must be a multiple of 10"),
