@@ -196,11 +196,12 @@ def warn_other_schedule(shortcut: TwoStageShortcut, scheduler: str) -> None:
     it runs, but on latents unlike those it was trained on. A schedule the list lacks, or has at other settings
     (exp_karras at p other than the entry's 1), is pointed to its sigmas node and the Shortcut Sampler."""
     trained, params = trained_schedule(shortcut)
-    listed = trained in comfy.samplers.KSampler.SCHEDULERS and (trained != "exp_karras"
-                                                                 or params.get("p", DEFAULT_P) == DEFAULT_P)
+    # the list's entry of that name gives exactly that schedule at its defaults (exp_karras: p = DEFAULT_P)
+    listed = (trained in comfy.samplers.KSampler.SCHEDULERS
+              and params == ({"p": DEFAULT_P} if trained == "exp_karras" else {}))
     if listed and scheduler == trained:
         return
-    settings = ", ".join(f"{k}={v}" for k, v in params.items() if not (trained == "exp_karras" and listed))
+    settings = "" if listed else ", ".join(f"{k}={v}" for k, v in params.items())
     learnt = f"{trained} ({settings})" if settings else trained
     if listed:
         advice = f"Pick the {trained} scheduler."
