@@ -257,11 +257,19 @@ def encode_images(vae, images: torch.Tensor, batch_size: int = 1000,
     return torch.cat(means) * scale, torch.cat(stds) * scale
 
 
+def parameter_sums(*modules) -> tuple[float, float]:
+    """The sum and the sum of squares of every parameter of ``modules`` (None skipped), in float64, one parameter
+    at a time: a fingerprint of weights, cheap once they are loaded."""
+    def each():
+        return (p.detach().double() for m in modules if m is not None for p in m.parameters())
+
+    return float(sum(p.sum() for p in each())), float(sum((p * p).sum() for p in each()))
+
+
 def vae_checksum(vae) -> str:
     """A fingerprint of a VAE's weights (the sum of every parameter) and of its scaling factor, keying cached
     encodings (which are scaled)."""
-    weights = float(sum(p.detach().double().sum() for p in vae.parameters()))
-    return f"{weights} x{float(vae.config.scaling_factor)!r}"
+    return f"{parameter_sums(vae)[0]} x{float(vae.config.scaling_factor)!r}"
 
 
 def encode_image_folder(vae, folder: str | os.PathLike, size: int, cache: str | os.PathLike | None = None,

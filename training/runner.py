@@ -16,8 +16,8 @@ from ..models.io import (FolderInUse, atomic_write_text, check_replaceable, chec
                          hold_folder)
 from ..models.student_file import FORMAT_NAME as STUDENT_FORMAT
 from .config import RunConfig, Settings, SettingError, flag_of, kind, leaves, record, replace_settings
-from .data import (LatentData, check_latents_file, encode_image_folder, read_image_folder, read_latents_file,
-                   read_prompts)
+from .data import (LatentData, check_latents_file, encode_image_folder, parameter_sums, read_image_folder,
+                   read_latents_file, read_prompts)
 from .loop import TrainResult, train
 
 SETTINGS_FILE = "settings.json"  # in the work folder: the settings of the run it holds
@@ -344,14 +344,9 @@ TEACHER_CONTENT = CONTENT_KEY + "--teacher"
 
 
 def teacher_digest(pipe) -> str:
-    """A fingerprint of the loaded teacher's weights (UNet and text encoders): the sum and the sum of squares of
-    their parameters, cheap once they are loaded."""
-    total = squares = 0.0
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        for p in module.parameters() if module is not None else ():
-            p = p.detach().double()
-            total, squares = total + float(p.sum()), squares + float((p * p).sum())
+    """A fingerprint of the loaded teacher's weights (UNet and text encoders): :func:`data.parameter_sums`."""
+    total, squares = parameter_sums(*(getattr(pipe, name, None) for name in ("unet", "text_encoder",
+                                                                             "text_encoder_2")))
     return f"sums {total!r} {squares!r}"
 
 
