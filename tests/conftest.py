@@ -106,11 +106,13 @@ def tiny_sdxl_pipeline(tiny_tokenizer):
 @pytest.fixture
 def check_one_step_student():
     """Asserts that a one-step student file, loaded into a copy of ``bare`` with ``load_student``, makes
-    one UNet call at t = 999 and lands on the training-time generator's sample (LoRA ``lora``, ``spec``)."""
+    one UNet call at t = 999 and lands on the training-time generator's sample (LoRA ``lora``, ``spec``, its
+    output read as the file's prediction type)."""
     import copy
 
     from peft import set_peft_model_state_dict
 
+    from direct_distill.models.student_file import read_student
     from direct_distill.pipelines import load_student
     from direct_distill.training.lora import STUDENT, Conditioning, LoraStudent
     from direct_distill.training.one_step import one_step_sample
@@ -125,7 +127,7 @@ def check_one_step_student():
         latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0,
                       output_type="latent").images
         assert calls == [999]
-        reference = LoraStudent(copy.deepcopy(bare), spec)
+        reference = LoraStudent(copy.deepcopy(bare), spec, student_prediction=read_student(path)[1].prediction_type)
         set_peft_model_state_dict(reference.unet, lora, adapter_name=STUDENT)
         with torch.no_grad():
             torch.testing.assert_close(latent, one_step_sample(reference, noise, cond), atol=1e-4, rtol=1e-4)

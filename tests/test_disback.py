@@ -12,7 +12,7 @@ from direct_distill.models.student_file import read_student
 from direct_distill.training.config import LoraSpec, RunConfig, SettingError
 from direct_distill.training.disback import (DEGRADE, FAKE, DisBackConfig, DistributionBacktracking,
                                              DegradationRecording, train_disback)
-from direct_distill.training.lora import LoraAdapters, LoraStudent
+from direct_distill.training.lora import STUDENT, LoraAdapters, LoraStudent
 from direct_distill.training.runner import Job
 
 PROMPTS = ["t-shirt", "trouser", "bag"]
@@ -70,6 +70,30 @@ def test_path_is_recorded_then_visited_last_node_first_and_the_student_is_one_ca
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
 
     # In a fresh pipeline: one UNet call at t = 999, landing exactly on the training-time generator's sample.
+    check_one_step_student(bare, out, lora, LoraSpec(rank=2, alpha=4.0))
+
+
+@pytest.mark.parametrize("backtracking", [True, False])
+def test_a_generator_read_as_v_keeps_the_score_models_on_the_teachers_reading(tiny_sd_pipeline, tmp_path,
+                                                                              accelerator, check_one_step_student,
+                                                                              monkeypatch, backtracking):
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    out = tmp_path / "disback.safetensors"
+    readings = []  # what each adapter's output is read as, in both stages
+    denoise = LoraStudent.denoise
+
+    def spy(self, z, t, cond, adapter=None, guidance=1.0):
+        readings.append((adapter, self.student_prediction if adapter == STUDENT else self.prediction_type))
+        return denoise(self, z, t, cond, adapter, guidance)
+
+    monkeypatch.setattr(LoraStudent, "denoise", spy)
+    train_disback(job(tiny_sd_pipeline, out, accelerator=accelerator),
+                  config(student_prediction="v_prediction", **({} if backtracking else {"path_checkpoints": 0})))
+    assert {r for a, r in readings if a == STUDENT} == {"v_prediction"}
+    assert {r for a, r in readings if a != STUDENT} == {"epsilon"} and any(a == FAKE for a, _ in readings)
+    lora, info = read_student(out)
+    assert (info.prediction_type, info.teacher_prediction_type) == ("v_prediction", "epsilon")
+    assert info.extra["training"]["student_prediction"] == "v_prediction"
     check_one_step_student(bare, out, lora, LoraSpec(rank=2, alpha=4.0))
 
 

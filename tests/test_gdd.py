@@ -69,6 +69,18 @@ def test_gdd_i_student_is_one_unet_call_at_999_in_a_fresh_pipeline(tiny_sd_pipel
     check_one_step_student(bare, out, lora, config().lora_spec(bare.unet))
 
 
+@pytest.mark.parametrize("predicts", ["v_prediction", "sample"])
+def test_a_generator_read_as_v_or_x0_is_recorded_and_sampled_so(tiny_sd_pipeline, tmp_path, accelerator,
+                                                                 check_one_step_student, predicts):
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    out = tmp_path / "gdd.safetensors"
+    train_gdd(job(tiny_sd_pipeline, out, accelerator=accelerator), config(student_prediction=predicts))
+    lora, info = read_student(out)
+    assert (info.prediction_type, info.teacher_prediction_type) == (predicts, "epsilon")
+    assert info.extra["training"]["student_prediction"] == predicts
+    check_one_step_student(bare, out, lora, config().lora_spec(bare.unet))
+
+
 def test_plain_gdd_puts_the_lora_on_convolutions_too_and_gdd_i_refuses_them(tiny_sd_pipeline):
     unet = tiny_sd_pipeline.unet
     assert set(convs(unet)) <= set(config(variant="gdd").lora_spec(unet).target_modules)

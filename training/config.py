@@ -14,6 +14,7 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, ClassVar
 
+from ..schedulers.prediction import PREDICTION_TYPES
 from .loop import TrainConfig
 
 # Every transformer block (attention projections, feed-forward, its input and output projections) and every
@@ -106,6 +107,14 @@ def sample_with_cfg_setting(what: str) -> Any:
     """A few-step method's ``sample_with_cfg``: leave the guidance to sampling instead of distilling it."""
     return setting(False, help=f"distil at guidance 1 and leave CFG to sampling instead (the papers' setting; the "
                                f"{what} then recommend --guidance)")
+
+
+def student_prediction_setting() -> Any:
+    """A student's ``student_prediction``: what its UNet output is read as, with the student adapter on."""
+    return setting(None, choices=PREDICTION_TYPES, teacher_default="prediction_type",
+                   help="what the student's UNet output is read as (default: the teacher's prediction type); "
+                        "v_prediction or sample for a one-step student of an epsilon teacher, whose clean latent at "
+                        "t=999 would otherwise amplify the output's error by 1/alpha (14.6 on SD's noise schedule)")
 
 
 def sampling_guidance(config) -> float:

@@ -4,8 +4,9 @@ models of a recorded degradation path, last one first, and only then against the
 
 Everything is a LoRA adapter of the one teacher UNet:
 
-- ``"student"``: the generator, called once on pure noise at the noisiest timestep (x0 from its epsilon), as a
-  1-step student file samples it.
+- ``"student"``: the generator, called once on pure noise at the noisiest timestep (x0 from its output, read as
+  the teacher's prediction type or as ``student_prediction``), as a 1-step student file samples it. The score
+  models below (degrade, fake) keep the teacher's reading.
 - ``"degrade"``: stage one, degradation recording. A copy of the teacher (B = 0) is fine-tuned by the ordinary
   denoising loss on samples of the *initial* generator, so it drifts from the teacher's distribution toward the
   generator's; its weights are checkpointed ``path_checkpoints`` (K) times, evenly over ``degradation_steps``.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
 from ..schedulers.prediction import denoising_target
-from .config import RunConfig, Settings, SettingError, run_config, setting, training_record
+from .config import RunConfig, Settings, SettingError, run_config, setting, student_prediction_setting, training_record
 from .data import drop_prompts, sample_prompts
 from .lora import Conditioning, LoraAdapters, LoraStudent
 from .loop import Player, cost_record
@@ -75,6 +76,7 @@ class DisBackConfig(Settings):
                                                     "branch degrades too)")
     latent_size: int | None = setting(None, ge=1, teacher_default="latent_size",
                                       help="latent height = width (default: the UNet's)")
+    student_prediction: str | None = student_prediction_setting()
 
     def check(self) -> None:
         K, L, N = self.path_checkpoints, self.degradation_steps, self.steps_per_node
@@ -259,7 +261,8 @@ def train_disback(job: Job, config: DisBackConfig) -> DisBackResult:
     config = settle(config)
     run, evaluation = config.run, config.evaluation
     schedule = config.schedule()
-    student = job.student(run.lora, run.seed, frozen_adapters=[DEGRADE, FAKE])
+    student = job.student(run.lora, run.seed, frozen_adapters=[DEGRADE, FAKE],
+                          student_prediction=config.student_prediction)
     size = config.latent_size or student.unet.config.sample_size
     latent_shape = (student.unet.config.in_channels, size, size)
     node_dir = job.stage_dir("degradation") / "path" if job.work is not None else None

@@ -3,8 +3,12 @@ generator initialised from the teacher and trained by a GAN loss against real da
 or regression loss.
 
 Generator: the teacher UNet plus a LoRA, called once at the noisiest training timestep (t = T - 1 = 999 for SD)
-on pure noise with the prompt; its clean-latent prediction (x0 from the epsilon it predicts) is the sample. This
-is exactly what a 1-step student file samples with any first-order sampler, in diffusers and in ComfyUI.
+on pure noise with the prompt; its clean-latent prediction is the sample. This is exactly what a 1-step student
+file samples with any first-order sampler, in diffusers and in ComfyUI. The output is read as the teacher's
+prediction type, or as ``student_prediction``: read as epsilon, x0 = (z - 0.998 eps) / 0.068 at t = 999 on SD's
+noise table, and every change of the output reaches the sample 14.6 times larger; read as v, the output is the
+sample up to sign (x0 = 0.068 z - 0.998 v). The generator then starts from noise instead of the teacher's blurry
+one-call sample, and the GAN builds it from there.
 
 Variants (the paper fine-tunes whole networks; here the trainable part is a LoRA, so the variants differ in
 where the LoRA goes):
@@ -49,7 +53,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import LoraSpec, RunConfig, Settings, SettingError, run_config, setting, training_record
+from .config import (LoraSpec, RunConfig, Settings, SettingError, run_config, setting, student_prediction_setting,
+                     training_record)
 from .data import DataSource, drop_prompts
 from .lora import Conditioning, LoraStudent
 from .loop import Player, cost_record
@@ -82,6 +87,7 @@ class GDDConfig(Settings):
                                                    "in [LO, HI]")
     disc_hidden: int = setting(64, ge=1, help="channels of each discriminator head")
     p_uncond: float = setting(0.1, ge=0, le=1, help="fraction of empty prompts (real and fake alike)")
+    student_prediction: str | None = student_prediction_setting()
     ema_decay: float = setting(0.999, ge=0, lt=1,
                                help="decay of the generator's exponential moving average, which is what is evaluated "
                                     "and written; after n updates it is min(decay, (1+n)/(10+n)), so 0.999 binds "
@@ -284,7 +290,8 @@ def train_gdd(job: Job, config: GDDConfig) -> GDDResult:
     config = settle(config)
     run, evaluation = config.run, config.evaluation
     spec = config.lora_spec(job.pipe.unet)
-    student = job.student(spec, run.seed)  # the heads' initial weights follow from the same seed
+    # the heads' initial weights follow from the same seed
+    student = job.student(spec, run.seed, student_prediction=config.student_prediction)
     x0, _ = job.data(1)
     best = BestGenerator(student, tuple(x0.shape[1:]), run.batch_size, job.evaluate, evaluation.eval_every,
                          job.stage_dir() / BEST_FILE if job.work is not None and evaluation.keep_best else None,

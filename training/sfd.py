@@ -61,10 +61,9 @@ from tqdm.auto import tqdm
 
 from ..models.io import FileFormatError, atomic_save_file, read_safetensors, readable
 from ..schedulers.grids import CLEAN, trailing_timesteps
-from ..schedulers.prediction import PREDICTION_TYPES
 from ..schedulers.sigmas import EXP_KARRAS_P_MAX
 from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
-                     sample_with_cfg_setting, sampling_guidance, setting, training_record)
+                     sample_with_cfg_setting, sampling_guidance, setting, student_prediction_setting, training_record)
 from .data import drop_prompts, sample_prompts
 from .lora import STUDENT, Conditioning, LoraStudent
 from .loop import cost_record
@@ -99,11 +98,7 @@ class SFDConfig(Settings):
     sample_with_cfg: bool = sample_with_cfg_setting("file")
     latent_size: int | None = setting(None, ge=1, teacher_default="latent_size",
                                       help="latent height = width (default: the UNet's)")
-    student_prediction: str | None = setting(
-        None, choices=PREDICTION_TYPES, teacher_default="prediction_type",
-        help="what the student's UNet output is read as (default: the teacher's prediction type); v_prediction or "
-             "sample for a one-step student of an epsilon teacher, whose clean latent at t=999 would otherwise "
-             "amplify the output's error by 1/alpha (14.6 on SD's noise schedule)")
+    student_prediction: str | None = student_prediction_setting()
     pool: int = setting(0, ge=0, help="0: the teacher runs beside the student at every step; N: the teacher's "
                                       "trajectories from N draws of noise and prompt are computed once (kept in the "
                                       "work folder) and each step draws its batch from them (--teacher-from teacher)")
