@@ -631,7 +631,7 @@ def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
 
 STUDENT_NFES = (1, 2, 4, 8)
 STUDENT_TEACHER_NFES = (1, 2, 4, 8, 20)  # NFE 50: seed set 0 of the schedule grid
-ONE_STEP_START = "teacher: one call at t=999, guidance 1 (where gdd and disback start)"
+ONE_STEP_START = "teacher: one call at t=999, guidance 1 (where a generator read as epsilon starts)"
 
 
 def run_student_rows(bench: Bench, repeats: int):
@@ -775,7 +775,8 @@ def plot_curves(runs: dict[str, list[Evaluation]], path: Path, start: float | No
         for name, evals in sorted(runs.items()):
             ax.plot([e.step for e in evals], [e.fd for e in evals], marker="o", label=name)
         if start is not None:
-            ax.axhline(start, color="grey", linestyle="--", label="before training (teacher, one call at t=999)")
+            ax.axhline(start, color="grey", linestyle="--", label="teacher, one call at t=999 (a generator read "
+                                                                  "as\nepsilon starts here; one read as v, from noise)")
 
 
 def reference(results: Results, nfe: int) -> tuple[Config, str] | None:
@@ -1186,17 +1187,22 @@ def curve_section(results: Results, plots: Path) -> list[str]:
              "made with `--keep-last`). The weights evaluated and kept are the generator's own, "
              "or their exponential moving average for runs made with one (`--ema-decay`). The training run "
              "measured these FDs through the teacher's VAE as it was then, on 1,000 samples of its own seeds: "
-             "they compare runs with one another; the rows above are the report's.", "",
+             "they compare runs with one another; the rows above are the report's. A generator whose output is read "
+             "as the teacher's epsilon starts from the teacher's own single call (the dashed line); one read as v "
+             "(`--student-prediction v_prediction`) starts from noise, the teacher's epsilon read as v.", "",
              "![FD along training](plots/one_step_curves.png)", "",
-             "| run | weights | first FD (step) | best FD (step) | last FD (step) | file holds step |",
-             "|---|---|---|---|---|---|"]
+             "| run | output read as | weights | first FD (step) | best FD (step) | last FD (step) | "
+             "file holds step |",
+             "|---|---|---|---|---|---|---|"]
     for name, evals in sorted(runs.items()):
         best = min(evals, key=lambda e: e.fd)
         held = files[name].selected.step if files[name].selected else evals[-1].step
         decay = files[name].training.get("ema_decay")
         weights = f"EMA, decay {decay:g}" if decay else "own"
-        lines.append(f"| `{name}` | {weights} | {evals[0].fd:.2f} ({evals[0].step}) | {best.fd:.2f} ({best.step}) | "
-                     f"{evals[-1].fd:.2f} ({evals[-1].step}) | {held} |")
+        training = files[name].training  # runs from before --student-prediction read it as the teacher's
+        reads = training.get("student_prediction") or training.get("prediction_type") or "epsilon"
+        lines.append(f"| `{name}` | {reads} | {weights} | {evals[0].fd:.2f} ({evals[0].step}) | "
+                     f"{best.fd:.2f} ({best.step}) | {evals[-1].fd:.2f} ({evals[-1].step}) | {held} |")
     by_method: dict[str, list[str]] = {}
     for name, f in files.items():
         by_method.setdefault(f.method, []).append(name)

@@ -262,7 +262,7 @@ def test_student_costs_and_training_curves(tmp_path):
                     evaluations=[Evaluation(200, 5.0), Evaluation(400, 3.9), Evaluation(600, 3.5)]),
         StudentFile(**meta, name="plain", file="plain.safetensors", train_seconds=800.0,
                     evaluations=[Evaluation(200, 6.0), Evaluation(600, 4.5), Evaluation(1000, 4.0)],
-                    training={"ema_decay": 0.999}),
+                    training={"ema_decay": 0.999, "student_prediction": "v_prediction"}),
     ]
     text = write_report(res, tmp_path / "REPORT.md")
     assert ("VAE 0.500 s/step x 2000 + decoder fine-tuning 0.250 s/step x 400 + UNet 0.600 s/step x 4500 "
@@ -276,8 +276,10 @@ def test_student_costs_and_training_curves(tmp_path):
     assert goals["`progressive_nfe4.safetensors` distilled in at most 25 % of the teacher's training"] == \
         "5.0 min on 2 thread(s), the teacher timed on 1: not comparable"
     curves = {r[0]: r[1:] for r in table_rows(text, "## One-step students along training")}
-    assert curves["`disback`"] == ["own", "5.00 (200)", "3.50 (600)", "3.50 (600)", "400"]  # the selected step
-    assert curves["`plain`"] == ["EMA, decay 0.999", "6.00 (200)", "4.00 (1000)", "4.00 (1000)", "1000"]
+    # A run from before --student-prediction read its output as the teacher's (epsilon).
+    assert curves["`disback`"] == ["epsilon", "own", "5.00 (200)", "3.50 (600)", "3.50 (600)", "400"]  # selected
+    assert curves["`plain`"] == ["v_prediction", "EMA, decay 0.999", "6.00 (200)", "4.00 (1000)", "4.00 (1000)",
+                                 "1000"]
     assert dict(table_rows(text, "`disback`: steps to reach FD 4.00")) == {"`disback`": "400", "`plain`": "1000"}
     assert (tmp_path / "plots" / "one_step_curves.png").is_file()
 

@@ -35,7 +35,7 @@ Adam with betas (0, 0.99) and constant learning rates. What is evaluated and wri
 average of the generator's weights (``ema_decay``), the usual way to sample a GAN's generator (StyleGAN's code
 evaluates its EMA): the generator keeps circling where the two players balance, and its last weights are one
 arbitrary point on that circle. In the lab, without it, FD swung between 8.5 and 9.7 from one evaluation to the
-next (every 100 steps), and with it stayed within 8.9-9.3 over 1,500 steps (the lab's GDD file is such a run);
+next (every 100 steps), and with it stayed within 8.9-9.3 over 1,500 steps (the generator read as epsilon);
 ``--ema-decay 0`` evaluates and keeps the raw weights instead, whose luckiest swing can score lower.
 
 Real data: latents with prompts (``data.LatentData``): a latents file, or a folder of captioned images encoded by
