@@ -13,7 +13,7 @@ from direct_distill.pipelines import load_student
 from direct_distill.schedulers.grids import trailing_timesteps
 from direct_distill.training.config import LoraSpec, RunConfig, SettingError
 from direct_distill.training.data import LatentData
-from direct_distill.training.lora import STUDENT, Conditioning, LoraStudent, copy_adapter
+from direct_distill.training.lora import STUDENT, Conditioning, LoraStudent
 from direct_distill.training.progressive import (TEACHER, ProgressiveConfig, ProgressiveRound, ddim_x0_target,
                                                  train_progressive)
 from direct_distill.training.runner import Job
@@ -36,11 +36,11 @@ def job(pipe, out, work=None, accelerator=None):
     return Job(pipe, out, work, teacher="tests/tiny-sd", data=LatentData(*data()), accelerator=accelerator)
 
 
-def ddim(steps):
+def ddim(steps, prediction_type="epsilon"):
     """diffusers' DDIM on the trailing grid, ending at alpha = 1: the sampler a progressive student is trained for."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", timestep_spacing="trailing", set_alpha_to_one=True,
-                              steps_offset=0, clip_sample=False)
+                              steps_offset=0, clip_sample=False, prediction_type=prediction_type)
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -52,21 +52,27 @@ def randomise(adapters, seed):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-@pytest.mark.parametrize("adapter", [None, TEACHER])
-def test_target_makes_one_student_ddim_step_land_where_two_teacher_ddim_steps_land(tiny_sd_pipeline, adapter):
+@pytest.mark.parametrize("adapter,student_prediction", [(None, None), (TEACHER, None), (None, "v_prediction"),
+                                                        (TEACHER, "v_prediction")])
+def test_target_makes_one_student_ddim_step_land_where_two_teacher_ddim_steps_land(tiny_sd_pipeline, adapter,
+                                                                                  student_prediction):
     pipe = tiny_sd_pipeline
-    student = LoraStudent(pipe, LoraSpec(rank=2, alpha=4.0), frozen_adapters=[TEACHER])
+    student = LoraStudent(pipe, LoraSpec(rank=2, alpha=4.0), frozen_adapters=[TEACHER],
+                          student_prediction=student_prediction)
     randomise(student.adapters, 1)
-    if adapter == TEACHER:  # a later round: the teacher is the previous student, a frozen copy
-        copy_adapter(pipe.unet, STUDENT, TEACHER)
+    if adapter == TEACHER:  # a later round: the teacher is the previous student, a frozen copy read as it was
+        student.freeze_student_as(TEACHER)
     randomise(student.adapters, 2)  # the student differs from its teacher: it must not enter the target
-    method = ProgressiveRound(student, LatentData(*data()), 2, config(), adapter)
+    method = ProgressiveRound(student, LatentData(*data()), 2, config(student_prediction=student_prediction),
+                              adapter)
     g = torch.Generator().manual_seed(5)
     z, cond = torch.randn(2, 4, 16, 16, generator=g), student.embed(["t-shirt", "bag"])
     k = torch.tensor([0, 1])  # student steps 999 -> 499 and 499 -> clean
     x_tilde = method.target(z, k, cond)
 
-    teacher_ddim, student_ddim = ddim(4), ddim(2)
+    # the bare UNet is read as the teacher's epsilon whatever the student's reading; a previous student as its own
+    teacher_reads = student_prediction if adapter == TEACHER and student_prediction else "epsilon"
+    teacher_ddim, student_ddim = ddim(4, teacher_reads), ddim(2)
     assert teacher_ddim.timesteps.tolist() == [999, 749, 499, 249] and student_ddim.timesteps.tolist() == [999, 499]
     if adapter == TEACHER:
         pipe.unet.set_adapter(TEACHER)
@@ -212,6 +218,34 @@ def test_cli_distills_a_teacher_folder_on_given_latents(tiny_sd_pipeline, tmp_pa
     assert info.guidance == 1.0 and info.extra["distilled_at_guidance"] == 7.5  # SD's CFG, distilled in
     assert not (tmp_path / "student_nfe2.safetensors").exists()  # one round: its file is the final one
     assert f"2-step student written to {out}" in capsys.readouterr().out
+
+
+def test_a_chain_read_as_v_writes_v_students_that_sample_as_trained(tiny_sd_pipeline, tmp_path, accelerator):
+    bare = copy.deepcopy(tiny_sd_pipeline)
+    out = tmp_path / "progressive.safetensors"
+    result = train_progressive(job(tiny_sd_pipeline, out, accelerator=accelerator),
+                               config(student_prediction="v_prediction"))
+    for n in (2, 1):
+        _, info = read_student(result.round_paths[n])
+        assert info.prediction_type == "v_prediction"
+        assert info.extra["training"]["student_prediction"] == "v_prediction"
+    # the 1-step student in a fresh pipeline: load_student makes the scheduler read v, as training did
+    pipe = copy.deepcopy(bare)
+    load_student(pipe, out)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(3)
+    noise, cond = torch.randn(1, 4, 16, 16, generator=g), Conditioning(torch.randn(1, 7, 32, generator=g))
+    latent = pipe(prompt_embeds=cond.context, latents=noise.clone(), guidance_scale=1.0, output_type="latent").images
+    from peft import set_peft_model_state_dict
+
+    landed = {}
+    for reading in ("v_prediction", "epsilon"):  # the same weights read as epsilon land elsewhere
+        reference = LoraStudent(copy.deepcopy(bare), LoraSpec(rank=2, alpha=4.0), student_prediction=reading)
+        set_peft_model_state_dict(reference.unet, read_student(out)[0], adapter_name=STUDENT)
+        with torch.no_grad():
+            landed[reading] = reference.ddim_step(noise, 999, -1, cond)
+    torch.testing.assert_close(latent, landed["v_prediction"], atol=1e-4, rtol=1e-4)
+    assert (landed["epsilon"] - landed["v_prediction"]).abs().max() > 0.1
 
 
 def test_only_the_first_rounds_teacher_samples_with_cfg(tiny_sd_pipeline):

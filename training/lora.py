@@ -178,7 +178,8 @@ class LoraStudent:
         spec: the student LoRA's shape.
         frozen_adapters: names of further adapters of the same shape, frozen (e.g. a previous round's teacher).
         student_prediction: what the UNet's output means with the student adapter on (``denoise`` reads it so,
-            ``write`` records it); default the teacher's ``prediction_type``, which every other adapter keeps.
+            ``write`` records it); default the teacher's ``prediction_type``, which every other adapter keeps
+            but a frozen copy of the student (:meth:`freeze_student_as`).
     """
 
     def __init__(self, pipe, spec: LoraSpec, frozen_adapters: Iterable[str] = (),
@@ -203,6 +204,7 @@ class LoraStudent:
         self.student_prediction = student_prediction or self.prediction_type
         if self.student_prediction not in PREDICTION_TYPES:
             raise ValueError(f"student prediction {self.student_prediction!r}: choose one of {PREDICTION_TYPES}")
+        self._readings = {STUDENT: self.student_prediction}  # adapter -> its output's meaning; others: the teacher's
         alphas_cumprod = alphas_cumprod_from_config(self.scheduler_config)
         if self.student_prediction == "epsilon" and self.scheduler_config.get("rescale_betas_zero_snr"):
             # abar at the noisiest step is 2^-24 there: the clean latent multiplies epsilon's error by 4096
@@ -263,10 +265,10 @@ class LoraStudent:
                 guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0, eps)`` from the UNet at integer timestep(s) ``t >= 0`` with adapter ``adapter`` alone (and
         classifier-free ``guidance``, see :meth:`unet_output`), its output read as ``student_prediction`` with
-        the student adapter, else as the teacher's ``prediction_type``."""
+        the student adapter and its frozen copies, else as the teacher's ``prediction_type``."""
         t = torch.as_tensor(t, device=z.device).long().expand(z.shape[0])
         a, s = self.alpha_sigma(t)
-        predicts = self.student_prediction if adapter == STUDENT else self.prediction_type
+        predicts = self._readings.get(adapter, self.prediction_type)
         return split_prediction(self.unet_output(z, t, cond, adapter, guidance), z.float(), a, s, predicts)
 
     def unet_output(self, z: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
@@ -294,6 +296,12 @@ class LoraStudent:
             return out
         uncond, conditional = out.chunk(2)
         return uncond + guidance * (conditional - uncond)
+
+    def freeze_student_as(self, adapter: str) -> None:
+        """Copy the student's weights into the frozen adapter ``adapter``, which from then on reads its output as
+        the student does (a previous round's student as the teacher of the next)."""
+        copy_adapter(self.unet, STUDENT, adapter)
+        self._readings[adapter] = self.student_prediction
 
     def ddim_step(self, z: torch.Tensor, t, t_next, cond: Conditioning, adapter: str | None = STUDENT,
                   guidance: float = 1.0):

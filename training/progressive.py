@@ -12,10 +12,13 @@ student's clean-latent prediction must be (seed 003, Algorithm 2)::
 
     x~ = (z_t'' - (s_t'' / s_t) z_t) / (a_t'' - (s_t'' / s_t) a_t)
 
-Loss: the student keeps the teacher's output parameterisation (epsilon for SD), so the LoRA starts as the
-identity and both front doors sample it with the model's own parameterisation; its output is converted to
-the clean latent x^ and the loss is ``w(t) |x^ - x~|^2`` with truncated-SNR weighting ``w = max(SNR, 1)``
-(Table 1's best with x and v targets) or ``w = SNR + 1``, which is exactly the MSE of the implied v.
+Loss: by default the student keeps the teacher's output parameterisation (epsilon for SD), so the LoRA starts as
+the identity and both front doors sample it with the model's own parameterisation. With ``student_prediction``
+its output is read as v (or x0) instead, and so is every later round's teacher, the previous student: the
+paper's case for other parameterisations at few steps, where the clean latent from an epsilon output at
+t = 999 multiplies its error by 1/alpha; the first round then also learns the change of reading. The output
+is converted to the clean latent x^ and the loss is ``w(t) |x^ - x~|^2`` with truncated-SNR weighting
+``w = max(SNR, 1)`` (Table 1's best with x and v targets) or ``w = SNR + 1``, which is exactly the MSE of the implied v.
 
 Guidance: by default the first round's teacher samples with classifier-free guidance ``guidance`` and every
 student samples without it, one UNet call per step (guided distillation, as Meng et al. 2023 distil guided
@@ -35,9 +38,10 @@ import torch
 
 from ..schedulers.grids import CLEAN, trailing_timesteps
 from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
-                     sample_with_cfg_setting, sampling_guidance, setting, training_record)
+                     sample_with_cfg_setting, sampling_guidance, setting, student_prediction_setting,
+                     training_record)
 from .data import DataSource, drop_prompts
-from .lora import STUDENT, Conditioning, LoraStudent, copy_adapter
+from .lora import STUDENT, Conditioning, LoraStudent
 from .loop import cost_record
 from .runner import Job, MethodEntry, settle
 
@@ -61,6 +65,7 @@ class ProgressiveConfig(Settings):
                                                     "CFG stays usable)")
     guidance: float | None = guidance_setting("files")
     sample_with_cfg: bool = sample_with_cfg_setting("files")
+    student_prediction: str | None = student_prediction_setting()
     save_rounds: bool = setting(True, flag="--no-save-rounds", changeable=True,
                                 help="write the final student only, not every round's (<out>_nfe<N>)")
 
@@ -157,13 +162,14 @@ def train_progressive(job: Job, config: ProgressiveConfig) -> ProgressiveResult:
     """
     config = settle(config)
     run, rounds = config.run, config.rounds()
-    student = job.student(run.lora, run.seed, frozen_adapters=[TEACHER] if len(rounds) > 1 else [])
+    student = job.student(run.lora, run.seed, frozen_adapters=[TEACHER] if len(rounds) > 1 else [],
+                          student_prediction=config.student_prediction)
     paths, losses = {}, {}
     seconds = 0.0  # the rounds so far: a round's student cost every round before it too
     for r, n in enumerate(rounds):
         teacher_adapter = TEACHER if r else None  # round 0: the bare UNet
         if r:
-            copy_adapter(student.unet, STUDENT, TEACHER)  # the previous round's student, frozen
+            student.freeze_student_as(TEACHER)  # the previous round's student, frozen
         result = job.train(ProgressiveRound(student, job.data, n, config, teacher_adapter), run,
                            config.steps_per_round, f"progressive {2 * n}->{n}", stage=f"round_{2 * n}to{n}",
                            seed=run.seed + r)  # each round its own batches
