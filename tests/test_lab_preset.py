@@ -61,7 +61,8 @@ def flat(training: dict) -> dict:
 @pytest.mark.skipif(not (TEACHER_DIR / "model_index.json").is_file(), reason="the lab teacher is not built")
 def test_the_readme_commands_of_the_committed_files_still_mean_their_recorded_settings(tmp_path):
     commands = readme_lab_commands()
-    assert [c[0] for c in commands] == ["shortcut", "progressive", "sfd", "sfd", "sfd", "gdd", "disback", "disback"]
+    assert [c[0] for c in commands] == ["shortcut", "progressive", "progressive", "sfd", "sfd", "sfd", "gdd", "disback",
+                                         "disback"]
     parser = build_parser(LAB)
     teacher = load_teacher(TEACHER_DIR, torch.float32)
     for args in commands:
