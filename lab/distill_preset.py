@@ -15,6 +15,7 @@ from . import SHORTCUT_PATH, STUDENTS_DIR, TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
 
 WORK_DIR = Path(__file__).resolve().parent / "work"
+DATA_CACHE = WORK_DIR / "data_latents.safetensors"  # one for every lab run: the encoding depends on the VAE alone
 
 
 def lab_out(method: str) -> Path:
@@ -26,9 +27,9 @@ def lab_work(method: str) -> Path:
 
 
 def lab_latents(pipe, work: Path, accelerator) -> LatentData:
-    """Fashion-MNIST (train) encoded by the teacher's VAE, with class-name prompts; cached in ``work`` (with the
-    labels) until the VAE changes."""
-    cache = work / "data_latents.safetensors"
+    """Fashion-MNIST (train) encoded by the teacher's VAE, with class-name prompts; cached with the labels in
+    ``DATA_CACHE``, shared by every lab run whatever its ``work`` folder, until the VAE changes."""
+    cache = DATA_CACHE
     checksum = vae_checksum(pipe.vae)
     tensors, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
     if meta.get("vae_checksum") != checksum:

@@ -30,6 +30,7 @@ def test_lab_data_is_the_dataset_encoded_by_the_teachers_vae_and_cached(tmp_path
 
     images, labels = torch.rand(6, 1, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 3, 8, 9])
     monkeypatch.setattr(preset, "load_fashion_mnist", lambda split: (images, labels))
+    monkeypatch.setattr(preset, "DATA_CACHE", tmp_path / "lab_work" / "data_latents.safetensors")
     torch.manual_seed(0)
     pipe = SimpleNamespace(vae=build_vae().eval())
     accelerator = SimpleNamespace(device=torch.device("cpu"))
@@ -39,8 +40,9 @@ def test_lab_data_is_the_dataset_encoded_by_the_teachers_vae_and_cached(tmp_path
     torch.testing.assert_close(data.latents, post.mean * pipe.vae.config.scaling_factor)
     torch.testing.assert_close(data.latent_std, post.std * pipe.vae.config.scaling_factor)
     assert data.prompts[-2:] == ["bag", "ankle boot"]
-    monkeypatch.setattr(preset, "load_fashion_mnist", pytest.fail)  # cached: the dataset is not read again
-    assert torch.equal(lab_latents(pipe, tmp_path, accelerator).latents, data.latents)
+    monkeypatch.setattr(preset, "load_fashion_mnist", pytest.fail)  # cached: the dataset is not read again,
+    assert torch.equal(lab_latents(pipe, tmp_path / "another_run", accelerator).latents, data.latents)  # by any run
+    assert not (tmp_path / "another_run").exists()
 
 
 def readme_lab_commands() -> list[list[str]]:
