@@ -1199,7 +1199,7 @@ def curve_section(results: Results, plots: Path) -> list[str]:
         held = files[name].selected.step if files[name].selected else evals[-1].step
         decay = files[name].training.get("ema_decay")
         weights = f"EMA, decay {decay:g}" if decay else "own"
-        training = files[name].training  # runs from before --student-prediction read it as the teacher's
+        training = files[name].training  # a file without the setting reads it as its teacher does
         reads = training.get("student_prediction") or training.get("prediction_type") or "epsilon"
         lines.append(f"| `{name}` | {reads} | {weights} | {evals[0].fd:.2f} ({evals[0].step}) | "
                      f"{best.fd:.2f} ({best.step}) | {evals[-1].fd:.2f} ({evals[-1].step}) | {held} |")

@@ -27,16 +27,23 @@ def lab_work(method: str) -> Path:
 
 
 def lab_latents(pipe, work: Path, accelerator) -> LatentData:
-    """Fashion-MNIST (train) encoded by the teacher's VAE, with class-name prompts; cached with the labels in
-    ``DATA_CACHE``, shared by every lab run whatever its ``work`` folder, until the VAE changes."""
-    cache = DATA_CACHE
+    """Fashion-MNIST (train) encoded by the teacher's VAE, with class-name prompts; cached with the labels until
+    the VAE changes, in ``DATA_CACHE`` for every lab run, or in the run's ``work`` folder where the lab's own
+    folder cannot be written (a read-only install)."""
     checksum = vae_checksum(pipe.vae)
-    tensors, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
-    if meta.get("vae_checksum") != checksum:
+    caches = [DATA_CACHE, work / DATA_CACHE.name]
+    for cache in caches:
+        tensors, meta = read_safetensors(cache) if cache.is_file() else ({}, {})
+        if meta.get("vae_checksum") == checksum:
+            break
+    else:
         images, labels = load_fashion_mnist("train")
         mean, std = encode_images(pipe.vae.to(accelerator.device).float(), images.to(accelerator.device))
         tensors = {"latents": mean.cpu(), "std": std.cpu(), "labels": labels}
-        atomic_save_file(tensors, cache, {"vae_checksum": checksum})
+        try:
+            atomic_save_file(tensors, caches[0], {"vae_checksum": checksum})
+        except OSError:
+            atomic_save_file(tensors, caches[1], {"vae_checksum": checksum})
     return LatentData(tensors["latents"], [CLASS_NAMES[i] for i in tensors["labels"].tolist()],
                       latent_std=tensors["std"])
 

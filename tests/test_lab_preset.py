@@ -43,6 +43,14 @@ def test_lab_data_is_the_dataset_encoded_by_the_teachers_vae_and_cached(tmp_path
     monkeypatch.setattr(preset, "load_fashion_mnist", pytest.fail)  # cached: the dataset is not read again,
     assert torch.equal(lab_latents(pipe, tmp_path / "another_run", accelerator).latents, data.latents)  # by any run
     assert not (tmp_path / "another_run").exists()
+    # the lab's folder not writable (here: its place is a file): the run's own work folder keeps the cache
+    (tmp_path / "read_only").write_text("")
+    monkeypatch.setattr(preset, "DATA_CACHE", tmp_path / "read_only" / "data_latents.safetensors")
+    monkeypatch.setattr(preset, "load_fashion_mnist", lambda split: (images, labels))
+    assert torch.equal(lab_latents(pipe, tmp_path / "run", accelerator).latents, data.latents)
+    assert (tmp_path / "run" / "data_latents.safetensors").is_file()
+    monkeypatch.setattr(preset, "load_fashion_mnist", pytest.fail)
+    assert torch.equal(lab_latents(pipe, tmp_path / "run", accelerator).latents, data.latents)
 
 
 def readme_lab_commands() -> list[list[str]]:
