@@ -20,7 +20,6 @@ from direct_distill.models.io import FileFormatError, read_safetensors
 from direct_distill.models.lora_layouts import LoraLayoutError, parse_lora, resolve_layers, sgm_names
 from direct_distill.models.stamp import stamp
 from direct_distill.pipelines import load_student
-from direct_distill.schedulers import ExpKarrasScheduler
 from direct_distill.schedulers.few_step_presets import PRESETS, presets_for
 from direct_distill.schedulers import ExpKarrasScheduler, student_schedules
 from direct_distill.schedulers.scheduling_presets import preset_scheduler
