@@ -1,7 +1,8 @@
 """The lab teacher: a class-conditional latent diffusion model built from SD1.5's diffusers classes, trained
 here through the project's shared training loop (progress, checkpoints, exact resume).
 
-Stages, each one command: ``vae`` (AutoencoderKL, 1x32x32 Fashion-MNIST -> 4x8x8 latents, reconstruction + KL +
+Stages, each one command: ``features`` (a label-free feature network for the VAE's optional perceptual term,
+``lab/features.py``), ``vae`` (AutoencoderKL, 1x32x32 Fashion-MNIST -> 4x8x8 latents, reconstruction + KL +
 a patch discriminator, as SD's own autoencoder is trained), ``unet`` (UNet2DConditionModel plus a tiny CLIP text
 encoder on those latents: epsilon prediction, SD's noise schedule, prompt dropout for CFG, min-SNR weighting, EMA),
 ``decoder`` (the VAE's decoder fine-tuned with the patch discriminator, its encoder frozen, so the latents the UNet
@@ -28,6 +29,7 @@ from ..training.data import encode_images, vae_checksum
 from ..training.loop import CHECKPOINT_NAME, CheckpointMismatch, Player, TrainConfig, train
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
+from .features import FEATURES_FILE, FeatureConfig, load_feature_net, perceptual_distance, train_features
 
 WORK_DIR = Path(__file__).resolve().parent / "work" / "teacher"
 MAX_TOKENS = 16
@@ -123,7 +125,10 @@ class VAEConfig:
     With ``disc_start`` set, a hinge patch-GAN term joins from that step on, weighted adaptively against the
     reconstruction (Esser et al. 2021, the loss SD's autoencoder was trained with, without the perceptual term: no
     pretrained network here). The committed VAE does without it: on this data, from step 4,000 of a run at weight
-    0.5 (Adam betas 0.5, 0.9), it raised the round-trip FD from 0.33 to 0.63 in 1,000 steps."""
+    0.5 (Adam betas 0.5, 0.9), it raised the round-trip FD from 0.33 to 0.63 in 1,000 steps.
+
+    With ``perceptual_weight`` > 0 the reconstruction also counts ``perceptual_distance`` in the lab's own
+    label-free feature network (stage ``features``; see ``lab/features.py``), in SD's loss LPIPS's place."""
 
     steps: int = 10000
     batch_size: int = 32
@@ -137,6 +142,7 @@ class VAEConfig:
     disc_weight: float = 0.5
     disc_channels: int = 64
     disc_betas: tuple[float, float] = (0.5, 0.9)
+    perceptual_weight: float = 0.0
     eval_every: int = 500
     checkpoint_every: int = 500
     seed: int = 0
@@ -162,8 +168,12 @@ class VAETraining:
     """The loop's method: the VAE (reconstruction + KL), and with ``config.disc_start`` set two players, ``vae``
     (+ adversarial) and ``discriminator`` (hinge)."""
 
-    def __init__(self, vae, images: torch.Tensor, config: VAEConfig, held_out: torch.Tensor | None = None):
+    def __init__(self, vae, images: torch.Tensor, config: VAEConfig, held_out: torch.Tensor | None = None,
+                 features=None):
+        if config.perceptual_weight > 0 and features is None:
+            raise ValueError("a perceptual_weight needs the feature network (lab.features.load_feature_net)")
         self.vae, self.images, self.config, self.held_out = vae, images, config, held_out
+        self.features = features if config.perceptual_weight > 0 else None
         self.modules = {"vae": vae}
         self.discriminator = None
         if config.disc_start is not None:
@@ -188,6 +198,8 @@ class VAETraining:
         posterior = self.vae.encode(x).latent_dist
         rec = self.vae.decode(posterior.sample()).sample
         reconstruction = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        if self.features is not None:
+            reconstruction = reconstruction + cfg.perceptual_weight * perceptual_distance(self.features, rec, x)
         loss = reconstruction + cfg.kl_weight * posterior.kl().mean()
         if self.discriminator is None:
             return loss
@@ -215,6 +227,17 @@ class VAETraining:
         return {"held_out_psnr": psnr(rec, self.held_out)}
 
 
+def _feature_net(config: VAEConfig, work: Path):
+    """The frozen feature network a VAE config with a perceptual term needs, from stage ``features``."""
+    if config.perceptual_weight <= 0:
+        return None
+    path = work / "features" / FEATURES_FILE
+    if not path.is_file():
+        raise SystemExit(f"--perceptual-weight needs the feature network {path}: "
+                         "run `python -m direct_distill teacher features` first")
+    return load_feature_net(path)
+
+
 def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     """Train the VAE (resuming from ``work/vae``), set its scaling factor and save it to ``work/vae/model``;
     returns the training loop's wall-clock seconds (summed over resumed runs)."""
@@ -222,7 +245,7 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     vae = build_vae()
     images, _ = load_fashion_mnist("train")
     held_out = load_fashion_mnist("test")[0][:1000]
-    result = train(VAETraining(vae, images, config, held_out), TrainConfig(
+    result = train(VAETraining(vae, images, config, held_out, _feature_net(config, work)), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed, run_dir=work / "vae",
         checkpoint_every=config.checkpoint_every, desc="vae"))
@@ -278,7 +301,7 @@ def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> flo
     vae = freeze_encoder(AutoencoderKL.from_pretrained(vae_dir))
     images, _ = load_fashion_mnist("train")
     held_out = load_fashion_mnist("test")[0][:1000]
-    result = train(VAETraining(vae, images, config, held_out), TrainConfig(
+    result = train(VAETraining(vae, images, config, held_out, _feature_net(config, work)), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed,
         run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder"))
@@ -456,21 +479,33 @@ def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "unet", "decoder", "export"])
+    parser.add_argument("stage", choices=["features", "vae", "unet", "decoder", "export"])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the stage's config)")
+    parser.add_argument("--perceptual-weight", type=float, default=None,
+                        help="vae/decoder: weight of the perceptual term in the lab's own feature network "
+                             "(stage features; default 0: none)")
     parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and intermediate files")
     parser.add_argument("--out", type=Path, default=TEACHER_DIR, help="the exported diffusers folder")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.perceptual_weight is not None:
+        if args.stage not in ("vae", "decoder"):
+            parser.error("--perceptual-weight applies to the vae and decoder stages")
+        if not 0 <= args.perceptual_weight < float("inf"):
+            parser.error("--perceptual-weight must be a finite number >= 0")
     steps = {"steps": args.steps} if args.steps else {}
+    vae_overrides = dict(steps, **({"perceptual_weight": args.perceptual_weight}
+                                   if args.perceptual_weight is not None else {}))
     try:
-        if args.stage == "vae":
-            train_vae(VAEConfig(**steps), args.work)
+        if args.stage == "features":
+            train_features(FeatureConfig(**steps), args.work)
+        elif args.stage == "vae":
+            train_vae(VAEConfig(**vae_overrides), args.work)
         elif args.stage == "unet":
             train_unet(UNetConfig(**steps), args.work)
         elif args.stage == "decoder":
-            train_decoder(decoder_config(**steps), args.work)
+            train_decoder(decoder_config(**vae_overrides), args.work)
         else:
             export_teacher(args.work, args.out)
     except (CheckpointMismatch, FileFormatError) as err:  # a stage resumed under other settings, a damaged file
