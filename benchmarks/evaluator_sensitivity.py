@@ -13,6 +13,7 @@ from direct_distill.lab.data import load_fashion_mnist
 from direct_distill.lab.evaluator import Evaluator
 from direct_distill.lab.sampling import decode, load_teacher
 from direct_distill.lab.teacher import psnr
+from direct_distill.training.data import encode_images
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float, radius: int = 4) -> torch.Tensor:
@@ -37,9 +38,7 @@ def tuned(degrade, images: torch.Tensor, target_db: float, lo: float, hi: float)
 def main():
     evaluator, pipe = Evaluator(), load_teacher()
     x, y = load_fashion_mnist("test")
-    vae = pipe.vae
-    latents = torch.cat([vae.encode(b).latent_dist.mean for b in x.split(500)]) * vae.config.scaling_factor
-    recon = decode(pipe, latents)
+    recon = decode(pipe, encode_images(pipe.vae, x)[0])
     target = psnr(recon, x)
     real = evaluator.accuracy(x, y)
 

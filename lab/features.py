@@ -34,7 +34,6 @@ class FeatureNet(torch.nn.Module):
 
     def __init__(self, channels: int = 16, in_channels: int = 1):
         super().__init__()
-        self.channels = channels
 
         def stage(cin: int, cout: int, stride: int) -> torch.nn.Module:
             return torch.nn.Sequential(
