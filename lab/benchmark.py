@@ -167,6 +167,8 @@ class TeacherCost:
     threads: int
     decoder_seconds_per_step: float = 0.0  # the decoder's fine-tuning (batch vae_batch); 0 steps: no such stage
     decoder_steps: int = 0
+    features_seconds_per_step: float = 0.0  # the feature network of a perceptual term; 0 steps: no such stage
+    features_steps: int = 0
 
 
 @dataclass
@@ -715,6 +717,8 @@ def run_costs(bench: Bench):
 def teacher_cost_terms(cost: TeacherCost) -> str:
     """Each stage's seconds per step times its steps, as the report spells them."""
     terms = f"VAE {cost.vae_seconds_per_step:.3f} s/step x {cost.vae_steps}"
+    if cost.features_steps:
+        terms = f"feature network {cost.features_seconds_per_step:.3f} s/step x {cost.features_steps} + " + terms
     if cost.decoder_steps:
         terms += f" + decoder fine-tuning {cost.decoder_seconds_per_step:.3f} s/step x {cost.decoder_steps}"
     return terms + f" + UNet {cost.unet_seconds_per_step:.3f} s/step x {cost.unet_steps} (batch {cost.unet_batch})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import string
 import tempfile
@@ -29,7 +30,8 @@ from ..training.data import encode_images, vae_checksum
 from ..training.loop import CHECKPOINT_NAME, CheckpointMismatch, Player, TrainConfig, train
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
-from .features import FEATURES_FILE, FeatureConfig, load_feature_net, perceptual_distance, train_features
+from .features import (FEATURES_FILE, ContrastiveTraining, FeatureConfig, FeatureNet, load_feature_net,
+                       perceptual_distance, train_features)
 
 WORK_DIR = Path(__file__).resolve().parent / "work" / "teacher"
 MAX_TOKENS = 16
@@ -114,6 +116,29 @@ def sd_noise_scheduler_config() -> dict:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     return float(10 * torch.log10(4 / (a.float() - b.float()).pow(2).mean()))
+
+
+def stage_settings(config, **inputs: str) -> dict:
+    """What a stage's checkpoint holds it to beyond the seed and step count (the loop checks those): its config
+    less bookkeeping (how often it evaluates or checkpoints), and a digest of each input it trains from (the VAE
+    a UNet's latents come from, the feature network of a perceptual term). A resume under other values is
+    refused with the differences listed, never continued under the new name."""
+    values = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in ("steps", "seed", "eval_every", "checkpoint_every")}
+    return {**values, **inputs}
+
+
+def file_digest(*paths: Path) -> str:
+    """SHA-256 over the bytes of the files a stage trains from (small: the lab's VAE, its feature network)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def vae_digest(vae_dir: Path) -> str:
+    """A saved VAE's weights and config (its scaling factor scales the latents a UNet learns)."""
+    return file_digest(*sorted(p for p in Path(vae_dir).iterdir() if p.suffix in (".json", ".safetensors")))
 
 
 # --- stage: vae ------------------------------------------------------------------------------
@@ -227,15 +252,16 @@ class VAETraining:
         return {"held_out_psnr": psnr(rec, self.held_out)}
 
 
-def _feature_net(config: VAEConfig, work: Path):
-    """The frozen feature network a VAE config with a perceptual term needs, from stage ``features``."""
+def _feature_net(config: VAEConfig, work: Path) -> tuple[FeatureNet | None, dict]:
+    """The frozen feature network a VAE config with a perceptual term needs, from stage ``features``, and the
+    digest that ties a checkpoint to it (nothing without the term)."""
     if config.perceptual_weight <= 0:
-        return None
+        return None, {}
     path = work / "features" / FEATURES_FILE
     if not path.is_file():
         raise SystemExit(f"--perceptual-weight needs the feature network {path}: "
                          "run `python -m direct_distill teacher features` first")
-    return load_feature_net(path)
+    return load_feature_net(path), {"feature_network": file_digest(path)}
 
 
 def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
@@ -245,10 +271,11 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     vae = build_vae()
     images, _ = load_fashion_mnist("train")
     held_out = load_fashion_mnist("test")[0][:1000]
-    result = train(VAETraining(vae, images, config, held_out, _feature_net(config, work)), TrainConfig(
+    features, inputs = _feature_net(config, work)
+    result = train(VAETraining(vae, images, config, held_out, features), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed, run_dir=work / "vae",
-        checkpoint_every=config.checkpoint_every, desc="vae"))
+        checkpoint_every=config.checkpoint_every, desc="vae", settings=stage_settings(config, **inputs)))
     vae.eval()
     # SD's convention: latents are multiplied by the factor that gives them unit variance (measured unscaled).
     vae.register_to_config(scaling_factor=1.0)
@@ -301,10 +328,12 @@ def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> flo
     vae = freeze_encoder(AutoencoderKL.from_pretrained(vae_dir))
     images, _ = load_fashion_mnist("train")
     held_out = load_fashion_mnist("test")[0][:1000]
-    result = train(VAETraining(vae, images, config, held_out, _feature_net(config, work)), TrainConfig(
+    features, inputs = _feature_net(config, work)
+    result = train(VAETraining(vae, images, config, held_out, features), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed,
-        run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder"))
+        run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder",
+        settings=stage_settings(config, vae=vae_digest(vae_dir), **inputs)))
     vae.eval().save_pretrained(work / "decoder" / "model")
     print(f"vae with the fine-tuned decoder saved to {work / 'decoder' / 'model'}")
     return result.seconds
@@ -407,35 +436,43 @@ def train_unet(config: UNetConfig, work: Path = WORK_DIR) -> float:
     result = train(method, TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay, seed=config.seed,
-        run_dir=work / "unet", checkpoint_every=config.checkpoint_every, desc="unet"))
+        run_dir=work / "unet", checkpoint_every=config.checkpoint_every, desc="unet",
+        settings=stage_settings(config, vae=vae_digest(vae_dir))))
     return result.seconds
 
 
 def measure_training_cost(steps: int = 20) -> dict:
     """What training the teacher costs on this machine, measured the same way whatever else runs beside it: each
     stage's seconds per step, timed on a short run of the very training code (the VAE in each of its phases, the
-    decoder's fine-tuning with its encoder frozen) in a scratch folder, times the steps the committed teacher's
-    configs train for."""
-    vae_config, unet_config, dec_config = VAEConfig(), UNetConfig(), decoder_config()
+    decoder's fine-tuning with its encoder frozen, and, where either uses a perceptual term, the feature network's
+    own training and the term's share) in a scratch folder, times the steps the committed teacher's configs train
+    for."""
+    vae_config, unet_config, dec_config, feature_config = VAEConfig(), UNetConfig(), decoder_config(), FeatureConfig()
     images = load_fashion_mnist("train")[0][:2560]
+    perceptual = vae_config.perceptual_weight > 0 or dec_config.perceptual_weight > 0
 
     def seconds_per_step(method, run_dir: Path, lr: float) -> float:
         result = train(method, TrainConfig(steps=steps, lr=lr, run_dir=run_dir, checkpoint_every=0, desc="timing"))
         return result.seconds / steps
 
+    def vae_method(vae, config: VAEConfig) -> VAETraining:  # an untrained feature network costs the same
+        return VAETraining(vae, images, config, features=FeatureNet(feature_config.channels)
+                           if config.perceptual_weight > 0 else None)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        features_spp = seconds_per_step(ContrastiveTraining(FeatureNet(feature_config.channels), images,
+                                                            feature_config), tmp / "features",
+                                        feature_config.lr) if perceptual else 0.0
         config = dataclasses.replace(vae_config, eval_every=0)
-        vae_spp = seconds_per_step(VAETraining(build_vae(), images, config), tmp / "reconstruction", config.lr)
+        vae_spp = seconds_per_step(vae_method(build_vae(), config), tmp / "reconstruction", config.lr)
         if vae_config.disc_start is not None:
             adversarial_steps = max(0, vae_config.steps - vae_config.disc_start)
             config = dataclasses.replace(config, disc_start=0)
-            adversarial_spp = seconds_per_step(VAETraining(build_vae(), images, config), tmp / "adversarial",
-                                               config.lr)
+            adversarial_spp = seconds_per_step(vae_method(build_vae(), config), tmp / "adversarial", config.lr)
             vae_spp += (adversarial_spp - vae_spp) * adversarial_steps / vae_config.steps
         config = dataclasses.replace(dec_config, eval_every=0)
-        decoder_spp = seconds_per_step(VAETraining(freeze_encoder(build_vae()), images, config), tmp / "decoder",
-                                       config.lr)
+        decoder_spp = seconds_per_step(vae_method(freeze_encoder(build_vae()), config), tmp / "decoder", config.lr)
         tokenizer = build_tokenizer(tmp / "tokenizer")
         text_encoder = build_text_encoder(tokenizer)
         latents = torch.randn(len(images), 4, 8, 8)
@@ -443,10 +480,13 @@ def measure_training_cost(steps: int = 20) -> dict:
             build_unet(text_encoder.config.hidden_size), text_encoder, prompt_ids(tokenizer), latents,
             torch.full_like(latents, 0.05), torch.arange(len(images)) % len(CLASS_NAMES), unet_config),
             tmp / "unet", unet_config.lr)
+    features_steps = feature_config.steps if perceptual else 0
     return {"vae_seconds_per_step": vae_spp, "vae_steps": vae_config.steps, "vae_batch": vae_config.batch_size,
             "unet_seconds_per_step": unet_spp, "unet_steps": unet_config.steps, "unet_batch": unet_config.batch_size,
             "decoder_seconds_per_step": decoder_spp, "decoder_steps": dec_config.steps,
-            "seconds": vae_spp * vae_config.steps + unet_spp * unet_config.steps + decoder_spp * dec_config.steps,
+            "features_seconds_per_step": features_spp, "features_steps": features_steps,
+            "seconds": (features_spp * features_steps + vae_spp * vae_config.steps + unet_spp * unet_config.steps
+                        + decoder_spp * dec_config.steps),
             "threads": torch.get_num_threads()}
 
 

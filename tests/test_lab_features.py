@@ -144,3 +144,14 @@ def test_the_teacher_cli_checks_the_perceptual_weight_and_trains_with_it(tmp_pat
     teacher.main(["features", "--steps", "2", "--work", str(tmp_path)])
     teacher.main(["vae", "--perceptual-weight", "1", "--steps", "2", "--work", str(tmp_path)])
     assert (tmp_path / "vae" / "model" / "config.json").is_file()
+    capsys.readouterr()
+    # the finished stage resumed under another weight, or on another feature network, is not relabelled
+    with pytest.raises(SystemExit):
+        teacher.main(["vae", "--perceptual-weight", "0.5", "--steps", "2", "--work", str(tmp_path)])
+    assert "perceptual_weight 1.0 there, 0.5 here" in capsys.readouterr().err
+    net = tmp_path / "features" / FEATURES_FILE
+    atomic_save_file({k: v + 1e-3 for k, v in lab_features.read_safetensors(net)[0].items()}, net, {"channels": "16"})
+    with pytest.raises(SystemExit):
+        teacher.main(["vae", "--perceptual-weight", "1", "--steps", "2", "--work", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "written by a run with other settings (feature_network '" in err and "perceptual_weight" not in err

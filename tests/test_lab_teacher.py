@@ -7,7 +7,7 @@ import torch
 from direct_distill.lab.teacher import (UNetConfig, UNetTraining, VAEConfig, VAETraining,
                                         build_text_encoder, build_tokenizer, build_unet, build_vae, prompt_ids)
 from direct_distill.lab.data import DATA_DIR
-from direct_distill.training.loop import TrainConfig, train
+from direct_distill.training.loop import CheckpointMismatch, TrainConfig, train
 
 
 def _images(n=16):
@@ -120,6 +120,46 @@ def test_training_cost_is_timed_on_the_training_code_and_fits_the_report():
     assert cost.seconds == pytest.approx(cost.vae_seconds_per_step * cost.vae_steps
                                          + cost.unet_seconds_per_step * cost.unet_steps
                                          + cost.decoder_seconds_per_step * cost.decoder_steps)
+
+
+@pytest.mark.skipif(not (DATA_DIR / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
+def test_training_cost_counts_the_feature_network_where_a_perceptual_term_needs_it(monkeypatch):
+    import direct_distill.lab.teacher as teacher
+    from direct_distill.lab.benchmark import TeacherCost, teacher_cost_terms
+    from direct_distill.lab.features import FeatureConfig
+
+    monkeypatch.setattr(teacher, "VAEConfig", lambda **kw: VAEConfig(**dict(dict(perceptual_weight=1.0), **kw)))
+    cost = TeacherCost(**teacher.measure_training_cost(steps=2))
+    assert cost.features_steps == FeatureConfig().steps and cost.features_seconds_per_step > 0
+    assert cost.seconds == pytest.approx(cost.features_seconds_per_step * cost.features_steps
+                                         + cost.vae_seconds_per_step * cost.vae_steps
+                                         + cost.unet_seconds_per_step * cost.unet_steps
+                                         + cost.decoder_seconds_per_step * cost.decoder_steps)
+    assert teacher_cost_terms(cost).startswith(f"feature network {cost.features_seconds_per_step:.3f} s/step x "
+                                               f"{cost.features_steps} + VAE ")
+
+
+def test_the_unet_and_decoder_stages_resume_only_on_the_vae_they_started_from(tmp_path, monkeypatch, capsys):
+    import json
+
+    import direct_distill.lab.teacher as teacher
+
+    images = _images(24)
+    monkeypatch.setattr(teacher, "load_fashion_mnist", lambda split: (images, torch.arange(24) % 10))
+    teacher.train_vae(VAEConfig(steps=2, batch_size=4, eval_every=0), tmp_path)
+    teacher.train_unet(UNetConfig(steps=2, batch_size=4), tmp_path)
+    teacher.train_decoder(teacher.decoder_config(steps=2, batch_size=4, eval_every=0, disc_channels=32), tmp_path)
+    # what does not change the run (how often it checkpoints or evaluates) resumes it
+    teacher.train_decoder(teacher.decoder_config(steps=2, batch_size=4, eval_every=1, checkpoint_every=1,
+                                                 disc_channels=32), tmp_path)
+    config = tmp_path / "vae" / "model" / "config.json"  # another VAE put in its place: here, another scale
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), scaling_factor=0.5)))
+    with pytest.raises(CheckpointMismatch, match=r"other settings \(vae '[0-9a-f]{64}' there, '[0-9a-f]{64}' "
+                                                 r"here\)"):
+        teacher.train_unet(UNetConfig(steps=2, batch_size=4), tmp_path)
+    with pytest.raises(CheckpointMismatch, match=r"other settings \(vae '"):
+        teacher.train_decoder(teacher.decoder_config(steps=2, batch_size=4, eval_every=0, disc_channels=32),
+                              tmp_path)
 
 
 def test_the_saved_vae_scales_its_latents_to_unit_variance_and_caches_know_the_scale(tmp_path, monkeypatch):

@@ -84,6 +84,24 @@ def test_resuming_with_another_seed_or_step_count_is_refused(tmp_path, accelerat
             train(ToyMethod(0), config(tmp_path, steps=steps), accelerator)
 
 
+def test_resuming_under_other_method_settings_is_refused_with_each_difference_named(tmp_path, accelerator):
+    settings = {"kl_weight": 1e-6, "betas": (0.9, 0.99), "vae": "abc"}
+    train(ToyMethod(0), config(tmp_path, steps=4, settings=settings), accelerator)
+    finished = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    other = dict(settings, kl_weight=0.0, vae="def", extra=1)
+    with pytest.raises(CheckpointMismatch) as refused:
+        train(ToyMethod(0), config(tmp_path, steps=4, settings=other), accelerator)
+    assert str(refused.value) == (f"{tmp_path / CHECKPOINT_NAME}: written by a run with other settings (extra None "
+                                  "there, 1 here; kl_weight 1e-06 there, 0.0 here; vae 'abc' there, 'def' here); "
+                                  "resume with its settings or use another run folder")
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == finished
+    # the same settings resume (a tuple and the list the checkpoint keeps it as are the same value) ...
+    assert train(ToyMethod(0), config(tmp_path, steps=4, settings=dict(settings)), accelerator).step == 4
+    # ... and a checkpoint that recorded none (older, or a run that gave none) resumes under any
+    train(ToyMethod(0), config(tmp_path / "plain", steps=4), accelerator)
+    assert train(ToyMethod(0), config(tmp_path / "plain", steps=4, settings=other), accelerator).step == 4
+
+
 def test_cosine_lr_warms_up_linearly_then_anneals_to_the_floor():
     lrs = [cosine_lr(s, total=10, peak=1.0, warmup=2, final_fraction=0.1) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0]

@@ -15,6 +15,7 @@ loss sees the earlier players' new weights (alternating updates, as GANs are tra
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -35,8 +36,8 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 class CheckpointMismatch(ValueError):
-    """A run folder's checkpoint written by a run of other settings (seed, number of steps): resuming would not
-    continue that run."""
+    """A run folder's checkpoint written by a run of other settings (seed, number of steps, the method's own
+    ``TrainConfig.settings``): resuming would not continue that run."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -94,6 +95,9 @@ class TrainConfig:
     tensorboard: bool = False
     log_every: int = 10
     desc: str = "training"
+    settings: dict | None = None             # what else defines the run (JSON values: a method's config, an
+                                             # input's digest); kept in the checkpoint, a resume under others
+                                             # is refused with the differences listed
 
 
 @dataclass
@@ -128,6 +132,19 @@ def seed_step(seed: int, step: int, process: int = 0) -> None:
     torch.manual_seed(int(words[0]) << 32 | int(words[1]))
     random.seed(int(words[0]) << 32 | int(words[1]))
     np.random.seed(words)
+
+
+def _check_settings(checkpoint: Path, theirs: dict | None, mine: dict | None) -> None:
+    """Refuse to resume a checkpoint whose recorded settings differ from this run's, naming each difference. A
+    checkpoint that recorded none (written before settings were kept, or by a run that gave none) resumes."""
+    if theirs is None or mine is None:
+        return
+    mine = json.loads(json.dumps(mine))  # as the checkpoint holds them: tuples are lists
+    changed = [k for k in sorted(theirs.keys() | mine.keys()) if theirs.get(k) != mine.get(k)]
+    if changed:
+        listed = "; ".join(f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in changed)
+        raise CheckpointMismatch(f"{checkpoint}: written by a run with other settings ({listed}); resume with its "
+                                 "settings or use another run folder")
 
 
 def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
@@ -173,6 +190,7 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
             raise CheckpointMismatch(f"{checkpoint}: written by a run of {extra['steps']} steps, this run has "
                                      f"{config.steps}; resume with the same number of steps or use another run "
                                      "folder")
+        _check_settings(checkpoint, extra.get("settings"), config.settings)
     optimizers = {name: accelerator.prepare(opt) for name, opt in optimizers.items()}
     writer = _tensorboard(run_dir, accelerator) if config.tensorboard else None
 
@@ -185,7 +203,8 @@ def train(method: Method, config: TrainConfig, accelerator=None) -> TrainResult:
         if checkpoint is not None and accelerator.is_main_process:
             save_training_state(checkpoint, modules, {n: opt.optimizer for n, opt in optimizers.items()}, step,
                                 extra={"seed": config.seed, "steps": config.steps, "seconds": elapsed(),
-                                       "loss": loss_value, "losses": losses})
+                                       "loss": loss_value, "losses": losses,
+                                       **({"settings": config.settings} if config.settings is not None else {})})
         accelerator.wait_for_everyone()
 
     def update(name: str, loss: torch.Tensor, step: int) -> tuple[float, float | None]:
