@@ -1,4 +1,4 @@
-"""`python -m direct_distill <command>`: demo, benchmark, latents, distill, stamp."""
+"""`python -m direct_distill <command>`: demo, benchmark, teacher, classifier, rebuild, latents, distill, stamp."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "demo": ("direct_distill.lab.demo", "sample the embedded lab teacher with every capability that is built"),
         "benchmark": ("direct_distill.lab.benchmark", "measure schedules, shortcut and students; write lab/REPORT.md"),
-        "teacher": ("direct_distill.lab.teacher", "train the lab teacher (vae | unet | export)"),
+        "teacher": ("direct_distill.lab.teacher", "train the lab teacher (features | vae | unet | decoder | export)"),
         "classifier": ("direct_distill.lab.evaluator", "train the lab's evaluation classifier"),
+        "rebuild": ("direct_distill.lab.rebuild", "rebuild the whole lab (teacher, shortcut, students, report), "
+                                                  "resumable"),
         "latents": ("direct_distill.training.latents", "encode an image folder into the latents file the data "
                                                        "methods train on"),
         "distill": (distill, "distil a teacher (distill --help lists the methods)"),
