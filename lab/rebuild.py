@@ -194,6 +194,8 @@ def run(steps: list[Step], jobs: int, logs: Path = LOGS, python: str = sys.execu
                                                         env=env, stdout=log, stderr=subprocess.STDOUT), log,
                                        time.perf_counter())
             if not running:
+                if waiting and not failed:
+                    raise ValueError(f"steps {', '.join(s.name for s in waiting)} wait on each other")
                 break  # a failure stopped the rest
             time.sleep(poll)
             for name, (proc, log, start) in list(running.items()):

@@ -82,6 +82,8 @@ def test_a_failed_step_stops_the_steps_not_started_and_is_named(tmp_path, fake_p
     assert "FAILED fail (exit 1 after" in capsys.readouterr().out
     with pytest.raises(ValueError, match="step x follows unknown step"):
         run([Step("x", ("x",), ("y",))], jobs=1, logs=tmp_path / "logs", python=python)
+    with pytest.raises(ValueError, match="steps x, y wait on each other"):
+        run([Step("x", ("x",), ("y",)), Step("y", ("y",), ("x",))], jobs=1, logs=tmp_path / "logs", python=python)
 
 
 def test_a_work_folder_of_another_teacher_is_moved_aside_never_deleted_or_mixed(tmp_path):
