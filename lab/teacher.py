@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.io import FileFormatError, atomic_save_file, read_safetensors
+from ..models.io import FileFormatError, atomic_save_file, ordinary_permissions, read_safetensors
 from ..training.checkpoint import load_training_state
 from ..training.data import encode_images, vae_checksum
 from ..training.loop import CHECKPOINT_NAME, CheckpointMismatch, Player, TrainConfig, train
@@ -282,6 +282,7 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     mean, _ = encode_images(vae, images[:10000])
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
     vae.save_pretrained(work / "vae" / "model")
+    ordinary_permissions(work / "vae" / "model")
     print(f"vae saved to {work / 'vae' / 'model'} (scaling_factor={vae.config.scaling_factor:.4f})")
     return result.seconds
 
@@ -337,6 +338,7 @@ def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR, vae_di
         run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder",
         settings=stage_settings(config, vae=vae_digest(vae_dir), **inputs)))
     vae.eval().save_pretrained(work / "decoder" / "model")
+    ordinary_permissions(work / "decoder" / "model")
     print(f"vae with the fine-tuned decoder saved to {work / 'decoder' / 'model'}")
     return result.seconds
 
@@ -515,6 +517,7 @@ def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
         tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**sd_noise_scheduler_config()),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
+    ordinary_permissions(out)
     print(f"teacher written to {out}")
 
 
@@ -553,6 +556,7 @@ def export_vae(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
     staged = out / "vae.new"
     shutil.rmtree(staged, ignore_errors=True)
     new.save_pretrained(staged, safe_serialization=True)
+    ordinary_permissions(staged)
     retired = out / "vae.old"
     shutil.rmtree(retired, ignore_errors=True)
     old_dir.rename(retired)

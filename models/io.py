@@ -73,6 +73,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return given
 
 
+def ordinary_permissions(folder: str | os.PathLike) -> Path:
+    """Give the files of a folder a library just wrote (diffusers' ``save_pretrained``, whose safetensors files
+    come out 0600 from their private temporary file) the permissions an ordinary new file gets."""
+    folder = Path(folder)
+    mode = _ordinary_mode()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+    return folder
+
+
 def _mode_for(path: Path) -> int:
     """The permissions of the file ``path`` replaces, or an ordinary new file's."""
     try:

@@ -1,6 +1,9 @@
 """The lab teacher's training runs on the shared loop: the VAE (with its patch discriminator) and the UNet (with its
 EMA) each resume bit-exactly, and the adversarial term switches on when configured."""
 
+import os
+import stat
+
 import pytest
 import torch
 
@@ -226,6 +229,11 @@ def test_a_second_decoder_pass_on_the_exported_teacher_swaps_its_vae_only_with_t
     assert all(torch.equal(swapped[k], tuned[k]) for k in tuned)
     assert sorted(p.name for p in out.iterdir()) == ["unet.safetensors", "vae"]
     assert (out / "unet.safetensors").read_bytes() == b"the UNet, untouched"
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (out / "vae" / "diffusion_pytorch_model.safetensors",
+                    second / "decoder" / "model" / "diffusion_pytorch_model.safetensors"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask, "not safetensors' private 0600"
     # a VAE that encodes otherwise is refused, the exported one kept
     teacher.train_vae(VAEConfig(steps=2, batch_size=4, eval_every=0, seed=1), tmp_path / "other")
     other = tmp_path / "other"
