@@ -459,8 +459,10 @@ class Bench:
         return self.sample(sched.label, sched.sigmas(nfe, self.pipe.scheduler.alphas_cumprod), guidance, seed_set)
 
     def schedule_once(self, sched: Schedule, nfe: int, guidance: float, seed_set: int) -> Run:
-        """The teacher on ``sched`` at ``nfe``, sampled unless this seed set has it already."""
-        return self.results.has(teacher_on(sched, nfe), seed_set) or self.schedule(sched, nfe, guidance, seed_set)
+        """The teacher on ``sched`` at ``nfe``, sampled unless this seed set has it already at this guidance."""
+        held = self.results.has(teacher_on(sched, nfe), seed_set)
+        return held if held is not None and held.guidance == guidance else self.schedule(sched, nfe, guidance,
+                                                                                         seed_set)
 
 
 def slug(*parts) -> str:
@@ -524,11 +526,12 @@ def run_cfg_sweep(bench: Bench, guidances=(1.0, 1.5, 2.0, 3.0, 4.0)) -> float:
 def run_schedules(bench: Bench, guidance: float, repeats: int, schedules=SCHEDULES, grid_nfes=GRID_NFES,
                   last_nfe: int = NFES[-1], last_schedules=LAST_NFE_SCHEDULES):
     """Every schedule at every grid NFE on every seed set (the paired comparisons), and those of
-    ``last_schedules`` at ``last_nfe`` on seed set 0."""
+    ``last_schedules`` at ``last_nfe`` on seed set 0; a row the results file holds at this guidance is kept, so an
+    interrupted run continues and processes can share the group (``--schedules``)."""
     for s in range(repeats):
         for sched in schedules:
             for nfe in (*grid_nfes, last_nfe) if s == 0 and sched in last_schedules else grid_nfes:
-                bench.schedule(sched, nfe, guidance, s)
+                bench.schedule_once(sched, nfe, guidance, s)
 
 
 @dataclass(frozen=True)
@@ -1247,7 +1250,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default="floors,cfg,schedules",
-                        help=f"comma-separated row groups to (re)run: {', '.join(GROUPS)}")
+                        help=f"comma-separated row groups to run: {', '.join(GROUPS)} (floors and cfg are measured "
+                             "again; the other groups sample only the rows the results file lacks: --fresh starts "
+                             "over)")
     parser.add_argument("--samples", type=int, default=1000,
                         help="samples per row, a multiple of 10 (balanced over the classes); every row of a results "
                              "file has the same")
@@ -1272,7 +1277,7 @@ def main(argv=None):
         parser.exit(1, f"{parser.prog}: {err}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"\n{parser.prog}: stopped; every row finished is saved in {RESULTS} (run again, the "
-                         "shortcut and students groups sample only the rows still missing)\n")
+                         "schedules, shortcut and students groups sample only the rows still missing)\n")
 
 
 def _run(parser, args) -> None:

@@ -376,6 +376,16 @@ def test_schedule_grid_samples_every_schedule_on_every_seed_set(tmp_path, lab_be
     assert (tmp_path / "plots" / "grid_schedule_gits_2.png").is_file()
     rows = table_rows(write_report(on_disk, tmp_path / "REPORT.md"), "### The teacher's best schedule per NFE")
     assert [(r[0], r[1]) for r in rows] == [("2", "2 (2)"), ("3", "1 (1)")]
+    # run again (an interrupted run, a second process): the rows held at this guidance are kept, not resampled;
+    # at another guidance they are measured anew
+    sampled = []
+    bench.schedule = lambda sched, nfe, guidance, seed_set: sampled.append((sched.label, nfe, guidance, seed_set))
+    run_schedules(bench, 2.0, repeats=2, schedules=(KARRAS, GITS), grid_nfes=(2, 4), last_nfe=3,
+                  last_schedules=(KARRAS,))
+    assert sorted(sampled) == sorted((s.label, 4, 2.0, seed) for s in (KARRAS, GITS) for seed in (0, 1))
+    sampled.clear()
+    run_schedules(bench, 3.0, repeats=1, schedules=(GITS,), grid_nfes=(2,), last_nfe=3, last_schedules=())
+    assert sampled == [(GITS.label, 2, 3.0, 0)]
 
 
 @needs_data
