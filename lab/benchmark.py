@@ -1302,6 +1302,12 @@ def _run(parser, args) -> None:
         if unknown := [n for n in names if n not in by_label]:
             parser.error(f"unknown schedule(s) {', '.join(unknown)}; the schedules are {', '.join(by_label)}")
         picked = tuple(by_label[n] for n in names)
+    if groups & {"schedules", "shortcut"} and "cfg" not in groups and args.guidance is None:
+        held = None if args.fresh or not RESULTS.is_file() else Results.load(RESULTS).best_guidance
+        if held is None:  # never a silent default: another process may be running the sweep right now
+            parser.error(f"the schedules and shortcut groups sample at the CFG sweep's best guidance, which "
+                         f"{RESULTS} does not hold yet: add the cfg group (--groups cfg,{','.join(sorted(groups))}),"
+                         " wait for the process running it, or give --guidance")
     bench = Bench(args.samples, fresh=args.fresh)
     if "floors" in groups:
         run_floors(bench, args.repeats)
@@ -1309,9 +1315,9 @@ def _run(parser, args) -> None:
     if "cfg" in groups:
         guidance = run_cfg_sweep(bench)
     if "schedules" in groups:
-        run_schedules(bench, guidance or 2.0, args.repeats, schedules=picked)
+        run_schedules(bench, guidance, args.repeats, schedules=picked)
     if "shortcut" in groups:
-        run_shortcut_rows(bench, guidance or 2.0, args.repeats)
+        run_shortcut_rows(bench, guidance, args.repeats)
     if "students" in groups:
         run_student_rows(bench, args.repeats)
     if "costs" in groups:

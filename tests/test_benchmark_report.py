@@ -312,6 +312,31 @@ def test_cli_refuses_an_unknown_group_or_schedule_before_loading_anything(capsys
     assert "unknown schedule(s) ays; the schedules are karras, exponential" in capsys.readouterr().err
 
 
+def test_schedule_and_shortcut_rows_wait_for_the_cfg_sweep_never_a_default_guidance(tmp_path, monkeypatch, capsys):
+    from direct_distill.lab import benchmark
+
+    monkeypatch.setattr(benchmark, "RESULTS", tmp_path / "results.json")
+    for argv in (["--groups", "schedules"], ["--groups", "shortcut,students"], ["--groups", "cfg,schedules", "--fresh",
+                                                                               "--guidance", "2"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    err = capsys.readouterr().err
+    assert f"sample at the CFG sweep's best guidance, which {tmp_path / 'results.json'} does not hold yet: add the " \
+           "cfg group (--groups cfg,schedules), wait for the process running it, or give --guidance" in err
+    assert "(--groups cfg,shortcut,students)" in err and "--guidance sets the CFG the cfg group's sweep" in err
+    (tmp_path / "results.json").write_text(json.dumps(Results(best_guidance=3.0, teacher="x").to_json()))
+    with pytest.raises(SystemExit):  # --fresh starts a file without the sweep
+        main(["--groups", "schedules", "--fresh"])
+    assert "does not hold yet" in capsys.readouterr().err
+
+    def bench(*args, **kwargs):
+        raise RuntimeError("the teacher would load now")
+
+    monkeypatch.setattr(benchmark, "Bench", bench)
+    with pytest.raises(RuntimeError, match="would load now"):  # the file holds the sweep's guidance: on it goes
+        main(["--groups", "schedules"])
+
+
 def test_costs_come_from_the_teachers_cost_function(tmp_path, monkeypatch):
     import direct_distill.lab.teacher as lab_teacher
 
