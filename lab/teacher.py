@@ -315,18 +315,16 @@ def freeze_encoder(vae):
     return vae
 
 
-def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR, vae_dir: Path | None = None) -> float:
-    """Fine-tune the decoder of ``vae_dir`` (default ``work/vae/model``; an exported teacher's ``vae`` folder for a
-    second pass) resuming from ``work/decoder``, and save the whole VAE, encoder and scaling factor untouched, to
-    ``work/decoder/model``; returns the loop's seconds (summed over resumed runs)."""
+def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> float:
+    """Fine-tune the decoder of ``work/vae/model`` (resuming from ``work/decoder``) and save the whole VAE, encoder
+    and scaling factor untouched, to ``work/decoder/model``; returns the loop's seconds (summed over resumed
+    runs)."""
     from diffusers import AutoencoderKL
 
     config = config or decoder_config()
-    vae_dir = Path(vae_dir) if vae_dir is not None else work / "vae" / "model"
+    vae_dir = work / "vae" / "model"
     if not (vae_dir / "config.json").is_file():
-        raise SystemExit(f"no trained VAE in {vae_dir}: " + ("run `python -m direct_distill teacher vae` first"
-                                                            if vae_dir == work / "vae" / "model" else
-                                                            "--vae takes a diffusers AutoencoderKL folder"))
+        raise SystemExit(f"no trained VAE in {vae_dir}: run `python -m direct_distill teacher vae` first")
     torch.manual_seed(config.seed)
     vae = freeze_encoder(AutoencoderKL.from_pretrained(vae_dir))
     images, _ = load_fashion_mnist("train")
@@ -521,50 +519,6 @@ def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
     print(f"teacher written to {out}")
 
 
-def same_encoder(a, b) -> list[str]:
-    """What differs between two VAEs on the encoding side (the encoder's and quant_conv's weights, the latent
-    channels, the scaling factor): what a UNet trained on one's latents depends on. Empty: the same latents."""
-    differences = [key for key in ("latent_channels", "scaling_factor", "in_channels")
-                   if a.config[key] != b.config[key]]
-    sa, sb = a.state_dict(), b.state_dict()
-    for key in sorted(k for k in sa.keys() | sb.keys() if k.startswith(("encoder.", "quant_conv."))):
-        if key not in sa or key not in sb or sa[key].shape != sb[key].shape or not torch.equal(sa[key], sb[key]):
-            differences.append(key)
-    return differences
-
-
-def export_vae(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
-    """Replace the VAE of the exported teacher ``out`` with ``work/decoder/model``, a fine-tuned decoder on the very
-    encoder ``out``'s UNet learned the latents of (refused otherwise): the swap SD's ft-EMA/ft-MSE autoencoders
-    made, the UNet and every student trained on it untouched. The old folder is replaced only once the new one is
-    written whole."""
-    import shutil
-
-    from diffusers import AutoencoderKL
-
-    new_dir, old_dir = work / "decoder" / "model", out / "vae"
-    for folder, what in ((new_dir, "run `python -m direct_distill teacher decoder` first"),
-                         (old_dir, "export the whole teacher first (`teacher export` without --vae-only)")):
-        if not (folder / "config.json").is_file():
-            raise SystemExit(f"no VAE in {folder}: {what}")
-    new, old = AutoencoderKL.from_pretrained(new_dir), AutoencoderKL.from_pretrained(old_dir)
-    if differences := same_encoder(new, old):
-        shown = ", ".join(differences[:4]) + (f" and {len(differences) - 4} more" if len(differences) > 4 else "")
-        raise SystemExit(f"{new_dir} does not encode as {old_dir} does ({shown} differ): the teacher's UNet learned "
-                         "that VAE's latents; fine-tune the decoder of the exported one (`teacher decoder --vae "
-                         f"{old_dir}`)")
-    staged = out / "vae.new"
-    shutil.rmtree(staged, ignore_errors=True)
-    new.save_pretrained(staged, safe_serialization=True)
-    ordinary_permissions(staged)
-    retired = out / "vae.old"
-    shutil.rmtree(retired, ignore_errors=True)
-    old_dir.rename(retired)
-    staged.rename(old_dir)
-    shutil.rmtree(retired)
-    print(f"the VAE of {out} replaced by {new_dir} (same encoder, fine-tuned decoder)")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -575,17 +529,7 @@ def main(argv=None):
                              "(stage features; default 0: none)")
     parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and intermediate files")
     parser.add_argument("--out", type=Path, default=TEACHER_DIR, help="the exported diffusers folder")
-    parser.add_argument("--vae", type=Path, default=None,
-                        help="decoder: the VAE whose decoder to fine-tune (default <work>/vae/model), e.g. "
-                             "lab/assets/teacher/vae for a second pass on the exported teacher")
-    parser.add_argument("--vae-only", action="store_true",
-                        help="export: replace only the VAE of the teacher in --out by <work>/decoder/model, which "
-                             "must have that VAE's encoder (the UNet and the students stay valid)")
     args = parser.parse_args(argv)
-    if args.vae is not None and args.stage != "decoder":
-        parser.error("--vae applies to the decoder stage")
-    if args.vae_only and args.stage != "export":
-        parser.error("--vae-only applies to the export stage")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.perceptual_weight is not None:
@@ -604,9 +548,7 @@ def main(argv=None):
         elif args.stage == "unet":
             train_unet(UNetConfig(**steps), args.work)
         elif args.stage == "decoder":
-            train_decoder(decoder_config(**vae_overrides), args.work, args.vae)
-        elif args.vae_only:
-            export_vae(args.work, args.out)
+            train_decoder(decoder_config(**vae_overrides), args.work)
         else:
             export_teacher(args.work, args.out)
     except (CheckpointMismatch, FileFormatError) as err:  # a stage resumed under other settings, a damaged file
