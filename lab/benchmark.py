@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.io import atomic_write_text
+from ..models.io import atomic_write_text, files_sha256
 from ..schedulers import schedule_sigmas, sigma_table
 from .data import CLASS_NAMES
 
@@ -360,14 +360,9 @@ class Results:
 
 def teacher_fingerprint(folder: Path | None = None) -> str:
     """sha256 over the teacher folder's weight files: which teacher a results file measured."""
-    import hashlib
-
     from . import TEACHER_DIR
 
-    digest = hashlib.sha256()
-    for path in sorted((folder or TEACHER_DIR).rglob("*.safetensors")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return files_sha256(*sorted((folder or TEACHER_DIR).rglob("*.safetensors")))
 
 
 class Bench:
@@ -615,7 +610,7 @@ def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
     from .sampling import sample_teacher
 
     shortcut = load_shortcut(SHORTCUT_PATH)
-    digest = file_digest(SHORTCUT_PATH)
+    digest = files_sha256(SHORTCUT_PATH)
     own, transfer = shortcut_plan(shortcut.metadata["extra"])
     bench.discard(lambda r: r.group == "shortcut" and r.sha256 != digest)
     ac = bench.pipe.scheduler.alphas_cumprod
@@ -661,7 +656,7 @@ def run_student_rows(bench: Bench, repeats: int):
             evaluations=[Evaluation(step, **scores) for step, scores in extra.get("evaluations", [])],
             backtracking=extra.get("backtracking"), selected=Evaluation(**selected) if selected else None,
             training=extra.get("training", {}))]))
-        digest = file_digest(path)
+        digest = files_sha256(path)
         for s in range(repeats):
             for nfe in sorted(set(info.nfe_schedules) & set(STUDENT_NFES)):
                 done = bench.results.has(Config("student", name, nfe), s)
@@ -679,12 +674,6 @@ def run_student_rows(bench: Bench, repeats: int):
                     continue
                 samples = sample_teacher(pipe, None, 1.0, bench.n, SEED_BASE + s, steps=1, desc=ONE_STEP_START)
                 bench.record("student", ONE_STEP_START, 1, s, samples, guidance=1.0)
-
-
-def file_digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def student_row_name(path: Path) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import string
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models.io import FileFormatError, atomic_save_file, ordinary_permissions, read_safetensors
+from ..models.io import FileFormatError, atomic_save_file, files_sha256, ordinary_permissions, read_safetensors
 from ..training.checkpoint import load_training_state
 from ..training.data import encode_images, vae_checksum
 from ..training.loop import CHECKPOINT_NAME, CheckpointMismatch, Player, TrainConfig, train
@@ -128,17 +127,9 @@ def stage_settings(config, **inputs: str) -> dict:
     return {**values, **inputs}
 
 
-def file_digest(*paths: Path) -> str:
-    """SHA-256 over the bytes of the files a stage trains from (small: the lab's VAE, its feature network)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
 def vae_digest(vae_dir: Path) -> str:
     """A saved VAE's weights and config (its scaling factor scales the latents a UNet learns)."""
-    return file_digest(*sorted(p for p in Path(vae_dir).iterdir() if p.suffix in (".json", ".safetensors")))
+    return files_sha256(*sorted(p for p in Path(vae_dir).iterdir() if p.suffix in (".json", ".safetensors")))
 
 
 # --- stage: vae ------------------------------------------------------------------------------
@@ -261,7 +252,7 @@ def _feature_net(config: VAEConfig, work: Path) -> tuple[FeatureNet | None, dict
     if not path.is_file():
         raise SystemExit(f"--perceptual-weight needs the feature network {path}: "
                          "run `python -m direct_distill teacher features` first")
-    return load_feature_net(path), {"feature_network": file_digest(path)}
+    return load_feature_net(path), {"feature_network": files_sha256(path)}
 
 
 def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             os.unlink(tmp)
         raise
     return given
+
+
+def files_sha256(*paths: str | os.PathLike) -> str:
+    """SHA-256 (hex) over the bytes of ``paths`` in the order given, read in chunks: which weights or inputs a
+    record or a checkpoint refers to."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def ordinary_permissions(folder: str | os.PathLike) -> Path:

@@ -416,7 +416,8 @@ def test_schedule_grid_samples_every_schedule_on_every_seed_set(tmp_path, lab_be
 @needs_data
 def test_shortcut_rows_follow_the_committed_file_and_drop_those_of_an_earlier_one(tmp_path, lab_bench_parts):
     from direct_distill.lab import SHORTCUT_PATH
-    from direct_distill.lab.benchmark import file_digest, run_shortcut_rows, shortcut_plan
+    from direct_distill.lab.benchmark import run_shortcut_rows, shortcut_plan
+    from direct_distill.models.io import files_sha256
     from direct_distill.models import load_shortcut
 
     bench = tiny_bench(tmp_path, lab_bench_parts)
@@ -430,7 +431,7 @@ def test_shortcut_rows_follow_the_committed_file_and_drop_those_of_an_earlier_on
     own, transfer = shortcut_plan(load_shortcut(SHORTCUT_PATH).metadata["extra"])
     rows = {r.name: r for r in on_disk.runs if r.group == "shortcut"}
     assert sorted(rows) == sorted(run.name for run in (*own, *transfer)) and not grid.exists()
-    assert {r.sha256 for r in rows.values()} == {file_digest(SHORTCUT_PATH)}
+    assert {r.sha256 for r in rows.values()} == {files_sha256(SHORTCUT_PATH)}
     assert rows["7+1"].schedule == "beta" and rows["7+1"].teacher_steps == 11 and rows["7+1"].nfe == 8
     # The whole runs each K+1 cuts short, and the teacher on the shortcut's schedule at each trained row's NFE.
     teacher = {(r.name, r.nfe) for r in on_disk.runs if r.group == "schedule"}

@@ -151,3 +151,16 @@ def test_json_records_are_written_whole_with_ordinary_permissions(tmp_path, umas
     assert path.read_text() == '{"lr": 0.1}' and oct(path.stat().st_mode & 0o777) == oct(0o644)
     atomic_write_text(path, '{"lr": 0.2}')
     assert path.read_text() == '{"lr": 0.2}' and [p.name for p in path.parent.iterdir()] == ["settings.json"]
+
+
+def test_files_sha256_digests_the_bytes_of_the_files_in_the_order_given(tmp_path):
+    import hashlib
+
+    from direct_distill.models.io import files_sha256
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.json"
+    a.write_bytes(b"\x00weights" * 1000)
+    b.write_bytes(b'{"scaling_factor": 1.5}')
+    assert files_sha256(a, b) == hashlib.sha256(a.read_bytes() + b.read_bytes()).hexdigest()
+    assert files_sha256(b, a) != files_sha256(a, b)
+    assert files_sha256() == hashlib.sha256().hexdigest()
