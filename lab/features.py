@@ -15,7 +15,6 @@ round-trip accuracy of 0.9114 at an unchanged 30.4 dB (committed 0.9095; 8,000 s
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.io import FileFormatError, atomic_save_file, read_safetensors
-from ..training.loop import TrainConfig, train
+from ..training.loop import TrainConfig, settings_of, train
 from .data import load_fashion_mnist
 
 FEATURES_FILE = "features.safetensors"
@@ -130,8 +129,7 @@ def train_features(config: FeatureConfig, work: Path) -> float:
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay, seed=config.seed,
         run_dir=work / "features", checkpoint_every=config.checkpoint_every, desc="features",
-        settings={k: v for k, v in dataclasses.asdict(config).items()
-                  if k not in ("steps", "seed", "checkpoint_every")}))
+        settings=settings_of(config)))
     path = atomic_save_file({k: v.contiguous() for k, v in net.state_dict().items()},
                             work / "features" / FEATURES_FILE, {"channels": config.channels})
     print(f"feature network saved to {path}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..models.io import FileFormatError, atomic_save_file, files_sha256, ordinary_permissions, read_safetensors
 from ..training.checkpoint import load_training_state
 from ..training.data import encode_images, vae_checksum
-from ..training.loop import CHECKPOINT_NAME, CheckpointMismatch, Player, TrainConfig, train
+from ..training.loop import CHECKPOINT_NAME, CheckpointMismatch, Player, TrainConfig, settings_of, train
 from . import TEACHER_DIR
 from .data import CLASS_NAMES, load_fashion_mnist
 from .features import (FEATURES_FILE, ContrastiveTraining, FeatureConfig, FeatureNet, load_feature_net,
@@ -115,16 +115,6 @@ def sd_noise_scheduler_config() -> dict:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     return float(10 * torch.log10(4 / (a.float() - b.float()).pow(2).mean()))
-
-
-def stage_settings(config, **inputs: str) -> dict:
-    """What a stage's checkpoint holds it to beyond the seed and step count (the loop checks those): its config
-    less bookkeeping (how often it evaluates or checkpoints), and a digest of each input it trains from (the VAE
-    a UNet's latents come from, the feature network of a perceptual term). A resume under other values is
-    refused with the differences listed, never continued under the new name."""
-    values = {k: v for k, v in dataclasses.asdict(config).items()
-              if k not in ("steps", "seed", "eval_every", "checkpoint_every")}
-    return {**values, **inputs}
 
 
 def vae_digest(vae_dir: Path) -> str:
@@ -266,7 +256,7 @@ def train_vae(config: VAEConfig, work: Path = WORK_DIR) -> float:
     result = train(VAETraining(vae, images, config, held_out, features), TrainConfig(
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed, run_dir=work / "vae",
-        checkpoint_every=config.checkpoint_every, desc="vae", settings=stage_settings(config, **inputs)))
+        checkpoint_every=config.checkpoint_every, desc="vae", settings=settings_of(config, **inputs)))
     vae.eval()
     # SD's convention: latents are multiplied by the factor that gives them unit variance (measured unscaled).
     vae.register_to_config(scaling_factor=1.0)
@@ -325,7 +315,7 @@ def train_decoder(config: VAEConfig | None = None, work: Path = WORK_DIR) -> flo
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, betas=config.betas, seed=config.seed,
         run_dir=work / "decoder", checkpoint_every=config.checkpoint_every, desc="decoder",
-        settings=stage_settings(config, vae=vae_digest(vae_dir), **inputs)))
+        settings=settings_of(config, vae=vae_digest(vae_dir), **inputs)))
     vae.eval().save_pretrained(work / "decoder" / "model")
     ordinary_permissions(work / "decoder" / "model")
     print(f"vae with the fine-tuned decoder saved to {work / 'decoder' / 'model'}")
@@ -430,7 +420,7 @@ def train_unet(config: UNetConfig, work: Path = WORK_DIR) -> float:
         steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
         final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay, seed=config.seed,
         run_dir=work / "unet", checkpoint_every=config.checkpoint_every, desc="unet",
-        settings=stage_settings(config, vae=vae_digest(vae_dir))))
+        settings=settings_of(config, vae=vae_digest(vae_dir))))
     return result.seconds
 
 

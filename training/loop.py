@@ -21,7 +21,7 @@ import random
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -132,6 +132,16 @@ def seed_step(seed: int, step: int, process: int = 0) -> None:
     torch.manual_seed(int(words[0]) << 32 | int(words[1]))
     random.seed(int(words[0]) << 32 | int(words[1]))
     np.random.seed(words)
+
+
+BOOKKEEPING = ("steps", "seed", "eval_every", "checkpoint_every")  # checked apart, or not changing the run
+
+
+def settings_of(config, **inputs: str) -> dict:
+    """A method's config dataclass as ``TrainConfig.settings``: every field but the bookkeeping (the step count
+    and seed the loop checks itself, how often it evaluates or checkpoints), plus a digest of each input it trains
+    from (``vae=<sha256>``)."""
+    return {**{k: v for k, v in asdict(config).items() if k not in BOOKKEEPING}, **inputs}
 
 
 def _check_settings(checkpoint: Path, theirs: dict | None, mine: dict | None) -> None:
