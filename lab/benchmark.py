@@ -1239,9 +1239,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", default="floors,cfg,schedules",
-                        help=f"comma-separated row groups to run: {', '.join(GROUPS)} (floors and cfg are measured "
-                             "again; the other groups sample only the rows the results file lacks: --fresh starts "
-                             "over)")
+                        help=f"comma-separated row groups to run: {', '.join(GROUPS)} (floors, cfg and costs are "
+                             "measured again; schedules, shortcut and students sample only the rows the results file "
+                             "lacks: --fresh starts over)")
     parser.add_argument("--samples", type=int, default=1000,
                         help="samples per row, a multiple of 10 (balanced over the classes); every row of a results "
                              "file has the same")
