@@ -16,7 +16,6 @@ from ..models.io import is_direct_distill_file, read_safetensors
 from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
 from ..models.student_file import read_student
 from ..schedulers.few_step_presets import PRESETS, describe_nfes
-from ..schedulers.noise import sigma_to_model_timestep
 from ..schedulers.tcd import sample_tcd
 from .model_identity import PREDICTIONS, check_checkpoint_noise_table, lora_mismatches, predicts, unet_parameter_shapes
 
@@ -46,7 +45,7 @@ def _check_model(model, info, schedule, name: str):
     parameterisation or noise table."""
     model_sampling = _model_sampling(model, name, info.teacher_prediction_type)
     check_checkpoint_noise_table(model_sampling, name)
-    timesteps = sigma_to_model_timestep(torch.tensor(schedule["sigmas"][:-1]), model_sampling.sigmas).tolist()
+    timesteps = model_sampling.timestep(torch.tensor(schedule["sigmas"][:-1], dtype=torch.float32)).tolist()
     if timesteps != schedule["timesteps"]:
         raise ValueError(f"{name}: its sigmas fall on timesteps {timesteps} of this model's noise schedule, not the "
                          f"{schedule['timesteps']} it was trained at: it was distilled from another model")

@@ -109,10 +109,14 @@ def sigma_to_t(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tenso
 def sigma_to_model_timestep(sigma: torch.Tensor | float, sigmas: torch.Tensor) -> torch.Tensor:
     """The integer timestep a discrete model is called with at ``sigma``: the nearest entry of the table
     in log-sigma (ComfyUI's ModelSamplingDiscrete.timestep). Both front doors feed the UNet this, so a
-    diffusers run and a ComfyUI run of the same sigmas make identical model calls. Computed on the CPU (a
-    ComfyUI model loaded on the GPU has its table there); the result is on the CPU."""
-    log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device="cpu").log()
-    log_sigmas = sigmas.detach().to("cpu", torch.float64).log()
+    diffusers run and a ComfyUI run of the same sigmas make identical model calls. Computed as ComfyUI computes
+    it, in float32 (its sigmas are float32 and its ``log_sigmas`` the float64 table's logs rounded to float32):
+    a sigma half-way between two timesteps in log-sigma (exp-Karras at p = 0 with an odd number of steps has
+    several) is a tie that rounding decides, and both front doors must round it alike. ``sigmas`` is the float64
+    table for the exact rule. Computed on the CPU (a ComfyUI model loaded on the GPU has its table there); the
+    result is on the CPU."""
+    log_sigma = torch.as_tensor(sigma, device="cpu").to(torch.float32).log()
+    log_sigmas = sigmas.detach().to("cpu", torch.float64).log().to(torch.float32)
     return (log_sigma.reshape(-1, 1) - log_sigmas).abs().argmin(dim=1).reshape(log_sigma.shape)
 
 

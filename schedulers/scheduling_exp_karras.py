@@ -187,7 +187,8 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
             # Ending at sigma_min, the grid's last point (t = 0) is where the run ends rather than a step, so
             # the grid has one point more: n steps between t_max and t = 0 either way.
             grid = num_inference_steps + 1 if end_at_sigma_min else num_inference_steps
-            steps = exp_karras_sigmas_from_table(grid, self.config.exp_karras_p, table=table[:usable])[:-1]
+            # From the table as ComfyUI holds it (float32): a ComfyUI run computes the same sigmas bit for bit.
+            steps = exp_karras_sigmas_from_table(grid, self.config.exp_karras_p, table=table[:usable].float())[:-1]
             steps = steps[:num_inference_steps]
         else:
             values = torch.as_tensor(sigmas if sigmas is not None else timesteps, dtype=torch.float64).flatten()
@@ -197,7 +198,7 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
             if timesteps is not None and bool((values.round() > last).any()):  # exact fractional ones pass
                 raise ValueError(f"ExpKarrasScheduler.set_timesteps: timesteps must lie in 0..{last} (the model's "
                                  f"training timesteps), got {values.max().item():g}")
-            steps = t_to_sigma(values, table) if timesteps is not None else values
+            steps = t_to_sigma(values, table.float()) if timesteps is not None else values
             if steps[-1] == 0:
                 steps = steps[:-1]
         full = torch.cat([steps, table[:1] if end_at_sigma_min else steps.new_zeros(1)])

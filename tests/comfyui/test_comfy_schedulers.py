@@ -76,6 +76,21 @@ def test_comfy_sigmas_and_timesteps_equal_diffusers(dd_schedulers, sd_scheduler_
     assert comfy_t.tolist() == reference.timesteps.tolist()
 
 
+@pytest.mark.parametrize("p", [0.0, 0.5, 2.0])
+def test_node_and_diffusers_call_the_model_at_the_same_timesteps(comfy_loaded, tiny_model, dd_schedulers,
+                                                                  sd_scheduler_config, p):
+    """At p = 0 the grid is uniform in t, so an odd step count puts timesteps half-way between two (t = 499.5 at
+    3 steps): a tie in log-sigma that float rounding decides. Both front doors must compute the same sigmas bit for
+    bit and round the tie alike (before: 29 odd step counts of 3..59 called the UNet at other timesteps)."""
+    model_sampling = tiny_model.get_model_object("model_sampling")
+    reference = dd_schedulers.ExpKarrasScheduler.from_config(dict(sd_scheduler_config, exp_karras_p=p))
+    for steps in range(1, 61):
+        sigmas = run_node(tiny_model, steps, p=p)
+        reference.set_timesteps(steps)
+        torch.testing.assert_close(sigmas, reference.sigmas, rtol=0, atol=0)
+        assert model_sampling.timestep(sigmas[:-1]).tolist() == reference.timesteps.tolist(), steps
+
+
 def test_node_sigmas_follow_basic_scheduler_denoise(comfy_loaded, tiny_model):
     full = comfy.samplers.calculate_sigmas(tiny_model.get_model_object("model_sampling"), "exp_karras", 20)
     torch.testing.assert_close(run_node(tiny_model, 20), full, rtol=0, atol=0)
