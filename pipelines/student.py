@@ -46,7 +46,11 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
     ``adapter_name``, ValueError.
 
     Adapters already active in ``pipe`` (a style LoRA) stay active at the scales they had: the few-step LoRA is
-    added beside them (``pipe.set_adapters`` re-weights them all, as in diffusers' own LCM-LoRA + style recipe).
+    added beside them (``pipe.set_adapters`` re-weights them all, as in diffusers' own LCM-LoRA + style recipe). A
+    few-step LoRA loaded here before, in this pipeline or another sharing its UNet (``Img2ImgPipeline(**pipe.
+    components)``), is switched off: two at once sample as neither, and the new scheduler is the new LoRA's alone.
+    It stays loaded (``pipe.delete_adapters(name)`` frees it, ``pipe.set_adapters`` and ``load_student``'s
+    scheduler bring it back).
 
     Args:
         pipe: a diffusers pipeline with a UNet and LoRA loading (SD, SDXL, ...).
@@ -58,8 +62,7 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
             takes 1.0 only: at any other scale its output would mix the two; for the same reason, disabling or
             deleting its adapter later calls for a scheduler that reads the model's own output again:
             ``ExpKarrasScheduler.from_config(pipe.scheduler.config)`` does; a diffusers scheduler built from the
-            student's config takes ``prediction_type=info.teacher_prediction_type``. While such a student is
-            active, a few-step LoRA read otherwise is refused (and the other way round).
+            student's config takes ``prediction_type=info.teacher_prediction_type``.
 
     Returns:
         our student's metadata (method, schedules, sampler, guidance, ...), or the few-step preset applied.
@@ -90,7 +93,6 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
                          "other; use scale 1")
     _check_adapter_name(pipe, path, adapter_name)
     _check_lora_enabled(pipe, path)
-    _check_readings(pipe, path, info.prediction_type)
     try:
         scheduler = StudentScheduler.from_config(
             pipe.scheduler.config, nfe_schedules={str(k): v for k, v in info.nfe_schedules.items()},
@@ -100,14 +102,14 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
 
-    active = _active_adapters(pipe)
+    active = _adapters_kept_on(pipe)
     with _quiet_text_encoder_notice():
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     _activate(pipe, [*active, adapter_name])
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
     pipe.scheduler = scheduler
-    _readings(pipe)[adapter_name] = info.prediction_type
+    _few_step_adapters(pipe).add(adapter_name)
     return info
 
 
@@ -120,12 +122,10 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
         raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
     _check_adapter_name(pipe, path, adapter_name)
     _check_lora_enabled(pipe, path)
-    reading = model_prediction_type(pipe.scheduler.config)
-    _check_readings(pipe, path, reading)
     scheduler = preset_scheduler(preset, pipe.scheduler.config, _default_steps(pipe))
 
     state = kohya_state_dict(resolved, two_text_encoders=getattr(pipe, "text_encoder_2", None) is not None)
-    active = _active_adapters(pipe)
+    active = _adapters_kept_on(pipe)
     with _quiet_text_encoder_notice():
         pipe.load_lora_weights(state, adapter_name=adapter_name)
     _activate(pipe, [*active, adapter_name])
@@ -137,7 +137,7 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
     pipe.scheduler = scheduler
-    _readings(pipe)[adapter_name] = reading
+    _few_step_adapters(pipe).add(adapter_name)
     return preset
 
 
@@ -166,21 +166,19 @@ def _adapted_layers(model, adapter_name: str) -> int:
     return sum(1 for m in model.modules() if adapter_name in (getattr(m, "lora_A", None) or {}))
 
 
-def _readings(pipe) -> dict[str, str]:
-    """adapter name -> how the sampler reads the UNet's output with that few-step LoRA on, for those loaded here."""
-    return pipe.__dict__.setdefault("_direct_distill_readings", {})
+def _few_step_adapters(pipe) -> set[str]:
+    """The names of the few-step LoRAs loaded here. Kept on the UNet: pipelines built from ``pipe.components``
+    share it, and its adapters."""
+    return pipe.unet.__dict__.setdefault("_direct_distill_few_step_adapters", set())
 
 
-def _check_readings(pipe, path, reading: str) -> None:
-    """Refuse a few-step LoRA whose output is read otherwise than that of one loaded before and still active (an x0
-    student, then an epsilon one): with both on, the output is part one, part the other, and neither samples."""
-    active = set(_active_adapters(pipe))
-    clash = {name: read for name, read in _readings(pipe).items() if name in active and read != reading}
-    if clash:
-        name, read = next(iter(clash.items()))
-        raise ValueError(f"{path}: the few-step LoRA {name!r} loaded before is still active and the UNet's output is "
-                         f"read as {read} with it, as {reading} with this one; delete it first "
-                         f"(pipe.delete_adapters({name!r})), then load this one")
+def _adapters_kept_on(pipe) -> list[str]:
+    """The active adapters that stay on beside a new few-step LoRA: the user's (a style LoRA), not a few-step LoRA
+    loaded here before. Two at once would sample as neither (an x0 student beside an epsilon LoRA reads part of
+    the output as one, part as the other; LCM beside Hyper-SD follows one's schedule with both changing the
+    output), so the new one replaces the earlier ones, which stay loaded."""
+    earlier = _few_step_adapters(pipe)
+    return [name for name in _active_adapters(pipe) if name not in earlier]
 
 
 def _check_lora_enabled(pipe, path) -> None:

@@ -387,36 +387,60 @@ def test_a_malformed_lora_is_a_file_format_error(sd15_pipe, tmp_path, tensors, m
         load_student(copy.deepcopy(sd15_pipe), tmp_path / "bad.safetensors", preset="lcm-sd15")
 
 
-def test_a_preset_after_a_student_of_ours_reads_the_models_own_prediction(sd15_pipe, tmp_path):
-    """A student read as x0 leaves a scheduler whose prediction_type is the student's; the LoRA loaded after it
-    is read as what the model predicts."""
+def active_adapters(pipe):
+    """Every adapter active on some layer of the UNet (diffusers' get_active_adapters reads the first layer only)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name for m in pipe.unet.modules() if isinstance(m, BaseTunerLayer) for name in m.active_adapters}
+
+
+def test_a_few_step_lora_replaces_the_one_loaded_before(sd15_pipe, tmp_path):
+    """Two few-step LoRAs at once sample as neither (an x0 student beside an epsilon LoRA, or LCM beside Hyper-SD
+    under Hyper-SD's schedule): the one loaded last replaces the earlier, which stays loaded but off, also when it
+    was loaded through another pipeline sharing the UNet (img2img from pipe.components). A style LoRA stays on."""
     from peft import get_peft_model_state_dict
     from test_student_file import ALPHA, RANK, add_lora, student_info
 
     from direct_distill.models.student_file import save_student
 
     pipe = copy.deepcopy(sd15_pipe)
+    style = write_release(tmp_path / "style.safetensors", release_layers(sd15_pipe, seed=7)[0], "kohya")
+    pipe.load_lora_weights(str(style), adapter_name="style")
     ours = save_student(tmp_path / "ours.safetensors", get_peft_model_state_dict(add_lora(copy.deepcopy(pipe.unet))),
                         rank=RANK, alpha=ALPHA, metadata=student_info(pipe.unet, prediction_type="sample",
                                                                       teacher_prediction_type="epsilon"))
     load_student(pipe, ours)
     assert pipe.scheduler.config.prediction_type == "sample"
-    lcm = write_release(tmp_path / "lcm.safetensors", release_layers(pipe)[0], "kohya")
-    # with the x0 student still on, the LCM-LoRA read as epsilon would sample neither: refused, nothing changed
-    with pytest.raises(ValueError, match="lcm.safetensors: the few-step LoRA 'student' loaded before is still active "
-                                         "and the UNet's output is read as sample with it, as epsilon with this one"):
-        load_student(pipe, lcm, preset="lcm-sd15", adapter_name="lcm")
-    assert pipe.scheduler.config.prediction_type == "sample" and "lcm" not in pipe.unet.peft_config
+    assert active_adapters(pipe) == {"style", "student"}
+    lcm = write_release(tmp_path / "lcm.safetensors", release_layers(sd15_pipe, seed=1)[0], "kohya")
+    hyper = write_release(tmp_path / "hyper.safetensors", release_layers(sd15_pipe, seed=2)[0], "kohya")
+    # the LCM-LoRA through an img2img pipeline built on the same components: the x0 student goes off, and the
+    # LCM scheduler reads the model's own output (epsilon), not the student's
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    load_student(img2img, lcm, preset="lcm-sd15", adapter_name="lcm")
+    assert img2img.scheduler.config.prediction_type == "epsilon"
+    assert active_adapters(pipe) == {"style", "lcm"} and "student" in pipe.unet.peft_config
+    # Hyper-SD after LCM: the UNet computes what Hyper-SD alone (beside the style LoRA) computes
+    load_student(pipe, hyper, preset="hyper-sd15-8step", adapter_name="hyper")
+    assert active_adapters(pipe) == {"style", "hyper"}
+    alone = copy.deepcopy(sd15_pipe)
+    alone.load_lora_weights(str(style), adapter_name="style")
+    load_student(alone, hyper, preset="hyper-sd15-8step", adapter_name="hyper")
+    args, kwargs = unet_inputs(sd15_pipe)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(*args, **kwargs).sample, alone.unet(*args, **kwargs).sample,
+                                   rtol=0, atol=1e-6)
+    # and our x0 student again: read as x0 once more, the others off
     pipe.delete_adapters("student")
+    load_student(pipe, ours, adapter_name="ours")
+    assert pipe.scheduler.config.prediction_type == "sample" and active_adapters(pipe) == {"style", "ours"}
     # the way back to the model: ExpKarras from the student's config reads the model's output, with its own solver
+    pipe.delete_adapters("ours")
     back = ExpKarrasScheduler.from_config(pipe.scheduler.config)
     assert (back.config.prediction_type, back.config.solver_order) == ("epsilon", 2)
     assert "nfe_schedules" not in back.config and "teacher_prediction_type" not in back.config
-    load_student(pipe, lcm, preset="lcm-sd15", adapter_name="lcm")
-    assert pipe.scheduler.config.prediction_type == "epsilon"
-    # and the other way round: the LCM-LoRA on, an x0 student is refused
-    with pytest.raises(ValueError, match="ours.safetensors: the few-step LoRA 'lcm' loaded before is still active"):
-        load_student(pipe, ours, adapter_name="ours")
 
 
 def test_nothing_loads_onto_a_pipeline_whose_loras_are_disabled(sd15_pipe, tmp_path):
