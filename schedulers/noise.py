@@ -27,6 +27,9 @@ def alphas_cumprod_from_config(config: Mapping) -> torch.Tensor:
     if get("prediction_type", "epsilon") == "flow_prediction" or get("use_flow_sigmas", False):
         raise ValueError("scheduler config describes a flow-matching model; exp-Karras needs a discrete VP "
                          "(DDPM-style) noise schedule")
+    if get("sigma_data", None) is not None or str(get("_class_name", "")).startswith("EDM"):
+        raise ValueError("scheduler config describes an EDM model (continuous sigmas); exp-Karras needs a discrete "
+                         "VP (DDPM-style) noise schedule")
     trained = get("trained_betas", None)
     if trained is not None:
         betas = torch.as_tensor(trained, dtype=torch.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -142,6 +143,11 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
                     or str(config.get("_class_name", "")).startswith("FlowMatch")):
                 raise ValueError("ExpKarrasScheduler: this scheduler config describes a flow-matching model (shift or "
                                  "use_flow_sigmas); exp-Karras needs a discrete VP (DDPM-style) noise schedule")
+            if "sigma_data" in config or str(config.get("_class_name", "")).startswith("EDM"):
+                raise ValueError("ExpKarrasScheduler: this scheduler config describes an EDM model (continuous sigmas "
+                                 f"from {config.get('sigma_min')} to {config.get('sigma_max')}, as Playground v2.5); "
+                                 "exp-Karras needs a discrete VP (DDPM-style) noise schedule")
+            config = {**_source_class_defaults(config), **config}
             config = {k: v for k, v in config.items() if k not in _FOREIGN_SPACING_KEYS
                       and (k not in _SPACING_FLAGS or v == _SPACING_FLAGS[k])}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -239,6 +245,25 @@ def model_prediction_type(config) -> str:
     """What the model under a pipeline's scheduler predicts: a StudentScheduler's config reads the student's output
     as ``prediction_type`` and keeps the model's own as ``teacher_prediction_type``."""
     return config.get("teacher_prediction_type") or config.get("prediction_type", "epsilon")
+
+
+# The keys that make a model's noise table (and how its output is read).
+_NOISE_TABLE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "rescale_betas_zero_snr", "prediction_type")
+
+
+def _source_class_defaults(config: dict) -> dict:
+    """The noise-table keys a config file leaves out, at the defaults of the diffusers class it names (a
+    ``scheduler_config.json`` holding only DDPMScheduler's name means DDPM's linear 1e-4 to 0.02, not this class's
+    SD table). Nothing for a class diffusers does not have."""
+    import diffusers
+
+    source = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if not isinstance(source, type):
+        return {}
+    parameters = inspect.signature(source.__init__).parameters
+    return {k: parameters[k].default for k in _NOISE_TABLE_KEYS
+            if k not in config and k in parameters and parameters[k].default is not inspect.Parameter.empty}
 
 
 def models_config(config) -> dict:

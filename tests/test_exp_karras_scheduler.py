@@ -246,6 +246,22 @@ def test_from_config_keeps_the_noise_table_a_scheduler_left_at_its_defaults():
         torch.testing.assert_close(sched.sigmas, expected.float())
 
 
+def test_a_config_file_that_leaves_out_the_noise_table_gets_its_own_class_defaults(tmp_path):
+    """A scheduler_config.json naming only DDPMScheduler means DDPM's linear 1e-4 to 0.02, as DDPMScheduler reads
+    it, not this class's SD table (alphas_cumprod[-1] 4.0e-5, not 4.7e-3)."""
+    import json
+
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler",
+                                                                 "num_train_timesteps": 1000}))
+    ddpm = DDPMScheduler.from_pretrained(tmp_path)
+    sched = ExpKarrasScheduler.from_pretrained(tmp_path)
+    assert (sched.config.beta_schedule, sched.config.beta_start, sched.config.beta_end) == ("linear", 0.0001, 0.02)
+    torch.testing.assert_close(sched.alphas_cumprod, ddpm.alphas_cumprod)
+    # a class diffusers does not have, or this one, keeps this class's defaults
+    for name in ("ExpKarrasScheduler", "NoSuchScheduler"):
+        assert ExpKarrasScheduler.from_config({"_class_name": name}).config.beta_schedule == "scaled_linear"
+
+
 def test_steps_offset_is_taken_and_an_sd_pipeline_built_with_the_scheduler_does_not_rewrite_it(tiny_sd_pipeline):
     import warnings
 
@@ -300,6 +316,20 @@ def test_flow_matching_configs_and_mu_are_refused():
                                                                    prediction_type="flow_prediction").config)
     with pytest.raises(ValueError, match="mu is the dynamic shift"):
         ExpKarrasScheduler().set_timesteps(8, mu=0.5)
+
+
+def test_edm_configs_are_refused():
+    """Playground v2.5's EDM schedulers (continuous sigmas 0.002 to 80) have no DDPM noise table: refused, not
+    given SD's."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    from direct_distill.schedulers import alphas_cumprod_from_config
+
+    for source in (EDMEulerScheduler(), EDMDPMSolverMultistepScheduler()):
+        with pytest.raises(ValueError, match="config describes an EDM model .continuous sigmas from 0.002 to 80"):
+            ExpKarrasScheduler.from_config(source.config)
+        with pytest.raises(ValueError, match="describes an EDM model"):
+            alphas_cumprod_from_config(source.config)
 
 
 @pytest.mark.parametrize("lambda_min_clipped", [-5.1, -3.0])
