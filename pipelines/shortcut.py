@@ -37,13 +37,21 @@ def _run_start(pipe, steps_done: int) -> int:
     return len(scheduler.timesteps) - run if isinstance(run, int) and run <= len(scheduler.timesteps) else 0
 
 
+def _run_length(pipe, steps_done: int) -> int:
+    """The UNet calls this run makes: ``pipe._num_timesteps`` where the pipeline sets it (an SDXL run cut short by
+    ``denoising_end`` stops before the scheduler's last timesteps), else the timesteps from its start on."""
+    left = len(pipe.scheduler.timesteps) - _run_start(pipe, steps_done)
+    run = getattr(pipe, "_num_timesteps", None)
+    return min(run, left) if isinstance(run, int) and not isinstance(run, bool) and run > 0 else left
+
+
 def _timestep_index(pipe, steps_done: int, ahead: int = 0) -> int:
     """Index in ``pipe.scheduler.timesteps`` of the UNet call ``ahead`` calls after the next one."""
-    scheduler = pipe.scheduler
-    index = _run_start(pipe, steps_done) + steps_done + ahead
-    if index >= len(scheduler.timesteps):
-        raise ValueError(f"a {len(scheduler.timesteps)}-step run has no step left after step {steps_done + ahead} "
-                         "to hand off at; hand off earlier (handoff_step < num_inference_steps) or run more steps")
+    start, length = _run_start(pipe, steps_done), _run_length(pipe, steps_done)
+    index = start + steps_done + ahead
+    if index >= start + length:
+        raise ValueError(f"a {length}-step run has no step left after step {steps_done + ahead} to hand off at; "
+                         "hand off earlier (handoff_step < num_inference_steps) or run more steps")
     return index
 
 
@@ -80,7 +88,7 @@ class ShortcutCallback:
     def __init__(self, shortcut: TwoStageShortcut | str | os.PathLike, handoff_step: int, force: bool = False):
         if isinstance(shortcut, (str, os.PathLike)):
             shortcut = load_shortcut(shortcut)
-        if not isinstance(handoff_step, int) or handoff_step < 1:
+        if isinstance(handoff_step, bool) or not isinstance(handoff_step, int) or handoff_step < 1:
             raise ValueError(f"handoff_step must be an integer >= 1 (teacher steps before the hand-off), "
                              f"got {handoff_step!r}")
         self.shortcut = shortcut.eval()
@@ -93,7 +101,7 @@ class ShortcutCallback:
         if steps_done > self.handoff_step:
             return callback_kwargs
         if step_index == 0:
-            check_handoff_step(self.handoff_step, len(pipe.scheduler.timesteps) - _run_start(pipe, steps_done))
+            check_handoff_step(self.handoff_step, _run_length(pipe, steps_done))
             check_teacher(self.shortcut, shape_fingerprint(unet_parameter_shapes(pipe.unet)), "the pipeline's UNet",
                           model_prediction_type(pipe.scheduler.config))
             self.shortcut.to(pipe.unet.dtype)  # computes in the UNet's dtype, whatever the file stores
@@ -104,7 +112,8 @@ class ShortcutCallback:
         try:
             self.shortcut.check_handoff(float(handoff_t), self.force)
         except ValueError as err:  # name the hand-off steps of this run that the band takes
-            run = pipe.scheduler.timesteps[_timestep_index(pipe, steps_done) - steps_done:]  # what this run calls
+            start = _run_start(pipe, steps_done)
+            run = pipe.scheduler.timesteps[start:start + _run_length(pipe, steps_done)]  # what this run calls
             lo, hi = self.shortcut.t_band
             fits = [k for k in range(1, len(run)) if lo <= float(run[k]) <= hi]
             raise ValueError(f"{err} ({fitting_steps_hint(fits, len(run))})") from None

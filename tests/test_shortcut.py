@@ -403,6 +403,35 @@ def test_callback_on_sdxl_with_a_ve_scheduler_feeds_the_vp_unet_input(tiny_sdxl_
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
 
 
+def test_callback_counts_the_steps_an_sdxl_run_cut_by_denoising_end_makes(tiny_sdxl_pipeline, shortcut):
+    """SDXL's base of a base + refiner split (denoising_end=0.5) runs half of 8 steps: a hand-off after 2 runs,
+    one at or after the run's end is refused at the first step (before: never handed off, and a half-denoised
+    latent came back)."""
+    pipe = tiny_sdxl_pipeline
+    kw = dict(num_inference_steps=8, denoising_end=0.5, guidance_scale=1.0, output_type="latent")
+    with unet_calls(pipe) as full:
+        pipe("bag", generator=torch.Generator().manual_seed(0), **kw)
+    n = len(full)
+    assert n == 4
+    with unet_calls(pipe) as cut:
+        latents = pipe("bag", generator=torch.Generator().manual_seed(0), **kw,
+                       callback_on_step_end=ShortcutCallback(shortcut, 2)).images
+    sample, t = full[2]
+    assert len(cut) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(latents, shortcut(sample[:1], t), rtol=1e-4, atol=1e-4)
+    for k in (n, n + 2, 7):
+        with unet_calls(pipe) as calls, pytest.raises(
+                ValueError, match=f"handoff_step={k}: the shortcut takes over after 1 to {n - 1} of the {n} sampling "):
+            pipe("bag", **kw, callback_on_step_end=ShortcutCallback(shortcut, k))
+        assert len(calls) == 1
+
+
+def test_callback_refuses_a_bool_handoff_step(shortcut):
+    with pytest.raises(ValueError, match="handoff_step must be an integer >= 1"):
+        ShortcutCallback(shortcut, True)
+
+
 def test_capture_metadata_is_plain_json(pipe, tmp_path):
     folder = capture(pipe, tmp_path, n=1)
     index = json.loads((folder / "index.json").read_text(), parse_constant=pytest.fail)  # no NaN/Infinity
