@@ -32,6 +32,16 @@ def predicts(model_sampling) -> str | None:
     return next((kind for kind, cls in PREDICTIONS if isinstance(model_sampling, cls)), None)
 
 
+def sampling_kind(model_sampling) -> str:
+    """How a model samples, by ComfyUI's classes: ``model_sampling`` is an instance of a class ComfyUI generates
+    (always named ModelSampling) from a sampling class and a prediction class, e.g. "ModelSamplingContinuousEDM with
+    EDM prediction" or "ModelSamplingDiscreteFlow with CONST prediction"."""
+    bases = [b.__name__ for b in type(model_sampling).__bases__ if b is not object]
+    if type(model_sampling).__name__ != "ModelSampling" or not bases:
+        return type(model_sampling).__name__
+    return bases[0] + "".join(f" with {b} prediction" for b in bases[1:])
+
+
 def check_checkpoint_noise_table(model_sampling, name: str) -> None:
     """Refuses a model whose noise table is not its checkpoint's 1000 steps (ModelSamplingDiscrete set to lcm keeps
     50): the timesteps a file was made for would be read on another table."""

@@ -136,7 +136,7 @@ def _integer(query, key: str, lo: int, hi: int) -> int:
     except ValueError:
         raise BadQuery(f"{key} must be an integer, got {query[key][:40]!r}") from None
     if not lo <= value <= hi:
-        raise BadQuery(f"{key} must be between {lo} and {hi}, got {value}")
+        raise BadQuery(f"{key} must be between {lo} and {hi}, got {query[key][:40]!r}")
     return value
 
 
@@ -233,6 +233,8 @@ def _student_answer(query) -> dict:
     preset_name = query.get("preset", student_nodes.FROM_FILE)
     if preset_name != student_nodes.FROM_FILE and preset_name not in PRESETS:
         raise BadQuery(f"unknown preset {preset_name[:40]!r}: not in Load Distilled Student's preset list")
+    # the model named is checked whichever sigmas answer (a student of ours carries its own)
+    model_sampling = _checkpoint_model_sampling(query["model"]) if "model" in query else None
     metadata = _header(path, stat.st_size, stat.st_mtime_ns)
     if is_direct_distill_file(metadata):
         if preset_name != student_nodes.FROM_FILE:
@@ -254,7 +256,7 @@ def _student_answer(query) -> dict:
         if n not in preset.nfes:
             raise BadQuery(f"student {name!r}: preset {preset.name} samples with nfe {describe_nfes(preset.nfes)} "
                            f"(default {preset.default_nfe}), not {nfe}")
-        model_sampling = _checkpoint_model_sampling(query["model"]) if "model" in query else _sd_model_sampling()
+        model_sampling = model_sampling or _sd_model_sampling()
         sigmas, nfes = [float(s) for s in preset.sigmas(n, model_sampling.sigmas)], list(preset.nfes)
     return {"sigmas": sigmas, "nfe": n, "nfes": nfes, "schedulers": list(comfy.samplers.SCHEDULER_NAMES),
             "model": query.get("model")}

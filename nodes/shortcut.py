@@ -21,7 +21,7 @@ from ..models.handoff import (check_handoff_at_sigma, check_handoff_step, check_
                               handoff_steps_in_band, shortcut_from_ve)
 from ..models.nafnet import TwoStageShortcut
 from ..models.shortcut_file import load_shortcut, trained_schedule
-from .model_identity import check_checkpoint_noise_table, predicts, unet_shape_fingerprint
+from .model_identity import check_checkpoint_noise_table, predicts, sampling_kind, unet_shape_fingerprint
 from .schedulers import DEFAULT_P
 
 FOLDER_NAME = "direct_distill_shortcuts"  # models/shortcuts/
@@ -110,7 +110,7 @@ def shortcut_sampler(base, shortcut: ComfyShortcut, handoff_step: int,
         if not (isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete)
                 and isinstance(model_sampling, comfy.model_sampling.EPS)):
             raise ValueError(f"the shortcut needs a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
-                             f"model samples with {type(model_sampling).__name__}")
+                             f"model samples with {sampling_kind(model_sampling)}")
         check_checkpoint_noise_table(model_sampling, "the shortcut")  # its band is in the checkpoint's timesteps
         # Before any step, so a wrong model or a hand-off outside the trained band costs nothing.
         check_teacher(shortcut.shortcut, unet_shape_fingerprint(guider.model_patcher), "the MODEL sampled here",

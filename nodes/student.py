@@ -17,7 +17,8 @@ from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
 from ..models.student_file import read_student
 from ..schedulers.few_step_presets import PRESETS, describe_nfes
 from ..schedulers.tcd import sample_tcd
-from .model_identity import PREDICTIONS, check_checkpoint_noise_table, lora_mismatches, predicts, unet_parameter_shapes
+from .model_identity import (PREDICTIONS, check_checkpoint_noise_table, lora_mismatches, predicts, sampling_kind,
+                             unet_parameter_shapes)
 
 FOLDER_NAME = "loras"  # a student is a LoRA: it lives with the user's other LoRAs
 FROM_FILE = "from file"
@@ -31,7 +32,7 @@ def _model_sampling(model, name: str, prediction_type: str):
     model_sampling = model.get_model_object("model_sampling")
     if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
         raise ValueError(f"{name}: a student samples a discrete VP model (SD1.x/2.x/XL-style noise schedule); this "
-                         f"model samples with {type(model_sampling).__name__}")
+                         f"model samples with {sampling_kind(model_sampling)}")
     model_predicts = predicts(model_sampling)
     if model_predicts != prediction_type:
         raise ValueError(f"{name}: the student was distilled from a model predicting {prediction_type}, this MODEL "

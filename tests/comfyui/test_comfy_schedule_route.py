@@ -135,6 +135,10 @@ def test_a_student_gives_its_own_sigmas(dd, route, tmp_path_factory):
     assert status == 400 and text == "student 'route_student.safetensors' was trained for nfe 2, 4, not 3"
     status, text = reply(route, f"student={path.name}&preset=lcm-sd15")
     assert status == 400 and "a Direct Distill student's file says how it samples" in text
+    # the model the frontend sends beside it is checked too, as without a student
+    for model in ("nope.safetensors", "../../etc/passwd"):
+        status, text = reply(route, f"student={path.name}&model={model}")
+        assert status == 400 and text.startswith(f"unknown model {model!r}"), text
 
 
 def test_a_few_step_lora_from_elsewhere_gives_its_presets_sigmas_on_the_models_table(dd, route, checkpoint,
@@ -165,8 +169,9 @@ BAD_QUERIES = {
     "scheduler=nonsense&steps=10": "unknown scheduler 'nonsense'",
     "steps=10": "scheduler is required",
     "scheduler=karras": "steps is required",
-    "scheduler=karras&steps=0": "steps must be between 1 and 1000, got 0",
-    "scheduler=karras&steps=1001": "steps must be between 1 and 1000, got 1001",
+    "scheduler=karras&steps=0": "steps must be between 1 and 1000, got '0'",
+    "scheduler=karras&steps=1001": "steps must be between 1 and 1000, got '1001'",
+    f"scheduler=karras&steps={'9' * 4000}": f"steps must be between 1 and 1000, got '{'9' * 40}'",
     "scheduler=karras&steps=1e3": "steps must be an integer",
     "scheduler=karras&steps=12&denoise=nan": "denoise must be a finite number between 0 and 1",
     "scheduler=karras&steps=12&denoise=1.5": "denoise must be a finite number between 0 and 1",

@@ -108,6 +108,14 @@ def test_a_model_of_another_parameterisation_is_refused(comfy_loaded, student):
         load(tiny_sd15_model(model_type=comfy.model_base.ModelType.V_PREDICTION))
 
 
+@pytest.mark.parametrize("kind, named", [("EDM", "ModelSamplingContinuousEDM with EDM prediction"),
+                                         ("FLOW", "ModelSamplingDiscreteFlow with CONST prediction")])
+def test_a_model_that_is_not_discrete_vp_is_refused_by_its_kind(comfy_loaded, student, kind, named):
+    # ComfyUI names every generated sampling class ModelSampling: the message names what it is made of
+    with pytest.raises(ValueError, match=f"a student samples a discrete VP model .*; this model samples with {named}$"):
+        load(tiny_sd15_model(model_type=getattr(comfy.model_base.ModelType, kind)))
+
+
 def test_the_right_checkpoint_behind_a_model_sampling_node_is_told_so(comfy_loaded, builtin_nodes, student):
     # ModelSamplingDiscrete set to lcm keeps 50 of the 1000 sigmas: the node, not the checkpoint, is named
     (lcm,) = run_node("ModelSamplingDiscrete", model=comfy_model_from(diffusers_twin_of_tiny_sd15()),
