@@ -249,6 +249,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[list[str], dict[st
 
 def _read(path, contents):
     path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(f"{path}: a folder, not a .safetensors file")
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
     try:

@@ -396,6 +396,8 @@ def not_safetensors(path):
     (lambda p: (p.with_name("noise.safetensors").write_bytes(b"\x10\x00 random bytes"), p.with_name(
         "noise.safetensors"))[1], "noise.safetensors: not a readable safetensors file"),
     (lambda p: p.with_name("missing.safetensors"), "missing.safetensors: no such file"),
+    (lambda p: (p.with_name("a_folder.safetensors").mkdir(), p.with_name("a_folder.safetensors"))[1],
+     "a_folder.safetensors: a folder, not a .safetensors file"),
     (shortcut_file, "shortcut.safetensors: not a Direct Distill student file: format 'direct_distill.shortcut'"),
     (lambda p: rewrite(p, format=None), "bad.safetensors: not a Direct Distill student file: no 'format'"),
     (lambda p: rewrite(p, nfe_schedules="{'4': [999"), "bad.safetensors: metadata entry 'nfe_schedules' is not valid"),
