@@ -61,8 +61,9 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
             as another prediction than its teacher's (``info.prediction_type`` against ``teacher_prediction_type``)
             takes 1.0 only: at any other scale its output would mix the two; for the same reason, disabling or
             deleting its adapter later calls for a scheduler that reads the model's own output again:
-            ``ExpKarrasScheduler.from_config(pipe.scheduler.config)`` does; a diffusers scheduler built from the
-            student's config takes ``prediction_type=info.teacher_prediction_type``.
+            ``ExpKarrasScheduler.from_config(pipe.scheduler.config)`` does (it builds the scheduler the student
+            replaced, kept in the student scheduler's config as ``model_scheduler``, from which a diffusers
+            scheduler class can be built too).
 
     Returns:
         our student's metadata (method, schedules, sampler, guidance, ...), or the few-step preset applied.

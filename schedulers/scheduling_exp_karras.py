@@ -32,7 +32,7 @@ SOLVER_KEYS = ("solver_order", "algorithm_type", "solver_type", "lower_order_fin
                "dynamic_thresholding_ratio", "sample_max_value")
 # What a StudentScheduler's config holds of the student alone: its schedules, and the model's own prediction type
 # (its ``prediction_type`` is how the student's output is read).
-_STUDENT_KEYS = ("nfe_schedules", "default_nfe", "pipeline_default_steps", "teacher_prediction_type")
+_STUDENT_KEYS = ("nfe_schedules", "default_nfe", "pipeline_default_steps", "teacher_prediction_type", "model_scheduler")
 
 
 class ExpKarrasScheduler(DPMSolverMultistepScheduler):
@@ -268,9 +268,13 @@ def _source_class_defaults(config: dict) -> dict:
 
 def models_config(config) -> dict:
     """:func:`with_defaults_kept` of a pipeline's scheduler config, as the model's: where it is a student's
-    scheduler config, the model's prediction type, and neither the student's schedules nor its solver."""
+    scheduler config, the config of the scheduler the student replaced (its ``model_scheduler``), or where it has
+    none (saved before it was recorded), the model's prediction type and neither the student's schedules nor its
+    solver."""
     config = with_defaults_kept(config)
     if "nfe_schedules" not in config:
         return config
+    if config.get("model_scheduler"):
+        return dict(config["model_scheduler"])
     kept = {k: v for k, v in config.items() if k not in _STUDENT_KEYS + SOLVER_KEYS}
     return {**kept, "prediction_type": model_prediction_type(config)}

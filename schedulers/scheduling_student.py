@@ -42,6 +42,9 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         teacher_prediction_type (`str`, *optional*): what the model predicts where the student reads its output
             as another ``prediction_type``; recorded only, so that the next student loaded checks the model, not
             this student.
+        model_scheduler (`dict`, *optional*): the config of the scheduler the student's replaced, the model's own
+            (``from_config`` records it): ``ExpKarrasScheduler.from_config(this config)`` builds it again, its
+            schedule parameter and solver included, once the student's adapter is deleted.
         Other arguments are those of `DPMSolverMultistepScheduler` (the noise table, prediction type and
         solver); the sigma-shaping flags (`use_karras_sigmas`, ...) are not taken, the schedule being fixed.
     """
@@ -53,11 +56,14 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         """Builds the scheduler from any diffusers scheduler config, keeping its noise table (also where it was
         left at its class's defaults) and prediction type. An ExpKarrasScheduler config's schedule parameter, a
         few-step preset's name and the solver the pipeline was set to (DPM++ 2M SDE, thresholding, ...) are
-        dropped without a warning: a student samples with its own deterministic step at its own timesteps."""
+        dropped without a warning: a student samples with its own deterministic step at its own timesteps. The
+        whole config is kept aside as ``model_scheduler``, for the way back."""
         if config is not None:
             config = with_defaults_kept(config)
-            if config.get("_class_name") != cls.__name__:  # another scheduler's: its solver is not the student's
+            if "nfe_schedules" not in config:  # another scheduler's: its solver is not the student's
+                model = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
                 config = {k: v for k, v in config.items() if k not in _NOT_THE_STUDENTS}
+                config["model_scheduler"] = model
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config
@@ -67,6 +73,7 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         default_nfe: int | None = None,
         pipeline_default_steps: int | None = None,
         teacher_prediction_type: str | None = None,
+        model_scheduler: dict | None = None,
         num_train_timesteps: int = 1000,
         beta_start: float = 0.00085,
         beta_end: float = 0.012,

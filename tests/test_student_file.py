@@ -15,7 +15,7 @@ from direct_distill.models.shortcut_file import save_shortcut
 from direct_distill.models.student_file import (StudentInfo, kohya_name, read_student, save_student,
                                                 unet_architecture, unet_fingerprint)
 from direct_distill.pipelines import load_student
-from direct_distill.schedulers import alphas_cumprod_from_config, sigma_table, t_to_sigma
+from direct_distill.schedulers import ExpKarrasScheduler, alphas_cumprod_from_config, sigma_table, t_to_sigma
 from direct_distill.schedulers.scheduling_student import StudentScheduler
 
 RANK, ALPHA = 4, 8.0  # alpha != rank on purpose: the alpha / rank scale must survive both loaders
@@ -226,6 +226,23 @@ def test_student_scheduler_saves_and_reloads_its_table(student, tmp_path):
     assert again.supported_nfes == [1, 2, 4] and again.config.default_nfe == 4
     again.set_timesteps(2)
     assert again.timesteps.tolist() == [999.0, 499.0]
+
+
+def test_the_way_back_builds_the_scheduler_the_student_replaced(student, tmp_path):
+    """The README's way back to the model (delete the adapter, ExpKarrasScheduler.from_config of the student's
+    scheduler config) gives the scheduler the user had, its curvature and solver included, also after a second
+    student and from a saved pipeline (before: p 2.5 and solver_order 3 came back as the defaults, 1.0 and 2)."""
+    pipe, _, path, _ = student
+    pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=2.5, solver_order=3,
+                                                    final_sigmas_type="sigma_min", euler_at_final=True)
+    before = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    load_student(pipe, path)
+    pipe.delete_adapters("student")
+    load_student(pipe, path, adapter_name="again")
+    pipe.scheduler.save_pretrained(tmp_path / "scheduler")
+    for config in (pipe.scheduler.config, StudentScheduler.from_pretrained(tmp_path / "scheduler").config):
+        back = ExpKarrasScheduler.from_config(config)
+        assert {k: v for k, v in back.config.items() if not k.startswith("_")} == before
 
 
 def test_load_student_scale_is_the_lora_strength(student):
