@@ -7,3 +7,8 @@ TEACHER_DIR = ASSETS / "teacher"
 CLASSIFIER_PATH = ASSETS / "classifier.safetensors"
 SHORTCUT_PATH = ASSETS / "shortcut.safetensors"
 STUDENTS_DIR = ASSETS / "students"
+
+
+class LabInputMissing(FileNotFoundError):
+    """What a lab command reads is not there (the Fashion-MNIST files, the trained teacher): one line says what to
+    install or run, no traceback."""

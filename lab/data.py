@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import LabInputMissing
+
 DATA_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -16,7 +18,7 @@ _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(LabInputMissing):
     pass
 
 

@@ -4,6 +4,7 @@ trained and committed, the shortcut and the students) and write a labelled compa
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -23,6 +24,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.steps < 1 or args.per_class < 1:
         parser.error("--steps and --per-class must be >= 1")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
+        parser.error(f"--guidance must be a finite number >= 1 (1: no guidance), got {args.guidance}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
 
     from .benchmark import Results, ResultsFileError, save_grid, student_row_name
     from .sampling import sample_teacher, load_teacher

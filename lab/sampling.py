@@ -23,11 +23,11 @@ class Samples:
 def load_teacher(path=None):
     from diffusers import StableDiffusionPipeline
 
-    from . import TEACHER_DIR
+    from . import TEACHER_DIR, LabInputMissing
 
     path = path or TEACHER_DIR
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no lab teacher at {path}: train it with "
+        raise LabInputMissing(f"no lab teacher at {path}: train it with "
                                 "`python -m direct_distill teacher vae|unet|decoder|export`")
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

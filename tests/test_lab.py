@@ -18,6 +18,35 @@ def test_missing_dataset_names_the_package(tmp_path):
         load_fashion_mnist("validation", data_dir=tmp_path)
 
 
+def test_a_lab_command_missing_its_data_or_teacher_says_what_to_do_in_one_line(tmp_path, monkeypatch, capsys):
+    import direct_distill.lab
+    import direct_distill.lab.data
+    from direct_distill.__main__ import main
+
+    monkeypatch.setattr(direct_distill.lab.data, "DATA_DIR", tmp_path / "no_data")
+    assert main(["classifier", "--out", str(tmp_path / "c.safetensors"), "--epochs", "1"]) == 1
+    err = capsys.readouterr().err  # (after any import-time notices of other libraries)
+    assert err.splitlines()[-1].startswith("python -m direct_distill classifier: Fashion-MNIST not found")
+    assert "apt-get" in err.splitlines()[-1] and "Traceback" not in err
+    monkeypatch.setattr(direct_distill.lab, "TEACHER_DIR", tmp_path / "no_teacher")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--guidance", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"python -m direct_distill demo: no lab teacher at "
+                                           f"{tmp_path / 'no_teacher'}: train it")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [(["--guidance", "nan"], "--guidance must be a finite number >= 1"),
+                                           (["--guidance", "0.5"], "--guidance must be a finite number >= 1"),
+                                           (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1")])
+def test_the_demo_refuses_a_bad_value_naming_the_flag(tmp_path, capsys, argv, message):
+    from direct_distill.lab.demo import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 @needs_data
 def test_dataset_shapes_and_range():
     x, y = load_fashion_mnist("test")
