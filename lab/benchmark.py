@@ -407,14 +407,16 @@ class Bench:
             save_grid(samples.images, samples.labels, self.plots / f"grid_{slug(group, name, nfe)}.png")
         return run
 
-    def discard(self, stale) -> None:
+    def discard(self, stale, stale_file=None) -> None:
         """Drops the rows for which ``stale(run)`` holds (those of a file that is no longer committed), and their
-        sample grids."""
+        sample grids; with ``stale_file``, the student files for which it holds."""
         dropped = []
 
         def drop(on_disk: Results) -> None:
             dropped.extend(r for r in on_disk.runs if stale(r))
             on_disk.runs = [r for r in on_disk.runs if not stale(r)]
+            if stale_file is not None:
+                on_disk.students = [f for f in on_disk.students if not stale_file(f)]
 
         self._update(drop)
         for run in dropped:
@@ -454,10 +456,14 @@ class Bench:
         return self.sample(sched.label, sched.sigmas(nfe, self.pipe.scheduler.alphas_cumprod), guidance, seed_set)
 
     def schedule_once(self, sched: Schedule, nfe: int, guidance: float, seed_set: int) -> Run:
-        """The teacher on ``sched`` at ``nfe``, sampled unless this seed set has it already at this guidance."""
-        held = self.results.has(teacher_on(sched, nfe), seed_set)
-        return held if held is not None and held.guidance == guidance else self.schedule(sched, nfe, guidance,
-                                                                                         seed_set)
+        """The teacher on ``sched`` at ``nfe``, sampled unless this seed set has it already at this guidance. Rows
+        of this configuration at another guidance are dropped first: a row's seed sets are at one guidance."""
+        config = teacher_on(sched, nfe)
+        held = self.results.has(config, seed_set)
+        if held is not None and held.guidance == guidance:
+            return held
+        self.discard(lambda r: r.config == config and r.guidance != guidance)
+        return self.schedule(sched, nfe, guidance, seed_set)
 
 
 def slug(*parts) -> str:
@@ -612,7 +618,8 @@ def run_shortcut_rows(bench: Bench, guidance: float, repeats: int):
     shortcut = load_shortcut(SHORTCUT_PATH)
     digest = files_sha256(SHORTCUT_PATH)
     own, transfer = shortcut_plan(shortcut.metadata["extra"])
-    bench.discard(lambda r: r.group == "shortcut" and r.sha256 != digest)
+    # rows of an earlier file, or at another guidance than the teacher rows they are compared with
+    bench.discard(lambda r: r.group == "shortcut" and (r.sha256 != digest or r.guidance != guidance))
     ac = bench.pipe.scheduler.alphas_cumprod
     for s in range(repeats):
         for run in own:
@@ -634,17 +641,22 @@ STUDENT_TEACHER_NFES = (1, 2, 4, 8, 20)  # NFE 50: seed set 0 of the schedule gr
 ONE_STEP_START = "teacher: one call at t=999, guidance 1 (where a generator read as epsilon starts)"
 
 
-def run_student_rows(bench: Bench, repeats: int):
-    """Every committed student at each of its NFEs in STUDENT_NFES, at its recommended guidance."""
+def run_student_rows(bench: Bench, guidance: float, repeats: int):
+    """Every committed student at each of its NFEs in STUDENT_NFES, at its recommended guidance, and the teacher
+    at ``guidance`` beside them. The rows and records of a student file that changed or is gone are dropped
+    first: a row's seed sets all come from one file, and only committed files are reported."""
     from ..pipelines import load_student
     from . import STUDENTS_DIR
     from .sampling import load_teacher, sample_teacher
 
-    guidance = bench.results.best_guidance or 2.0
+    paths = sorted(STUDENTS_DIR.glob("*.safetensors"))
+    digests = {path.name: files_sha256(path) for path in paths}
+    bench.discard(lambda r: r.group == "student" and r.file is not None and digests.get(r.file) != r.sha256,
+                  stale_file=lambda f: f.file not in digests)
     for s in range(repeats):
         for nfe in STUDENT_TEACHER_NFES:
             bench.schedule_once(EXP_KARRAS, nfe, guidance, s)
-    for path in sorted(STUDENTS_DIR.glob("*.safetensors")):
+    for path in paths:
         pipe = load_teacher()
         info = load_student(pipe, path)
         name = student_row_name(path)
@@ -656,7 +668,7 @@ def run_student_rows(bench: Bench, repeats: int):
             evaluations=[Evaluation(step, **scores) for step, scores in extra.get("evaluations", [])],
             backtracking=extra.get("backtracking"), selected=Evaluation(**selected) if selected else None,
             training=extra.get("training", {}))]))
-        digest = files_sha256(path)
+        digest = digests[path.name]
         for s in range(repeats):
             for nfe in sorted(set(info.nfe_schedules) & set(STUDENT_NFES)):
                 done = bench.results.has(Config("student", name, nfe), s)
@@ -951,7 +963,15 @@ def guidance_section(results: Results) -> list[str]:
     return ([f"## Guidance (DPM++ 2M Karras, {CFG_SWEEP_STEPS} steps)", "", "| guidance | FD | accuracy |",
              "|---|---|---|"]
             + [f"| {r.guidance:g} | {r.fd:.2f} | {r.accuracy:.3f} |" for r in rows]
-            + ["", f"Best guidance (lowest FD): **{results.best_guidance:g}**, used for every row below.", ""])
+            + ["", f"Best guidance (lowest FD): **{results.best_guidance:g}**, {teacher_guidance_text(results)}.", ""])
+
+
+def teacher_guidance_text(results: Results) -> str:
+    """What guidance the teacher rows below the sweep were sampled at, from the rows themselves."""
+    used = sorted({r.guidance for r in results.runs if r.group in ("schedule", "shortcut")})
+    if not used or used == [results.best_guidance]:
+        return "used for every row below"
+    return f"but the teacher rows below were sampled at {', '.join(f'{g:g}' for g in used)} (`--guidance`)"
 
 
 def teacher_quality_section(results: Results) -> list[str]:
@@ -960,8 +980,9 @@ def teacher_quality_section(results: Results) -> list[str]:
         return []
     real = [f.fd for f in results.floors if f.name == REAL_FLOOR]
     floor_txt = f" (real-data floor {statistics.mean(real):.2f})" if real else ""
+    guidance = next(r.guidance for r in results.runs if r.config == teacher_on(KARRAS, 50))
     return ["## Teacher quality", "",
-            f"DPM++ 2M Karras, 50 steps, guidance {results.best_guidance:g}, {results.sample_count()} samples: FD "
+            f"DPM++ 2M Karras, 50 steps, guidance {guidance:g}, {results.sample_count()} samples: FD "
             f"**{teacher50.fd:.2f}**{floor_txt}, class accuracy **{teacher50.accuracy:.3f}**.", ""]
 
 
@@ -1250,7 +1271,8 @@ def main(argv=None):
     parser.add_argument("--fresh", action="store_true",
                         help="start a new results file (needed after retraining the teacher: rows never mix teachers)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="the CFG of the schedule and shortcut rows (>= 1; default: the file's best, from the "
+                        help="the CFG of the teacher's rows in the schedules, shortcut and students groups, one per "
+                             "results file (>= 1; default: the file's best, from the "
                              "cfg group's sweep, which it does not go with)")
     parser.add_argument("--schedules", default=None,
                         help="comma-separated schedule labels the schedules group runs (default: all of "
@@ -1291,12 +1313,19 @@ def _run(parser, args) -> None:
         if unknown := [n for n in names if n not in by_label]:
             parser.error(f"unknown schedule(s) {', '.join(unknown)}; the schedules are {', '.join(by_label)}")
         picked = tuple(by_label[n] for n in names)
-    if groups & {"schedules", "shortcut"} and "cfg" not in groups and args.guidance is None:
+    if groups & {"schedules", "shortcut", "students"} and "cfg" not in groups and args.guidance is None:
         held = None if args.fresh or not RESULTS.is_file() else Results.load(RESULTS).best_guidance
         if held is None:  # never a silent default: another process may be running the sweep right now
-            parser.error(f"the schedules and shortcut groups sample at the CFG sweep's best guidance, which "
-                         f"{RESULTS} does not hold yet: add the cfg group (--groups cfg,{','.join(sorted(groups))}),"
-                         " wait for the process running it, or give --guidance")
+            parser.error(f"the schedules, shortcut and students groups sample the teacher at the CFG sweep's best "
+                         f"guidance, which {RESULTS} does not hold yet: add the cfg group (--groups "
+                         f"cfg,{','.join(sorted(groups))}), wait for the process running it, or give --guidance")
+    if args.guidance is not None and not args.fresh and RESULTS.is_file():
+        other = {r.guidance for r in Results.load(RESULTS).runs if r.group in ("schedule", "shortcut")}
+        other.discard(args.guidance)
+        if other:  # one guidance per file: the report compares every teacher row with every other
+            parser.error(f"{RESULTS} holds teacher rows sampled at guidance "
+                         f"{', '.join(f'{g:g}' for g in sorted(other))}, which rows at --guidance "
+                         f"{args.guidance:g} would not compare with: start a new results file (--fresh)")
     bench = Bench(args.samples, fresh=args.fresh)
     if "floors" in groups:
         run_floors(bench, args.repeats)
@@ -1308,7 +1337,7 @@ def _run(parser, args) -> None:
     if "shortcut" in groups:
         run_shortcut_rows(bench, guidance, args.repeats)
     if "students" in groups:
-        run_student_rows(bench, args.repeats)
+        run_student_rows(bench, guidance, args.repeats)
     if "costs" in groups:
         run_costs(bench)
     write_report(bench.results)

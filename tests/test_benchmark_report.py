@@ -321,13 +321,21 @@ def test_schedule_and_shortcut_rows_wait_for_the_cfg_sweep_never_a_default_guida
         with pytest.raises(SystemExit):
             main(argv)
     err = capsys.readouterr().err
-    assert f"sample at the CFG sweep's best guidance, which {tmp_path / 'results.json'} does not hold yet: add the " \
+    assert f"sample the teacher at the CFG sweep's best guidance, which {tmp_path / 'results.json'} does not hold " \
+           "yet: add the " \
            "cfg group (--groups cfg,schedules), wait for the process running it, or give --guidance" in err
     assert "(--groups cfg,shortcut,students)" in err and "--guidance sets the CFG the cfg group's sweep" in err
     (tmp_path / "results.json").write_text(json.dumps(Results(best_guidance=3.0, teacher="x").to_json()))
     with pytest.raises(SystemExit):  # --fresh starts a file without the sweep
         main(["--groups", "schedules", "--fresh"])
     assert "does not hold yet" in capsys.readouterr().err
+    # one guidance per file: rows at another would not compare with those it holds
+    (tmp_path / "results.json").write_text(json.dumps(Results(
+        best_guidance=3.0, teacher="x", runs=[run("schedule", "karras", 8, 0, 0.3, guidance=3.0)]).to_json()))
+    with pytest.raises(SystemExit):
+        main(["--groups", "schedules", "--guidance", "2"])
+    assert (f"{tmp_path / 'results.json'} holds teacher rows sampled at guidance 3, which rows at --guidance 2 would "
+            "not compare with: start a new results file (--fresh)") in capsys.readouterr().err
 
     def bench(*args, **kwargs):
         raise RuntimeError("the teacher would load now")
@@ -411,6 +419,37 @@ def test_schedule_grid_samples_every_schedule_on_every_seed_set(tmp_path, lab_be
     sampled.clear()
     run_schedules(bench, 3.0, repeats=1, schedules=(GITS,), grid_nfes=(2,), last_nfe=3, last_schedules=())
     assert sampled == [(GITS.label, 2, 3.0, 0)]
+    # and the row's seed sets at the other guidance are dropped: a row's sets never mix guidances
+    assert not [r for r in Results.load(tmp_path / "results.json").runs if (r.name, r.nfe) == (GITS.label, 2)]
+
+
+@needs_data
+def test_student_rows_of_a_changed_or_removed_file_are_dropped(tmp_path, lab_bench_parts, monkeypatch):
+    """A retrained student's earlier seed sets would mix two files in one row, and a removed file's rows and
+    record would still be reported: both are dropped before sampling."""
+    import shutil
+
+    import direct_distill.lab as lab
+    from direct_distill.lab.benchmark import run_student_rows
+    from direct_distill.models.io import files_sha256
+
+    students = tmp_path / "students"
+    students.mkdir()
+    shutil.copy(lab.STUDENTS_DIR / "progressive_nfe8.safetensors", students)
+    monkeypatch.setattr(lab, "STUDENTS_DIR", students)
+    bench = tiny_bench(tmp_path, lab_bench_parts)
+    row = functools.partial(Run, "student", n=10, fd=0.5, accuracy=0.9, seconds_per_image=0.01)
+    bench.save(Results(runs=[row("progressive", 8, 0, file="progressive_nfe8.safetensors", sha256="earlier"),
+                             row("progressive", 8, 1, file="progressive_nfe8.safetensors", sha256="earlier"),
+                             row("gdd", 1, 0, file="gdd.safetensors", sha256="gone")],
+                       students=[StudentFile("gdd", "gdd.safetensors", "gdd", [1], None, None, None)]))
+    run_student_rows(bench, 3.0, repeats=1)
+    on_disk = Results.load(tmp_path / "results.json")
+    rows = [r for r in on_disk.runs if r.group == "student"]
+    assert [(r.name, r.nfe, r.seed_set, r.sha256) for r in rows] == [
+        ("progressive", 8, 0, files_sha256(students / "progressive_nfe8.safetensors"))]
+    assert [f.file for f in on_disk.students] == ["progressive_nfe8.safetensors"]
+    assert {r.guidance for r in on_disk.runs if r.group == "schedule"} == {3.0}
 
 
 @needs_data
