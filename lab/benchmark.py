@@ -211,7 +211,7 @@ class Paired:
         """Which side the difference favours, ``a`` being the first term."""
         winner = a if self.mean < 0 else b
         if self.sd is None:
-            return f"{winner} better (one seed set)"
+            return f"{winner} lower on one seed set, no spread to judge by"
         return f"{winner} better" if self.significant else "no significant difference"
 
 
