@@ -472,18 +472,34 @@ def slug(*parts) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "", "_".join(str(p) for p in parts).replace("|", "_"))
 
 
-def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 8):
-    """Rows are classes, columns the first samples of each class."""
+GRID_SCALE = 2  # each 32x32 sample drawn at 64x64
+LABEL_WIDTH, TITLE_HEIGHT = 96, 20  # a labelled sheet's column of class names and its title line, in pixels
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class: int = 8,
+              title: str | None = None):
+    """Rows are classes, columns the first samples of each class. With ``title``, a labelled sheet: the title
+    above, each row's class name on its left."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     rows = []
     for c in range(len(CLASS_NAMES)):
         picked = images[labels == c][:per_class]
         rows.append(torch.cat(list(picked[:, 0]), dim=1))
     grid = ((torch.cat(rows, dim=0) + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    sheet = Image.fromarray(np.kron(grid, np.ones((GRID_SCALE, GRID_SCALE), dtype=np.uint8)))
+    if title is not None:
+        cell = 32 * GRID_SCALE
+        labelled = Image.new("L", (sheet.width + LABEL_WIDTH, sheet.height + TITLE_HEIGHT), 255)
+        labelled.paste(sheet, (LABEL_WIDTH, TITLE_HEIGHT))
+        draw, font = ImageDraw.Draw(labelled), ImageFont.load_default()
+        draw.text((4, 4), title, fill=0, font=font)
+        for c, name in enumerate(CLASS_NAMES):
+            draw.text((4, TITLE_HEIGHT + c * cell + cell // 2 - 6), name, fill=0, font=font)
+        sheet = labelled
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.kron(grid, np.ones((2, 2), dtype=np.uint8))).save(path)
+    sheet.save(path)
 
 
 REAL_FLOOR, VAE_FLOOR = "real train vs test", "VAE reconstruction"

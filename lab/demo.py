@@ -67,9 +67,10 @@ def main(argv=None):
     for name, sigmas in runs.items():
         s = sample_teacher(pipe, sigmas, guidance, n, args.seed, callback=callbacks.get(name), desc=name)
         path = args.out / f"{name}.png"
-        save_grid(s.images, s.labels, path, per_class=args.per_class)
-        acc = f", class accuracy {evaluator.accuracy(s.images, s.labels):.2f}" if evaluator else ""
         steps = callbacks[name].handoff_step if name in callbacks else len(sigmas) - 1
+        save_grid(s.images, s.labels, path, per_class=args.per_class,
+                  title=f"{name}: {steps} UNet steps, guidance {guidance:g}")
+        acc = f", class accuracy {evaluator.accuracy(s.images, s.labels):.2f}" if evaluator else ""
         print(f"{name:16s} {steps:3d} UNet steps, {s.seconds_per_image * 1e3:6.1f} ms/image{acc} -> {path}")
     # Every committed student at its default NFE and recommended guidance, through the public loader.
     from ..pipelines import load_student
@@ -80,11 +81,12 @@ def main(argv=None):
         name = f"{student_row_name(path)}_{info.default_nfe}nfe"
         s = sample_teacher(student_pipe, None, info.guidance, n, args.seed, steps=info.default_nfe, desc=name)
         out = args.out / f"{name}.png"
-        save_grid(s.images, s.labels, out, per_class=args.per_class)
+        save_grid(s.images, s.labels, out, per_class=args.per_class,
+                  title=f"{info.method} student: {info.default_nfe} UNet steps, guidance {info.guidance:g}")
         acc = f", class accuracy {evaluator.accuracy(s.images, s.labels):.2f}" if evaluator else ""
         print(f"{name:16s} {info.default_nfe:3d} UNet steps, {s.seconds_per_image * 1e3:6.1f} ms/image{acc} -> {out} "
               f"({info.method} student, guidance {info.guidance:g})")
-    print(f"rows are the classes t-shirt ... ankle boot; guidance {guidance:g} for the teacher")
+    print(f"each sheet: one row per class, named on its left; guidance {guidance:g} for the teacher")
 
 
 if __name__ == "__main__":
