@@ -170,6 +170,33 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tiny_sd_pipeline, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_a_resumed_run_records_every_evaluation(tiny_sd_pipeline, tmp_path, accelerator, monkeypatch, keep_best):
+    """The file of a run interrupted after its evaluation at step 2 and resumed records the evaluations of both
+    parts, each step once (before: those after the resume only)."""
+    loss = GDD.loss
+
+    def dies_in_step_3(self, step, batch):
+        for name, value in loss(self, step, batch):
+            if step == 3 and name == "discriminator":
+                raise Interrupted
+            yield name, value
+
+    def evaluate(step, generate):
+        return {"fd": float(step)}
+
+    settings = config(steps=4, eval_every=1, keep_best=keep_best)
+    pipes = [copy.deepcopy(tiny_sd_pipeline) for _ in range(2)]
+    monkeypatch.setattr(GDD, "loss", dies_in_step_3)
+    with pytest.raises(Interrupted):
+        train_gdd(job(pipes[0], tmp_path / "s.safetensors", tmp_path / "work", accelerator, evaluate), settings)
+    monkeypatch.setattr(GDD, "loss", loss)
+    result = train_gdd(job(pipes[1], tmp_path / "s.safetensors", tmp_path / "work", accelerator, evaluate), settings)
+    assert result.evaluations == [(k, {"fd": float(k)}) for k in (1, 2, 3, 4)]
+    assert read_student(tmp_path / "s.safetensors")[1].extra["evaluations"] == [[k, {"fd": float(k)}]
+                                                                                for k in (1, 2, 3, 4)]
+
+
 def test_cli_trains_on_a_folder_of_captioned_images_and_refuses_missing_data_before_loading(tiny_sd_pipeline,
                                                                                             tmp_path, capsys):
     from PIL import Image

@@ -284,8 +284,7 @@ def train_disback(job: Job, config: DisBackConfig) -> DisBackResult:
             path[k] = read_safetensors(file)[0]
 
     best = BestGenerator(student, latent_shape, run.batch_size, job.evaluate, evaluation.eval_every,
-                         job.stage_dir("backtracking") / BEST_FILE if job.work is not None and evaluation.keep_best
-                         else None, main)
+                         job.stage_dir("backtracking") / BEST_FILE if job.work is not None else None, main)
     backtracking = DistributionBacktracking(student, job.prompts, latent_shape, config, path, best)
     stage2 = job.train(backtracking, run, config.steps,
                        "disback: backtracking" if config.path_checkpoints else "disback: no backtracking",

@@ -294,7 +294,7 @@ def train_gdd(job: Job, config: GDDConfig) -> GDDResult:
     student = job.student(spec, run.seed, student_prediction=config.student_prediction)
     x0, _ = job.data(1)
     best = BestGenerator(student, tuple(x0.shape[1:]), run.batch_size, job.evaluate, evaluation.eval_every,
-                         job.stage_dir() / BEST_FILE if job.work is not None and evaluation.keep_best else None,
+                         job.stage_dir() / BEST_FILE if job.work is not None else None,
                          job.accelerator.is_main_process,
                          GeneratorEMA(student.adapters, config.ema_decay) if config.ema_decay else None)
     method = GDD(student, job.data, tuple(x0.shape[1:]), config, best)

@@ -4,6 +4,7 @@ timestep), its student file, and the periodic evaluation that keeps its weights 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.io import atomic_save_file, read_safetensors
+from ..models.io import atomic_save_file, atomic_write_text, read_safetensors
 from .config import Settings, setting
 from .lora import STUDENT, Conditioning, LoraStudent
 
@@ -127,7 +128,8 @@ class BestGenerator:
     """The loop's ``after_step`` of a one-step method, composed into it: update ``ema`` (if any); every ``every``
     steps, hand ``evaluate`` a sampler of the current generator (its EMA weights, with ``ema``) and log what it
     returns; keep the generator's weights at the lowest ``fd`` seen, in ``best_file`` too (if set) so that a
-    resumed run still knows them. Choosing the checkpoint by FD rather than taking the last is the usual GAN
+    resumed run still knows them, and the evaluations beside it (``evaluations.json``) so that the file a resumed
+    run writes records all of them. Choosing the checkpoint by FD rather than taking the last is the usual GAN
     practice.
 
     Args:
@@ -151,6 +153,10 @@ class BestGenerator:
         if best_file is not None and best_file.is_file():
             weights, meta = read_safetensors(best_file)
             self.best = (int(meta["step"]), float(meta["fd"]), weights)
+        self.evaluations_file = best_file.with_name("evaluations.json") if best_file is not None else None
+        if self.evaluations_file is not None and self.evaluations_file.is_file():
+            self.evaluations = [(int(step), scalars) for step, scalars
+                                in json.loads(self.evaluations_file.read_text())]
 
     def _weights(self) -> contextlib.AbstractContextManager:
         """Inside the block, the generator holds the weights that are evaluated and written."""
@@ -167,7 +173,10 @@ class BestGenerator:
         if not scalars:
             return None
         scalars = {k: float(v) for k, v in scalars.items()}
-        self.evaluations.append((step + 1, scalars))
+        # a resumed run evaluates again the steps after its checkpoint: the new evaluation replaces the old
+        self.evaluations = [e for e in self.evaluations if e[0] < step + 1] + [(step + 1, scalars)]
+        if self.evaluations_file is not None and self.is_main_process:
+            atomic_write_text(self.evaluations_file, json.dumps(self.evaluations))
         fd = scalars.get("fd")
         if fd is not None and (self.best is None or fd < self.best[1]):
             self.best = (step + 1, fd, weights)
