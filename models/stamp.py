@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..schedulers.few_step_presets import PRESETS, describe_nfes, get_preset
-from .io import FileFormatError, atomic_save_file, is_direct_distill_file, read_safetensors
+from .io import FileFormatError, atomic_save_file, is_direct_distill_file, read_safetensors, read_safetensors_header
 from .few_step_lora import family_mismatches
 from .lora_layouts import PRESET_METADATA_KEY, LoraLayoutError, parse_lora
 
@@ -23,6 +23,14 @@ def stamp(path: str | os.PathLike, preset_name: str, out: str | os.PathLike | No
     target = Path(path).resolve() if out is None else Path(out)
     if target.is_dir():
         raise ValueError(f"{target}: is a folder; give --out a file name")
+    if out is not None and target.exists() and target.resolve() != Path(path).resolve():
+        try:  # replaced only where it is stamp's own output, as a re-run expects
+            held = read_safetensors_header(target)[1]
+        except FileFormatError:
+            held = {}
+        if PRESET_METADATA_KEY not in held:
+            raise ValueError(f"{target} exists and is not a stamped LoRA (a student, a checkpoint, another file?): "
+                             "give --out another name, or move it away first")
     tensors, metadata = read_safetensors(path)
     if is_direct_distill_file(metadata):
         raise ValueError(f"{path}: a Direct Distill file says how it samples; stamping is for LoRAs from elsewhere")

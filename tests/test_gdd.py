@@ -228,6 +228,12 @@ def test_cli_trains_on_a_folder_of_captioned_images_and_refuses_missing_data_bef
     assert read_student(tmp_path / "gdd.safetensors")[1].nfe_schedules[1]["timesteps"] == [999]
     assert (tmp_path / "gdd.work" / "folder_latents.safetensors").is_file()
     assert "GDD-I one-step student written to" in capsys.readouterr().out
+    # an image that cannot be read: one line naming --data and the file, as `latents` says it
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_text("not an image")
+    with pytest.raises(SystemExit, match=r"--data: .*x\.png.*not a readable image"):
+        main(args + ["--data", str(broken), "--out", str(tmp_path / "broken.safetensors")])
     assert main(args + ["--data", str(images)]) == 0  # the same folder resumes (a finished run)
     (images / "more" / "c.txt").write_text("a long coat")  # a caption edited: another run
     with pytest.raises(SystemExit, match="other settings \\(content of --data 'sha256 [0-9a-f]+' there"):

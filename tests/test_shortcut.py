@@ -432,6 +432,30 @@ def test_callback_refuses_a_bool_handoff_step(shortcut):
         ShortcutCallback(shortcut, True)
 
 
+def test_the_capture_progress_bar_counts_whole_trajectories(pipe, tmp_path, monkeypatch):
+    """It moves every denoising step, by the trajectories of the batch those steps complete (before: fractions
+    such as 1.4999999999999998/6 and an end at 6.000000000000005)."""
+    from direct_distill.training import trajectories
+
+    updates = []
+
+    class Bar:
+        def __init__(self, total, initial=0, **kwargs):
+            self.total, self.n = total, initial
+
+        def update(self, k):
+            updates.append(k)
+            self.n += k
+
+        def close(self):
+            updates.append(("closed", self.n, self.total))
+
+    monkeypatch.setattr(trajectories, "tqdm", Bar)
+    capture(pipe, tmp_path, n=5, batch_size=3, shard_size=3)
+    assert updates[-1] == ("closed", 5, 5)
+    assert all(isinstance(k, int) and k >= 0 for k in updates[:-1]) and len(updates) > 3  # per step, not per batch
+
+
 def test_capture_metadata_is_plain_json(pipe, tmp_path):
     folder = capture(pipe, tmp_path, n=1)
     index = json.loads((folder / "index.json").read_text(), parse_constant=pytest.fail)  # no NaN/Infinity

@@ -519,6 +519,13 @@ def test_stamp_writes_the_preset_and_keeps_every_tensor_byte_for_byte(real_shape
     assert cli(["stamp", str(out), "--preset", "dmd2-sdxl-4step"]) == 0  # in place, a second stamp replaces the first
     assert read_safetensors(out)[1]["direct_distill.preset"] == "dmd2-sdxl-4step"
     assert raw_tensors(out) == raw_tensors(source) and not list(tmp_path.glob(".*.tmp"))
+    # --out replaces its own earlier output (a re-run), never another file
+    assert cli(["stamp", str(source), "--preset", "sdxl-lightning-4step", "--out", str(out)]) == 0
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes")
+    assert cli(["stamp", str(source), "--preset", "sdxl-lightning-4step", "--out", str(notes)]) == 1
+    assert "notes.safetensors exists and is not a stamped LoRA" in capsys.readouterr().err
+    assert notes.read_text() == "my notes"
 
 
 @pytest.mark.parametrize("spelling", ["", "-sgm"])

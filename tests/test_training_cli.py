@@ -90,6 +90,8 @@ def test_help_lists_the_registry_and_every_setting_of_each_method_once(capsys):
     ("sfd", ["--steps", "many"], "distill sfd: argument --steps: invalid int value: 'many'"),
     ("sfd", ["--distance", "l3"], "distill sfd: argument --distance: invalid choice: 'l3'"),
     ("sfd", [], "distill sfd: --teacher: "),  # a teacher that is not there
+    ("progressive", ["--teacher-steps", "2048", "--student-steps", "1024"],
+     "distill progressive: --teacher-steps: 2048 steps do not fit the teacher's 1000 timesteps"),
 ])
 def test_bad_values_are_refused_in_one_line_naming_the_flag_before_anything_loads(method, args, message, tmp_path,
                                                                                  nothing_loads, capsys):
@@ -114,6 +116,35 @@ def test_a_teacher_of_ones_own_needs_prompts_or_data_before_anything_loads(metho
     assert refusal(lambda: main(args, preset), capsys) == f"distill {method}: --out: required for a teacher other " \
                                                           "than the toy's"
     assert refusal(lambda: main(args + out, preset), capsys).startswith(f"distill {method}: {message}")
+
+
+def test_prompts_that_a_data_method_would_not_use_are_refused_before_anything_loads(tmp_path, nothing_loads,
+                                                                                       capsys):
+    """--data images bring their captions: --prompts beside them would be recorded and never used."""
+    from PIL import Image
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "prompts.txt").write_text("zzzunique\n")
+    for method in ("progressive", "gdd"):
+        text = refusal(lambda: main([method, "--teacher", str(tmp_path / "mine"), "--data", str(tmp_path / "images"),
+                                     "--prompts", str(tmp_path / "prompts.txt"),
+                                     "--out", str(tmp_path / "x.safetensors")]), capsys)
+        assert text == (f"distill {method}: --prompts: applies to --latents, not --data: the images bring their own "
+                        "captions (same-name .txt files)")
+
+
+def test_an_output_named_as_its_own_work_folder_is_refused_before_anything_loads(tmp_path, nothing_loads, capsys):
+    """--out x.work is the default work folder of --out x.work: the run would train, then fail to write, forever."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "prompts.txt").write_text("bag\n")
+    args = ["sfd", "--teacher", str(tmp_path / "mine"), "--prompts", str(tmp_path / "prompts.txt")]
+    for more in (["--out", str(tmp_path / "run.work")],
+                 ["--out", str(tmp_path / "x.safetensors"), "--work", str(tmp_path / "x.safetensors")]):
+        text = refusal(lambda: main(args + more), capsys)
+        assert text.startswith("distill sfd: --out: ") and "is also the work folder" in text
+    assert not list((tmp_path / "mine").iterdir())
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_anything_loads(tmp_path, nothing_loads, capsys):

@@ -74,6 +74,10 @@ class ProgressiveConfig(Settings):
         if ratio < 2 or not float(ratio).is_integer() or 2 ** round(math.log2(ratio)) != ratio:
             raise SettingError("teacher_steps", f"must be student_steps ({self.student_steps}) times a power of 2 "
                                                 f"(at least 2), got {self.teacher_steps}")
+        try:  # the teacher's grid, checked here against SD's 1,000 training timesteps (the run checks its own)
+            trailing_timesteps(self.teacher_steps)
+        except ValueError as err:
+            raise SettingError("teacher_steps", str(err)) from None
 
     def rounds(self) -> list[int]:
         """The student step count of each round, e.g. 32 -> 1: [16, 8, 4, 2, 1]."""

@@ -176,6 +176,9 @@ def prepare(method: str, config: Settings, preset: Preset | None = None) -> Plan
     if out is None:
         raise SettingError("out", other)
     work = run.work if run.work is not None else (own.work(method) if own else out.with_suffix(".work"))
+    if os.path.realpath(out) == os.path.realpath(work):
+        raise SettingError("out", f"{out} is also the work folder (--work, or --out's name with .work): give "
+                                  "--out a file name of its own")
     config = replace_settings(settle(config, own.values if own else {}), teacher=teacher, out=out, work=work)
 
     prompts = None
@@ -242,7 +245,10 @@ def _execute(plan: Plan, accelerator):
             if source.data is not None:
                 vae = pipe.vae.to(accelerator.device).float()
                 size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-                data = encode_image_folder(vae, source.data, size, run.work / "folder_latents.safetensors")
+                try:
+                    data = encode_image_folder(vae, source.data, size, run.work / "folder_latents.safetensors")
+                except ValueError as err:  # an image that cannot be read
+                    raise SettingError("data", str(err)) from None
             elif source.latents is not None:
                 try:
                     data = read_latents_file(source.latents, plan.prompts, vae=pipe.vae)
@@ -422,6 +428,11 @@ def _nested(config: Settings, kind: type):
 
 def _check_data(plan: Plan, source, other: str) -> None:
     """The data of a data method exists and fits its prompts, before anything loads."""
+    if plan.prompts is not None and source.data is not None:
+        raise SettingError("prompts", "applies to --latents, not --data: the images bring their own captions "
+                                      "(same-name .txt files)")
+    if plan.prompts is not None and source.latents is None and plan.preset is not None and plan.preset.latents:
+        raise SettingError("prompts", f"applies to --latents: the {plan.preset.name}'s own data brings its prompts")
     if source.data is not None:
         try:
             read_image_folder(source.data)

@@ -157,12 +157,13 @@ def _run(pipe, prompts, first: int, n: int, capture_steps: list[int], config: di
     recorder = _Recorder(capture_steps)
     schedule = ({"sigmas": config["sigmas"]} if "sigmas" in config
                 else {"num_inference_steps": config["num_inference_steps"]})
-    shown = 0.0
+    shown = 0
 
-    def record_and_show(pipe, step, timestep, kwargs):  # the bar moves every step, not once per batch
-        nonlocal shown
-        bar.update(n / config["num_inference_steps"])
-        shown += n / config["num_inference_steps"]
+    def record_and_show(pipe, step, timestep, kwargs):  # the bar moves every step, not once per batch, by whole
+        nonlocal shown                                  # trajectories: the share of the batch's steps done
+        reached = n * (step + 1) // config["num_inference_steps"]
+        bar.update(reached - shown)
+        shown = reached
         return recorder(pipe, step, timestep, kwargs)
 
     out = pipe([prompts[i % len(prompts)] for i in ids], **schedule,
