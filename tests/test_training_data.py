@@ -117,6 +117,24 @@ def test_an_encoded_folder_is_cached_until_its_files_change(tiny_vae, tmp_path, 
     assert encode_image_folder(tiny_vae, folder, 16, cache).latents.shape == (3, 4, 8, 8)  # another size
 
 
+def test_a_folder_is_encoded_a_few_images_per_vae_call(tiny_vae, tmp_path, monkeypatch):
+    """distill --data encodes at the teacher's resolution: 64 images per VAE call would need about 20 GB at 512 px;
+    it takes ENCODE_BATCH_SIZE (8), as `latents` does by default."""
+    import shutil
+
+    import direct_distill.training.data as data_module
+    from direct_distill.training.latents import LatentsConfig
+
+    folder = images_folder(tmp_path / "images")
+    for k in range(17):  # 20 images in all
+        shutil.copy(folder / "a.png", folder / f"copy{k}.png")
+    calls = []
+    encode = tiny_vae.encode
+    monkeypatch.setattr(tiny_vae, "encode", lambda x: (calls.append(len(x)), encode(x))[1])
+    assert len(encode_image_folder(tiny_vae, folder, 32).latents) == 20
+    assert calls == [8, 8, 4] and data_module.ENCODE_BATCH_SIZE == 8 == LatentsConfig().batch_size
+
+
 def test_an_image_folder_edited_in_place_is_another_input(tmp_path):
     """Its digest (what the work folder records) follows each image's bytes, not only its size."""
     import shutil

@@ -18,8 +18,8 @@ from ..models.io import (LOCK_NAME, FileFormatError, FolderInUse, atomic_save_fi
                          check_writable, check_writable_folder, hold_folder, read_safetensors)
 from .cli import add_arguments
 from .config import DTYPE_NAMES, Settings, SettingError, flag_of, replace_settings, setting
-from .data import (FOLDER_HINT, LATENTS_FORMAT, VAE_SCALE_KEY, encode_images, load_images, read_image_folder,
-                   vae_checksum, write_latents_file)
+from .data import (ENCODE_BATCH_SIZE, FOLDER_HINT, LATENTS_FORMAT, VAE_SCALE_KEY, encode_images, load_images,
+                   read_image_folder, vae_checksum, write_latents_file)
 from .runner import make_accelerator
 from .teachers import DTYPES, load_teacher_vae
 
@@ -34,7 +34,8 @@ def _listing(folder: Path, paths: list[Path]) -> list:
     return [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
 
 
-def encode_folder(vae, folder: str | os.PathLike, size: int, out: str | os.PathLike, *, batch_size: int = 8,
+def encode_folder(vae, folder: str | os.PathLike, size: int, out: str | os.PathLike, *,
+                  batch_size: int = ENCODE_BATCH_SIZE,
                   work: str | os.PathLike | None = None, accelerator=None) -> Path:
     """Encode every image of ``folder`` (``data.read_image_folder``: same-name .txt captions) at ``size`` x
     ``size`` pixels with ``vae`` and write the latents file ``out`` (``data.write_latents_file``: posterior means
@@ -135,7 +136,7 @@ class LatentsConfig(Settings):
     out: Path | None = setting(None, help="the latents file to write")
     size: int | None = setting(None, ge=8, help="pixels per side: each image is centre-cropped to a square and "
                                                 "resized to it (required)")
-    batch_size: int = setting(8, ge=1, help="images per VAE call, per process")
+    batch_size: int = setting(ENCODE_BATCH_SIZE, ge=1, help="images per VAE call, per process")
     dtype: str = setting("float32", choices=DTYPE_NAMES, help="the VAE's dtype")
     work: Path | None = setting(None, help="the encoded parts until --out is written; a re-run resumes from them "
                                            "(default: <out>.work)")
