@@ -206,7 +206,7 @@ def test_a_vae_that_overflows_float16_is_one_line_from_the_command(teacher_file,
     assert not out.exists()
 
 
-def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_path, monkeypatch):
+def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_path, monkeypatch, capsys):
     from safetensors.torch import save_file
 
     path, _ = teacher_file
@@ -231,6 +231,12 @@ def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_
             latents.main(base + extra)
     with pytest.raises(SystemExit, match="--size: must be >= 8, got 0"):
         latents.main(["--teacher", str(path), "--data", str(image_folder), "--out", "x", "--size", "0"])
+    # a value argparse cannot read: one line naming it, not the usage of every flag
+    with pytest.raises(SystemExit) as exit_:
+        latents.main(["--teacher", str(path), "--data", str(image_folder), "--out", "x", "--size", "abc"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "python -m direct_distill latents: argument --size: invalid int value: 'abc' (see --help)\n"
 
 
 def test_a_size_the_vae_cannot_take_is_refused(image_folder, teacher_file, tmp_path):

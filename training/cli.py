@@ -16,7 +16,7 @@ from .registry import METHODS, entry
 from .runner import Preset, execute, prepare
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """An argument error is one line naming the flag, not the usage of every flag."""
 
     def error(self, message: str):
@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
     """The parser of every registered method; ``preset``'s defaults are named in the help."""
-    parser = _Parser(prog="python -m direct_distill distill",
+    parser = OneLineParser(prog="python -m direct_distill distill",
                      description="Distil a diffusers teacher on a CPU, one GPU, or several processes "
                                  "(torchrun / accelerate launch). Each method's --help lists its settings.")
     sub = parser.add_subparsers(dest="method", required=True, metavar="method", title="methods")

@@ -3,7 +3,6 @@ into the latents file the data methods train on; with progress, resuming where a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..models.io import (LOCK_NAME, FileFormatError, FolderInUse, atomic_save_file, check_replaceable,
                          check_writable, check_writable_folder, hold_folder, read_safetensors)
-from .cli import add_arguments
+from .cli import OneLineParser, add_arguments
 from .config import DTYPE_NAMES, Settings, SettingError, flag_of, replace_settings, setting
 from .data import (ENCODE_BATCH_SIZE, FOLDER_HINT, LATENTS_FORMAT, VAE_SCALE_KEY, encode_images, load_images,
                    read_image_folder, vae_checksum, write_latents_file)
@@ -144,7 +143,7 @@ class LatentsConfig(Settings):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m direct_distill latents",
         description="Encode a folder of captioned images with a teacher's VAE, at the size asked, into the latents "
                     "file that progressive and gdd take (--latents). Re-running after an interruption resumes; "
