@@ -39,9 +39,9 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
     """DPM-Solver++ multistep sampling on the exponential-Karras schedule of Li & Zhang (2025).
 
     The solver is diffusers' :class:`DPMSolverMultistepScheduler`, unchanged; only the sigmas differ.
-    The sigmas are exact (log-sigma interpolated in the model's float64 noise table); the UNet is called
-    at the nearest integer timestep of each sigma, exactly as ComfyUI calls it, so both front doors make
-    identical model calls for the same sigmas.
+    The sigmas are log-sigma interpolated in the model's noise table as ComfyUI holds it (float64 values rounded
+    to float32), so a ComfyUI run computes the same sigmas bit for bit; the UNet is called at the nearest integer
+    timestep of each sigma, exactly as ComfyUI calls it, so both front doors make identical model calls.
 
     Swap it into any SD/SDXL pipeline::
 
