@@ -26,8 +26,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(preset: Preset | None = None) -> argparse.ArgumentParser:
     """The parser of every registered method; ``preset``'s defaults are named in the help."""
     parser = OneLineParser(prog="python -m direct_distill distill",
-                     description="Distil a diffusers teacher on a CPU, one GPU, or several processes "
-                                 "(torchrun / accelerate launch). Each method's --help lists its settings.")
+                           description="Distil a diffusers teacher on a CPU, one GPU, or several processes "
+                                       "(torchrun / accelerate launch). Each method's --help lists its settings.")
     sub = parser.add_subparsers(dest="method", required=True, metavar="method", title="methods")
     for name in METHODS:
         method = entry(name)

@@ -280,8 +280,9 @@ ENCODE_BATCH_SIZE = 8
 def encode_image_folder(vae, folder: str | os.PathLike, size: int, cache: str | os.PathLike | None = None,
                         chunk: int = 64) -> LatentData:
     """A folder of captioned images (:func:`read_image_folder`) encoded by ``vae`` at ``size`` pixels, ``chunk``
-    images read at a time and :data:`ENCODE_BATCH_SIZE` per VAE call, as posterior-sampled training latents. With ``cache`` (a latents file) the encoding is kept
-    and reused until the VAE, the size or the folder's files change."""
+    images read at a time and :data:`ENCODE_BATCH_SIZE` per VAE call, as posterior-sampled training latents. With
+    ``cache`` (a latents file) the encoding is kept and reused until the VAE, the size or the folder's files
+    change."""
     folder = Path(folder)
     paths, prompts = read_image_folder(folder)
     device = next(vae.parameters()).device
