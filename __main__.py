@@ -29,15 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from importlib import import_module
 
+    from .lab import LabInputMissing  # (the lab package itself imports nothing heavy)
+
     target = commands[argv[0]][0]
     try:
         result = target(argv[1:]) if callable(target) else import_module(target).main(argv[1:])
-    except FileNotFoundError as err:
-        from .lab import LabInputMissing
-
-        if not isinstance(err, LabInputMissing):
-            raise
-        # the lab's data or teacher is missing: what to install or run, in one line
+    except LabInputMissing as err:  # the lab's data or teacher is missing: what to install or run, in one line
         print(f"python -m direct_distill {argv[0]}: {err}", file=sys.stderr)
         return 1
     return int(result or 0)

@@ -462,7 +462,9 @@ class Bench:
         held = self.results.has(config, seed_set)
         if held is not None and held.guidance == guidance:
             return held
-        self.discard(lambda r: r.config == config and r.guidance != guidance)
+        other = lambda r: r.config == config and r.guidance != guidance  # noqa: E731
+        if any(map(other, self.results.runs)):  # the file is rewritten only when there is something to drop
+            self.discard(other)
         return self.schedule(sched, nfe, guidance, seed_set)
 
 
