@@ -114,8 +114,10 @@ def _preset_lora(model, clip, tensors, metadata, name, preset_name, nfe, strengt
 
     text_encoder = [target for target in layers if target[0] != "unet"]
     if text_encoder and clip is None:
-        raise ValueError(f"{name}: this LoRA also changes the text encoder ({len(text_encoder)} layers): connect the "
-                         "checkpoint's CLIP to the clip input")
+        if strength != 0:
+            raise ValueError(f"{name}: this LoRA also changes the text encoder ({len(text_encoder)} layers): connect "
+                             "the checkpoint's CLIP to the clip input")
+        layers = {target: layer for target, layer in layers.items() if target[0] == "unet"}  # 0: the model alone
     resolved, problems = resolve_layers(layers, _lora_targets(model, clip, family))
     if problems:
         raise ValueError(f"{name}: this LoRA does not fit this model: " + "; ".join(problems))

@@ -244,6 +244,8 @@ def test_text_encoder_layers_reach_the_clip_with_their_alpha(loras, sd15, layout
     with pytest.raises(ValueError, match=f"{name}: this LoRA also changes the text encoder \\({len(te_layers)} "
                                          "layers\\): connect the checkpoint's CLIP"):
         load(comfy_model, name, preset="lcm-sd15")
+    alone, sigmas, *_ = load(comfy_model, name, preset="lcm-sd15", strength=0)  # 0 is the model alone: no CLIP needed
+    assert not alone.patches and len(sigmas) == 5
 
     _, _, _, _, patched_clip = load(comfy_model, name, preset="lcm-sd15", clip=clip, strength=0.5)
     original = {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
