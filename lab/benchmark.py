@@ -1313,10 +1313,11 @@ def _run(parser, args) -> None:
     if args.samples < 10 or args.samples % len(CLASS_NAMES) or args.repeats < 1:
         parser.error(f"--samples must be a multiple of {len(CLASS_NAMES)} (balanced classes) and --repeats >= 1")
     torch.manual_seed(0)
-    groups = set(args.groups.split(","))
+    groups = {group.strip() for group in args.groups.split(",")} - {""}
     unknown = groups - set(GROUPS)
-    if unknown:
-        parser.error(f"unknown group(s) {', '.join(sorted(unknown))}; the groups are {', '.join(GROUPS)}")
+    if unknown or not groups:
+        named = f"unknown group(s) {', '.join(sorted(unknown))}" if unknown else "--groups names no group"
+        parser.error(f"{named}; the groups are {', '.join(GROUPS)}")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 1):
         parser.error(f"--guidance must be a finite number >= 1, got {args.guidance}")
     if args.guidance is not None and "cfg" in groups:

@@ -307,6 +307,10 @@ def test_results_file_round_trip_and_merge():
 def test_cli_refuses_an_unknown_group_or_schedule_before_loading_anything(capsys):
     with pytest.raises(SystemExit):
         main(["--groups", "floors,peers"])
+    assert "unknown group(s) peers; the groups are " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--groups", " , "])
+    assert "--groups names no group; the groups are " in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--groups", "schedules", "--schedules", "karras,ays"])
     assert "unknown schedule(s) ays; the schedules are karras, exponential" in capsys.readouterr().err
