@@ -267,14 +267,21 @@ def _source_class_defaults(config: dict) -> dict:
 
 
 def models_config(config) -> dict:
-    """:func:`with_defaults_kept` of a pipeline's scheduler config, as the model's: where it is a student's
-    scheduler config, the config of the scheduler the student replaced (its ``model_scheduler``), or where it has
-    none (saved before it was recorded), the model's prediction type and neither the student's schedules nor its
-    solver."""
+    """:func:`with_defaults_kept` of a pipeline's scheduler config, as the model's: where it is a student's or a
+    few-step preset's scheduler config, the config of the scheduler it replaced (its ``model_scheduler``), or where
+    a student's has none (saved before it was recorded), the model's prediction type and neither the student's
+    schedules nor its solver."""
     config = with_defaults_kept(config)
+    if config.get("model_scheduler") and ("nfe_schedules" in config or "preset" in config):
+        return dict(config["model_scheduler"])
     if "nfe_schedules" not in config:
         return config
-    if config.get("model_scheduler"):
-        return dict(config["model_scheduler"])
     kept = {k: v for k, v in config.items() if k not in _STUDENT_KEYS + SOLVER_KEYS}
     return {**kept, "prediction_type": model_prediction_type(config)}
+
+
+def model_scheduler_record(config) -> dict:
+    """What a student's or preset's scheduler keeps as ``model_scheduler`` when it replaces the scheduler of
+    ``config``: the model's own scheduler config (:func:`models_config`; the one recorded where ``config`` is
+    itself a student's or preset's), its class name kept, diffusers' other private keys left out."""
+    return {k: v for k, v in models_config(config).items() if not k.startswith("_") or k == "_class_name"}

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from .few_step_presets import PRESETS, FewStepPreset, describe_nfes
 from .pinned_steps import ImageToImageGuard
-from .scheduling_exp_karras import model_prediction_type
+from .scheduling_exp_karras import model_prediction_type, model_scheduler_record
 
 
 class _PinnedTimesteps(ImageToImageGuard):
@@ -33,12 +33,13 @@ class _PinnedTimesteps(ImageToImageGuard):
         (``preset_scheduler`` records them, so a saved pipeline reloads pinned) are set again."""
         config = dict(config or {})
         name, default_steps = config.pop("preset", None), config.pop("pipeline_default_steps", None)
+        model = config.pop("model_scheduler", None)
         made = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         scheduler = made[0] if return_unused_kwargs else made
         if name is not None:
             if name not in PRESETS:
                 raise ValueError(f"{cls.__name__}: unknown preset {name!r} in the scheduler config")
-            _pin(scheduler, PRESETS[name], default_steps)
+            _pin(scheduler, PRESETS[name], default_steps, model)
         return made
 
     def __init_subclass__(cls, **kwargs):
@@ -139,15 +140,17 @@ def preset_scheduler(preset: FewStepPreset, config, pipeline_default_steps: int 
     # only what the class takes: the pipeline's config may be another scheduler's (PNDM's skip_prk_steps, ...); the
     # model's own prediction type, also after a student of ours that read its output as another
     taken = inspect.signature(cls.__init__).parameters
+    model = model_scheduler_record(config)  # for the way back: ExpKarrasScheduler.from_config(this config)
     config = {**{k: v for k, v in dict(config).items() if k in taken},
               "prediction_type": model_prediction_type(config)}
     scheduler = cls.from_config(config, **overrides)
-    _pin(scheduler, preset, pipeline_default_steps)
+    _pin(scheduler, preset, pipeline_default_steps, model)
     return scheduler
 
 
-def _pin(scheduler, preset: FewStepPreset, pipeline_default_steps: int | None) -> None:
+def _pin(scheduler, preset: FewStepPreset, pipeline_default_steps: int | None, model_scheduler: dict | None) -> None:
     scheduler.preset = preset
     scheduler.pipeline_default_steps = pipeline_default_steps
     # in the config too: save_pretrained writes it, from_config reads it back
-    scheduler.register_to_config(preset=preset.name, pipeline_default_steps=pipeline_default_steps)
+    scheduler.register_to_config(preset=preset.name, pipeline_default_steps=pipeline_default_steps,
+                                 model_scheduler=model_scheduler)

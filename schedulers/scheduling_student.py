@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -12,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 
 from .noise import sigma_to_model_timestep, vp_sigma_table
 from .pinned_steps import ImageToImageGuard
-from .scheduling_exp_karras import SOLVER_KEYS, with_defaults_kept
+from .scheduling_exp_karras import SOLVER_KEYS, model_scheduler_record, with_defaults_kept
 
 # What a pipeline's scheduler config may carry that is not the student's: the schedule parameter of another
 # scheduler, a preset's name, and solver choices (a student steps as it was trained, DDIM or DPM++ 2M).
@@ -61,8 +63,10 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         if config is not None:
             config = with_defaults_kept(config)
             if "nfe_schedules" not in config:  # another scheduler's: its solver is not the student's
-                model = {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
-                config = {k: v for k, v in config.items() if k not in _NOT_THE_STUDENTS}
+                model = model_scheduler_record(config)
+                # what the student takes of it, quietly: an LCM or TCD preset's own keys are no concern of a student
+                taken = inspect.signature(cls.__init__).parameters
+                config = {k: v for k, v in config.items() if k not in _NOT_THE_STUDENTS and k in taken}
                 config["model_scheduler"] = model
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 

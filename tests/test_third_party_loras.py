@@ -90,6 +90,25 @@ def test_a_pipeline_saved_with_a_preset_loads_again_pinned_to_it(tiny_tokenizer,
             {} if cls is ExpKarrasScheduler else dict(nfe_schedules=STUDENT_SCHEDULES, default_nfe=1))).config
 
 
+def test_the_way_back_from_a_preset_builds_the_scheduler_it_replaced(tiny_tokenizer, tmp_path, caplog):
+    """ExpKarrasScheduler.from_config of a preset's scheduler config gives back the user's scheduler, its curvature
+    and solver included, also after a student of ours loaded over the preset and from a saved pipeline (before: the
+    class defaults, p 1.0 and solver_order 2)."""
+    pipe = sd15_tree_pipeline(tiny_tokenizer)
+    pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config, exp_karras_p=2.5, solver_order=3)
+    before = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    pipe.scheduler = preset_scheduler(PRESETS["tcd-sd15"], pipe.scheduler.config, pipeline_default_steps=50)
+    pipe.save_pretrained(tmp_path / "saved")
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "saved", safety_checker=None)
+    student = StudentScheduler.from_config(pipe.scheduler.config, nfe_schedules=STUDENT_SCHEDULES, default_nfe=1)
+    lcm_over_student = preset_scheduler(PRESETS["lcm-sd15"], student.config, pipeline_default_steps=50)
+    for config in (pipe.scheduler.config, again.scheduler.config, student.config, lcm_over_student.config):
+        back = ExpKarrasScheduler.from_config(config)
+        assert {k: v for k, v in back.config.items() if not k.startswith("_")} == before
+    assert "not expected" not in caplog.text  # the student takes what it uses of TCD's config without a word
+    assert pipe.scheduler.config.model_scheduler["exp_karras_p"] == 2.5
+
+
 # --- every layout, fully applied, with the merged effect ------------------------------------------------------
 
 
