@@ -70,6 +70,9 @@ def load_student(pipe, path: str | os.PathLike, *, preset: str | None = None, ad
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"{path}: scale must be a finite number (the LoRA's strength, 1.0 as trained), got {scale!r}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"{path}: adapter_name must be a non-empty string (the adapter's name in the pipeline), "
+                         f"got {adapter_name!r}")
     tensors, metadata = read_safetensors(path)
     if is_direct_distill_file(metadata):
         if preset is not None:
@@ -109,6 +112,7 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     _activate(pipe, [*active, adapter_name])
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
+    scheduler.follow_adapter(pipe.unet, adapter_name)
     pipe.scheduler = scheduler
     _few_step_adapters(pipe).add(adapter_name)
     return info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import numpy as np
 import torch
@@ -92,6 +93,7 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
+        steps_offset: int = 1,
     ):
         if solver_order not in (1, 2):
             raise ValueError(f"StudentScheduler: solver_order must be 1 (DDIM/Euler) or 2 (DPM++ 2M), "
@@ -110,7 +112,35 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
             solver_order=solver_order, prediction_type=prediction_type, thresholding=thresholding,
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
             algorithm_type=algorithm_type, solver_type=solver_type, lower_order_final=lower_order_final,
-            final_sigmas_type="zero")
+            final_sigmas_type="zero", steps_offset=steps_offset)
+        self._adapter = None
+
+    def follow_adapter(self, unet, adapter_name: str) -> None:
+        """Ties this scheduler to the student's LoRA adapter on ``unet`` (``load_student`` does). Where the
+        student's output is read as another prediction than its model's (an x0 student of an epsilon model),
+        ``set_timesteps`` refuses to run once that adapter is off, deleted or replaced (by another few-step LoRA
+        loaded through a pipeline sharing the UNet): it would read the model's own output as x0."""
+        self._adapter = (weakref.ref(unet), adapter_name)
+
+    def _check_adapter(self) -> None:
+        if self._adapter is None or self.config.teacher_prediction_type in (None, self.config.prediction_type):
+            return
+        unet, name = self._adapter[0](), self._adapter[1]
+        if unet is None:
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and name in (m.scaling or {})]
+        if layers and all(not m.disable_adapters and name in m.active_adapters for m in layers):
+            return
+        active = sorted({n for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters
+                         for n in m.active_adapters})
+        state = "deleted" if not layers else "switched off"
+        raise ValueError(f"this StudentScheduler reads the UNet's output as {self.config.prediction_type}, as the "
+                         f"student {name!r} was trained to give, but that adapter is {state} (active now: "
+                         f"{', '.join(active) or 'none'}) and the model predicts "
+                         f"{self.config.teacher_prediction_type}: load the student again (load_student) or set "
+                         "the model's scheduler (ExpKarrasScheduler.from_config(pipe.scheduler.config))")
 
     @property
     def supported_nfes(self) -> list[int]:
@@ -137,6 +167,7 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
         if timesteps is not None or sigmas is not None:
             raise ValueError("StudentScheduler samples at the student's own timesteps; pass num_inference_steps "
                              f"among {self.supported_nfes}, not timesteps or sigmas")
+        self._check_adapter()
         self._record_steps(num_inference_steps)
         n = num_inference_steps
         if n is None or (n == self.config.pipeline_default_steps and n not in self._schedules):

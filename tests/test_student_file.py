@@ -265,6 +265,55 @@ def test_a_scale_that_is_no_finite_number_is_refused_before_anything_changes(stu
     load_student(pipe, path)  # and the name is still free
 
 
+@pytest.mark.parametrize("adapter_name", [None, "", 3])
+def test_an_adapter_name_that_is_no_string_is_refused_before_anything_changes(student, adapter_name):
+    """None once loaded the student under diffusers' own name, switched off, and the teacher sampled on the
+    student's schedule without a word."""
+    pipe, _, path, _ = student
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match=f"student.safetensors: adapter_name must be a non-empty string .* got "
+                                         f"{adapter_name!r}"):
+        load_student(pipe, path, adapter_name=adapter_name)
+    assert_unchanged(pipe, before)
+
+
+def test_an_image_to_image_pipeline_takes_the_students_scheduler_without_rewriting_it(student, recwarn):
+    """The README's img2img step: diffusers warns about, and rewrites, a scheduler config whose steps_offset is
+    not 1 (the student's was DPM-Solver's 0)."""
+    pipe, _, path, _ = student
+    load_student(pipe, path)
+    config = dict(pipe.scheduler.config)
+    StableDiffusionImg2ImgPipeline(**pipe.components)
+    assert not [w for w in recwarn if "steps_offset" in str(w.message)]
+    assert dict(pipe.scheduler.config) == config and config["steps_offset"] == 1
+
+
+def test_an_x0_students_scheduler_refuses_to_read_the_model_once_its_adapter_is_off(student, tmp_path):
+    """Its scheduler reads the UNet's output as x0: with the adapter off or deleted, that output is the model's
+    epsilon. An epsilon student's scheduler still runs the model on its schedule (a fair experiment)."""
+    pipe, trained, _, _ = student
+    path = save_student(tmp_path / "x0.safetensors", get_peft_model_state_dict(trained), rank=RANK, alpha=ALPHA,
+                        metadata=student_info(pipe.unet, prediction_type="sample", teacher_prediction_type="epsilon"))
+    load_student(pipe, path)
+    pipe.scheduler.set_timesteps(4)
+    pipe.disable_lora()
+    with pytest.raises(ValueError, match="reads the UNet's output as sample, as the student 'student' was trained "
+                                         "to give, but that adapter is switched off \\(active now: none\\) and the "
+                                         "model predicts epsilon: load the student again"):
+        pipe.scheduler.set_timesteps(4)
+    pipe.enable_lora()
+    pipe.scheduler.set_timesteps(4)
+    pipe.delete_adapters("student")
+    with pytest.raises(ValueError, match="that adapter is deleted"):
+        pipe.scheduler.set_timesteps(4)
+    epsilon = save_student(tmp_path / "eps.safetensors", get_peft_model_state_dict(trained), rank=RANK, alpha=ALPHA,
+                           metadata=student_info(pipe.unet))
+    pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config)
+    load_student(pipe, epsilon, adapter_name="eps")
+    pipe.disable_lora()
+    pipe.scheduler.set_timesteps(4)
+
+
 def test_a_zero_terminal_snr_teachers_student_samples_on_its_table():
     # sigmas from the rescaled table (what training writes), timesteps where the UNet is called
     noise = dict(SD_NOISE, rescale_betas_zero_snr=True, prediction_type="v_prediction")

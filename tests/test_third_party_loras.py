@@ -441,6 +441,10 @@ def test_a_few_step_lora_replaces_the_one_loaded_before(sd15_pipe, tmp_path):
     load_student(img2img, lcm, preset="lcm-sd15", adapter_name="lcm")
     assert img2img.scheduler.config.prediction_type == "epsilon"
     assert active_adapters(pipe) == {"style", "lcm"} and "student" in pipe.unet.peft_config
+    # pipe's own scheduler still reads the output as x0: it refuses, the student being off on the shared UNet
+    with pytest.raises(ValueError, match="as the student 'student' was trained to give, but that adapter is "
+                                         "switched off \\(active now: lcm, style\\)"):
+        pipe.scheduler.set_timesteps(4)
     # Hyper-SD after LCM: the UNet computes what Hyper-SD alone (beside the style LoRA) computes
     load_student(pipe, hyper, preset="hyper-sd15-8step", adapter_name="hyper")
     assert active_adapters(pipe) == {"style", "hyper"}
