@@ -257,6 +257,29 @@ def test_a_work_folder_resumes_under_its_own_settings_only(teacher, tmp_path, ca
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_resumes_only_under_the_mixed_precision_it_started_with(teacher, tmp_path, capsys, monkeypatch):
+    """accelerate's precision is part of the run: a bf16 run resumed in float32 (the README's real-model commands
+    run bf16) gave a student that is neither, and no file said which precision trained it."""
+    from accelerate.state import AcceleratorState
+
+    out, work = tmp_path / "bf16.safetensors", tmp_path / "work"
+    args = sfd_args(teacher, "--out", str(out), "--work", str(work))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)
+    try:
+        assert main(args) == 0
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        AcceleratorState._reset_state(True)
+        text = refusal(lambda: main(args), capsys)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert text == (f"distill sfd: --work: {work} holds a run with other settings (mixed precision (accelerate's "
+                    "--mixed_precision) 'bf16' there, 'no' here); re-run with its settings to resume it, or give "
+                    "another --work folder")
+    assert json.loads((work / SETTINGS_FILE).read_text())["mixed_precision"] == "bf16"
+    assert read_student(out)[1].extra["mixed_precision"] == "bf16"
+
+
 def test_a_work_folder_resumes_when_only_the_spelling_differs_and_not_when_an_input_changed(teacher, tmp_path,
                                                                                           capsys, monkeypatch):
     out, work = tmp_path / "sfd.safetensors", tmp_path / "work"

@@ -114,6 +114,7 @@ def cost_record(seconds: float, accelerator) -> dict:
     loop (summed over stages and resumed runs), and where they were spent."""
     device = accelerator.device
     return {"train_seconds": round(seconds, 1), "device": str(device), "processes": accelerator.num_processes,
+            "mixed_precision": str(accelerator.mixed_precision),
             "threads": torch.get_num_threads() if device.type == "cpu" else None}
 
 

@@ -306,6 +306,7 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator, pi
     if pipe is not None:
         config = with_teacher_values(config, pipe)
     mine = json.loads(json.dumps({"method": method, "processes": accelerator.num_processes,
+                                  "mixed_precision": str(accelerator.mixed_precision),
                                   **record(config, changeable=False), **contents}))
     for f, hint, value in leaves(config):  # where a file lies, not how it was typed: resumable from elsewhere
         if kind(hint)[0] is Path and value is not None and f.name in mine:
@@ -322,6 +323,8 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator, pi
         for k in sorted(mine.keys() | theirs.keys()):
             if k.startswith(CONTENT_KEY) and k not in theirs:
                 continue  # recorded before contents were
+            if k == "mixed_precision" and k not in theirs and mine[k] == "no":
+                continue  # recorded before precision was: full precision unless accelerate was told otherwise
             if k in left_to_teacher and pipe is None and None in (mine.get(k), theirs.get(k)):
                 continue  # one of them is the teacher's value: compared once it has loaded
             if k == TEACHER_CONTENT and pipe is None:
@@ -329,8 +332,8 @@ def check_work_folder(work: Path, method: str, config: Settings, accelerator, pi
             if _same_file(mine.get(k)) != _same_file(theirs.get(k)):
                 changed.append(k)
         if changed:
-            listed = "; ".join(f"{flag_of(config, k)} {theirs.get(k)!r} there, {mine.get(k)!r} here"
-                               for k in changed)
+            listed = "; ".join(f"{_RECORDED_NAMES.get(k) or flag_of(config, k)} {theirs.get(k)!r} there, "
+                               f"{mine.get(k)!r} here" for k in changed)
             raise SettingError("work", f"{work} holds a run with other settings ({listed}); re-run with its "
                                        "settings to resume it, or give another --work folder")
     elif pipe is not None and accelerator.is_main_process:
@@ -345,6 +348,8 @@ def _holds_work(work: Path, checkpoint_name: str) -> bool:
             or any(next(d.rglob("*.safetensors"), None) is not None for d in work.iterdir() if d.is_dir()))
 
 
+# what a settings file records that is no flag of ours, as a refusal names it
+_RECORDED_NAMES = {"mixed_precision": "mixed precision (accelerate's --mixed_precision)"}
 CONTENT_KEY = "content of "  # a settings-file key: what an input file held, "content of --prompts"
 TEACHER_CONTENT = CONTENT_KEY + "--teacher"
 
