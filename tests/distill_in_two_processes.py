@@ -15,8 +15,9 @@ runs = {
     "shortcut": ["--trajectories", "4", "--shard-size", "1", "--sample-batch-size", "1", "--teacher-steps", "4",
                  "--capture-band", "200", "260", "--stage1-steps", "2", "--stage2-steps", "1", "--holdout", "0.25"],
     "progressive": [*lora, "--latents", str(root / "latents.safetensors"), "--teacher-steps", "2",
-                    "--student-steps", "1", "--steps-per-round", "2"],
-    "sfd": [*lora, "--nfe", "1", "--default-nfe", "1", "--steps", "2", "--teacher-substeps", "1", "--pool", "3"],
+                    "--student-steps", "1", "--steps-per-round", "2", "--warmup-steps", "0"],
+    "sfd": [*lora, "--nfe", "1", "--default-nfe", "1", "--steps", "2", "--teacher-substeps", "1", "--pool", "3",
+            "--warmup-steps", "0"],
     "gdd": [*lora, "--latents", str(root / "latents.safetensors"), "--steps", "2", "--r1-every", "1"],
     "disback": [*lora, "--degradation-steps", "1", "--path-checkpoints", "1", "--steps-per-node", "1", "--steps", "2"],
 }

@@ -70,6 +70,7 @@ def test_image_folder_becomes_a_latents_file_at_the_size_asked(image_folder, tea
     assert "SD1.x" in output.out and "1 without a caption" in output.out and "10/10" in output.err
     latents.main(["--teacher", str(path), "--data", str(image_folder), "--size", "32", "--out", str(out)])
     assert "already holds these 10 images at 32 px" in capsys.readouterr().out
+    assert not (tmp_path / "data_32.safetensors.work").exists()  # the re-run leaves no folder of its own behind
 
 
 def test_an_interrupted_encoding_resumes_with_the_parts_left(image_folder, teacher_file, tmp_path, monkeypatch,
@@ -223,6 +224,8 @@ def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_
         (["--data", str(image_folder), "--out", str(path)], f"--out: {path} is what --teacher reads; write elsewhere"),
         (["--data", str(image_folder), "--out", str(tmp_path / "student.safetensors")],
          "--out: .*student.safetensors exists and holds a student file, this run writes a latents file"),
+        (["--data", str(image_folder), "--out", str(tmp_path / "b.safetensors"), "--work",
+          str(tmp_path / "b.safetensors")], "--work: .*b.safetensors is --out itself"),
     ]
     save_file({"w": torch.zeros(1)}, str(tmp_path / "student.safetensors"),
               metadata={"format": '"direct_distill.student"'})  # a student, trained for hours
@@ -272,11 +275,11 @@ def test_single_file_teachers_run_the_real_model_commands(family, image_folder, 
         assert main(["latents", "--teacher", str(teacher), "--data", str(image_folder), "--size", "64",
                      "--out", str(tmp_path / "data.safetensors"), "--cpu"]) == 0
         assert main(["distill", "progressive", *common, "--latents", str(tmp_path / "data.safetensors"),
-                     "--teacher-steps", "4", "--student-steps", "2", "--steps-per-round", "2", "--batch-size", "2",
-                     "--rank", "2"]) == 0
+                     "--teacher-steps", "4", "--student-steps", "2", "--steps-per-round", "2", "--warmup-steps", "0",
+                     "--batch-size", "2", "--rank", "2"]) == 0
     elif family == "sd2":
         assert main(["distill", "sfd", *common, "--prompts", str(tmp_path / "prompts.txt"), "--nfe", "1", "2",
-                     "--default-nfe", "2", "--steps", "2", "--batch-size", "2", "--rank", "2",
+                     "--default-nfe", "2", "--steps", "2", "--warmup-steps", "0", "--batch-size", "2", "--rank", "2",
                      "--teacher-substeps", "1", "--latent-size", "8"]) == 0
     else:
         assert main(["distill", "shortcut", *common, "--prompts", str(tmp_path / "prompts.txt"),

@@ -193,8 +193,8 @@ def test_cli_distills_a_teacher_folder_on_given_latents(tiny_sd_pipeline, tmp_pa
     (tmp_path / "prompts.txt").write_text("a bag\n")
     out = tmp_path / "student.safetensors"
     args = ["distill", "progressive", "--teacher", str(tmp_path / "teacher"), "--out", str(out),
-            "--teacher-steps", "4", "--student-steps", "2", "--steps-per-round", "1", "--batch-size", "1",
-            "--rank", "2"]
+            "--teacher-steps", "4", "--student-steps", "2", "--steps-per-round", "1", "--warmup-steps", "0",
+            "--batch-size", "1", "--rank", "2"]
     with pytest.raises(SystemExit, match="--data: required for a teacher other than the lab's: progressive trains "
                                          "on data; give --data FOLDER .* or --latents FILE"):
         main(args + ["--prompts", str(tmp_path / "prompts.txt")])

@@ -330,7 +330,8 @@ def test_cli_distills_a_teacher_folder(tiny_sd_pipeline, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("bag\ncoat\n")
     out = tmp_path / "sfd.safetensors"
     args = ["distill", "sfd", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--nfe", "1", "2",
-            "--default-nfe", "2", "--steps", "1", "--batch-size", "1", "--rank", "2", "--teacher-substeps", "2"]
+            "--default-nfe", "2", "--steps", "1", "--warmup-steps", "0", "--batch-size", "1", "--rank", "2",
+            "--teacher-substeps", "2"]
     with pytest.raises(SystemExit, match="--prompts: required for a teacher other than the lab's"):
         main(args)
     assert main(args + ["--prompts", str(tmp_path / "prompts.txt")]) == 0

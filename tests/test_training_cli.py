@@ -40,7 +40,7 @@ def sfd_args(teacher, *more):
     """A tiny SFD run: one step, one NFE, one teacher substep."""
     return ["sfd", "--teacher", str(teacher), "--prompts", str(teacher.parent / "prompts.txt"), "--nfe", "1",
             "--default-nfe", "1", "--steps", "2", "--batch-size", "1", "--rank", "2", "--teacher-substeps", "1",
-            "--checkpoint-every", "1", *more]
+            "--checkpoint-every", "1", "--warmup-steps", "0", *more]
 
 
 def refusal(run, capsys) -> str:
@@ -67,6 +67,15 @@ def test_help_lists_the_registry_and_every_setting_of_each_method_once(capsys):
 
 @pytest.mark.parametrize("method, args, message", [
     ("sfd", ["--steps", "0"], "distill sfd: --steps: must be >= 1, got 0"),
+    ("sfd", ["--steps", "3"], "distill sfd: --warmup-steps: 100 warmup steps, --steps 3: the learning rate would "
+                              "never reach --lr; give --warmup-steps below 3"),
+    ("progressive", ["--steps-per-round", "100"], "distill progressive: --warmup-steps: 100 warmup steps, "
+                                                  "--steps-per-round 100"),
+    ("disback", ["--warmup-steps", "300", "--degradation-steps", "300"], "distill disback: --warmup-steps: 300 "
+                                                                        "warmup steps, --degradation-steps 300"),
+    ("shortcut", ["--warmup-steps", "10", "--stage2-steps", "5"], "distill shortcut: --warmup-steps: 10 warmup "
+                                                                 "steps, --stage2-steps 5"),
+    ("shortcut", ["--guidance", "0.5"], "distill shortcut: --guidance: must be >= 1, got 0.5"),
     ("progressive", ["--p-uncond", "1.5"], "distill progressive: --p-uncond: must be <= 1, got 1.5"),
     ("gdd", ["--batch-size", "0"], "distill gdd: --batch-size: must be >= 1, got 0"),
     ("disback", ["--latent-size", "0"], "distill disback: --latent-size: must be >= 1, got 0"),
@@ -196,8 +205,8 @@ def toy_preset(teacher, root) -> Preset:
 
 def test_a_preset_gives_its_defaults_to_its_own_teacher_only(teacher, tmp_path, capsys):
     preset = toy_preset(teacher, tmp_path)
-    args = ["sfd", "--nfe", "1", "--default-nfe", "1", "--steps", "1", "--batch-size", "1", "--rank", "2",
-            "--teacher-substeps", "1"]
+    args = ["sfd", "--nfe", "1", "--default-nfe", "1", "--steps", "1", "--warmup-steps", "0", "--batch-size", "1",
+            "--rank", "2", "--teacher-substeps", "1"]
     assert main(args, preset) == 0
     _, info = read_student(tmp_path / "sfd.safetensors")
     assert (info.teacher, info.extra["distilled_at_guidance"], info.guidance) == ("toy-teacher", 3.0, 1.0)

@@ -167,6 +167,18 @@ class RunConfig(Settings):
             log_every=self.log_every, desc=desc), **changes})
 
 
+def check_warmup(config: Settings, *stages: str) -> None:
+    """Refuse a warmup (``config.run.warmup_steps``) as long as one of the training stages it warms up (the
+    settings named ``stages``): the stage would end before the learning rate reached ``--lr``, and the file would
+    record an ``--lr`` it never trained at."""
+    warmup = config.run.warmup_steps
+    for name in stages:
+        steps = getattr(config, name)
+        if warmup >= steps:
+            raise SettingError("warmup_steps", f"{warmup} warmup steps, {flag_of(config, name)} {steps}: the learning "
+                                               f"rate would never reach --lr; give --warmup-steps below {steps}")
+
+
 def run_config(lora: dict | None = None, **defaults) -> Any:
     """A method config's ``run`` field: a :class:`RunConfig` with the method's defaults; ``lora``: the defaults
     of its LoRA (``{}``: :class:`LoraSpec`'s), None for a method without one."""

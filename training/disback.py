@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from ..models.io import atomic_save_file, read_safetensors
 from ..schedulers.prediction import denoising_target
-from .config import RunConfig, Settings, SettingError, run_config, setting, student_prediction_setting, training_record
+from .config import (RunConfig, Settings, SettingError, check_warmup, run_config, setting, student_prediction_setting,
+                     training_record)
 from .data import drop_prompts, sample_prompts
 from .lora import Conditioning, LoraAdapters, LoraStudent
 from .loop import Player, cost_record
@@ -79,6 +80,7 @@ class DisBackConfig(Settings):
     student_prediction: str | None = student_prediction_setting()
 
     def check(self) -> None:
+        check_warmup(self, "steps", *(("degradation_steps",) if self.path_checkpoints else ()))
         K, L, N = self.path_checkpoints, self.degradation_steps, self.steps_per_node
         if K > L:
             raise SettingError("path_checkpoints", f"need path_checkpoints ({K}) = 0 (no backtracking) or "

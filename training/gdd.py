@@ -53,8 +53,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import (LoraSpec, RunConfig, Settings, SettingError, run_config, setting, student_prediction_setting,
-                     training_record)
+from .config import (LoraSpec, RunConfig, Settings, SettingError, check_warmup, run_config, setting,
+                     student_prediction_setting, training_record)
 from .data import DataSource, drop_prompts
 from .lora import Conditioning, LoraStudent
 from .loop import Player, cost_record
@@ -94,6 +94,7 @@ class GDDConfig(Settings):
                                     "only past ~9,000 steps (0: no average, the generator's own weights)")
 
     def check(self) -> None:
+        check_warmup(self, "steps")
         lo, hi = self.disc_timesteps
         if lo > hi:
             raise SettingError("disc_timesteps", f"need LO <= HI, got {list(self.disc_timesteps)}")

@@ -59,7 +59,10 @@ def _encode_folder(vae, folder: Path, size: int, out: Path, batch_size: int, wor
     keys = [_key(checksum, size, _listing(folder, part), caption) for part, caption in zip(parts, captions)]
     data_key = _key(*keys)
     if out.is_file() and read_safetensors(out, select=lambda k: False)[1].get("data_key") == data_key:
-        print(f"{out}: already holds these {len(paths)} images at {size} px")
+        if accelerator.is_main_process:
+            print(f"{out}: already holds these {len(paths)} images at {size} px")
+            _remove_parts(work, set(keys))  # what this re-run made of the folder (its lock), parts out holds
+        accelerator.wait_for_everyone()
         return out
 
     device, dtype = accelerator.device, next(vae.parameters()).dtype
@@ -155,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("teacher", "data", "out", "size"):
             if getattr(config, name) is None:
                 raise SettingError(name, "required")
+        work = config.work if config.work is not None else config.out.with_name(config.out.name + ".work")
+        if os.path.realpath(work) == os.path.realpath(config.out):
+            raise SettingError("work", f"{work} is --out itself: the parts and the file cannot share a name; give "
+                                       "another folder")
         inputs = {"--teacher": config.teacher, "--data": config.data}
         for name, check in (("data", read_image_folder), ("out", lambda p: check_writable(p, "the output file")),
                             ("out", lambda p: check_replaceable(p, inputs, LATENTS_FORMAT)),

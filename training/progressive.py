@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..schedulers.grids import CLEAN, trailing_timesteps
-from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
+from .config import (RunConfig, Settings, SettingError, check_warmup, distilled_guidance, guidance_setting, run_config,
                      sample_with_cfg_setting, sampling_guidance, setting, student_prediction_setting,
                      training_record)
 from .data import DataSource, drop_prompts
@@ -70,6 +70,7 @@ class ProgressiveConfig(Settings):
                                 help="write the final student only, not every round's (<out>_nfe<N>)")
 
     def check(self) -> None:
+        check_warmup(self, "steps_per_round")
         ratio = self.teacher_steps / self.student_steps
         if ratio < 2 or not float(ratio).is_integer() or 2 ** round(math.log2(ratio)) != ratio:
             raise SettingError("teacher_steps", f"must be student_steps ({self.student_steps}) times a power of 2 "

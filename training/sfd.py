@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from ..models.io import FileFormatError, atomic_save_file, read_safetensors, readable
 from ..schedulers.grids import CLEAN, trailing_timesteps
 from ..schedulers.sigmas import EXP_KARRAS_P_MAX
-from .config import (RunConfig, Settings, SettingError, distilled_guidance, guidance_setting, run_config,
+from .config import (RunConfig, Settings, SettingError, check_warmup, distilled_guidance, guidance_setting, run_config,
                      sample_with_cfg_setting, sampling_guidance, setting, student_prediction_setting, training_record)
 from .data import drop_prompts, sample_prompts
 from .lora import STUDENT, Conditioning, LoraStudent
@@ -104,6 +104,7 @@ class SFDConfig(Settings):
                                       "work folder) and each step draws its batch from them (--teacher-from teacher)")
 
     def check(self) -> None:
+        check_warmup(self, "steps")
         self.nfes = tuple(sorted(set(self.nfes)))  # one student per NFE: `--nfe 4 2` is `--nfe 2 4`
         if self.pool and self.teacher_from != "teacher":
             raise SettingError("pool", "a teacher pool needs --teacher-from teacher (a teacher restarted from the "

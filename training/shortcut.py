@@ -25,7 +25,7 @@ from ..models.shortcut_file import FORMAT_NAME as SHORTCUT_FORMAT, save_shortcut
 from ..schedulers.named import SCHEDULE_NAMES, family_params, schedule_sigmas
 from ..schedulers.noise import alphas_cumprod_from_config, sigma_table
 from ..schedulers.sigmas import EXP_KARRAS_P_MAX, exp_karras_timesteps
-from .config import (RunConfig, Settings, SettingError, run_config, save_dtype_setting, setting,
+from .config import (RunConfig, Settings, SettingError, check_warmup, run_config, save_dtype_setting, setting,
                      training_record)
 from .loop import cost_record
 from .runner import Job, MethodEntry, settle
@@ -53,7 +53,7 @@ class ShortcutConfig(Settings):
                             help="the teacher runs' schedule, by the name ComfyUI knows it by; the shortcut learns "
                                  "to finish runs of this schedule, so sample with it")
     exp_karras_p: float = setting(1.0, ge=0, le=EXP_KARRAS_P_MAX, help="p of the exp_karras schedule")
-    guidance: float | None = setting(None, ge=0, preset="guidance", fallback=7.5, help="the teacher's CFG")
+    guidance: float | None = setting(None, ge=1, preset="guidance", fallback=7.5, help="the teacher's CFG (1: none)")
     height: int | None = setting(None, ge=8, teacher_default="image_size",
                                  help="image height of the teacher runs (default: the pipeline's)")
     width: int | None = setting(None, ge=8, teacher_default="image_size",
@@ -76,6 +76,7 @@ class ShortcutConfig(Settings):
                                                  "each side")
 
     def check(self) -> None:
+        check_warmup(self, "stage1_steps", *(("stage2_steps",) if self.stage2 else ()))
         lo, hi = self.capture_band
         if lo > hi:
             raise SettingError("capture_band", f"need LO <= HI, got {list(self.capture_band)}")
