@@ -4,8 +4,11 @@
 import sys
 from pathlib import Path
 
+from direct_distill.training import sfd
 from direct_distill.training.cli import main
 from direct_distill.training.registry import METHODS
+
+sfd.POOL_SHARD = 2  # SFD's pool of 3 draws in two files, one computed by each process
 
 teacher, root = Path(sys.argv[1]), Path(sys.argv[2])
 common = ["--teacher", str(teacher), "--prompts", str(root / "prompts.txt"), "--batch-size", "1",

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from direct_distill.models import load_shortcut
+from direct_distill.models.io import read_safetensors
 from direct_distill.models.student_file import read_student
 from direct_distill.training.data import write_latents_file
 from direct_distill.training.registry import METHODS
@@ -42,5 +44,9 @@ def test_every_method_runs_and_resumes_in_two_processes_on_a_cpu(tiny_sd_pipelin
     # The capture's four shards were shared out, and one process printed each result, twice (run, then resumed).
     assert len(list((tmp_path / "shortcut.work" / "trajectories" / "steps4").glob("shard-*.safetensors"))) == 4
     assert done.stdout.count("SFD student (NFE 1) written to") == 2
-    assert read_student(tmp_path / "sfd.safetensors")[1].extra["teacher_pool"]["draws"] == 3  # one file, read by both
-    assert [p.name for p in (tmp_path / "sfd.work" / "teacher_pool").iterdir()] == ["pool-00000.safetensors"]
+    pool = read_student(tmp_path / "sfd.safetensors")[1].extra["teacher_pool"]
+    files = sorted((tmp_path / "sfd.work" / "teacher_pool").iterdir())
+    assert pool["draws"] == 3 and [p.name for p in files] == ["pool-00000.safetensors", "pool-00001.safetensors"]
+    # one file each, side by side: the pool's wall-clock is the longer of the two, not their sum
+    seconds = [float(read_safetensors(p)[1]["seconds"]) for p in files]
+    assert pool["seconds"] == pytest.approx(max(seconds), abs=0.05) and min(seconds) > 0.1  # the sum would differ

@@ -223,8 +223,8 @@ POOL_STREAM = 7    # the pool's RNG stream, apart from the loop's per-step seeds
 @dataclass
 class TeacherPool:
     """The teacher's trajectories for a fixed set of draws: ``noise`` (N, C, H, W), the prompt of each draw (the
-    empty prompt where it was dropped), ``targets[n]`` (N, n, C, H, W) for every NFE, and the seconds the
-    teacher took to compute them (summed over files)."""
+    empty prompt where it was dropped), ``targets[n]`` (N, n, C, H, W) for every NFE, and the wall-clock seconds
+    the teacher took to compute them (:func:`pool_seconds`)."""
 
     noise: torch.Tensor
     prompts: list[str]
@@ -269,8 +269,15 @@ def capture_pool(method: SFD, size: int, seed: int, folder: Path | None, acceler
         noise=torch.cat([t["noise"] for t, _ in ordered]),
         prompts=[p for _, meta in ordered for p in json.loads(meta["prompts"])],
         targets={n: torch.cat([t[f"nfe{n}"] for t, _ in ordered]) for n in nfes},
-        seconds=sum(float(meta["seconds"]) for _, meta in ordered))
+        seconds=pool_seconds([float(meta["seconds"]) for _, meta in ordered],
+                             accelerator.num_processes if folder is not None else 1))
     return method.pool
+
+
+def pool_seconds(shard_seconds: list[float], processes: int) -> float:
+    """The wall-clock seconds of a pool's capture from its files' own: file k is computed by process k mod
+    ``processes`` (a run resumes with as many processes only), the processes side by side."""
+    return max(sum(shard_seconds[p::processes]) for p in range(processes))
 
 
 def _capture_pool_shard(method: SFD, count: int, seed: int, k: int, bar, batch: int = 128):
