@@ -509,8 +509,12 @@ def main(argv=None):
                         help="vae/decoder: weight of the perceptual term in the lab's own feature network "
                              "(stage features; default 0: none)")
     parser.add_argument("--work", type=Path, default=WORK_DIR, help="checkpoints and intermediate files")
-    parser.add_argument("--out", type=Path, default=TEACHER_DIR, help="the exported diffusers folder")
+    parser.add_argument("--out", type=Path, default=None, help=f"export: the diffusers folder (default {TEACHER_DIR})")
     args = parser.parse_args(argv)
+    if args.out is not None and args.stage != "export":
+        parser.error(f"--out applies to the export stage; {args.stage} writes into --work")
+    if args.steps is not None and args.stage == "export":
+        parser.error("--steps applies to the training stages; export trains nothing")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.perceptual_weight is not None:
@@ -531,7 +535,7 @@ def main(argv=None):
         elif args.stage == "decoder":
             train_decoder(decoder_config(**vae_overrides), args.work)
         else:
-            export_teacher(args.work, args.out)
+            export_teacher(args.work, args.out or TEACHER_DIR)
     except (CheckpointMismatch, FileFormatError) as err:  # a stage resumed under other settings, a damaged file
         parser.exit(1, f"{parser.prog} {args.stage}: {err}\n")
     except KeyboardInterrupt:

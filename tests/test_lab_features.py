@@ -132,7 +132,10 @@ def test_the_teacher_cli_checks_the_perceptual_weight_and_trains_with_it(tmp_pat
         monkeypatch.setattr(module, "load_fashion_mnist", lambda split: (images, torch.arange(24) % 10))
     for argv, message in ((["unet", "--perceptual-weight", "1"], "applies to the vae and decoder stages"),
                           (["vae", "--perceptual-weight", "-1"], "must be a finite number >= 0"),
-                          (["vae", "--perceptual-weight", "nan"], "must be a finite number >= 0")):
+                          (["vae", "--perceptual-weight", "nan"], "must be a finite number >= 0"),
+                          (["features", "--out", str(tmp_path / "t")], "--out applies to the export stage; features "
+                                                                       "writes into --work"),
+                          (["export", "--steps", "5"], "--steps applies to the training stages; export trains")):
         with pytest.raises(SystemExit):
             teacher.main(argv + ["--work", str(tmp_path)])
         assert message in capsys.readouterr().err
