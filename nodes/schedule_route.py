@@ -32,8 +32,8 @@ from . import student as student_nodes
 from .schedulers import SCHEDULER_NAME, exp_karras_node_sigmas
 
 ROUTE = "/direct_distill/sigmas"
-MAX_STEPS = 1000
-MAX_SCHEDULE = 10000  # steps / denoise: the length of the schedule computed before denoise cuts it
+MAX_STEPS = 10000  # the sampler nodes' steps widget
+MAX_SCHEDULE = 100_000  # steps / denoise: the length of the schedule computed before denoise cuts it
 P_RANGE = (0.0, EXP_KARRAS_P_MAX)  # the ExpKarras Scheduler node's p widget
 PARAMETERS = ("scheduler", "steps", "p", "denoise", "sampler", "model", "shortcut", "student", "nfe", "preset")
 STUDENT_PARAMETERS = ("student", "nfe", "preset", "model")
@@ -176,6 +176,8 @@ def _sd_model_sampling():
 
 def _checkpoint_model_sampling(name: str):
     path, stat = _listed("checkpoints", name, "model")
+    if not path.lower().endswith((".safetensors", ".sft")):  # a pickle (.ckpt, .pt) is never opened here
+        raise BadQuery(f"model {name[:200]!r}: not a .safetensors file, the only kind this route reads")
     return _model_sampling_of_file(path, stat.st_size, stat.st_mtime_ns)
 
 

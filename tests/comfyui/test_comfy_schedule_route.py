@@ -72,11 +72,21 @@ def test_p_gives_the_expkarras_scheduler_nodes_sigmas(comfy_loaded, route, model
         answer(route, scheduler="exp_karras", steps=12)["sigmas"], rel=1e-6)
 
 
+def test_every_step_count_the_sampler_nodes_take_is_plotted(route, model):
+    """KSampler's steps widget goes to 10000 (the route stopped at 1000), and ComfyUI runs 12 steps at denoise
+    0.001 (12,000 computed, the last 12 run)."""
+    for steps, denoise in ((10000, 1.0), (12, 0.001)):
+        sigmas = answer(route, scheduler="karras", steps=steps, denoise=denoise)["sigmas"]
+        expected = comfy.samplers.KSampler(model, steps, "cpu", None, "karras", denoise).sigmas
+        assert sigmas == expected.tolist() and len(sigmas) == steps + 1
+
+
 @pytest.fixture(scope="module")
 def checkpoint(comfy_loaded, tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoints")
     write_sd15_shaped_checkpoint(folder / "tiny_sd15.safetensors")
     (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    (folder / "old.ckpt").write_bytes(b"PK\x03\x04 a pickle, never opened")
     folder_paths.add_model_folder_path("checkpoints", str(folder))
     return folder / "tiny_sd15.safetensors"
 
@@ -169,9 +179,9 @@ BAD_QUERIES = {
     "scheduler=nonsense&steps=10": "unknown scheduler 'nonsense'",
     "steps=10": "scheduler is required",
     "scheduler=karras": "steps is required",
-    "scheduler=karras&steps=0": "steps must be between 1 and 1000, got '0'",
-    "scheduler=karras&steps=1001": "steps must be between 1 and 1000, got '1001'",
-    f"scheduler=karras&steps={'9' * 4000}": f"steps must be between 1 and 1000, got '{'9' * 40}'",
+    "scheduler=karras&steps=0": "steps must be between 1 and 10000, got '0'",
+    "scheduler=karras&steps=10001": "steps must be between 1 and 10000, got '10001'",
+    f"scheduler=karras&steps={'9' * 4000}": f"steps must be between 1 and 10000, got '{'9' * 40}'",
     "scheduler=karras&steps=1e3": "steps must be an integer",
     "scheduler=karras&steps=12&denoise=nan": "denoise must be a finite number between 0 and 1",
     "scheduler=karras&steps=12&denoise=1.5": "denoise must be a finite number between 0 and 1",
@@ -180,7 +190,9 @@ BAD_QUERIES = {
     "scheduler=exp_karras&steps=12&p=-1": "p must be a finite number between 0 and 10",
     "scheduler=exp_karras&steps=12&p=abc": "p must be a number",
     "scheduler=karras&steps=12&p=1": "p is the ExpKarras Scheduler node's curvature",
-    "scheduler=karras&steps=1000&denoise=0.01": "steps / denoise must be at most 10000",
+    "scheduler=karras&steps=10000&denoise=0.01": "steps / denoise must be at most 100000",
+    "scheduler=karras&steps=12&model=old.ckpt": "model 'old.ckpt': not a .safetensors file, the only kind this "
+                                                "route reads",
     "scheduler=karras&steps=12&sampler=nonsense": "unknown sampler 'nonsense'",
     "scheduler=karras&steps=12&model=nope.safetensors": "unknown model 'nope.safetensors'",
     "scheduler=karras&steps=12&model=../../../../etc/passwd": "unknown model '../../../../etc/passwd'",
