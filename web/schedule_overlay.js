@@ -129,17 +129,30 @@ class ScheduleOverlay {
       try {
         main = await fetchSigmas(spec.query);
       } catch (err) {
-        // A missing model or shortcut file still leaves a schedule to show (on SD's noise table).
+        // A checkpoint that cannot be read still leaves a schedule to show, on SD's noise table, with the
+        // shortcut's band; a missing shortcut file leaves the schedule alone.
         if (spec.query.model === undefined && spec.query.shortcut === undefined) throw err;
         problem = err.message;
-        spec = { ...spec, query: { ...spec.query, model: undefined, shortcut: undefined } };
-        main = await fetchSigmas(spec.query);
+        const fallbacks = [];
+        if (spec.query.model !== undefined) fallbacks.push({ model: undefined });
+        if (spec.query.shortcut !== undefined) fallbacks.push({ model: undefined, shortcut: undefined });
+        for (const [i, drop] of fallbacks.entries()) {
+          try {
+            main = await fetchSigmas({ ...spec.query, ...drop });
+            spec = { ...spec, query: { ...spec.query, ...drop } };
+            break;
+          } catch (again) {
+            if (i === fallbacks.length - 1) throw again;
+            if (again.message !== problem) problem = `${problem} · ${again.message}`;
+          }
+        }
       }
       const base = spec.query.student !== undefined
         ? { steps: main.nfe, model: spec.query.model }
         : { steps: spec.query.steps, denoise: spec.query.denoise, sampler: spec.query.sampler,
             model: spec.query.model };
-      const selected = spec.query.student !== undefined ? null : spec.query.scheduler;
+      // the ExpKarras Scheduler node's own curve is p's: the dropdown's exp_karras (p = 1) may be compared with it
+      const selected = spec.query.student !== undefined || spec.query.p !== undefined ? null : spec.query.scheduler;
       const names = this.compared().filter((name) => name !== selected && main.schedulers.includes(name));
       others = await Promise.all(names.map((name) =>
         fetchSigmas({ ...base, scheduler: name })

@@ -185,13 +185,7 @@ def widget_position(frontend, node_id, name, where):
 def test_overlay_follows_widget_changes_and_ticked_schedules(frontend, comfy_server, overlay_graph):
     url, node_id = comfy_server["url"], overlay_graph["ids"]["KSampler"]
     selected = lambda s: next(x for x in s["series"] if x["role"] == "selected")  # noqa: E731
-    frontend.js("""(app, id) => {
-        const node = app.graph.getNodeById(id);
-        app.canvas.ds.scale = 1;
-        app.canvas.ds.offset = [40 - node.pos[0], 60 - node.pos[1]];
-        app.canvas.setDirty(true, true);
-    }""", node_id)
-    frontend.page.wait_for_timeout(300)
+    view_node(frontend, node_id)
     before = int(query_of(selected(wait_for(frontend, node_id, lambda s: s["series"])))["steps"])
 
     frontend.page.mouse.click(*widget_position(frontend, node_id, "steps", "right"))  # the user clicks "+"
@@ -213,6 +207,61 @@ def test_overlay_follows_widget_changes_and_ticked_schedules(frontend, comfy_ser
     assert frontend.js("(app, id) => app.graph.getNodeById(id).properties['Direct Distill compare']",
                        node_id) == ["karras", "exponential"]
     assert not frontend.our_errors()
+
+
+def view_node(frontend, node_id):
+    frontend.js("""(app, id) => {
+        const node = app.graph.getNodeById(id);
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [40 - node.pos[0], 60 - node.pos[1]];
+        app.canvas.setDirty(true, true);
+    }""", node_id)
+    frontend.page.wait_for_timeout(300)
+
+
+def test_the_expkarras_node_compares_its_p_with_the_dropdowns_exp_karras(frontend, comfy_server, overlay_graph):
+    """Its tick box for exp_karras (the dropdown's, p = 1) plotted nothing: it was taken for the node's own curve."""
+    url, node_id = comfy_server["url"], overlay_graph["ids"]["DirectDistillExpKarrasScheduler"]
+    view_node(frontend, node_id)
+    frontend.js("(app, id) => { app.graph.getNodeById(id).widgets.find((w) => w.name === 'p').value = 2.5; }",
+                node_id)
+    box = frontend.page.locator(f'.dd-schedule-overlay[data-node-id="{node_id}"] input[value="exp_karras"]')
+    box.click()
+    try:
+        state = wait_for(frontend, node_id, lambda s: any(x["role"] == "compare" and x["scheduler"] == "exp_karras"
+                                                          for x in s["series"]))
+        for series in state["series"]:
+            check_series(url, state, series)
+        (own,) = [x for x in state["series"] if x["role"] == "selected"]
+        (dropdown,) = [x for x in state["series"] if x["role"] == "compare" and x["scheduler"] == "exp_karras"]
+        assert query_of(own)["p"] == "2.5" and "p" not in query_of(dropdown) and own["sigmas"] != dropdown["sigmas"]
+    finally:
+        box.click()
+    assert not frontend.our_errors()
+
+
+def test_a_checkpoint_the_route_cannot_read_keeps_the_shortcuts_band(frontend, comfy_server, overlay_graph):
+    """A .ckpt upstream: the plot falls back to SD's table and still shows the shortcut's band and verdict (both
+    were dropped with the checkpoint)."""
+    url, node_id = comfy_server["url"], overlay_graph["ids"]["DirectDistillShortcutKSampler"]
+    (comfy_server["path"] / "models" / "checkpoints" / "old.ckpt").write_bytes(b"PK\x03\x04 a pickle, never opened")
+    set_checkpoint = """(app, name) => {
+        const node = app.graph.nodes.find((n) => n.type === "CheckpointLoaderSimple");
+        node.widgets.find((w) => w.name === "ckpt_name").value = name;
+        app.canvas.setDirty(true, true);
+    }"""
+    view_node(frontend, node_id)
+    frontend.js(set_checkpoint, "old.ckpt")
+    try:
+        state = wait_for(frontend, node_id, lambda s: (s["error"] or "").startswith("model 'old.ckpt'"))
+        assert state["error"] == "model 'old.ckpt': not a .safetensors file, the only kind this route reads"
+        assert state["band"] == ",".join(f"{v:g}" for v in SHORTCUT_BAND)
+        (selected,) = [s for s in state["series"] if s["role"] == "selected"]
+        assert "model" not in query_of(selected) and query_of(selected)["shortcut"] == overlay_graph["shortcut"]
+        check_series(url, state, selected)
+    finally:
+        frontend.js(set_checkpoint, overlay_graph["checkpoint"])
+    wait_for(frontend, node_id, lambda s: s["error"] is None)
 
 
 WORKFLOW_FILES = sorted(p.name for p in WORKFLOWS.glob("*.json"))
