@@ -23,6 +23,8 @@ from .model_identity import (PREDICTIONS, check_checkpoint_noise_table, lora_mis
 FOLDER_NAME = "loras"  # a student is a LoRA: it lives with the user's other LoRAs
 FROM_FILE = "from file"
 # ComfyUI's text-encoder prefixes (cond_stage_model's state dict) -> the diffusers component of a LoRA.
+# model_options key of a MODEL this node put a few-step LoRA on: a second one downstream is refused
+APPLIED_KEY = "direct_distill_few_step_lora"
 _CLIP_COMPONENTS = {"sd15": {"clip_l.transformer.": "text_encoder"},
                     "sdxl": {"clip_l.transformer.": "text_encoder", "clip_g.transformer.": "text_encoder_2"}}
 
@@ -188,14 +190,23 @@ class LoadStudent(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, student_name, nfe, strength, preset=FROM_FILE, clip=None) -> io.NodeOutput:
+        earlier = model.model_options.get(APPLIED_KEY)
+        if earlier is not None:
+            raise ValueError(f"{student_name}: this MODEL already carries the few-step LoRA {earlier} (a Load "
+                             "Distilled Student upstream): two at once sample as neither; connect the checkpoint's "
+                             "MODEL instead")
         path = folder_paths.get_full_path_or_raise(FOLDER_NAME, student_name)
         tensors, metadata = read_safetensors(path)  # an unreadable file raises FileFormatError naming it
         if is_direct_distill_file(metadata):
             if preset != FROM_FILE:
                 raise ValueError(f"{student_name}: a Direct Distill student's file says how it samples; set preset "
                                  f"to '{FROM_FILE}'")
-            return io.NodeOutput(*_own_student(model, clip, path, student_name, nfe, strength))
-        return io.NodeOutput(*_preset_lora(model, clip, tensors, metadata, student_name, preset, nfe, strength))
+            out = _own_student(model, clip, path, student_name, nfe, strength)
+        else:
+            out = _preset_lora(model, clip, tensors, metadata, student_name, preset, nfe, strength)
+        if strength != 0:  # the patched clone says so (model_options are copied with each clone downstream)
+            out[0].model_options[APPLIED_KEY] = student_name
+        return io.NodeOutput(*out)
 
 
 class TCDSamplerNode(io.ComfyNode):
