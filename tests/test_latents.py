@@ -207,6 +207,24 @@ def test_a_vae_that_overflows_float16_is_one_line_from_the_command(teacher_file,
     assert not out.exists()
 
 
+def test_a_full_disk_is_one_line_and_the_parts_written_stay(teacher_file, tmp_path, monkeypatch):
+    path, _ = teacher_file
+    monkeypatch.setattr(latents, "PART", 2)
+    real_save, saved = latents.atomic_save_file, []
+
+    def disk_fills(tensors, target, metadata=None):
+        if saved:
+            raise OSError(28, "No space left on device", str(target))
+        saved.append(real_save(tensors, target, metadata))
+
+    monkeypatch.setattr(latents, "atomic_save_file", disk_fills)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(SystemExit, match=r"^latents: \[Errno 28\] No space left on device: '.*part_00001"):
+        latents.main(["--teacher", str(path), "--data", str(small_folder(tmp_path / "images", n=4)), "--size", "32",
+                      "--out", str(out)])
+    assert not out.exists() and (tmp_path / "x.safetensors.work" / "part_00000.safetensors").is_file()
+
+
 def test_bad_requests_fail_before_the_vae_loads(image_folder, teacher_file, tmp_path, monkeypatch, capsys):
     from safetensors.torch import save_file
 

@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         encode_folder(vae, config.data, config.size, config.out, batch_size=config.batch_size, work=config.work,
                       accelerator=make_accelerator(config.cpu))
-    except (ValueError, FloatingPointError, FolderInUse) as err:  # an unreadable image, a non-finite latent, a
-        # second run into the work folder: named in one line
+    except (ValueError, FloatingPointError, FolderInUse, OSError) as err:  # an unreadable image, a non-finite
+        # latent, a second run into the work folder, a full disk: named in one line (the parts written stay)
         raise SystemExit(f"latents: {err}") from None
     except KeyboardInterrupt:
         work = config.work or config.out.with_name(config.out.name + ".work")
