@@ -130,7 +130,8 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
             return
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and name in (m.scaling or {})]
+        layers = [m for m in unet.modules()
+                  if isinstance(m, BaseTunerLayer) and name in (getattr(m, "scaling", None) or {})]
         if layers and all(not m.disable_adapters and name in m.active_adapters for m in layers):
             return
         active = sorted({n for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters
