@@ -175,7 +175,7 @@ class TeacherCost:
 class Stats:
     """A configuration over its seed sets."""
 
-    fd0: float  # seed set 0's FD (the same noise for every row), else the first
+    fd0: float | None  # seed set 0's FD (the same noise for every row); None where set 0 did not run
     fd: float  # mean over seed sets
     fd_sd: float | None  # standard deviation, where more than one seed set ran
     runs: int
@@ -198,9 +198,24 @@ class Paired:
         return 100 * (self.fd_a / self.fd_b - 1)
 
     @property
+    def half_width(self) -> float | None:
+        """Half the width of the mean difference's two-sided 95 % confidence interval (Student's t on k - 1
+        degrees of freedom: 4.30 standard errors for 3 seed sets); None for a single seed set."""
+        if self.sd is None:
+            return None
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, self.k - 1)) * self.sd / self.k ** 0.5
+
+    @property
     def significant(self) -> bool:
-        """The mean difference exceeds twice its standard error."""
-        return self.sd is not None and abs(self.mean) > 2 * self.sd / self.k ** 0.5
+        """The 95 % confidence interval of the mean difference excludes zero."""
+        return self.half_width is not None and abs(self.mean) > self.half_width
+
+    def upper_gap_percent(self) -> float | None:
+        """FD(a) above FD(b) in percent at the upper end of the 95 % interval: what a "within X %" goal must
+        clear to be shown."""
+        return None if self.sd is None else 100 * (self.mean + self.half_width) / self.fd_b
 
     def describe(self) -> str:
         spread = f" ± {self.sd:.3f}" if self.sd is not None else ""
@@ -233,6 +248,9 @@ class Ranking:
         return self.order[0]
 
 
+NOT_SHOWN = "not shown"
+
+
 @dataclass
 class Goal:
     """One goal of the issue the lab answers, with what was measured against it."""
@@ -240,11 +258,11 @@ class Goal:
     topic: str
     goal: str
     measured: str
-    met: bool | None  # None: not measured yet
+    met: bool | str | None  # None: not measured yet; NOT_SHOWN: met on the mean, not beyond the seed sets' noise
 
     @property
     def status(self) -> str:
-        return {True: "**met**", False: "**missed**", None: "not measured"}[self.met]
+        return {True: "**met**", False: "**missed**", None: "not measured", NOT_SHOWN: "**not shown**"}[self.met]
 
 
 class ResultsFileError(ValueError):
@@ -275,6 +293,10 @@ class Results:
 
     @classmethod
     def from_json(cls, data: dict) -> Results:
+        for row in data.get("runs", []) + data.get("floors", []):
+            if not math.isfinite(row["fd"]):
+                raise ValueError(f"row {row.get('group', 'floor')} {row['name']!r} seed set {row['seed_set']} "
+                                 f"has FD {row['fd']}")
         def student(d):
             evaluations = [Evaluation(**e) for e in d.pop("evaluations", [])]
             selected = d.pop("selected", None)
@@ -317,7 +339,7 @@ class Results:
         if not runs:
             return None
         fds = [r.fd for r in runs]
-        return Stats(fd0=next((r.fd for r in runs if r.seed_set == 0), fds[0]), fd=statistics.mean(fds),
+        return Stats(fd0=next((r.fd for r in runs if r.seed_set == 0), None), fd=statistics.mean(fds),
                      fd_sd=statistics.stdev(fds) if len(fds) > 1 else None, runs=len(runs),
                      accuracy=statistics.mean(r.accuracy for r in runs),
                      seconds_per_image=statistics.mean(r.seconds_per_image for r in runs))
@@ -396,6 +418,10 @@ class Bench:
                                    "--fresh (git keeps the old one)")
 
     def record(self, group: str, name: str, nfe: int, seed_set: int, samples, **extra) -> Run:
+        bad = int((~torch.isfinite(samples.images.flatten(1))).any(1).sum())
+        if bad:
+            raise ResultsFileError(f"{group} {name} NFE {nfe} seed set {seed_set}: {bad} of {len(samples.images)} "
+                                   "samples hold non-finite values (the sampler diverged); no row was recorded")
         run = Run(group=group, name=name, nfe=nfe, seed_set=seed_set, n=len(samples.images),
                   fd=self.evaluator.fd(samples.images),
                   accuracy=self.evaluator.accuracy(samples.images, samples.labels),
@@ -664,6 +690,7 @@ def run_student_rows(bench: Bench, guidance: float, repeats: int):
     at ``guidance`` beside them. The rows and records of a student file that changed or is gone are dropped
     first: a row's seed sets all come from one file, and only committed files are reported."""
     from ..pipelines import load_student
+    from ..schedulers import ExpKarrasScheduler
     from . import STUDENTS_DIR
     from .sampling import load_teacher, sample_teacher
 
@@ -697,8 +724,10 @@ def run_student_rows(bench: Bench, guidance: float, repeats: int):
                 bench.record("student", name, nfe, s, samples, guidance=info.guidance, method=info.method,
                              file=path.name, sha256=digest)
         if info.method in ("gdd", "disback"):
-            # Where every one-step student starts: the same single call with the LoRA off.
+            # Where every one-step student starts: the same single call with the LoRA off, read as the model
+            # predicts (the student's scheduler may read v or x0; it refuses to run without its adapter).
             pipe.disable_lora()
+            pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config)
             for s in range(repeats):
                 if bench.results.has(Config("student", ONE_STEP_START, 1), s):
                     continue
@@ -753,9 +782,10 @@ def fmt_fd(st: Stats | None) -> str:
     """Seed set 0's FD (comparable across every row), then the mean ± sd where more seed sets ran."""
     if st is None:
         return "–"
+    first = "–" if st.fd0 is None else f"{st.fd0:.3f}"  # another seed set's FD would not compare with the others
     if st.fd_sd is not None:
-        return f"{st.fd0:.3f} ({st.runs} sets: {st.fd:.3f} ± {st.fd_sd:.3f})"
-    return f"{st.fd0:.3f}"
+        return f"{first} ({st.runs} sets: {st.fd:.3f} ± {st.fd_sd:.3f})"
+    return first if st.fd0 is not None else f"– (1 set, not 0: {st.fd:.3f})"
 
 
 @contextlib.contextmanager
@@ -787,7 +817,7 @@ def plot_fd_vs_nfe(results: Results, names: list[str], path: Path):
     with figure(path, "NFE (DPM-Solver++ 2M steps)", "FD (classifier features, seed set 0) ↓") as ax:
         for name in names:
             pts = [(n, results.stats(teacher_on(name, n))) for n in NFES]
-            pts = [(n, st.fd0) for n, st in pts if st]
+            pts = [(n, st.fd0) for n, st in pts if st and st.fd0 is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log")
@@ -851,14 +881,29 @@ def paired_goal(results: Results, topic: str, goal: str, rows: list[Config], nfe
         return Goal(topic, goal, "not measured", None)
     p, row = min(pairs, key=lambda pr: pick(pr[0]))
     who = f"`{row.name}` " if len(rows) > 1 else ""
+    interval = "" if p.sd is None else (f"; 95 % interval {100 * (p.mean - p.half_width) / p.fd_b:+.1f} to "
+                                        f"{p.upper_gap_percent():+.1f} %")
     return Goal(topic, goal, f"{who}FD {p.fd_a:.3f} against {p.fd_b:.3f} ({ref[1]}): {p.fd_a / p.fd_b:.2f}x "
-                f"({p.gap_percent:+.1f} %), paired {p.describe()}", met(p))
+                f"({p.gap_percent:+.1f} %{interval}), paired {p.describe()}", met(p))
 
 
-def shown_better(p: Paired) -> bool:
-    """A "better than" goal: lower FD on average and by more than the paired spread (a lower mean within the
-    noise of the seed sets shows nothing)."""
-    return p.mean < 0 and p.significant
+def shown_better(p: Paired) -> bool | str:
+    """A "better than" goal: met where the 95 % interval of the paired difference lies below zero; a lower mean
+    within the noise of the seed sets shows nothing (NOT_SHOWN); a higher one misses."""
+    if p.mean >= 0:
+        return False
+    return True if p.significant else NOT_SHOWN
+
+
+def shown_within(percent: float):
+    """A "within X %" goal: met where the upper end of the paired difference's 95 % interval is within it; a
+    mean within it whose interval reaches past it is NOT_SHOWN; a mean past it misses."""
+    def met(p: Paired) -> bool | str:
+        if p.gap_percent > percent:
+            return False
+        upper = p.upper_gap_percent()
+        return True if upper is not None and upper <= percent else NOT_SHOWN
+    return met
 
 
 SEVEN_PLUS_ONE, TWELVE_PLUS_ONE = Config("shortcut", "7+1", 8), Config("shortcut", "12+1", 13)
@@ -869,7 +914,7 @@ def shortcut_goals(results: Results) -> dict[str, Goal]:
         "7+1": paired_goal(results, "shortcut", "7+1 better than the teacher's best 8 steps", [SEVEN_PLUS_ONE], 8,
                            shown_better, lambda p: p.mean),
         "12+1": paired_goal(results, "shortcut", "12+1 within 5 % of the teacher's best 20 steps", [TWELVE_PLUS_ONE],
-                            20, lambda p: p.gap_percent <= 5, lambda p: p.gap_percent),
+                            20, shown_within(5), lambda p: p.gap_percent),
     }
 
 
@@ -886,9 +931,9 @@ def student_goals(results: Results) -> list[Goal]:
         paired_goal(results, "students", "a 4-NFE student better than the teacher's best 4 steps", at(4), 4,
                     shown_better, lambda p: p.mean),
         paired_goal(results, "students", "a 2-NFE student within 25 % of the teacher's best 20 steps", at(2), 20,
-                    lambda p: p.gap_percent <= 25, lambda p: p.gap_percent),
+                    shown_within(25), lambda p: p.gap_percent),
         paired_goal(results, "students", "the best one-step student within 1.5x of the teacher's best 20 steps",
-                    at(1), 20, lambda p: p.fd_a <= 1.5 * p.fd_b, lambda p: p.gap_percent),
+                    at(1), 20, shown_within(50), lambda p: p.gap_percent),
     ]
 
 
@@ -955,7 +1000,9 @@ def header_section(results: Results) -> list[str]:
             "classifier's 128-d feature space, accuracy is the classifier's agreement with the prompt. "
             "FD cells give seed set 0 (the same noise for every row); where more seed sets ran, their mean "
             "± standard deviation follows in brackets. Two rows are compared on the seed sets both ran (a "
-            "paired difference), which counts as significant when its mean exceeds twice its standard error.", ""]
+            "paired difference), which counts as significant when its 95 % confidence interval (Student's t on "
+            "the seed sets, 4.30 standard errors for 3) excludes zero. A goal is met when that interval clears it, "
+            "**not shown** when only the mean does.", ""]
 
 
 def floors_section(results: Results) -> list[str]:
@@ -981,7 +1028,9 @@ def guidance_section(results: Results) -> list[str]:
     return ([f"## Guidance (DPM++ 2M Karras, {CFG_SWEEP_STEPS} steps)", "", "| guidance | FD | accuracy |",
              "|---|---|---|"]
             + [f"| {r.guidance:g} | {r.fd:.2f} | {r.accuracy:.3f} |" for r in rows]
-            + ["", f"Best guidance (lowest FD): **{results.best_guidance:g}**, {teacher_guidance_text(results)}.", ""])
+            + ["", f"Best guidance (lowest FD): **{results.best_guidance:g}**, {teacher_guidance_text(results)}."
+                   if results.best_guidance is not None else
+                   "Best guidance: the sweep has not finished (it is chosen once every guidance ran).", ""])
 
 
 def teacher_guidance_text(results: Results) -> str:
@@ -1065,7 +1114,7 @@ def best_schedule_section(results: Results) -> list[str]:
         if p.sd is None:
             call = f"{r.best} first (one seed set)"
         elif p.significant:
-            call = f"{r.best} best, by more than the paired spread"
+            call = f"{r.best} best (95 % interval of the difference below zero)"
         else:
             call = f"{r.best} first, not separable from {runner}"
         spread = f" ± {p.sd:.3f}" if p.sd is not None else ""
