@@ -155,6 +155,10 @@ class TwoStageShortcut(nn.Module):
         if stage2 is not None and stage2.config["in_channels"] != stage1.config["out_channels"]:
             raise ValueError(f"stage 2 takes {stage2.config['in_channels']} channels "
                              f"but stage 1 gives {stage1.config['out_channels']}")
+        last = (stage2 or stage1).config["out_channels"]
+        if last != stage1.config["in_channels"]:  # a latent in, a latent out: the pipeline decodes what it gives
+            raise ValueError(f"the shortcut takes {stage1.config['in_channels']}-channel latents but gives {last} "
+                             "channels")
         self.stage1, self.stage2 = stage1, stage2
         self.latent_channels = stage1.config["in_channels"]
         self.t_band: tuple[float, float] | None = None

@@ -228,9 +228,18 @@ def kohya_name(module: str) -> str:
     return "lora_unet_" + _KOHYA_NAME_OVERRIDES.get(module, module.replace(".", "_"))
 
 
+# the layers diffusers' fuse_qkv_projections() adds beside to_q, to_k and to_v (which stay): the same UNet
+_FUSED_PROJECTIONS = frozenset({"to_qkv", "to_kv", "to_added_qkv"})
+
+
+def bare_unet(unet: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile`` wrapped (its parameters are named ``_orig_mod.*``), else ``unet`` itself."""
+    return getattr(unet, "_orig_mod", unet)
+
+
 def unet_architecture(unet: torch.nn.Module) -> dict:
     """The config fields of a diffusers UNet that define its architecture, per-block fields as lists."""
-    config = dict(getattr(unet, "config", {}) or {})
+    config = dict(getattr(bare_unet(unet), "config", {}) or {})
     blocks = len(config.get("down_block_types", ()) or ())
     out = {}
     for key in _ARCHITECTURE_FIELDS:
@@ -245,11 +254,12 @@ def unet_architecture(unet: torch.nn.Module) -> dict:
 
 def unet_parameter_shapes(unet: torch.nn.Module) -> dict[str, list[int]]:
     """{parameter name: shape} of a diffusers UNet. LoRA layers that peft or diffusers added (``lora_A``,
-    ``lora_B``, ...) are left out and wrapped layers keep their own names, so adapters change nothing."""
+    ``lora_B``, ...) are left out and wrapped layers keep their own names, so adapters change nothing; nor do
+    ``torch.compile`` (its wrapper's prefix) and ``fuse_qkv_projections()`` (the fused layers it adds)."""
     shapes = {}
-    for name, parameter in unet.named_parameters():
+    for name, parameter in bare_unet(unet).named_parameters():
         parts = name.split(".")
-        if any(part.startswith("lora_") for part in parts):
+        if any(part.startswith("lora_") or part in _FUSED_PROJECTIONS for part in parts):
             continue
         shapes[".".join(p for p in parts if p != "base_layer")] = list(parameter.shape)
     return shapes
@@ -280,7 +290,7 @@ def unet_mismatches(info: StudentInfo, lora: dict[str, torch.Tensor], unet: torc
             if info.teacher_unet_config.get(key) != ours.get(key):
                 problems.append(f"config {key}: student {info.teacher_unet_config.get(key)!r}, "
                                 f"pipeline {ours.get(key)!r}")
-    modules = dict(unet.named_modules())
+    modules = dict(bare_unet(unet).named_modules())
     wrong = []
     for module in info.target_modules:
         layer = modules.get(module)

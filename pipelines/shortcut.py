@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -78,7 +79,10 @@ class ShortcutCallback:
     step with the message ComfyUI's Shortcut nodes give (``models.handoff.check_handoff_step``).
 
     A pipeline whose UNet is not the shortcut's teacher (by the shapes of its parameters, and by what it predicts
-    where the file records its teacher's prediction type) is refused at the first step. The shortcut computes in that UNet's dtype, whatever its file stores (``distill shortcut --save-dtype``).
+    where the file records its teacher's prediction type) is refused at the first step, and so is an inpainting
+    pipeline (it puts the kept area back after each step; none follows the hand-off). The shortcut computes in
+    that UNet's dtype, whatever its file stores (``distill shortcut --save-dtype``), on a copy: the file's weights
+    stay as they were read.
 
     The hand-off itself is ``models.handoff.shortcut_from_vp``, the same code ComfyUI's nodes run.
     """
@@ -94,6 +98,19 @@ class ShortcutCallback:
         self.shortcut = shortcut.eval()
         self.handoff_step = handoff_step
         self.force = force
+        self._copies: dict[tuple, TwoStageShortcut] = {}  # (device, dtype) -> the shortcut cast there
+
+    def _running(self, device: torch.device, dtype: torch.dtype) -> TwoStageShortcut:
+        """The shortcut on ``device`` in ``dtype``: itself where it is there already, else a cast copy, kept for
+        the next run. Casting it in place would round a float32 file's weights for good after one run in
+        bfloat16, and change a shortcut object the caller still holds."""
+        weight = next(self.shortcut.parameters())
+        if (weight.device, weight.dtype) == (device, dtype):
+            return self.shortcut
+        key = (str(device), dtype)
+        if key not in self._copies:
+            self._copies[key] = copy.deepcopy(self.shortcut).to(device, dtype)
+        return self._copies[key]
 
     @torch.no_grad()
     def __call__(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
@@ -101,10 +118,13 @@ class ShortcutCallback:
         if steps_done > self.handoff_step:
             return callback_kwargs
         if step_index == 0:
+            if hasattr(pipe, "mask_processor"):
+                raise ValueError(f"ShortcutCallback does not run {type(pipe).__name__}: an inpainting pipeline puts "
+                                 "the kept area back after each step, and after the hand-off no step follows, so "
+                                 "the kept area would change; ComfyUI's Shortcut KSampler keeps it (noise mask)")
             check_handoff_step(self.handoff_step, _run_length(pipe, steps_done))
             check_teacher(self.shortcut, shape_fingerprint(unet_parameter_shapes(pipe.unet)), "the pipeline's UNet",
                           model_prediction_type(pipe.scheduler.config))
-            self.shortcut.to(pipe.unet.dtype)  # computes in the UNet's dtype, whatever the file stores
         latents = callback_kwargs["latents"]
         # The hand-off timestep is known from the first step on, so a bad band fails before any wasted step.
         ahead = self.handoff_step - steps_done
@@ -120,7 +140,9 @@ class ShortcutCallback:
         if ahead:
             return callback_kwargs
         x_t, t = next_unet_input(pipe, steps_done, latents)
-        callback_kwargs["latents"] = shortcut_from_vp(self.shortcut, x_t, t, self.force)
+        # computes in the UNet's dtype, whatever the file stores
+        shortcut = self._running(latents.device, pipe.unet.dtype)
+        callback_kwargs["latents"] = shortcut_from_vp(shortcut, x_t, t, self.force)
         pipe._interrupt = True
         return callback_kwargs
 

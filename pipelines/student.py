@@ -13,7 +13,7 @@ import torch
 from ..models.few_step_lora import preset_and_layers
 from ..models.io import is_direct_distill_file, read_safetensors
 from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
-from ..models.student_file import StudentInfo, read_student, unet_mismatches
+from ..models.student_file import StudentInfo, bare_unet, read_student, unet_mismatches
 from ..schedulers.few_step_presets import FewStepPreset
 from ..schedulers.scheduling_presets import preset_scheduler
 from ..schedulers.scheduling_exp_karras import model_prediction_type
@@ -96,6 +96,7 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
                          f"{info.teacher_prediction_type}: at scale {scale:g} the output would be part one, part the "
                          "other; use scale 1")
     _check_adapter_name(pipe, path, adapter_name)
+    _check_unfused(pipe, path)
     _check_lora_enabled(pipe, path)
     try:
         scheduler = StudentScheduler.from_config(
@@ -126,6 +127,7 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if problems:
         raise ValueError(f"{path}: this LoRA does not fit this pipeline: " + "; ".join(problems))
     _check_adapter_name(pipe, path, adapter_name)
+    _check_unfused(pipe, path)
     _check_lora_enabled(pipe, path)
     scheduler = preset_scheduler(preset, pipe.scheduler.config, _default_steps(pipe))
 
@@ -184,6 +186,16 @@ def _adapters_kept_on(pipe) -> list[str]:
     output), so the new one replaces the earlier ones, which stay loaded."""
     earlier = _few_step_adapters(pipe)
     return [name for name in _active_adapters(pipe) if name not in earlier]
+
+
+def _check_unfused(pipe, path) -> None:
+    """Refuse a UNet whose attention projections are fused (``pipe.fuse_qkv_projections()``): its attention runs
+    the fused to_qkv weights, so a LoRA's to_q / to_k / to_v layers would load and change nothing."""
+    processors = getattr(bare_unet(pipe.unet), "attn_processors", {}).values()  # unfusing leaves the flag set
+    if any(type(p).__name__.startswith("Fused") for p in processors):
+        raise ValueError(f"{path}: the pipeline's attention projections are fused (pipe.fuse_qkv_projections()): "
+                         "the LoRA's to_q/to_k/to_v layers would not apply; call pipe.unfuse_qkv_projections() "
+                         "first")
 
 
 def _check_lora_enabled(pipe, path) -> None:

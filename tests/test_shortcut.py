@@ -2,6 +2,7 @@
 and ShortcutCallback (exactly K UNet calls, then the VAE decodes the shortcut's latent)."""
 
 import contextlib
+import copy
 import json
 import os
 
@@ -295,13 +296,60 @@ def test_a_float16_file_is_half_the_size_and_runs_in_the_pipelines_dtype(pipe, s
     callbacks = {dtype: ShortcutCallback(path, handoff_step=4) for dtype, path in files.items()}
     latents = {dtype: run(pipe, "coat", 3, output_type="latent", callback_on_step_end=cb)
                for dtype, cb in callbacks.items()}
-    assert {p.dtype for p in callbacks["float16"].shortcut.parameters()} == {torch.float32}  # the UNet's
+    assert {p.dtype for p in callbacks["float16"].shortcut.parameters()} == {torch.float16}  # as read: a copy ran
     assert latents["float16"].dtype == torch.float32
     torch.testing.assert_close(latents["float16"], latents["float32"], rtol=1e-2, atol=1e-2)
     assert not torch.equal(latents["float16"], latents["float32"])  # the weights really were rounded
     with pytest.raises(ValueError, match="dtype must be one of"):
         save_shortcut(tmp_path / "int.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
                       teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4, dtype=torch.int8)
+
+
+def test_a_run_in_bfloat16_leaves_the_shortcuts_weights_as_they_were(pipe, shortcut):
+    """The callback cast the shortcut in place: after one bfloat16 run a float32 run used rounded weights."""
+    weights = {k: v.clone() for k, v in shortcut.state_dict().items()}
+    callback = ShortcutCallback(shortcut, handoff_step=4)
+    before = run(pipe, "coat", 3, output_type="latent", callback_on_step_end=callback)
+    low = copy.deepcopy(pipe).to(torch.bfloat16)
+    assert run(low, "coat", 3, output_type="latent", callback_on_step_end=callback).dtype == torch.bfloat16
+    assert all(torch.equal(v, weights[k]) for k, v in shortcut.state_dict().items())
+    torch.testing.assert_close(run(pipe, "coat", 3, output_type="latent", callback_on_step_end=callback), before,
+                               rtol=0, atol=0)
+
+
+def test_a_compiled_or_fused_unet_is_still_the_shortcuts_teacher(pipe, shortcut, tmp_path):
+    """torch.compile prefixes every parameter's name, fuse_qkv_projections() adds fused layers: both were taken for
+    another model."""
+    path = save_shortcut(tmp_path / "s.safetensors", shortcut, t_band=(0, 1000), teacher="tiny",
+                         teacher_unet_shape_fingerprint=identity(pipe.unet), latent_channels=4)
+    callback = ShortcutCallback(str(path), handoff_step=4)
+    before = run(pipe, "bag", 0, output_type="latent", callback_on_step_end=callback)
+    compiled, fused = copy.deepcopy(pipe), copy.deepcopy(pipe)
+    compiled.unet = torch.compile(compiled.unet, backend="eager")
+    fused.fuse_qkv_projections()
+    for other in (compiled, fused):
+        torch.testing.assert_close(run(other, "bag", 0, output_type="latent", callback_on_step_end=callback), before,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_an_inpainting_pipeline_is_refused_at_the_first_step(pipe, shortcut):
+    """After the hand-off no step follows, so the pipeline never puts the kept area back."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image, mask = Image.new("RGB", (size, size), "gray"), Image.new("L", (size, size), 255)
+    with unet_calls(inpaint) as calls, pytest.raises(ValueError, match="ShortcutCallback does not run "
+                                                                      "StableDiffusionInpaintPipeline"):
+        inpaint("bag", image=image, mask_image=mask, height=size, width=size, num_inference_steps=STEPS,
+                output_type="latent", callback_on_step_end=ShortcutCallback(shortcut, 4))
+    assert len(calls) == 1
+
+
+def test_a_shortcut_gives_as_many_channels_as_it_takes():
+    with pytest.raises(ValueError, match="the shortcut takes 4-channel latents but gives 3 channels"):
+        TwoStageShortcut.from_configs({**PRESETS["lab_stage1"], "in_channels": 4, "out_channels": 3})
 
 
 def test_a_shortcut_trained_at_p_0_keeps_its_p():

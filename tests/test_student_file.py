@@ -277,6 +277,19 @@ def test_an_adapter_name_that_is_no_string_is_refused_before_anything_changes(st
     assert_unchanged(pipe, before)
 
 
+def test_a_pipeline_with_fused_attention_projections_is_refused_before_anything_changes(student):
+    """Its attention runs the fused to_qkv weights: the student's to_q/to_k/to_v layers would load and do nothing."""
+    pipe, _, path, _ = student
+    pipe.fuse_qkv_projections()
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match="student.safetensors: the pipeline's attention projections are fused .*"
+                                         "call pipe.unfuse_qkv_projections\\(\\) first"):
+        load_student(pipe, path)
+    assert_unchanged(pipe, before)
+    pipe.unfuse_qkv_projections()
+    load_student(pipe, path)
+
+
 def test_an_image_to_image_pipeline_takes_the_students_scheduler_without_rewriting_it(student, recwarn):
     """The README's img2img step: diffusers warns about, and rewrites, a scheduler config whose steps_offset is
     not 1 (the student's was DPM-Solver's 0)."""
