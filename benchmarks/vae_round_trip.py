@@ -10,7 +10,6 @@ Run: python benchmarks/vae_round_trip.py [VAE folder | checkpoint.safetensors]
 """
 
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -64,4 +63,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("vae", nargs="?", help="a VAE folder or checkpoint (default: the committed teacher's)")
+    vae = parser.parse_args().vae
+    main([vae] if vae else [])
