@@ -49,7 +49,8 @@ def test_an_sfd_student_of_an_sdxl_folder_samples_as_it_was_trained(tiny_sdxl_pi
     out = tmp_path / "sdxl_sfd.safetensors"
     assert main(["sfd", "--teacher", str(tmp_path / "teacher"), "--prompts", str(tmp_path / "prompts.txt"),
                  "--out", str(out), "--nfe", "1", "--default-nfe", "1", "--steps", "2", "--batch-size", "2",
-                 "--rank", "2", "--teacher-substeps", "2", "--lr", "1e-2", "--guidance", "2"]) == 0
+                 "--rank", "2", "--teacher-substeps", "2", "--lr", "1e-2", "--warmup-steps", "0",
+                 "--guidance", "2"]) == 0
     assert f"written to {out}" in capsys.readouterr().out
     lora, info = read_student(out)
     assert info.teacher_unet_config["addition_embed_type"] == "text_time"
