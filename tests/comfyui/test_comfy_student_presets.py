@@ -265,18 +265,18 @@ def test_a_second_few_step_lora_on_a_model_that_has_one_is_refused(loras, sd15):
     change read as x0 by a student. diffusers' load_student switches the earlier one off; here the MODEL is the
     user's wiring, so it is refused, also through a style LoRA in between."""
     model, comfy_model = sd15
-    write_release(loras / "lcm_like.safetensors", random_layers(target_modules(model)), "kohya")
-    write_release(loras / "style.safetensors", random_layers(target_modules(model), seed=3), "kohya")
-    lcm, *_ = load(comfy_model, "lcm_like.safetensors", preset="lcm-sd15")
-    style = comfy.utils.load_torch_file(str(loras / "style.safetensors"))
+    write_release(loras / "stacked_lcm.safetensors", random_layers(target_modules(model)), "kohya")
+    write_release(loras / "stacked_style.safetensors", random_layers(target_modules(model), seed=3), "kohya")
+    lcm, *_ = load(comfy_model, "stacked_lcm.safetensors", preset="lcm-sd15")
+    style = comfy.utils.load_torch_file(str(loras / "stacked_style.safetensors"))
     styled, _ = comfy.sd.load_lora_for_models(lcm, None, style, 0.5, 0)
     for upstream in (lcm, styled):
-        with pytest.raises(ValueError, match="lcm_like.safetensors: this MODEL already carries the few-step LoRA "
-                                             "lcm_like.safetensors \\(a Load Distilled Student upstream\\)"):
-            load(upstream, "lcm_like.safetensors", preset="tcd-sd15")
+        with pytest.raises(ValueError, match="stacked_lcm.safetensors: this MODEL already carries the few-step LoRA "
+                                             "stacked_lcm.safetensors \\(a Load Distilled Student upstream\\)"):
+            load(upstream, "stacked_lcm.safetensors", preset="tcd-sd15")
     assert "direct_distill_few_step_lora" not in comfy_model.model_options  # the checkpoint's MODEL is untouched
-    alone, *_ = load(comfy_model, "lcm_like.safetensors", preset="lcm-sd15", strength=0)  # 0: the model alone
-    load(alone, "lcm_like.safetensors", preset="tcd-sd15")
+    alone, *_ = load(comfy_model, "stacked_lcm.safetensors", preset="lcm-sd15", strength=0)  # 0: the model alone
+    load(alone, "stacked_lcm.safetensors", preset="tcd-sd15")
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
