@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from direct_distill.models.io import FileFormatError
 from direct_distill.training import ldm_checkpoint
-from direct_distill.training.teachers import load_teacher
+from direct_distill.training.teachers import load_teacher, load_teacher_vae
 
 from ldm_layout import family_pipeline, pipeline_to_ldm, unet_to_ldm, write_ldm
 
@@ -243,6 +243,60 @@ def test_files_that_are_no_sd_checkpoint_get_one_clear_error(tokenizer_dir, tmp_
     refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in refiner.items()}
     with pytest.raises(SystemExit, match="SDXL refiner"):
         load_teacher(_save(refiner, tmp_path / "refiner.safetensors"), tokenizer=tokenizer_dir)
+    # an SD2 file with class labels beside OpenCLIP (unCLIP, the x4 upscaler) is not taken for a refiner
+    sd2 = pipeline_to_ldm(family_pipeline("sd2", tokenizer_dir), "sd2")
+    unclip = {**sd2, "model.diffusion_model.label_emb.0.0.weight": torch.randn(8, 8)}
+    with pytest.raises(SystemExit, match="an SD2 image-conditioned model \\(unCLIP or the x4 upscaler"):
+        load_teacher(_save(unclip, tmp_path / "unclip.safetensors"), tokenizer=tokenizer_dir)
+    # EDM models of SDXL's shape: named, never loaded on SD's noise table
+    sdxl = pipeline_to_ldm(family_pipeline("sdxl", tokenizer_dir), "sdxl")
+    for name, extra, message in (
+            ("playground", {"edm_mean": torch.zeros(1, 4, 1, 1), "edm_std": torch.ones(1, 4, 1, 1)},
+             "an EDM model \\(Playground v2.5: its edm_mean, edm_std markers\\)"),
+            ("cosxl", {"edm_vpred.sigma_max": torch.tensor(120.0), "edm_vpred.sigma_min": torch.tensor(0.002)},
+             "an EDM model \\(CosXL")):
+        file = _save({**sdxl, **extra}, tmp_path / f"{name}.safetensors")
+        for load in (lambda: load_teacher(file, tokenizer=tokenizer_dir), lambda: load_teacher_vae(file)):
+            with pytest.raises(SystemExit, match=message):
+                load()
+    # a LoRA in any layout is named as one
+    for name, tensors in (("kohya", {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+                                     "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}),
+                          ("peft", {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8)})):
+        with pytest.raises(SystemExit, match=f"{name}.safetensors: a LoRA, not a checkpoint"):
+            load_teacher(_save(tensors, tmp_path / f"{name}.safetensors"), tokenizer=tokenizer_dir)
+
+
+def test_an_sd2_tower_keeps_the_layers_its_text_encoder_reads():
+    """SD2 reads ViT-H's penultimate layer: of a full 24-layer tower 23 are kept, and a file exported from diffusers
+    holds only those 23 (the last of them was dropped too, a layer short); a tower of another width (the tests'
+    tiny ones) is taken as whole."""
+    assert ldm_checkpoint.sd2_text_depth(24, 1024) == 23
+    assert ldm_checkpoint.sd2_text_depth(23, 1024) == 23
+    assert ldm_checkpoint.sd2_text_depth(3, 32) == 2
+
+
+def test_a_folder_with_a_part_missing_or_only_its_fp16_variant(tmp_path, tokenizer_dir, no_network):
+    import json
+
+    source = family_pipeline("sd1", tokenizer_dir)
+    for missing in ("text_encoder", "tokenizer"):
+        source.save_pretrained(tmp_path / missing)
+        shutil.rmtree(tmp_path / missing / missing)
+        with pytest.raises(SystemExit, match=f"model_index.json lists {missing}, but the folder has no {missing}/"):
+            load_teacher(tmp_path / missing)
+    # what a download that left out the safety checker still makes: a teacher
+    source.save_pretrained(tmp_path / "no_safety")
+    index = json.loads((tmp_path / "no_safety" / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (tmp_path / "no_safety" / "model_index.json").write_text(json.dumps(index))
+    assert load_teacher(tmp_path / "no_safety").safety_checker is None
+    # a folder of the fp16 variant only, as save_pretrained(variant="fp16") or a variant download leaves it
+    copy = family_pipeline("sd1", tokenizer_dir).to(torch.float16)
+    copy.save_pretrained(tmp_path / "variant", variant="fp16")
+    pipe = load_teacher(tmp_path / "variant")
+    assert pipe.unet.dtype == torch.float32 and load_teacher_vae(tmp_path / "variant").dtype == torch.float32
 
 
 def _hub_cache(root: Path, repo: str, tokenizer_dir: Path) -> None:

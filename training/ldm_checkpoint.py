@@ -70,6 +70,13 @@ def detect_family(keys, path: str | os.PathLike = "checkpoint") -> tuple[str, di
     """``(family, text-encoder prefixes)`` of an LDM-layout state dict's keys: ``{"clip_l": ..., "open_clip":
     ...}`` as present. Raises FileFormatError naming what is missing or not supported."""
     keys = list(keys)
+    if any(k.startswith("lora_") or ".lora_" in k or k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
+        raise FileFormatError(f"{path}: a LoRA, not a checkpoint: give the checkpoint it was made for")
+    edm = [k for k in keys if k in ("edm_mean", "edm_std") or k.startswith("edm_vpred.")]
+    if edm:
+        model = "Playground v2.5" if "edm_mean" in edm else "CosXL"
+        raise FileFormatError(f"{path}: an EDM model ({model}: its {', '.join(sorted(edm))} markers): it samples "
+                              "continuous EDM sigmas, not SD's discrete noise table, which every method here needs")
     if not any(k.startswith(UNET) for k in keys):
         hint = (" (it looks like a diffusers-layout UNet: load the diffusers folder instead)"
                 if any(k.startswith(("down_blocks.", "unet.")) for k in keys) else "")
@@ -82,9 +89,12 @@ def detect_family(keys, path: str | os.PathLike = "checkpoint") -> tuple[str, di
     open_clip = _present(keys, OPEN_CLIP)
     if adm and clip_l and open_clip == "conditioner.embedders.1.model.":
         return "sdxl", {"clip_l": clip_l, "open_clip": open_clip}
-    if adm and open_clip and not clip_l:
+    if adm and open_clip == "conditioner.embedders.0.model." and not clip_l:
         raise FileFormatError(f"{path}: an SDXL refiner (one OpenCLIP encoder, aesthetic-score conditioning) is not "
                               "a text-to-image teacher")
+    if adm and open_clip and not clip_l:
+        raise FileFormatError(f"{path}: an SD2 image-conditioned model (unCLIP or the x4 upscaler: class-label "
+                              "conditioning beside OpenCLIP) is not a text-to-image teacher")
     if not adm and open_clip and not clip_l:
         return "sd2", {"open_clip": open_clip}
     if not adm and clip_l and not open_clip:
@@ -378,9 +388,9 @@ def _text_encoders(state: dict, family: str, encoders: dict[str, str], tokenizer
         text = prefixed(state, prefix)
         layers = _count(text, "transformer.resblocks.")
         if family == "sd2":
-            # SD2 conditions on the penultimate layer: a tower one layer short gives it as its (normed) output.
-            layers -= 1
-            text = {k: v for k, v in text.items() if not k.startswith(f"transformer.resblocks.{layers}.")}
+            layers = sd2_text_depth(layers, text["ln_final.weight"].shape[0])
+            text = {k: v for k, v in text.items()
+                    if not k.startswith("transformer.resblocks.") or int(k.split(".")[2]) < layers}
         config = open_clip_config(text, tokenizer, layers)
         what = "OpenCLIP text encoder"
         model = _text_encoder(CLIPTextModelWithProjection if family == "sdxl" else CLIPTextModel, config,
@@ -393,6 +403,15 @@ def _text_encoders(state: dict, family: str, encoders: dict[str, str], tokenizer
         context += config["hidden_size"]
         pooled = config["projection_dim"]
     return parts, context, pooled
+
+
+def sd2_text_depth(layers: int, width: int) -> int:
+    """The layers of an SD2 OpenCLIP tower that its text encoder keeps. SD2 conditions on the penultimate layer,
+    so a tower one layer short gives it as its (normed) output: ViT-H/14 (width 1024) has 24, of which 23 are
+    kept, and a file exported from diffusers holds only those 23 (all kept). A tower of another width is taken to
+    be whole, its last layer dropped."""
+    full = {1024: 24}.get(width)
+    return layers - 1 if full is None or layers >= full else layers
 
 
 def _vae(state: dict, family: Family, sample_size: int):

@@ -65,7 +65,13 @@ def load_teacher_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32
 
         if not (path / "vae" / "config.json").is_file():
             raise SystemExit(f"{path}: not a diffusers pipeline folder with a VAE (no vae/config.json)")
-        vae, description = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True), f"{path}/vae"
+        weights = [f.name for f in (path / "vae").iterdir() if f.name.endswith(_WEIGHTS)]
+        variant = "fp16" if weights and all(".fp16." in name for name in weights) else None
+        try:
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, variant=variant)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"{path / 'vae'}: diffusers cannot load it ({str(err).splitlines()[0][:300]})") from None
+        description = f"{path}/vae"
     elif path.is_file():
         try:
             vae, description = load_ldm_vae(path)
@@ -87,12 +93,43 @@ def set_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return getattr(module, caster)()
 
 
+# what a pipeline runs without: a download that left them out still makes a teacher
+_OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+_WEIGHTS = (".safetensors", ".bin")
+
+
 def _load_folder(path: Path, prediction_type: str | None):
+    import json
+
     from diffusers import DiffusionPipeline
 
     if not (path / "model_index.json").is_file():
         raise SystemExit(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise SystemExit(f"{path / 'model_index.json'}: not readable JSON ({err})") from None
+    listed = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
+    absent = {name: None for name in _OPTIONAL_COMPONENTS if name in listed and not (path / name).is_dir()}
+    missing = sorted(name for name in listed if name not in absent and not (path / name).is_dir())
+    if missing:
+        raise SystemExit(f"{path}: model_index.json lists {', '.join(missing)}, but the folder has no "
+                         f"{'/, '.join(missing)}/ (an interrupted download?)")
+    kwargs = dict(absent, **({"requires_safety_checker": False} if "safety_checker" in absent else {}))
+    # a folder saved or downloaded as the fp16 variant only (unet/diffusion_pytorch_model.fp16.safetensors)
+    weights = [f.name for name in listed if name not in absent for f in (path / name).iterdir()
+               if f.name.endswith(_WEIGHTS)]
+    if weights and all(".fp16." in name for name in weights):
+        kwargs["variant"] = "fp16"
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise SystemExit(f"{path}: diffusers cannot load this folder ({str(err).splitlines()[0][:300]})") from None
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None and not 0 < tokenizer.model_max_length <= 4096:
+            raise SystemExit(f"{path / name}: a tokenizer without its settings (model_max_length "
+                             f"{tokenizer.model_max_length}): its tokenizer_config.json is missing or incomplete")
     if prediction_type is not None:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
