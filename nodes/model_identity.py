@@ -19,7 +19,12 @@ def unet_parameter_shapes(model) -> dict[str, list[int]]:
     if not to_comfy:
         raise ValueError(f"this model ({type(base).__name__}) is not a UNet of the SD1.x/2.x/XL kind")
     state = base.diffusion_model.state_dict()
-    return {name: list(state[key].shape) for name, key in to_comfy.items() if key in state}
+    # ComfyUI's table names its label embedding twice, as class_embedding and add_embedding: a diffusers UNet has
+    # the one its kind builds (SDXL's sequential ADM: add_embedding)
+    sdxl_like = base.model_config.unet_config.get("num_classes") == "sequential"
+    other = "class_embedding." if sdxl_like else "add_embedding."
+    return {name: list(state[key].shape) for name, key in to_comfy.items()
+            if key in state and not name.startswith(other)}
 
 
 # diffusers' prediction types and ComfyUI's classes, most derived first: V_PREDICTION and X0 derive from EPS.

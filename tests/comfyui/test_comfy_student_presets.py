@@ -83,6 +83,16 @@ def sdxl():
     return model, comfy_model_from(model, SDXLTree(dict(SDXL_TREE)))
 
 
+def test_an_sdxl_model_has_the_shape_fingerprint_of_its_diffusers_twin(dd, sd15, sdxl):
+    """ComfyUI's table names SDXL's label embedding as class_embedding too: the ComfyUI side had 4 names more, and
+    every SDXL shortcut was refused on its own teacher."""
+    identity, files = dd("nodes.model_identity"), dd("models.student_file")
+    for model, comfy_model in (sd15, sdxl):
+        assert identity.unet_parameter_shapes(comfy_model) == files.unet_parameter_shapes(model)
+        assert identity.unet_shape_fingerprint(comfy_model) == files.shape_fingerprint(
+            files.unet_parameter_shapes(model))
+
+
 def tiny_clip():
     """An SD1.x CLIP of two layers of width 32: the text encoder the diffusers side's tiny pipelines have."""
     clip_l = functools.partial(comfy.sd1_clip.SDClipModel, textmodel_json_config=TINY_CLIP)
