@@ -40,8 +40,10 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
 
     The solver is diffusers' :class:`DPMSolverMultistepScheduler`, unchanged; only the sigmas differ.
     The sigmas are log-sigma interpolated in the model's noise table as ComfyUI holds it (float64 values rounded
-    to float32), so a ComfyUI run computes the same sigmas bit for bit; the UNet is called at the nearest integer
-    timestep of each sigma, exactly as ComfyUI calls it, so both front doors make identical model calls.
+    to float32), so a ComfyUI run computes the same sigmas bit for bit (with zero terminal SNR all but the first:
+    diffusers clips the last alpha-bar to 2^-24, ComfyUI to 4.9e-8, so 4096 here is 4518.8 there); the UNet is
+    called at the nearest integer timestep of each sigma, exactly as ComfyUI calls it, so both front doors make
+    identical model calls.
 
     Swap it into any SD/SDXL pipeline::
 
@@ -97,7 +99,11 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         timestep_spacing: str = "linspace",
         steps_offset: int = 1,
     ):
-        check_exp_karras_p(exp_karras_p, "ExpKarrasScheduler")
+        exp_karras_p = check_exp_karras_p(exp_karras_p, "ExpKarrasScheduler")
+        self.register_to_config(exp_karras_p=exp_karras_p)  # a plain float: numpy's and torch's do not save as JSON
+        if final_sigmas_type not in ("zero", "sigma_min"):  # any other value was read as "zero"
+            raise ValueError(f"ExpKarrasScheduler: final_sigmas_type must be 'zero' or 'sigma_min', got "
+                             f"{final_sigmas_type!r}")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, int):
             raise ValueError(f"ExpKarrasScheduler: steps_offset must be an integer, got {steps_offset!r}")
         given = dict(use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
@@ -147,10 +153,24 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
                 raise ValueError("ExpKarrasScheduler: this scheduler config describes an EDM model (continuous sigmas "
                                  f"from {config.get('sigma_min')} to {config.get('sigma_max')}, as Playground v2.5); "
                                  "exp-Karras needs a discrete VP (DDPM-style) noise schedule")
+            foreign = _foreign_table(config)
+            if foreign:
+                raise ValueError(f"ExpKarrasScheduler: this scheduler config {foreign}, which this class does not "
+                                 "reproduce; exp-Karras needs a discrete VP (DDPM-style) noise schedule")
+            if config.get("algorithm_type") not in (None, *_DPM_ALGORITHMS):  # SA-Solver's data_prediction, ...
+                config["algorithm_type"] = "dpmsolver++"
             config = {**_source_class_defaults(config), **config}
             config = {k: v for k, v in config.items() if k not in _FOREIGN_SPACING_KEYS
                       and (k not in _SPACING_FLAGS or v == _SPACING_FLAGS[k])}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.IntTensor) -> torch.Tensor:
+        """diffusers' ``add_noise``, worked out in float32 for half-precision latents: with zero terminal SNR the
+        first sigma (4096) squared overflows float16, and the noised latent came out all zeros."""
+        if original_samples.dtype in (torch.float16, torch.bfloat16):
+            return super().add_noise(original_samples.float(), noise.float(), timesteps).to(original_samples.dtype)
+        return super().add_noise(original_samples, noise, timesteps)
 
     def set_timesteps(
         self,
@@ -250,6 +270,28 @@ def model_prediction_type(config) -> str:
 # The keys that make a model's noise table (and how its output is read).
 _NOISE_TABLE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                      "rescale_betas_zero_snr", "prediction_type")
+
+
+_DPM_ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
+
+
+def _foreign_table(config: dict) -> str | None:
+    """What keeps a scheduler config's noise table from being a DDPM-style beta table this class rebuilds (a VE
+    model's sigma range, CogVideoX's SNR shift, a source class with no betas at all), in words; None if nothing."""
+    import diffusers
+
+    name = str(config.get("_class_name", ""))
+    if "snr_shift_scale" in config:
+        return f"shifts its table's SNR (snr_shift_scale {config['snr_shift_scale']}, as CogVideoX's)"
+    source = getattr(diffusers, name, None)
+    if isinstance(source, type) and issubclass(source, diffusers.SchedulerMixin):
+        taken = inspect.signature(source.__init__).parameters
+        if not {"beta_schedule", "trained_betas", "beta_start"} & set(taken):
+            return f"is {name}'s, which has no beta table"
+    if not any(k in config for k in ("beta_schedule", "trained_betas", "beta_start")) and (
+            "sigma_max" in config or "sigma_min" in config):
+        return f"describes a sigma range ({config.get('sigma_min')} to {config.get('sigma_max')}) with no beta table"
+    return None
 
 
 def _source_class_defaults(config: dict) -> dict:

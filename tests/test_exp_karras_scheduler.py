@@ -409,3 +409,47 @@ def test_a_deis_config_gives_dpm_solver_plus_plus_on_its_noise_table():
     torch.testing.assert_close(scheduler.alphas_cumprod, source.alphas_cumprod)
     scheduler.set_timesteps(4)
     assert scheduler.timesteps.tolist() == exp_karras_timesteps(4, 1.0).round().int().tolist()
+
+
+def test_configs_whose_table_it_cannot_rebuild_are_refused_by_name():
+    """CogVideoX's SNR shift, a VE model's sigma range and a class with no beta table were each sampled on a
+    substitute table (SD's, or SD's betas over 2,000 steps)."""
+    from diffusers import CogVideoXDDIMScheduler, SASolverScheduler, ScoreSdeVeScheduler
+
+    with pytest.raises(ValueError, match="shifts its table's SNR \\(snr_shift_scale 3.0, as CogVideoX's\\)"):
+        ExpKarrasScheduler.from_config(CogVideoXDDIMScheduler(snr_shift_scale=3.0).config)
+    with pytest.raises(ValueError, match="describes a sigma range \\(0.01 to 1348.0\\) with no beta table"):
+        ExpKarrasScheduler.from_config(ScoreSdeVeScheduler().config)
+    with pytest.raises(ValueError, match="is ScoreSdeVeScheduler's, which has no beta table"):
+        ExpKarrasScheduler.from_config({"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000})
+    # SA-Solver's own algorithm is not DPM-Solver's: the table is kept, the solver is DPM-Solver++
+    sa = ExpKarrasScheduler.from_config(SASolverScheduler().config)
+    assert sa.config.algorithm_type == "dpmsolver++"
+
+
+def test_a_misspelt_final_sigmas_type_is_refused():
+    """Anything but "sigma_min" was read as "zero" (all NaN with dpmsolver); DPM-Solver's own check missed it."""
+    with pytest.raises(ValueError, match="final_sigmas_type must be 'zero' or 'sigma_min', got 'sigma-min'"):
+        ExpKarrasScheduler(final_sigmas_type="sigma-min", algorithm_type="dpmsolver")
+
+
+@pytest.mark.parametrize("p", [np.float32(2.0), np.int64(2), torch.tensor(2.0)])
+def test_a_numpy_or_torch_p_saves_as_a_plain_number(p, tmp_path):
+    scheduler = ExpKarrasScheduler(exp_karras_p=p)
+    scheduler.save_pretrained(tmp_path)
+    assert ExpKarrasScheduler.from_pretrained(tmp_path).config.exp_karras_p == 2.0
+    assert type(scheduler.config.exp_karras_p) is float
+
+
+def test_half_precision_noising_at_zero_terminal_snr_keeps_the_noise():
+    """The first sigma, 4096, squared overflows float16: diffusers' add_noise gave all zeros."""
+    scheduler = ExpKarrasScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    scheduler.set_timesteps(10)
+    scheduler.set_begin_index(0)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    full = scheduler.add_noise(x0, noise, scheduler.timesteps[:1])
+    for dtype in (torch.float16, torch.bfloat16):
+        half = scheduler.add_noise(x0.to(dtype), noise.to(dtype), scheduler.timesteps[:1])
+        assert half.dtype == dtype
+        torch.testing.assert_close(half.float(), full, atol=1e-2, rtol=1e-2)
