@@ -70,8 +70,11 @@ def _sampling_as(model, model_sampling, prediction_type: str):
 
 def _sample_tcd(model, x, sigmas, *, gamma: float, **kwargs):
     # the noise table is the sampled model's own (KSamplerX0Inpaint -> CFGGuider -> BaseModel)
-    return sample_tcd(model, x, sigmas, gamma=gamma, sigma_table=model.inner_model.inner_model.model_sampling.sigmas,
-                      **kwargs)
+    model_sampling = model.inner_model.inner_model.model_sampling
+    if not isinstance(model_sampling, comfy.model_sampling.EPS):  # its re-noising is x0 + sigma * noise
+        raise ValueError(f"TCD Sampler: it re-noises as x0 + sigma * noise, which this model does not sample by "
+                         f"({sampling_kind(model_sampling)}): use it with SD1.x/2.x/XL-style models")
+    return sample_tcd(model, x, sigmas, gamma=gamma, sigma_table=model_sampling.sigmas, **kwargs)
 
 
 def tcd_sampler(gamma: float) -> comfy.samplers.KSAMPLER:
@@ -113,6 +116,10 @@ def _preset_lora(model, clip, tensors, metadata, name, preset_name, nfe, strengt
                          f"(default {preset.default_nfe}), not {nfe}")
     model_sampling = _model_sampling(model, name, "epsilon")
     check_checkpoint_noise_table(model_sampling, name)
+    if getattr(model_sampling, "zsnr", False):
+        raise ValueError(f"{name}: this model's noise table is rescaled to zero terminal SNR (first sigma "
+                         f"{float(model_sampling.sigmas[-1]):.0f}): preset {preset.name} was made on SD's table; "
+                         "connect the checkpoint's MODEL without the zsnr patch")
 
     text_encoder = [target for target in layers if target[0] != "unet"]
     if text_encoder and clip is None:

@@ -12,6 +12,7 @@ import logging
 import types
 from pathlib import Path
 
+import comfy.model_base
 import comfy.model_management
 import comfy.samplers
 import comfy.sd
@@ -30,7 +31,7 @@ from lora_releases import (LAYOUTS, PUBLISHED, SD_SCHEDULER, SGM_LAYOUT, TEXT_EN
 from .test_comfy_shortcut import builtin_nodes  # noqa: F401 (a fixture)
 from .test_comfy_shortcut import FRONTEND_ONLY, check_links, run_node, run_workflow, widget_values
 from .test_comfy_student_lora import comfy_model_from
-from .tiny_models import TINY_UNET_CONFIG, TinySD15, tiny_conditioning
+from .tiny_models import TINY_UNET_CONFIG, TinySD15, tiny_conditioning, tiny_sd15_model
 
 LOADER = "DirectDistillLoadStudent"
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "tcd_sd15_lora.json"
@@ -329,6 +330,31 @@ def test_a_tcd_preset_samples_through_sampler_custom_advanced(loras, sd15):
     finally:
         hook.remove()
     assert bool(torch.isfinite(first["samples"]).all())
+
+
+def test_the_tcd_sampler_refuses_a_flow_model(comfy_loaded):
+    """Its re-noising is SD's (x0 + sigma noise): on a flow model (SD3, Flux) it kept the data term unscaled."""
+    model = tiny_sd15_model(model_type=comfy.model_base.ModelType.FLOW)
+    (tcd,) = run_node("DirectDistillSamplerTCD", gamma=0.3)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(tiny_conditioning(0, 7), tiny_conditioning(1, 7))
+    guider.set_cfg(1.0)
+    with pytest.raises(ValueError, match="TCD Sampler: it re-noises as x0 \\+ sigma \\* noise, which this model "
+                                         "does not sample by \\(ModelSamplingDiscreteFlow with CONST prediction\\)"):
+        custom_sampler.SamplerCustomAdvanced().sample(custom_sampler.Noise_RandomNoise(4), guider, tcd,
+                                                      torch.tensor([1.0, 0.5, 0.0]),
+                                                      {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+def test_a_preset_on_a_zero_terminal_snr_table_is_refused(builtin_nodes, loras, sd15):  # noqa: F811
+    """A ModelSamplingDiscrete node with zsnr rescales the table (first sigma 4518): the preset's timesteps were made
+    on SD's, and an epsilon model cannot start from there."""
+    model, comfy_model = sd15
+    write_release(loras / "zsnr_preset.safetensors", random_layers(target_modules(model)), "kohya")
+    (zsnr,) = run_node("ModelSamplingDiscrete", model=comfy_model, sampling="eps", zsnr=True)
+    with pytest.raises(ValueError, match="zsnr_preset.safetensors: this model's noise table is rescaled to zero "
+                                         "terminal SNR \\(first sigma 4519\\): preset hyper-sd15-2step"):
+        load(zsnr, "zsnr_preset.safetensors", preset="hyper-sd15-2step")
 
 
 def test_an_sdxl_lora_on_sd15_is_one_clear_error_before_patching(loras, sd15, sdxl, caplog):
