@@ -133,3 +133,11 @@ def vp_to_ve(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """diffusers' VP latent to k-diffusion's ``x0 + sigma eps``: multiply by sqrt(1 + sigma^2)."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return x * (1 + sigma**2).sqrt().reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+
+
+def add_noise_in_float32(add_noise, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+    """A DPM-Solver scheduler's ``add_noise`` worked out in float32 for half-precision latents: with zero terminal
+    SNR the first sigma (4096) squared overflows float16, and diffusers' noised latent came out all zeros."""
+    if original_samples.dtype in (torch.float16, torch.bfloat16):
+        return add_noise(original_samples.float(), noise.float(), timesteps).to(original_samples.dtype)
+    return add_noise(original_samples, noise, timesteps)

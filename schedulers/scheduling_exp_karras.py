@@ -13,7 +13,7 @@ from diffusers.configuration_utils import register_to_config
 # from_pretrained, which looks its loadable base classes up in the module model_index.json names.
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 
-from .noise import sigma_to_model_timestep, t_to_sigma, vp_sigma_table
+from .noise import add_noise_in_float32, sigma_to_model_timestep, t_to_sigma, vp_sigma_table
 from .sigmas import _check_steps, check_exp_karras_p, exp_karras_sigmas_from_table
 
 # The sigma-spacing settings of DPMSolverMultistepScheduler (and of the other schedulers' configs) with the
@@ -166,11 +166,8 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.IntTensor) -> torch.Tensor:
-        """diffusers' ``add_noise``, worked out in float32 for half-precision latents: with zero terminal SNR the
-        first sigma (4096) squared overflows float16, and the noised latent came out all zeros."""
-        if original_samples.dtype in (torch.float16, torch.bfloat16):
-            return super().add_noise(original_samples.float(), noise.float(), timesteps).to(original_samples.dtype)
-        return super().add_noise(original_samples, noise, timesteps)
+        """diffusers' ``add_noise``, in float32 for half-precision latents (:func:`noise.add_noise_in_float32`)."""
+        return add_noise_in_float32(super().add_noise, original_samples, noise, timesteps)
 
     def set_timesteps(
         self,

@@ -13,7 +13,7 @@ from diffusers.configuration_utils import register_to_config
 # from_pretrained, which looks its loadable base classes up in the module model_index.json names.
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 
-from .noise import sigma_to_model_timestep, vp_sigma_table
+from .noise import add_noise_in_float32, sigma_to_model_timestep, vp_sigma_table
 from .pinned_steps import ImageToImageGuard
 from .scheduling_exp_karras import SOLVER_KEYS, model_scheduler_record, with_defaults_kept
 
@@ -142,6 +142,11 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
                          f"{', '.join(active) or 'none'}) and the model predicts "
                          f"{self.config.teacher_prediction_type}: load the student again (load_student) or set "
                          "the model's scheduler (ExpKarrasScheduler.from_config(pipe.scheduler.config))")
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.IntTensor) -> torch.Tensor:
+        """diffusers' ``add_noise``, in float32 for half-precision latents (:func:`noise.add_noise_in_float32`)."""
+        return add_noise_in_float32(super().add_noise, original_samples, noise, timesteps)
 
     @property
     def supported_nfes(self) -> list[int]:
