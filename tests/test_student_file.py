@@ -336,9 +336,9 @@ def test_a_zero_terminal_snr_teachers_student_samples_on_its_table():
     student.set_timesteps(2)
     assert student.timesteps.tolist() == [999, 499] and student.config.rescale_betas_zero_snr
     student.set_begin_index(0)  # image-to-image at strength 1 in float16: 4096 squared overflowed, all zeros
-    x0, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
-    half = student.add_noise(x0.half(), noise.half(), student.timesteps[:1])
-    torch.testing.assert_close(half.float(), student.add_noise(x0, noise, student.timesteps[:1]), atol=1e-2, rtol=1e-2)
+    x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    half = student.add_noise(x0.half(), eps.half(), student.timesteps[:1])
+    torch.testing.assert_close(half.float(), student.add_noise(x0, eps, student.timesteps[:1]), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(student.sigmas.double(), torch.tensor(schedules["2"]["sigmas"], dtype=torch.float64))
     with pytest.raises(ValueError, match="not the model timesteps of its sigmas"):  # read on the plain table
         StudentScheduler.from_config(dict(noise, rescale_betas_zero_snr=False), nfe_schedules=schedules,
