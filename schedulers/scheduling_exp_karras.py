@@ -143,8 +143,6 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         the way back to the model once the student's adapter is deleted."""
         if config is not None:
             config = models_config(config)
-            if config.get("algorithm_type") == "deis":  # DEIS's own solver: DPM-Solver++ is what this class runs
-                config["algorithm_type"] = "dpmsolver++"
             if (any(k in config for k in _FLOW_MATCHING_KEYS) or config.get("use_flow_sigmas")
                     or str(config.get("_class_name", "")).startswith("FlowMatch")):
                 raise ValueError("ExpKarrasScheduler: this scheduler config describes a flow-matching model (shift or "
@@ -157,8 +155,8 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
             if foreign:
                 raise ValueError(f"ExpKarrasScheduler: this scheduler config {foreign}, which this class does not "
                                  "reproduce; exp-Karras needs a discrete VP (DDPM-style) noise schedule")
-            if config.get("algorithm_type") not in (None, *_DPM_ALGORITHMS):  # SA-Solver's data_prediction, ...
-                config["algorithm_type"] = "dpmsolver++"
+            if config.get("algorithm_type") not in (None, *_DPM_ALGORITHMS):  # DEIS's own, SA-Solver's data_prediction:
+                config["algorithm_type"] = "dpmsolver++"  # DPM-Solver++ is what this class runs
             config = {**_source_class_defaults(config), **config}
             config = {k: v for k, v in config.items() if k not in _FOREIGN_SPACING_KEYS
                       and (k not in _SPACING_FLAGS or v == _SPACING_FLAGS[k])}
