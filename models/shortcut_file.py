@@ -147,6 +147,13 @@ def _checked_metadata(raw: dict[str, str], tensor_names, path) -> dict:
     meta["t_band"] = [float(band[0]), float(band[1])]
     if not isinstance(meta["teacher_unet_shape_fingerprint"], str) or not meta["teacher_unet_shape_fingerprint"]:
         raise FileFormatError(f"{path}: metadata 'teacher_unet_shape_fingerprint' must be a non-empty string")
+    extra = meta["extra"]
+    kinds = {"schedule": str, "schedule_params": dict, "exp_karras_p": (int, float), "training": dict}
+    wrong = [k for k, kind in kinds.items() if isinstance(extra, dict) and extra.get(k) is not None
+             and (not isinstance(extra[k], kind) or isinstance(extra[k], bool))]
+    if not isinstance(extra, dict) or wrong:  # what the samplers read of it: the schedule, the teacher's prediction
+        raise FileFormatError(f"{path}: metadata 'extra' " + (f"entries {', '.join(wrong)} are not of the kind the "
+                              "samplers read" if wrong else f"must be an object, got {type(extra).__name__}"))
     return meta
 
 
@@ -169,3 +176,7 @@ def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
                ([f"{len(wrong)} tensors of the wrong shape (e.g. {wrong[0]})"] if wrong else [])
     if problems:
         raise FileFormatError(f"{path}: tensors do not match the stored architecture config: {'; '.join(problems)}")
+    dtypes = {t.dtype for t in found.values()}
+    if len(dtypes) != 1 or not dtypes <= set(STORED_DTYPES):
+        raise FileFormatError(f"{path}: tensors of dtype {', '.join(sorted(map(str, dtypes)))}: a shortcut's weights "
+                              f"are all of one of {', '.join(map(str, STORED_DTYPES))}")

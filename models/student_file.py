@@ -281,10 +281,9 @@ def shape_fingerprint(shapes: dict[str, list[int]]) -> str:
 
 def unet_mismatches(info: StudentInfo, lora: dict[str, torch.Tensor], unet: torch.nn.Module) -> list[str]:
     """What keeps a student (``read_student``'s output) from ``unet``, one line each; empty if it fits."""
-    if unet_fingerprint(unet) == info.teacher_unet_fingerprint:
-        return []
+    same = unet_fingerprint(unet) == info.teacher_unet_fingerprint
     problems = []
-    if info.teacher_unet_config:
+    if info.teacher_unet_config and not same:
         ours = unet_architecture(unet)
         for key in sorted(info.teacher_unet_config.keys() | ours.keys()):
             if info.teacher_unet_config.get(key) != ours.get(key):
@@ -304,10 +303,10 @@ def unet_mismatches(info: StudentInfo, lora: dict[str, torch.Tensor], unet: torc
     if wrong:
         problems.append(f"{len(wrong)} of {len(info.target_modules)} LoRA modules do not fit, e.g. "
                         + ", ".join(wrong[:3]))
-    if not problems:
+    if not problems and not same:
         problems.append(f"parameter shapes differ (fingerprint {info.teacher_unet_fingerprint} != "
                         f"{unet_fingerprint(unet)})")
-    return problems
+    return problems  # the layers are checked on a matching fingerprint too: a file's halves may not fit its own UNet
 
 
 def _is_number(value) -> bool:
@@ -385,6 +384,9 @@ def _lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor,
     return dict(sorted(pairs.items()))
 
 
+_LORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _peft_tensors(tensors: dict[str, torch.Tensor], info: StudentInfo, path) -> dict[str, torch.Tensor]:
     """The file's kohya-named tensors as peft-style keys, checked against the metadata."""
     expected = {}
@@ -408,5 +410,13 @@ def _peft_tensors(tensors: dict[str, torch.Tensor], info: StudentInfo, path) -> 
         rank = tensor.shape[0] if key.endswith("lora_down.weight") else tensor.shape[1] if tensor.ndim > 1 else None
         if tensor.ndim not in (2, 4) or rank != info.rank:
             raise FileFormatError(f"{path}: {key} has shape {tuple(tensor.shape)}, not a rank-{info.rank} LoRA half")
+        if tensor.dtype not in _LORA_DTYPES or not bool(torch.isfinite(tensor).all()):
+            what = f"dtype {tensor.dtype}" if tensor.dtype not in _LORA_DTYPES else "non-finite values"
+            raise FileFormatError(f"{path}: {key} holds {what}: not the weights of a trained LoRA")
         out[peft_key] = tensor
+    for module in info.target_modules:  # the two halves of each layer fit each other: up (out, r[, 1, 1])
+        down, up = out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"]
+        if up.ndim != down.ndim or up.shape[2:] not in ((), (1, 1)):
+            raise FileFormatError(f"{path}: {module}'s LoRA halves do not fit each other (down "
+                                  f"{tuple(down.shape)}, up {tuple(up.shape)})")
     return out

@@ -180,6 +180,10 @@ MALFORMED = {
     "bad_config": "not a valid TimeEmbedNAFNet config",
     "shape_mismatch": "wrong shape",
     "missing_tensor": "missing 1 tensors",
+    "mixed_dtypes": "tensors of dtype torch.float16, torch.float32: a shortcut's weights are all of one of",
+    "int_tensors": "tensors of dtype torch.int32",
+    "extra_list": "metadata 'extra' must be an object, got list",
+    "extra_p_text": "metadata 'extra' entries exp_karras_p are not of the kind the samplers read",
 }
 
 
@@ -214,10 +218,18 @@ def test_malformed_files_raise_file_format_error_naming_the_file(tmp_path, case)
         rewrite(good, bad, lambda m: set_config_width(m, 16))
     elif case == "missing_tensor":
         rewrite(good, bad, edit_tensors=lambda t: t.pop("stage2.ending.bias"))
+    elif case == "mixed_dtypes":  # failed at the first hand-off: float input, half bias
+        rewrite(good, bad, edit_tensors=lambda t: t.update({"stage2.ending.bias": t["stage2.ending.bias"].half()}))
+    elif case == "int_tensors":
+        rewrite(good, bad, edit_tensors=lambda t: t.update({k: v.int() for k, v in t.items()}))
+    elif case == "extra_list":  # failed at the first step, reading the schedule from it
+        rewrite(good, bad, lambda m: m.update(extra="[1, 2]"))
+    elif case == "extra_p_text":
+        rewrite(good, bad, lambda m: m.update(extra=json.dumps({"schedule": "exp_karras", "exp_karras_p": "abc"})))
     with pytest.raises(FileFormatError, match=MALFORMED[case]) as err:
         load_shortcut(bad)
     assert bad.name in str(err.value)
-    if case not in ("bad_config", "shape_mismatch", "missing_tensor"):  # what only the tensors can tell
+    if case not in ("bad_config", "shape_mismatch", "missing_tensor", "mixed_dtypes", "int_tensors"):  # tensors
         with pytest.raises(FileFormatError, match=MALFORMED[case]):
             read_shortcut_metadata(bad)
 

@@ -492,10 +492,31 @@ def not_safetensors(path):
     (lambda p: rewrite(p, tensors=lambda t: dict(list(t.items())[1:])), "bad.safetensors: tensors do not match"),
     (lambda p: rewrite(p, tensors=lambda t: {k: v * 2 if k.endswith(".alpha") else v for k, v in t.items()}),
      "bad.safetensors: .*alpha is 16.0, but the metadata says alpha 8.0"),
+    (lambda p: rewrite(p, tensors=lambda t: {k: v if k.endswith(".alpha") else v.int() for k, v in t.items()}),
+     "bad.safetensors: .*lora_down.weight holds dtype torch.int32: not the weights of a trained LoRA"),
+    (lambda p: rewrite(p, tensors=lambda t: {k: v if k.endswith(".alpha") else v * float("nan")
+                                             for k, v in t.items()}),
+     "bad.safetensors: .*holds non-finite values"),
+    (lambda p: rewrite(p, tensors=lambda t: {k: v[..., None, None] if k.endswith("lora_up.weight") else v
+                                             for k, v in t.items()}),
+     "bad.safetensors: .*LoRA halves do not fit each other"),
 ])
 def test_malformed_files_raise_one_error_naming_the_file(saved, make_bad, message):
     with pytest.raises(FileFormatError, match=message):
         read_student(make_bad(saved[1]))
+
+
+def test_a_file_whose_halves_do_not_fit_its_own_unet_is_refused_before_anything_changes(student):
+    """The layers were checked only when the fingerprint differed: a down half of another width failed deep in
+    torch, and left empty LoRA containers behind."""
+    pipe, _, path, _ = student
+    first = next(k for k in read_safetensors(path)[0] if k.endswith("lora_down.weight"))
+    bad = rewrite(path, tensors=lambda t: {**t, first: torch.zeros(t[first].shape[0], t[first].shape[1] + 5)})
+    before = pipeline_state(pipe)
+    with pytest.raises(ValueError, match="bad.safetensors: this student was made for another UNet: 1 of .* LoRA "
+                                         "modules do not fit"):
+        load_student(pipe, bad)
+    assert_unchanged(pipe, before)
 
 
 @pytest.mark.parametrize("make_bad", [not_safetensors, shortcut_file, bad_schedule])
