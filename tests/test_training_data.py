@@ -71,6 +71,17 @@ def test_a_latents_file_round_trips_and_a_bad_one_is_named_from_its_header(tmp_p
             check_latents_file(tmp_path / f"{name}.safetensors")
     with pytest.raises(FileNotFoundError, match="no such latents file"):
         check_latents_file(tmp_path / "nowhere.safetensors")
+    # what only reading finds: a prompt that is no string (failed in the tokenizer, unnamed), NaN or integer
+    # latents (trained on, or cast), a scaling factor that is no number
+    atomic_save_file({"latents": latents}, tmp_path / "numbers.safetensors", {"prompts": ["a", 7, None]})
+    atomic_save_file({"latents": latents * float("nan")}, tmp_path / "nan.safetensors")
+    atomic_save_file({"latents": latents.int()}, tmp_path / "int.safetensors")
+    atomic_save_file({"latents": latents}, tmp_path / "scale.safetensors", {"vae_scaling_factor": "sdxl"})
+    for name, message in [("numbers", "one prompt per latent \\(3\\), each a string"),
+                          ("nan", "'latents' holds non-finite"), ("int", "'latents' holds dtype torch.int32"),
+                          ("scale", "'vae_scaling_factor' is 'sdxl'")]:
+        with pytest.raises(FileFormatError, match=f"{name}.safetensors: .*{message}"):
+            read_latents_file(tmp_path / f"{name}.safetensors")
 
 
 def test_image_folders_are_read_recursively_with_same_name_captions(tmp_path):

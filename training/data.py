@@ -137,8 +137,9 @@ def check_latents_file(path: str | os.PathLike) -> tuple[int, list[str] | None]:
     if std_shape != shape:
         raise FileFormatError(f"{path}: 'std' has shape {std_shape}, 'latents' {shape}")
     prompts = json_metadata(metadata, "prompts", path) if "prompts" in metadata else None
-    if prompts is not None and (not isinstance(prompts, list) or len(prompts) != shape[0]):
-        raise FileFormatError(f"{path}: metadata 'prompts' must list one prompt per latent ({shape[0]})")
+    if prompts is not None and (not isinstance(prompts, list) or len(prompts) != shape[0]
+                                or not all(isinstance(p, str) for p in prompts)):
+        raise FileFormatError(f"{path}: metadata 'prompts' must list one prompt per latent ({shape[0]}), each a string")
     return shape[0], prompts
 
 
@@ -148,10 +149,19 @@ def read_latents_file(path: str | os.PathLike, prompts: Sequence[str] | None = N
     0.13025: same channels, latents 1.4x too large) is refused."""
     count, own = check_latents_file(path)
     tensors, metadata = read_safetensors(path)
+    for name in ("latents", "std"):
+        tensor = tensors.get(name)
+        if tensor is not None and (not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all())):
+            what = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else "non-finite values"
+            raise FileFormatError(f"{path}: '{name}' holds {what}: not VAE latents")
     recorded = metadata.get(VAE_SCALE_KEY)
-    if vae is not None and recorded is not None and not math.isclose(float(recorded), vae.config.scaling_factor,
+    try:
+        recorded = None if recorded is None else float(recorded)
+    except ValueError:
+        raise FileFormatError(f"{path}: metadata '{VAE_SCALE_KEY}' is {recorded!r}, not a number") from None
+    if vae is not None and recorded is not None and not math.isclose(recorded, vae.config.scaling_factor,
                                                                       rel_tol=1e-6):
-        raise ValueError(f"{path}: encoded by a VAE of scaling factor {float(recorded):g}, the teacher's is "
+        raise ValueError(f"{path}: encoded by a VAE of scaling factor {recorded:g}, the teacher's is "
                          f"{vae.config.scaling_factor:g}: they were made for another model; encode the images with "
                          "this teacher (python -m direct_distill latents)")
     return LatentData(tensors["latents"], prompts if prompts is not None else own, latent_std=tensors.get("std"))
