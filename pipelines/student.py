@@ -143,6 +143,7 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
         raise ValueError(f"{path}: diffusers applied {applied} of the LoRA's {len(resolved)} layers; nothing was kept")
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
+    scheduler.follow_adapter(pipe.unet, adapter_name)
     pipe.scheduler = scheduler
     _few_step_adapters(pipe).add(adapter_name)
     return preset

@@ -3,6 +3,8 @@ scheduler does not run is stopped with one clear error instead of sampling nothi
 
 from __future__ import annotations
 
+import weakref
+
 
 class ImageToImageGuard:
     """Mixin for a diffusers scheduler whose ``set_timesteps(n)`` may run another step count than the ``n`` asked
@@ -38,3 +40,51 @@ class ImageToImageGuard:
         if parent is not None:
             return parent(begin_index)
         self._begin_index = begin_index  # DDIM has no begin index of its own: its step needs none
+
+
+class FollowsAdapter:
+    """Mixin for the scheduler ``load_student`` gives a few-step LoRA: tied to that LoRA's adapter on the UNet
+    (:meth:`follow_adapter`), ``set_timesteps`` refuses to sample once another few-step LoRA replaced it there,
+    loaded through a pipeline that shares the UNet (this pipeline's scheduler would run the other LoRA on its
+    schedule). A scheduler whose output reading differs from the model's (``_reads_other_prediction``: an x0 or v
+    student of an epsilon model) also refuses while its adapter is off, deleted or not at strength 1: it would read
+    the model's own output, or a mix, as x0. An epsilon student's scheduler with its LoRA merely off still runs
+    (the model on the student's schedule is a fair experiment)."""
+
+    _adapter = None
+
+    def follow_adapter(self, unet, adapter_name: str) -> None:
+        self._adapter = (weakref.ref(unet), adapter_name)
+
+    def _reads_other_prediction(self) -> str | None:
+        """What the model predicts where this scheduler reads its output as something else; None otherwise."""
+        return None
+
+    def _check_adapter(self) -> None:
+        unet = self._adapter[0]() if self._adapter is not None else None
+        if unet is None:
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        name, tuners = self._adapter[1], [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        layers = [m for m in tuners if name in (getattr(m, "scaling", None) or {})]
+        on = bool(layers) and all(not m.disable_adapters and name in m.active_adapters for m in layers)
+        active = sorted({n for m in tuners if not m.disable_adapters for n in m.active_adapters})
+        replaced = [n for n in active if n != name and n in unet.__dict__.get("_direct_distill_few_step_adapters",
+                                                                                  ())]
+        if not on and replaced:
+            raise ValueError(f"this scheduler samples the few-step LoRA {name!r}, but {', '.join(replaced)} replaced "
+                             "it on the UNet (load_student through a pipeline sharing it): use the scheduler "
+                             f"load_student gave that pipeline, or load {name!r} again here")
+        model = self._reads_other_prediction()
+        if model is None:
+            return
+        full = on and all(abs(m.scaling[name] * m.r[name] / m.lora_alpha[name] - 1) < 1e-6 for m in layers
+                          if hasattr(m, "r") and hasattr(m, "lora_alpha"))
+        if not full:
+            state = "deleted" if not layers else "switched off" if not on else "not at strength 1"
+            raise ValueError(f"this StudentScheduler reads the UNet's output as {self.config.prediction_type}, as the "
+                             f"student {name!r} was trained to give, but that adapter is {state} (active now: "
+                             f"{', '.join(active) or 'none'}) and the model predicts {model}: load the student again "
+                             "(load_student) or set the model's scheduler (ExpKarrasScheduler.from_config("
+                             "pipe.scheduler.config))")

@@ -13,11 +13,11 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDSc
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from .few_step_presets import PRESETS, FewStepPreset, describe_nfes
-from .pinned_steps import ImageToImageGuard
+from .pinned_steps import FollowsAdapter, ImageToImageGuard
 from .scheduling_exp_karras import model_prediction_type, model_scheduler_record
 
 
-class _PinnedTimesteps(ImageToImageGuard):
+class _PinnedTimesteps(FollowsAdapter, ImageToImageGuard):
     """``set_timesteps(n)`` runs a preset's timesteps for n steps, with the parent scheduler's own rule (or the
     preset's fixed timesteps); n left out, or the pipeline's own default (50 for SD and SDXL, which a pipeline passes
     when its caller names none, so it cannot be told from an asked 50), means the preset's default. Explicit
@@ -59,6 +59,7 @@ class _PinnedTimesteps(ImageToImageGuard):
     def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
         """The preset's timesteps for ``num_inference_steps`` (None or the pipeline's default: its default NFE);
         explicit ``timesteps=`` / ``sigmas=``, where the parent scheduler takes them, are its own."""
+        self._check_adapter()
         self._record_steps(num_inference_steps)
         if self.preset is None or kwargs.get("timesteps") is not None or kwargs.get("sigmas") is not None:
             return super().set_timesteps(num_inference_steps, device=device, **kwargs)

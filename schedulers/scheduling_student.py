@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import numpy as np
 import torch
@@ -14,7 +13,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 
 from .noise import add_noise_in_float32, sigma_to_model_timestep, vp_sigma_table
-from .pinned_steps import ImageToImageGuard
+from .pinned_steps import FollowsAdapter, ImageToImageGuard
 from .scheduling_exp_karras import SOLVER_KEYS, model_scheduler_record, with_defaults_kept
 
 # What a pipeline's scheduler config may carry that is not the student's: the schedule parameter of another
@@ -22,7 +21,7 @@ from .scheduling_exp_karras import SOLVER_KEYS, model_scheduler_record, with_def
 _NOT_THE_STUDENTS = ("exp_karras_p", "preset") + SOLVER_KEYS
 
 
-class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
+class StudentScheduler(FollowsAdapter, ImageToImageGuard, DPMSolverMultistepScheduler):
     """Samples a distilled student at exactly the timesteps and sigmas it was trained for.
 
     A student supports a few step counts (NFEs), each with its own schedule; ``set_timesteps(n)`` takes
@@ -113,35 +112,10 @@ class StudentScheduler(ImageToImageGuard, DPMSolverMultistepScheduler):
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
             algorithm_type=algorithm_type, solver_type=solver_type, lower_order_final=lower_order_final,
             final_sigmas_type="zero", steps_offset=steps_offset)
-        self._adapter = None
 
-    def follow_adapter(self, unet, adapter_name: str) -> None:
-        """Ties this scheduler to the student's LoRA adapter on ``unet`` (``load_student`` does). Where the
-        student's output is read as another prediction than its model's (an x0 student of an epsilon model),
-        ``set_timesteps`` refuses to run once that adapter is off, deleted or replaced (by another few-step LoRA
-        loaded through a pipeline sharing the UNet): it would read the model's own output as x0."""
-        self._adapter = (weakref.ref(unet), adapter_name)
-
-    def _check_adapter(self) -> None:
-        if self._adapter is None or self.config.teacher_prediction_type in (None, self.config.prediction_type):
-            return
-        unet, name = self._adapter[0](), self._adapter[1]
-        if unet is None:
-            return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in unet.modules()
-                  if isinstance(m, BaseTunerLayer) and name in (getattr(m, "scaling", None) or {})]
-        if layers and all(not m.disable_adapters and name in m.active_adapters for m in layers):
-            return
-        active = sorted({n for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters
-                         for n in m.active_adapters})
-        state = "deleted" if not layers else "switched off"
-        raise ValueError(f"this StudentScheduler reads the UNet's output as {self.config.prediction_type}, as the "
-                         f"student {name!r} was trained to give, but that adapter is {state} (active now: "
-                         f"{', '.join(active) or 'none'}) and the model predicts "
-                         f"{self.config.teacher_prediction_type}: load the student again (load_student) or set "
-                         "the model's scheduler (ExpKarrasScheduler.from_config(pipe.scheduler.config))")
+    def _reads_other_prediction(self) -> str | None:
+        model = self.config.teacher_prediction_type
+        return None if model in (None, self.config.prediction_type) else model
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.IntTensor) -> torch.Tensor:

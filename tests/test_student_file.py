@@ -316,6 +316,11 @@ def test_an_x0_students_scheduler_refuses_to_read_the_model_once_its_adapter_is_
         pipe.scheduler.set_timesteps(4)
     pipe.enable_lora()
     pipe.scheduler.set_timesteps(4)
+    pipe.set_adapters(["student"], [0.5])  # half the student: its output read as x0 would be part epsilon
+    with pytest.raises(ValueError, match="that adapter is not at strength 1"):
+        pipe.scheduler.set_timesteps(4)
+    pipe.set_adapters(["student"], [1.0])
+    pipe.scheduler.set_timesteps(4)
     pipe.delete_adapters("student")
     with pytest.raises(ValueError, match="that adapter is deleted"):
         pipe.scheduler.set_timesteps(4)

@@ -441,9 +441,9 @@ def test_a_few_step_lora_replaces_the_one_loaded_before(sd15_pipe, tmp_path):
     load_student(img2img, lcm, preset="lcm-sd15", adapter_name="lcm")
     assert img2img.scheduler.config.prediction_type == "epsilon"
     assert active_adapters(pipe) == {"style", "lcm"} and "student" in pipe.unet.peft_config
-    # pipe's own scheduler still reads the output as x0: it refuses, the student being off on the shared UNet
-    with pytest.raises(ValueError, match="as the student 'student' was trained to give, but that adapter is "
-                                         "switched off \\(active now: lcm, style\\)"):
+    # pipe's own scheduler still reads the output as x0: it refuses, the student being replaced on the shared UNet
+    with pytest.raises(ValueError, match="this scheduler samples the few-step LoRA 'student', but lcm replaced it "
+                                         "on the UNet"):
         pipe.scheduler.set_timesteps(4)
     # Hyper-SD after LCM: the UNet computes what Hyper-SD alone (beside the style LoRA) computes
     load_student(pipe, hyper, preset="hyper-sd15-8step", adapter_name="hyper")
@@ -464,6 +464,26 @@ def test_a_few_step_lora_replaces_the_one_loaded_before(sd15_pipe, tmp_path):
     back = ExpKarrasScheduler.from_config(pipe.scheduler.config)
     assert (back.config.prediction_type, back.config.solver_order) == ("epsilon", 2)
     assert "nfe_schedules" not in back.config and "teacher_prediction_type" not in back.config
+
+
+def test_a_scheduler_whose_lora_another_pipeline_replaced_refuses_to_sample(sd15_pipe, tmp_path):
+    """An epsilon student's or a preset's scheduler left on a pipeline whose UNet now carries another few-step LoRA
+    (loaded through an img2img pipeline on the same components) sampled that LoRA on its own schedule."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = copy.deepcopy(sd15_pipe)
+    lcm = write_release(tmp_path / "lcm.safetensors", release_layers(sd15_pipe, seed=1)[0], "kohya")
+    hyper = write_release(tmp_path / "hyper.safetensors", release_layers(sd15_pipe, seed=2)[0], "kohya")
+    load_student(pipe, lcm, preset="lcm-sd15", adapter_name="lcm")
+    pipe.scheduler.set_timesteps(4)
+    pipe.disable_lora()  # the model alone on LCM's schedule: a fair experiment, still allowed
+    pipe.scheduler.set_timesteps(4)
+    pipe.enable_lora()
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    load_student(img2img, hyper, preset="hyper-sd15-2step", adapter_name="hyper")
+    with pytest.raises(ValueError, match="samples the few-step LoRA 'lcm', but hyper replaced it on the UNet"):
+        pipe.scheduler.set_timesteps(4)
+    img2img.scheduler.set_timesteps(2)  # the pipeline that loaded it samples as it should
 
 
 def test_nothing_loads_onto_a_pipeline_whose_loras_are_disabled(sd15_pipe, tmp_path):
