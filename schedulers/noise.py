@@ -24,12 +24,9 @@ def alphas_cumprod_from_config(config: Mapping) -> torch.Tensor:
     n = get("num_train_timesteps", 1000)
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"scheduler config: num_train_timesteps must be an integer >= 2, got {n!r}")
-    if get("prediction_type", "epsilon") == "flow_prediction" or get("use_flow_sigmas", False):
-        raise ValueError("scheduler config describes a flow-matching model; exp-Karras needs a discrete VP "
-                         "(DDPM-style) noise schedule")
-    if get("sigma_data", None) is not None or str(get("_class_name", "")).startswith("EDM"):
-        raise ValueError("scheduler config describes an EDM model (continuous sigmas); exp-Karras needs a discrete "
-                         "VP (DDPM-style) noise schedule")
+    reason = not_a_vp_table(config)
+    if reason:
+        raise ValueError(f"scheduler config {reason}; exp-Karras needs a discrete VP (DDPM-style) noise schedule")
     trained = get("trained_betas", None)
     if trained is not None:
         betas = torch.as_tensor(trained, dtype=torch.float64)
@@ -55,6 +52,39 @@ def alphas_cumprod_from_config(config: Mapping) -> torch.Tensor:
     if get("rescale_betas_zero_snr", False):
         alphas_cumprod = _zero_terminal_snr(alphas_cumprod)
     return alphas_cumprod
+
+
+# Keys only flow-matching schedulers' configs carry, and those of a beta table.
+_FLOW_MATCHING_KEYS = ("shift", "base_shift", "max_shift")
+_BETA_KEYS = ("beta_schedule", "trained_betas", "beta_start")
+
+
+def not_a_vp_table(config: Mapping) -> str | None:
+    """Why a diffusers scheduler config describes no discrete VP (DDPM-style) beta table that
+    :func:`alphas_cumprod_from_config` rebuilds, in words completing "scheduler config ..." (a flow-matching or EDM
+    model, CogVideoX's SNR shift, a VE model's sigma range, a source class with no betas); None where it does."""
+    import inspect
+
+    import diffusers
+
+    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+    has = (lambda k: k in config) if isinstance(config, Mapping) else (lambda k: get(k) is not None)
+    name = str(get("_class_name", "") or "")
+    if (get("prediction_type") == "flow_prediction" or get("use_flow_sigmas") or name.startswith("FlowMatch")
+            or any(has(k) for k in _FLOW_MATCHING_KEYS)):
+        return "describes a flow-matching model (shift or use_flow_sigmas)"
+    if get("sigma_data") is not None or name.startswith("EDM"):
+        return (f"describes an EDM model (continuous sigmas from {get('sigma_min')} to {get('sigma_max')}, as "
+                "Playground v2.5)")
+    if get("snr_shift_scale") is not None:
+        return f"shifts its table's SNR (snr_shift_scale {get('snr_shift_scale')}, as CogVideoX's), not reproduced here"
+    source = getattr(diffusers, name, None)
+    if isinstance(source, type) and issubclass(source, diffusers.SchedulerMixin):
+        if not set(_BETA_KEYS) & set(inspect.signature(source.__init__).parameters):
+            return f"is {name}'s, which has no beta table"
+    if not any(has(k) for k in _BETA_KEYS) and (has("sigma_max") or has("sigma_min")):
+        return f"describes a sigma range ({get('sigma_min')} to {get('sigma_max')}) with no beta table"
+    return None
 
 
 def _zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:

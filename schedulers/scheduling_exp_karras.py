@@ -13,7 +13,7 @@ from diffusers.configuration_utils import register_to_config
 # from_pretrained, which looks its loadable base classes up in the module model_index.json names.
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin  # noqa: F401
 
-from .noise import add_noise_in_float32, sigma_to_model_timestep, t_to_sigma, vp_sigma_table
+from .noise import add_noise_in_float32, not_a_vp_table, sigma_to_model_timestep, t_to_sigma, vp_sigma_table
 from .sigmas import _check_steps, check_exp_karras_p, exp_karras_sigmas_from_table
 
 # The sigma-spacing settings of DPMSolverMultistepScheduler (and of the other schedulers' configs) with the
@@ -25,8 +25,6 @@ _SPACING_FLAGS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "
 # Other schedulers' sigma-shaping keys, meaningless here.
 _FOREIGN_SPACING_KEYS = ("interpolation_type", "sigma_min", "sigma_max", "timestep_type",
                          "preset", "pipeline_default_steps")  # the last two: a few-step preset's pinned steps
-# Keys only flow-matching schedulers' configs carry: such a model has no VP noise table to space.
-_FLOW_MATCHING_KEYS = ("shift", "base_shift", "max_shift")
 # A DPM-Solver config's solver choices: a student's scheduler steps with its own (DDIM or DPM++ 2M).
 SOLVER_KEYS = ("solver_order", "algorithm_type", "solver_type", "lower_order_final", "thresholding",
                "dynamic_thresholding_ratio", "sample_max_value")
@@ -143,18 +141,10 @@ class ExpKarrasScheduler(DPMSolverMultistepScheduler):
         the way back to the model once the student's adapter is deleted."""
         if config is not None:
             config = models_config(config)
-            if (any(k in config for k in _FLOW_MATCHING_KEYS) or config.get("use_flow_sigmas")
-                    or str(config.get("_class_name", "")).startswith("FlowMatch")):
-                raise ValueError("ExpKarrasScheduler: this scheduler config describes a flow-matching model (shift or "
-                                 "use_flow_sigmas); exp-Karras needs a discrete VP (DDPM-style) noise schedule")
-            if "sigma_data" in config or str(config.get("_class_name", "")).startswith("EDM"):
-                raise ValueError("ExpKarrasScheduler: this scheduler config describes an EDM model (continuous sigmas "
-                                 f"from {config.get('sigma_min')} to {config.get('sigma_max')}, as Playground v2.5); "
-                                 "exp-Karras needs a discrete VP (DDPM-style) noise schedule")
-            foreign = _foreign_table(config)
-            if foreign:
-                raise ValueError(f"ExpKarrasScheduler: this scheduler config {foreign}, which this class does not "
-                                 "reproduce; exp-Karras needs a discrete VP (DDPM-style) noise schedule")
+            reason = not_a_vp_table(config)
+            if reason:
+                raise ValueError(f"ExpKarrasScheduler: this scheduler config {reason}; exp-Karras needs a discrete VP "
+                                 "(DDPM-style) noise schedule")
             if config.get("algorithm_type") not in (None, *_DPM_ALGORITHMS):  # DEIS's own, SA-Solver's data_prediction:
                 config["algorithm_type"] = "dpmsolver++"  # DPM-Solver++ is what this class runs
             config = {**_source_class_defaults(config), **config}
@@ -268,25 +258,6 @@ _NOISE_TABLE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_sche
 
 
 _DPM_ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
-
-
-def _foreign_table(config: dict) -> str | None:
-    """What keeps a scheduler config's noise table from being a DDPM-style beta table this class rebuilds (a VE
-    model's sigma range, CogVideoX's SNR shift, a source class with no betas at all), in words; None if nothing."""
-    import diffusers
-
-    name = str(config.get("_class_name", ""))
-    if "snr_shift_scale" in config:
-        return f"shifts its table's SNR (snr_shift_scale {config['snr_shift_scale']}, as CogVideoX's)"
-    source = getattr(diffusers, name, None)
-    if isinstance(source, type) and issubclass(source, diffusers.SchedulerMixin):
-        taken = inspect.signature(source.__init__).parameters
-        if not {"beta_schedule", "trained_betas", "beta_start"} & set(taken):
-            return f"is {name}'s, which has no beta table"
-    if not any(k in config for k in ("beta_schedule", "trained_betas", "beta_start")) and (
-            "sigma_max" in config or "sigma_min" in config):
-        return f"describes a sigma range ({config.get('sigma_min')} to {config.get('sigma_max')}) with no beta table"
-    return None
 
 
 def _source_class_defaults(config: dict) -> dict:
