@@ -15,6 +15,7 @@ from ..models.io import is_direct_distill_file, read_safetensors
 from ..models.lora_layouts import kohya_state_dict, resolve_layers, unet_family
 from ..models.student_file import StudentInfo, bare_unet, read_student, unet_mismatches
 from ..schedulers.few_step_presets import FewStepPreset
+from ..schedulers.pinned_steps import FEW_STEP_ADAPTERS
 from ..schedulers.scheduling_presets import preset_scheduler
 from ..schedulers.scheduling_exp_karras import model_prediction_type
 from ..schedulers.scheduling_student import StudentScheduler
@@ -177,7 +178,7 @@ def _adapted_layers(model, adapter_name: str) -> int:
 def _few_step_adapters(pipe) -> set[str]:
     """The names of the few-step LoRAs loaded here. Kept on the UNet: pipelines built from ``pipe.components``
     share it, and its adapters."""
-    return pipe.unet.__dict__.setdefault("_direct_distill_few_step_adapters", set())
+    return pipe.unet.__dict__.setdefault(FEW_STEP_ADAPTERS, set())
 
 
 def _adapters_kept_on(pipe) -> list[str]:

@@ -42,6 +42,10 @@ class ImageToImageGuard:
         self._begin_index = begin_index  # DDIM has no begin index of its own: its step needs none
 
 
+# where load_student keeps, on a UNet, the names of the few-step LoRAs it loaded (pipelines sharing it share them)
+FEW_STEP_ADAPTERS = "_direct_distill_few_step_adapters"
+
+
 class FollowsAdapter:
     """Mixin for the scheduler ``load_student`` gives a few-step LoRA: tied to that LoRA's adapter on the UNet
     (:meth:`follow_adapter`), ``set_timesteps`` refuses to sample once another few-step LoRA replaced it there,
@@ -70,8 +74,7 @@ class FollowsAdapter:
         layers = [m for m in tuners if name in (getattr(m, "scaling", None) or {})]
         on = bool(layers) and all(not m.disable_adapters and name in m.active_adapters for m in layers)
         active = sorted({n for m in tuners if not m.disable_adapters for n in m.active_adapters})
-        replaced = [n for n in active if n != name and n in unet.__dict__.get("_direct_distill_few_step_adapters",
-                                                                                  ())]
+        replaced = [n for n in active if n != name and n in unet.__dict__.get(FEW_STEP_ADAPTERS, ())]
         if not on and replaced:
             raise ValueError(f"this scheduler samples the few-step LoRA {name!r}, but {', '.join(replaced)} replaced "
                              "it on the UNet (load_student through a pipeline sharing it): use the scheduler "

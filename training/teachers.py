@@ -65,8 +65,7 @@ def load_teacher_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32
 
         if not (path / "vae" / "config.json").is_file():
             raise SystemExit(f"{path}: not a diffusers pipeline folder with a VAE (no vae/config.json)")
-        weights = [f.name for f in (path / "vae").iterdir() if f.name.endswith(_WEIGHTS)]
-        variant = "fp16" if weights and all(".fp16." in name for name in weights) else None
+        variant = "fp16" if _only_fp16_variant([path / "vae"]) else None
         try:
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, variant=variant)
         except (OSError, ValueError) as err:
@@ -98,6 +97,14 @@ _OPTIONAL_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 _WEIGHTS = (".safetensors", ".bin")
 
 
+def _only_fp16_variant(folders) -> bool:
+    """Whether the weight files of these component folders are all the fp16 variant (``*.fp16.safetensors``), as
+    ``save_pretrained(variant="fp16")`` or a variant download leaves them: diffusers loads those with
+    ``variant="fp16"`` only."""
+    weights = [f.name for folder in folders for f in folder.iterdir() if f.name.endswith(_WEIGHTS)]
+    return bool(weights) and all(".fp16." in name for name in weights)
+
+
 def _load_folder(path: Path, prediction_type: str | None):
     import json
 
@@ -117,9 +124,7 @@ def _load_folder(path: Path, prediction_type: str | None):
                          f"{'/, '.join(missing)}/ (an interrupted download?)")
     kwargs = dict(absent, **({"requires_safety_checker": False} if "safety_checker" in absent else {}))
     # a folder saved or downloaded as the fp16 variant only (unet/diffusion_pytorch_model.fp16.safetensors)
-    weights = [f.name for name in listed if name not in absent for f in (path / name).iterdir()
-               if f.name.endswith(_WEIGHTS)]
-    if weights and all(".fp16." in name for name in weights):
+    if _only_fp16_variant(path / name for name in listed if name not in absent):
         kwargs["variant"] = "fp16"
     try:
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
