@@ -469,7 +469,7 @@ def test_student_rows_of_a_changed_or_removed_file_are_dropped(tmp_path, lab_ben
                              row("progressive", 8, 1, file="progressive_nfe8.safetensors", sha256="earlier"),
                              row("gdd", 1, 0, file="gdd.safetensors", sha256="gone")],
                        students=[StudentFile("gdd", "gdd.safetensors", "gdd", [1], None, None, None)]))
-    run_student_rows(bench, 3.0, repeats=1)
+    run_student_rows(bench, 3.0, range(1))
     on_disk = Results.load(tmp_path / "results.json")
     rows = [r for r in on_disk.runs if r.group == "student"]
     assert [(r.name, r.nfe, r.seed_set, r.sha256) for r in rows] == [
@@ -502,7 +502,7 @@ def test_the_one_step_start_row_is_the_teachers_own_single_call(tmp_path, lab_be
         return record(group, name, nfe, seed_set, samples, **extra)
 
     bench.record = keep
-    run_student_rows(bench, 3.0, repeats=1)
+    run_student_rows(bench, 3.0, range(1))
     assert Results.load(tmp_path / "results.json").has(Config("student", ONE_STEP_START, 1), 0)
     teacher = load_teacher()
     teacher.scheduler = ExpKarrasScheduler.from_config(teacher.scheduler.config)
@@ -546,7 +546,7 @@ def test_shortcut_rows_follow_the_committed_file_and_drop_those_of_an_earlier_on
     grid = tmp_path / "plots" / "grid_shortcut_10+1_11.png"
     grid.parent.mkdir(parents=True)
     grid.write_bytes(b"png")
-    run_shortcut_rows(bench, 3.0, repeats=1)
+    run_shortcut_rows(bench, 3.0, range(1))
     on_disk = Results.load(tmp_path / "results.json")
     own, transfer = shortcut_plan(load_shortcut(SHORTCUT_PATH).metadata["extra"])
     rows = {r.name: r for r in on_disk.runs if r.group == "shortcut"}
@@ -559,8 +559,46 @@ def test_shortcut_rows_follow_the_committed_file_and_drop_those_of_an_earlier_on
     assert {(run.schedule.label, run.config.nfe) for run in own} <= teacher
     # Run again on the same file: nothing is sampled again.
     before = [r for r in on_disk.runs]
-    run_shortcut_rows(bench, 3.0, repeats=1)
+    run_shortcut_rows(bench, 3.0, range(1))
     assert Results.load(tmp_path / "results.json").runs == before
+
+
+@needs_data
+def test_the_goals_group_samples_each_goals_rows_one_seed_set_at_a_time(tmp_path, lab_bench_parts, monkeypatch):
+    """The rows each goal compares, on more seed sets than the grid: the candidates and the teacher's best schedule
+    at the NFE each is held against, and nothing else; a whole seed set before the next."""
+    import shutil
+
+    import direct_distill.lab as lab
+    from direct_distill.lab.benchmark import run_goal_rows
+
+    students = tmp_path / "students"
+    students.mkdir()
+    for name in ("sfd.safetensors", "progressive_nfe8.safetensors"):  # NFE 2 and 4; NFE 8, which no goal reads
+        shutil.copy(lab.STUDENTS_DIR / name, students)
+    monkeypatch.setattr(lab, "STUDENTS_DIR", students)
+    bench = tiny_bench(tmp_path, lab_bench_parts)
+    with pytest.raises(ResultsFileError, match="best schedule at NFE 4, 8, 20, which the schedules group ranks"):
+        run_goal_rows(bench, 3.0, repeats=2)
+    row = functools.partial(Run, "schedule", n=10, accuracy=0.9, seconds_per_image=0.01, guidance=3.0)
+    # the grid's seed set 0: beta best at 4 and 8, karras at 20
+    bench.save(Results(runs=[row(name, nfe, 0, fd=fd) for nfe in (4, 8, 20)
+                             for name, fd in (("beta", 0.3 if nfe < 20 else 0.5), ("karras", 0.4))]))
+    sampled, record = [], bench.record
+
+    def keep(group, name, nfe, seed_set, samples, **extra):
+        sampled.append((seed_set, group, name, nfe))
+        return record(group, name, nfe, seed_set, samples, **extra)
+
+    bench.record = keep
+    run_goal_rows(bench, 3.0, repeats=2)
+    candidates = [("shortcut", "7+1", 8), ("shortcut", "12+1", 13), ("student", "sfd", 2), ("student", "sfd", 4)]
+    references = [("schedule", "beta", 4), ("schedule", "beta", 8), ("schedule", "karras", 20)]
+    assert sampled == [(0, *c) for c in candidates] + [(1, *r) for r in references + candidates]
+    # run again: every row is held
+    sampled.clear()
+    run_goal_rows(bench, 3.0, repeats=2)
+    assert sampled == []
 
 
 @needs_data
