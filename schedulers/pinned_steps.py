@@ -44,6 +44,31 @@ class ImageToImageGuard:
 
 # where load_student keeps, on a UNet, the names of the few-step LoRAs it loaded (pipelines sharing it share them)
 FEW_STEP_ADAPTERS = "_direct_distill_few_step_adapters"
+# where FollowsAdapter keeps, on a UNet, the adapters only strength 1 samples: {name: (what it predicts, the model)}
+FULL_STRENGTH_ADAPTERS = "_direct_distill_full_strength_adapters"
+
+
+def _active_adapters(unet) -> set[str]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters
+            for n in m.active_adapters}
+
+
+def _refuse_scaled_call(unet, args, kwargs):
+    """UNet forward pre-hook: diffusers scales every LoRA by ``cross_attention_kwargs["scale"]`` for the call (the
+    pipelines pass their own ``cross_attention_kwargs`` on), which a student read as x0 or v does not survive."""
+    scale = (kwargs.get("cross_attention_kwargs") or {}).get("scale", 1.0)
+    if scale == 1:
+        return None
+    held = unet.__dict__.get(FULL_STRENGTH_ADAPTERS, {})
+    hit = sorted(set(held) & _active_adapters(unet))
+    if hit:
+        predicts, model = held[hit[0]]
+        raise ValueError(f"cross_attention_kwargs scale {scale:g} would run the student {hit[0]!r} at that strength, "
+                         f"but its scheduler reads the UNet's output as {predicts}, which the student gives at "
+                         f"strength 1 only (the model predicts {model}): leave the 'scale' key out")
+    return None
 
 
 class FollowsAdapter:
@@ -52,13 +77,24 @@ class FollowsAdapter:
     loaded through a pipeline that shares the UNet (this pipeline's scheduler would run the other LoRA on its
     schedule). A scheduler whose output reading differs from the model's (``_reads_other_prediction``: an x0 or v
     student of an epsilon model) also refuses while its adapter is off, deleted or not at strength 1: it would read
-    the model's own output, or a mix, as x0. An epsilon student's scheduler with its LoRA merely off still runs
-    (the model on the student's schedule is a fair experiment)."""
+    the model's own output, or a mix, as x0; and the UNet refuses a call that scales the LoRAs for its duration
+    (``cross_attention_kwargs={"scale": s}``) while that adapter is active. An epsilon student's scheduler with its
+    LoRA merely off, or scaled, still runs (the model on the student's schedule is a fair experiment)."""
 
     _adapter = None
 
     def follow_adapter(self, unet, adapter_name: str) -> None:
         self._adapter = (weakref.ref(unet), adapter_name)
+        model = self._reads_other_prediction()
+        if FULL_STRENGTH_ADAPTERS not in unet.__dict__:
+            if model is None:
+                return
+            unet.register_forward_pre_hook(_refuse_scaled_call, with_kwargs=True)
+        held = unet.__dict__.setdefault(FULL_STRENGTH_ADAPTERS, {})
+        if model is None:
+            held.pop(adapter_name, None)
+        else:
+            held[adapter_name] = (self.config.prediction_type, model)
 
     def _reads_other_prediction(self) -> str | None:
         """What the model predicts where this scheduler reads its output as something else; None otherwise."""
@@ -73,7 +109,7 @@ class FollowsAdapter:
         name, tuners = self._adapter[1], [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         layers = [m for m in tuners if name in (getattr(m, "scaling", None) or {})]
         on = bool(layers) and all(not m.disable_adapters and name in m.active_adapters for m in layers)
-        active = sorted({n for m in tuners if not m.disable_adapters for n in m.active_adapters})
+        active = sorted(_active_adapters(unet))
         replaced = [n for n in active if n != name and n in unet.__dict__.get(FEW_STEP_ADAPTERS, ())]
         if not on and replaced:
             raise ValueError(f"this scheduler samples the few-step LoRA {name!r}, but {', '.join(replaced)} replaced "

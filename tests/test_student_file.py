@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -330,6 +331,31 @@ def test_an_x0_students_scheduler_refuses_to_read_the_model_once_its_adapter_is_
     load_student(pipe, epsilon, adapter_name="eps")
     pipe.disable_lora()
     pipe.scheduler.set_timesteps(4)
+
+
+def test_a_call_scaling_an_x0_students_lora_is_refused_and_an_epsilon_students_runs(student, tmp_path):
+    """``cross_attention_kwargs={"scale": s}`` scales every LoRA for the call, past the scheduler's own check (which
+    runs before, with the adapter at strength 1): an x0 student's output would be read as x0 while part epsilon."""
+    pipe, trained, _, _ = student
+    state = get_peft_model_state_dict(trained)
+    x0 = save_student(tmp_path / "x0.safetensors", state, rank=RANK, alpha=ALPHA,
+                      metadata=student_info(pipe.unet, prediction_type="sample", teacher_prediction_type="epsilon"))
+    epsilon = save_student(tmp_path / "eps.safetensors", state, rank=RANK, alpha=ALPHA,
+                           metadata=student_info(pipe.unet))
+    load_student(pipe, x0)
+    call = functools.partial(pipe, "a shirt", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    with pytest.raises(ValueError, match="cross_attention_kwargs scale 0.5 would run the student 'student' at that "
+                                         "strength, but its scheduler reads the UNet's output as sample, which the "
+                                         "student gives at strength 1 only \\(the model predicts epsilon\\)"):
+        call(cross_attention_kwargs={"scale": 0.5})
+    call(cross_attention_kwargs={"scale": 1.0})
+    pipe.disable_lora()  # off (its scheduler refuses that on its own): the model's scheduler may scale other LoRAs
+    pipe.scheduler = ExpKarrasScheduler.from_config(pipe.scheduler.config)
+    call(cross_attention_kwargs={"scale": 0.5})
+    pipe.enable_lora()
+    pipe.delete_adapters("student")
+    load_student(pipe, epsilon)  # the same name, now an epsilon student: a scaled call is a fair experiment
+    call(cross_attention_kwargs={"scale": 0.5})
 
 
 def test_a_zero_terminal_snr_teachers_student_samples_on_its_table():
