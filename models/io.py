@@ -34,8 +34,7 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     less the umask), a replaced one keeps its own. Metadata values that are not strings are stored as JSON. A
     symbolic link is written through: the file it leads to is replaced, the link stays (shared model folders).
     """
-    given, path = Path(path), Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    given, path = _target(path)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     _remove_stale_partials(path)
@@ -55,12 +54,21 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return given
 
 
+def _target(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(``path`` as given, the file a save writes: through a symbolic link), its folder created; a folder at
+    ``path`` is named as the problem before anything is written (not the temporary file the rename would fail on)."""
+    given, path = Path(path), Path(os.path.realpath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"{given}: is a folder, a file name is needed; nothing was written")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return given, path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` via a temporary file beside it and a rename, with ordinary permissions
     (or those of the file it replaces): the small JSON records that sit beside the weights. A symbolic link is
     written through."""
-    given, path = Path(path), Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    given, path = _target(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -94,6 +94,16 @@ def test_a_running_save_is_left_alone(tmp_path):
     assert busy.is_dir()
 
 
+def test_a_save_onto_a_folder_names_the_folder_and_writes_nothing(tmp_path):
+    folder = tmp_path / "students"
+    (folder / "kept").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match=f"^{folder}: is a folder, a file name is needed; nothing was written"):
+        atomic_save_file({"w": torch.ones(2)}, folder)
+    with pytest.raises(IsADirectoryError, match=f"^{folder}: is a folder"):
+        atomic_write_text(folder, "{}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept", "students"]
+
+
 def test_unwritable_places_are_named_before_work_starts(tmp_path):
     (tmp_path / "file.txt").write_text("not a folder")
     with pytest.raises(PermissionError, match=r"--out .*file.txt/student.safetensors: cannot write there"):
