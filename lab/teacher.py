@@ -500,11 +500,22 @@ def export_teacher(work: Path = WORK_DIR, out: Path = TEACHER_DIR) -> None:
     print(f"teacher written to {out}")
 
 
+def stage_config(make, steps: int | None = None, **overrides):
+    """A stage's config (``make(**overrides)``), shortened to ``steps``: its learning-rate warmup keeps its share
+    of the default run's steps, so that a short run is not all warmup (the learning rate never at its peak)."""
+    config = make(**overrides)
+    if steps is None:
+        return config
+    full = make()
+    return dataclasses.replace(config, steps=steps, warmup_steps=full.warmup_steps * steps // full.steps)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m direct_distill teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["features", "vae", "unet", "decoder", "export"])
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the stage's config)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the stage's config; its warmup keeps its share of them)")
     parser.add_argument("--perceptual-weight", type=float, default=None,
                         help="vae/decoder: weight of the perceptual term in the lab's own feature network "
                              "(stage features; default 0: none)")
@@ -522,18 +533,14 @@ def main(argv=None):
             parser.error("--perceptual-weight applies to the vae and decoder stages")
         if not 0 <= args.perceptual_weight < float("inf"):
             parser.error("--perceptual-weight must be a finite number >= 0")
-    steps = {"steps": args.steps} if args.steps else {}
-    vae_overrides = dict(steps, **({"perceptual_weight": args.perceptual_weight}
-                                   if args.perceptual_weight is not None else {}))
+    stages = {"features": (train_features, FeatureConfig), "vae": (train_vae, VAEConfig),
+              "unet": (train_unet, UNetConfig), "decoder": (train_decoder, decoder_config)}
+    if args.stage in stages:
+        weight = {"perceptual_weight": args.perceptual_weight} if args.perceptual_weight is not None else {}
+        config = stage_config(stages[args.stage][1], args.steps, **weight)
     try:
-        if args.stage == "features":
-            train_features(FeatureConfig(**steps), args.work)
-        elif args.stage == "vae":
-            train_vae(VAEConfig(**vae_overrides), args.work)
-        elif args.stage == "unet":
-            train_unet(UNetConfig(**steps), args.work)
-        elif args.stage == "decoder":
-            train_decoder(decoder_config(**vae_overrides), args.work)
+        if args.stage in stages:
+            stages[args.stage][0](config, args.work)
         else:
             export_teacher(args.work, args.out or TEACHER_DIR)
     except (CheckpointMismatch, FileFormatError) as err:  # a stage resumed under other settings, a damaged file

@@ -1,6 +1,7 @@
 """The lab teacher's training runs on the shared loop: the VAE (with its patch discriminator) and the UNet (with its
 EMA) each resume bit-exactly, and the adversarial term switches on when configured."""
 
+import dataclasses
 import os
 import stat
 
@@ -225,6 +226,19 @@ def test_the_classifier_command_checks_its_epochs(capsys):
     with pytest.raises(SystemExit):
         main(["--epochs", "0"])
     assert "python -m direct_distill classifier: error: --epochs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_shortened_stage_keeps_its_warmups_share_of_the_steps():
+    """``--steps`` below a stage's warmup would train at a learning rate that never reaches its peak."""
+    from direct_distill.lab.teacher import decoder_config, stage_config
+
+    assert (UNetConfig().steps, UNetConfig().warmup_steps) == (4500, 500)
+    assert stage_config(UNetConfig) == UNetConfig()
+    assert (stage_config(UNetConfig, 450).steps, stage_config(UNetConfig, 450).warmup_steps) == (450, 50)
+    assert stage_config(VAEConfig, 2).warmup_steps == 0
+    shortened = stage_config(decoder_config, 300, perceptual_weight=0.5)
+    assert (shortened.warmup_steps, shortened.perceptual_weight) == (20, 0.5)
+    assert dataclasses.replace(shortened, steps=1500, warmup_steps=100) == decoder_config(perceptual_weight=0.5)
 
 
 def test_a_stage_resumed_with_another_step_count_is_one_line(tmp_path, monkeypatch, capsys):
