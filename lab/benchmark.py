@@ -15,8 +15,8 @@ import dataclasses
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -230,6 +230,13 @@ class Paired:
         return f"{winner} better" if self.significant else "no significant difference"
 
 
+def paired_over(diffs: list[float], a: list[float], b: list[float]) -> Paired:
+    """Per-seed-set differences (FD(a) - FD(b), or a goal's margin on each set) as a Paired, with each side's
+    mean over the same sets."""
+    return Paired(statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else None, len(diffs),
+                  statistics.mean(a), statistics.mean(b))
+
+
 @dataclass
 class Ranking:
     """The teacher's schedules at one NFE, by mean FD over the seed sets every one of them ran."""
@@ -350,9 +357,7 @@ class Results:
         common = sorted(set(fa) & set(fb) & (set(seed_sets) if seed_sets is not None else set(fa)))
         if not common:
             return None
-        diffs = [fa[s] - fb[s] for s in common]
-        return Paired(statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else None, len(diffs),
-                      statistics.mean(fa[s] for s in common), statistics.mean(fb[s] for s in common))
+        return paired_over([fa[s] - fb[s] for s in common], [fa[s] for s in common], [fb[s] for s in common])
 
     def ranking(self, nfe: int) -> Ranking | None:
         """The teacher's schedules at ``nfe`` ranked on the seed sets all of them ran."""
@@ -748,9 +753,10 @@ GOAL_REFERENCE_NFES = (4, 8, 20)  # the teacher's best at these NFEs is what the
 def run_goal_rows(bench: Bench, guidance: float, repeats: int = GOAL_REPEATS):
     """The rows the goals of issue 11 compare, on ``repeats`` seed sets, one whole set at a time: the floors (real
     images and their VAE round trip), the shortcut's 7+1 and 12+1, every student at each NFE of GOAL_STUDENT_NFES,
-    and the teacher's best schedule at each NFE they are held against (chosen by :meth:`Results.ranking` on the seed sets every schedule ran, which these rows do
-    not change). A goal's paired difference over 10 seed sets has a 95 % interval 3.5 times narrower than over
-    the grid's 3 (2.26 standard errors of sd/sqrt(10) against 4.30 of sd/sqrt(3))."""
+    and the teacher's best schedule at each NFE they are held against (chosen by :meth:`Results.ranking` on the
+    seed sets every schedule ran, which these rows do not change). A goal's paired difference over 10 seed sets
+    has a 95 % interval 3.5 times narrower than over the grid's 3 (2.26 standard errors of sd/sqrt(10) against
+    4.30 of sd/sqrt(3))."""
     refs = [bench.results.teacher_best(nfe) for nfe in GOAL_REFERENCE_NFES]
     if None in refs:
         missing = [nfe for nfe, ref in zip(GOAL_REFERENCE_NFES, refs) if ref is None]
@@ -892,7 +898,7 @@ def vae_goals(results: Results) -> list[Goal]:
     if not common:
         return [Goal("VAE", fd_goal, "not measured", None), Goal("VAE", acc_goal, "not measured", None)]
     # FD: vae - 2 real <= 0 per set
-    fd = floor_pair([vae[s].fd - 2 * real[s].fd for s in common], [vae[s].fd for s in common],
+    fd = paired_over([vae[s].fd - 2 * real[s].fd for s in common], [vae[s].fd for s in common],
                     [real[s].fd for s in common])
     upper = "" if fd.sd is None else f"; 95 % interval up to {2 + (fd.mean + fd.half_width) / fd.fd_b:.2f}x"
     goals = [Goal("VAE", fd_goal, f"FD {fd.fd_a:.2f} against {fd.fd_b:.2f}: {fd.fd_a / fd.fd_b:.2f}x{upper} "
@@ -901,20 +907,13 @@ def vae_goals(results: Results) -> list[Goal]:
     if not with_accuracy:
         return goals + [Goal("VAE", acc_goal, "real-image accuracy not measured (`--groups floors`)", None)]
     # accuracy: real - vae <= 1 point per set
-    acc = floor_pair([real[s].accuracy - vae[s].accuracy - 0.01 for s in with_accuracy],
+    acc = paired_over([real[s].accuracy - vae[s].accuracy - 0.01 for s in with_accuracy],
                      [vae[s].accuracy for s in with_accuracy], [real[s].accuracy for s in with_accuracy])
     gap = 100 * (acc.fd_a - acc.fd_b)
     interval = ("" if acc.sd is None else
                 f"; 95 % interval {gap - 100 * acc.half_width:+.1f} to {gap + 100 * acc.half_width:+.1f}")
     return goals + [Goal("VAE", acc_goal, f"accuracy {acc.fd_a:.3f} against {acc.fd_b:.3f} ({gap:+.1f} points"
                          f"{interval}; {sets(acc.k)})", shown_at_most(acc, 0.0))]
-
-
-def floor_pair(diffs: list[float], a: list[float], b: list[float]) -> Paired:
-    """Per-seed-set differences (each a goal's margin, <= 0 where the goal holds on that set) as a Paired, with
-    each side's mean."""
-    return Paired(statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else None, len(diffs),
-                  statistics.mean(a), statistics.mean(b))
 
 
 def sets(k: int) -> str:

@@ -109,7 +109,7 @@ def plan(perceptual: bool | None = None, classifier: bool | None = None) -> list
     students = [Step(distill_name(argv), ("distill", *argv), ("teacher-export",), distill_work(argv))
                 for argv in DISTILL_COMMANDS]
     steps += students
-    steps.append(Step("benchmark-students", ("benchmark", "--groups", "shortcut,students,costs"),
+    steps.append(Step("benchmark-students", ("benchmark", "--groups", "shortcut,students,goals,costs"),
                       ("benchmark-teacher", *(s.name for s in students))))
     return steps
 
