@@ -206,7 +206,8 @@ def test_demo_writes_a_sheet_per_run_and_per_committed_student(tmp_path, capsys)
 
     with Image.open(tmp_path / "karras_2.png") as sheet:
         assert sheet.size == (LABEL_WIDTH + 64, TITLE_HEIGHT + 10 * 64)
-        pixels = torch.tensor(list(sheet.getdata()), dtype=torch.uint8).reshape(sheet.height, sheet.width)
+        assert sheet.mode == "L"
+        pixels = torch.frombuffer(bytearray(sheet.tobytes()), dtype=torch.uint8).reshape(sheet.height, sheet.width)
     assert (pixels[:TITLE_HEIGHT, :LABEL_WIDTH] < 128).any()  # the title's ink
     for c in range(10):  # each class name's ink beside its row
         assert (pixels[TITLE_HEIGHT + c * 64:TITLE_HEIGHT + (c + 1) * 64, :LABEL_WIDTH] < 128).any(), c
