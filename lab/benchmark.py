@@ -1057,8 +1057,11 @@ def header_section(results: Results) -> list[str]:
             "FD cells give seed set 0 (the same noise for every row); where more seed sets ran, their mean "
             "± standard deviation follows in brackets. Two rows are compared on the seed sets both ran (a "
             "paired difference), which counts as significant when its 95 % confidence interval (Student's t on "
-            "the seed sets, 4.30 standard errors for 3) excludes zero. A goal is met when that interval clears it, "
-            "**not shown** when only the mean does.", ""]
+            "the seed sets: 4.30 standard errors for 3, 2.26 for 10) excludes zero. The rows a goal compares (the "
+            "goals group: the floors, 7+1 and 12+1, the students at 1, 2 and 4 NFE, the teacher's best schedule at "
+            "4, 8 and 20 steps) ran on more seed sets than the rest; the teacher's best schedule at an NFE is chosen "
+            "on the seed sets every schedule ran. A goal is met when that interval clears it, **not shown** when "
+            "only the mean does.", ""]
 
 
 def floors_section(results: Results) -> list[str]:
