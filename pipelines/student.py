@@ -112,11 +112,7 @@ def _load_own_student(pipe, path, adapter_name: str, scale: float) -> StudentInf
     with _quiet_text_encoder_notice():
         pipe.load_lora_weights(str(path), adapter_name=adapter_name)
     _activate(pipe, [*active, adapter_name])
-    if scale != 1.0:
-        _set_adapter_scale(pipe, adapter_name, scale)
-    scheduler.follow_adapter(pipe.unet, adapter_name)
-    pipe.scheduler = scheduler
-    _few_step_adapters(pipe).add(adapter_name)
+    _hand_over(pipe, scheduler, adapter_name, scale)
     return info
 
 
@@ -142,12 +138,17 @@ def _load_preset_lora(pipe, path, tensors, metadata, preset_name, adapter_name: 
     if applied != len(resolved):
         pipe.delete_adapters(adapter_name)
         raise ValueError(f"{path}: diffusers applied {applied} of the LoRA's {len(resolved)} layers; nothing was kept")
+    _hand_over(pipe, scheduler, adapter_name, scale)
+    return preset
+
+
+def _hand_over(pipe, scheduler, adapter_name: str, scale: float) -> None:
+    """The loaded few-step LoRA at ``scale``, and the pipeline on its scheduler, tied to its adapter."""
     if scale != 1.0:
         _set_adapter_scale(pipe, adapter_name, scale)
     scheduler.follow_adapter(pipe.unet, adapter_name)
     pipe.scheduler = scheduler
     _few_step_adapters(pipe).add(adapter_name)
-    return preset
 
 
 def _lora_targets(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
