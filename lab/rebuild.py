@@ -2,7 +2,9 @@
 
 The teacher's stages, then the shortcut and every student of ``lab/assets`` and the report, each step a
 ``python -m direct_distill`` command in its own process on one thread (the committed files were made so), at most
-``--jobs`` at a time, each as soon as the steps it reads from are done. Every step checkpoints and resumes, so an
+``--jobs`` at a time, each as soon as the steps it reads from are done; the last, the benchmark's shortcut, student
+and goal rows, runs alone on ``--jobs`` threads (sampling: the thread count moves its figures by rounding only, and
+its timing of the teacher's training sets the students' own thread count). Every step checkpoints and resumes, so an
 interrupted rebuild continues where it stopped when run again; a step that finished resumes to a no-op (the
 benchmark re-measures its floors and CFG sweep, minutes, and samples only the rows still missing).
 
@@ -13,8 +15,8 @@ Two things a retrained teacher changes are handled here, never silently:
 
 The evaluation classifier does not depend on the teacher and is kept if present. Each step's output goes to
 ``lab/work/rebuild/<step>.log``. On this 2-core CPU at two jobs, from the seconds the report records: about 9 hours,
-the teacher 3.5, then 2.5 of the benchmark's teacher rows beside 5.5 of shortcut and students' training, and last
-the goals group's seven more seed sets (53 min on two threads).
+the teacher 3.5, then 2.5 of the benchmark's teacher rows beside 5.5 of shortcut and students' training, and last,
+alone on both threads, the shortcut's and students' rows and the goals group's seven more seed sets (53 min of it).
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class Step:
     argv: tuple[str, ...]
     after: tuple[str, ...] = ()
     work: Path | None = field(default=None, compare=False)  # a distill run's work folder (checked before it runs)
+    # starts once no other step runs, none beside it, on every job's thread (sampling rows, whose figures the
+    # thread count moves by rounding only; training keeps one thread: the committed files were made so)
+    alone: bool = False
 
 
 def distill_work(argv: tuple[str, ...]) -> Path:
@@ -111,7 +116,7 @@ def plan(perceptual: bool | None = None, classifier: bool | None = None) -> list
                 for argv in DISTILL_COMMANDS]
     steps += students
     steps.append(Step("benchmark-students", ("benchmark", "--groups", "shortcut,students,goals,costs"),
-                      ("benchmark-teacher", *(s.name for s in students))))
+                      ("benchmark-teacher", *(s.name for s in students)), alone=True))
     return steps
 
 
@@ -170,23 +175,26 @@ def prepare(step: Step) -> tuple[str, ...]:
 
 def run(steps: list[Step], jobs: int, logs: Path = LOGS, python: str = sys.executable, prepare=prepare,
         poll: float = 1.0) -> list[str]:
-    """Run ``steps`` (each once the steps it follows are done), at most ``jobs`` at a time, one thread each;
-    returns the names of the steps that failed (then no new step starts, the running ones finish)."""
+    """Run ``steps`` (each once the steps it follows are done), at most ``jobs`` at a time, one thread each (a step
+    marked ``alone`` once the others finished, by itself on ``jobs`` threads); returns the names of the steps that
+    failed (then no new step starts, the running ones finish)."""
     names = [s.name for s in steps]
     for s in steps:
         if unknown := [a for a in s.after if a not in names]:
             raise ValueError(f"step {s.name} follows unknown step(s) {', '.join(unknown)}")
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     waiting, running, done, failed = list(steps), {}, set(), []
+    by_name = {s.name: s for s in steps}
     began = time.perf_counter()
     try:
         while waiting or running:
-            while not failed and len(running) < jobs:
+            while not failed and len(running) < jobs and not any(by_name[n].alone for n in running):
                 ready = next((s for s in waiting if all(a in done for a in s.after)), None)
-                if ready is None:
+                if ready is None or (ready.alone and running):
                     break
                 waiting.remove(ready)
+                threads = str(jobs if ready.alone else 1)
+                env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
                 argv = prepare(ready)
                 log = (logs / f"{ready.name}.log").open("w")
                 print(f"[{time.perf_counter() - began:7.0f} s] start  {ready.name}: python -m direct_distill "
@@ -227,7 +235,8 @@ def run(steps: list[Step], jobs: int, logs: Path = LOGS, python: str = sys.execu
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m direct_distill rebuild", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=2, help="steps run at once, one thread each (default 2)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="steps run at once, one thread each (default 2; the last step, alone, takes them all)")
     parser.add_argument("--list", action="store_true", help="print the steps in order and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1:

@@ -30,6 +30,7 @@ def test_the_plan_puts_every_step_after_what_it_reads(perceptual):
     students = [s for s in steps if s.argv[0] == "distill"]
     assert len(students) == len(DISTILL_COMMANDS) and all(s.after == ("teacher-export",) for s in students)
     assert {s.name for s in students} <= set(steps[-1].after) and steps[-1].name == "benchmark-students"
+    assert steps[-1].alone and not any(s.alone for s in steps[:-1])  # sampling alone; training on one thread each
     assert "classifier" in next(s for s in steps if s.name == "benchmark-teacher").after
     assert "classifier" not in {s.name for s in plan(perceptual=perceptual, classifier=False)}
     work = {s.name: s.work for s in students}
@@ -71,6 +72,16 @@ def test_steps_run_after_their_inputs_at_most_jobs_at_a_time_on_one_thread_each(
     assert seen.index(("end", "a")) < seen.index(("start", "c"))
     assert seen.index(("end", "c")) < seen.index(("start", "d")) and seen.index(("end", "b")) < seen.index(("start", "d"))
     assert (tmp_path / "logs" / "d.log").read_text() == "step d output\n"
+
+
+def test_a_step_marked_alone_waits_for_the_others_and_runs_by_itself_on_every_jobs_thread(tmp_path, fake_python):
+    python, events = fake_python
+    steps = [Step("a", ("a",)), Step("b", ("b",)), Step("last", ("last",), ("a",), alone=True), Step("d", ("d",))]
+    assert run(steps, jobs=3, logs=tmp_path / "logs", python=python, prepare=lambda s: s.argv, poll=0.05) == []
+    seen = [tuple(e) for e in _events(events)]
+    # a, b and d side by side (d listed after 'last' starts at once: 'last' is not ready yet), then 'last' alone
+    assert sorted(seen[:3]) == [("start", "a", "1"), ("start", "b", "1"), ("start", "d", "1")]
+    assert seen[-2:] == [("start", "last", "3"), ("end", "last")]
 
 
 def test_a_failed_step_stops_the_steps_not_started_and_is_named(tmp_path, fake_python, capsys):
