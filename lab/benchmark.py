@@ -658,7 +658,8 @@ def shortcut_rows(results: Results) -> tuple[list[ShortcutRun], list[ShortcutRun
 def run_shortcut_rows(bench: Bench, guidance: float, seed_sets: Iterable[int], only: Collection[Config] = ()):
     """The rows of the committed shortcut (:func:`shortcut_plan`; each sampled again only when the file changed,
     and the rows of an earlier file dropped), the whole runs each K+1 cuts short, and the teacher on the
-    shortcut's schedule at each trained run's NFE. With ``only``, just the shortcut rows it names."""
+    shortcut's schedule at each trained run's NFE. With ``only``, just the shortcut rows it names and the whole
+    runs they cut short."""
     from ..models.shortcut_file import load_shortcut
     from ..pipelines import ShortcutCallback
     from . import SHORTCUT_PATH
@@ -675,8 +676,7 @@ def run_shortcut_rows(bench: Bench, guidance: float, seed_sets: Iterable[int], o
         for run in () if only else own:
             bench.schedule_once(run.schedule, run.handoff + 1, guidance, s)
         for run in runs:
-            if not only:
-                bench.schedule_once(run.schedule, run.steps, guidance, s)
+            bench.schedule_once(run.schedule, run.steps, guidance, s)
             if bench.results.has(run.config, s):
                 continue
             samples = sample_teacher(bench.pipe, run.schedule.sigmas(run.steps, ac), guidance, bench.n, SEED_BASE + s,
@@ -752,7 +752,8 @@ GOAL_REFERENCE_NFES = (4, 8, 20)  # the teacher's best at these NFEs is what the
 
 def run_goal_rows(bench: Bench, guidance: float, repeats: int = GOAL_REPEATS):
     """The rows the goals of issue 11 compare, on ``repeats`` seed sets, one whole set at a time: the floors (real
-    images and their VAE round trip), the shortcut's 7+1 and 12+1, every student at each NFE of GOAL_STUDENT_NFES,
+    images and their VAE round trip), the shortcut's 7+1 and 12+1 (and the whole runs they cut short, which the
+    report reads what limits them from), every student at each NFE of GOAL_STUDENT_NFES,
     and the teacher's best schedule at each NFE they are held against (chosen by :meth:`Results.ranking` on the
     seed sets every schedule ran, which these rows do not change). A goal's paired difference over 10 seed sets
     has a 95 % interval 3.5 times narrower than over the grid's 3 (2.26 standard errors of sd/sqrt(10) against
