@@ -20,6 +20,8 @@ from safetensors.torch import save_file
 
 
 PARTIAL_SUFFIX = ".partial"
+# the dtypes this project stores weights in
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class FileFormatError(ValueError):
@@ -62,6 +64,14 @@ def _target(path: str | os.PathLike) -> tuple[Path, Path]:
         raise IsADirectoryError(f"{given}: is a folder, a file name is needed; nothing was written")
     path.parent.mkdir(parents=True, exist_ok=True)
     return given, path
+
+
+def tensor_problem(tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...] | None = WEIGHT_DTYPES) -> str | None:
+    """Why ``tensor`` cannot be trained weights or latents (a dtype outside ``dtypes``, any non-float one without
+    them; non-finite values), or None."""
+    if not tensor.is_floating_point() or (dtypes is not None and tensor.dtype not in dtypes):
+        return f"dtype {tensor.dtype}"
+    return None if bool(torch.isfinite(tensor).all()) else "non-finite values"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .io import FileFormatError, atomic_save_file, json_metadata, read_safetensors, read_safetensors_header
+from .io import (WEIGHT_DTYPES, FileFormatError, atomic_save_file, json_metadata, read_safetensors,
+                 read_safetensors_header)
 from .nafnet import TimeEmbedNAFNet, TwoStageShortcut
 
 FORMAT_NAME = "direct_distill.shortcut"
@@ -25,7 +26,7 @@ METADATA_KEYS = ("format", "format_version", "stage1_config", "stage2_config", "
                  "teacher_unet_shape_fingerprint", "latent_channels", "extra")
 
 
-STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORED_DTYPES = WEIGHT_DTYPES
 
 
 def save_shortcut(path: str | os.PathLike, model: TwoStageShortcut, *, t_band: tuple[float, float], teacher: str,

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .io import FileFormatError, atomic_save_file, json_metadata, read_safetensors
+from .io import FileFormatError, atomic_save_file, json_metadata, read_safetensors, tensor_problem
 
 FORMAT_NAME = "direct_distill.student"
 FORMAT_VERSION = 1
@@ -384,9 +384,6 @@ def _lora_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor,
     return dict(sorted(pairs.items()))
 
 
-_LORA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _peft_tensors(tensors: dict[str, torch.Tensor], info: StudentInfo, path) -> dict[str, torch.Tensor]:
     """The file's kohya-named tensors as peft-style keys, checked against the metadata."""
     expected = {}
@@ -410,8 +407,7 @@ def _peft_tensors(tensors: dict[str, torch.Tensor], info: StudentInfo, path) -> 
         rank = tensor.shape[0] if key.endswith("lora_down.weight") else tensor.shape[1] if tensor.ndim > 1 else None
         if tensor.ndim not in (2, 4) or rank != info.rank:
             raise FileFormatError(f"{path}: {key} has shape {tuple(tensor.shape)}, not a rank-{info.rank} LoRA half")
-        if tensor.dtype not in _LORA_DTYPES or not bool(torch.isfinite(tensor).all()):
-            what = f"dtype {tensor.dtype}" if tensor.dtype not in _LORA_DTYPES else "non-finite values"
+        if what := tensor_problem(tensor):
             raise FileFormatError(f"{path}: {key} holds {what}: not the weights of a trained LoRA")
         out[peft_key] = tensor
     for module in info.target_modules:  # the two halves of each layer fit each other: up (out, r[, 1, 1])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..models.io import FileFormatError, atomic_save_file, json_metadata, read_safetensors
+from ..models.io import FileFormatError, atomic_save_file, json_metadata, read_safetensors, tensor_problem
 from .config import Settings, SettingError, setting
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -151,8 +151,7 @@ def read_latents_file(path: str | os.PathLike, prompts: Sequence[str] | None = N
     tensors, metadata = read_safetensors(path)
     for name in ("latents", "std"):
         tensor = tensors.get(name)
-        if tensor is not None and (not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all())):
-            what = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else "non-finite values"
+        if tensor is not None and (what := tensor_problem(tensor, dtypes=None)):
             raise FileFormatError(f"{path}: '{name}' holds {what}: not VAE latents")
     recorded = metadata.get(VAE_SCALE_KEY)
     try:
